@@ -1,0 +1,57 @@
+# convcg: every target installs what it needs into .venv first. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DATA := data/synthetic-small
+DEMO_EXPERIMENT ?= unified_parallel
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo data test test-all lint format typecheck clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: pip takes the local CPU build; a resolver must never pull a CUDA torch.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP) ## Create .venv and install pinned dependencies (torch==2.13.0 first)
+
+$(DEMO_DATA)/impressions.parquet: $(STAMP)
+	$(BIN)/convcg data synth --preset small --seed 0 --out $(DEMO_DATA)
+
+data: $(DEMO_DATA)/impressions.parquet ## Generate the default synthetic logs (small preset)
+
+demo: data ## Install, make data, train +experiment=unified_parallel, evaluate, print results
+	$(BIN)/convcg data validate $(DEMO_DATA)
+	$(BIN)/convcg train +experiment=$(DEMO_EXPERIMENT) data.dir=$(CURDIR)/$(DEMO_DATA) trainer.enable_progress_bar=false
+	$(BIN)/convcg eval --run latest
+	@echo
+	@echo "Compare runs in the MLflow UI:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
+
+test: $(STAMP) ## Run the fast test suite (what CI runs)
+	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+test-all: $(STAMP) ## Run every test, slow ones included
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff lint + format check
+	$(BIN)/ruff check convcg_cli tests
+	$(BIN)/ruff format --check convcg_cli tests
+
+format: $(STAMP) ## ruff format + autofix
+	$(BIN)/ruff format convcg_cli tests
+	$(BIN)/ruff check --fix convcg_cli tests
+
+typecheck: $(STAMP) ## mypy on the package
+	$(BIN)/mypy convcg_cli
+
+clean: ## Remove outputs, MLflow store and generated data (keeps .venv)
+	rm -rf outputs mlflow.db mlartifacts data

@@ -1,0 +1,3 @@
+from convcg_cli.cli import main
+
+main()

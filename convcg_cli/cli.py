@@ -1,0 +1,141 @@
+"""The ``convcg`` command line: parses, composes a config, calls a plain function. No ML logic here.
+
+Heavy libraries (torch, lightning, mlflow, polars) are imported inside the commands so that
+``convcg --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from convcg_cli.errors import ConfigError, ConvcgError
+
+app = typer.Typer(
+    help="Train and evaluate conversion-optimised two-tower candidate generators.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Make and check log tables in the data_schemas/ contract.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
+
+OVERRIDES_HELP = (
+    "Hydra overrides, e.g. +experiment=unified_parallel trainer.max_epochs=2 loss.task_weights.engagement=0.3"
+)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a ConvcgError into a one-paragraph message on stderr and a non-zero exit."""
+    try:
+        yield
+    except ConvcgError as exc:
+        err.print(f"[bold red]Error:[/bold red] {exc}", highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+
+
+@data_app.command("synth")
+def data_synth(
+    out_dir: Path = typer.Option(..., "--out", help="Directory to write the tables into (replaced atomically)."),
+    preset: str = typer.Option("small", help="Size preset: tiny (tests), small (demo), large (benchmarks)."),
+    seed: int = typer.Option(0, help="Random seed; the same seed gives the same tables."),
+) -> None:
+    """Generate synthetic impression logs (items, users, impressions) with a planted structure."""
+    with user_errors():
+        from convcg_cli.data import synth
+
+        if preset not in synth.PRESETS:
+            raise ConfigError(f"Unknown preset '{preset}'; choose one of {sorted(synth.PRESETS)}.")
+        tables = synth.generate(preset, seed=seed)
+        path = synth.write_tables(tables, out_dir)
+        imp = tables["impressions"]
+        out.print(
+            f"Wrote {path}: {tables['items'].height:,} items, {tables['users'].height:,} users, "
+            f"{imp.height:,} impressions, {int(imp['clicked'].sum()):,} clicks, "
+            f"{int(imp['converted'].sum()):,} conversions."
+        )
+
+
+@data_app.command("validate")
+def data_validate(directory: Path = typer.Argument(..., help="Directory holding the log tables.")) -> None:
+    """Check the tables in DIRECTORY against data_schemas/ and report every violation."""
+    with user_errors():
+        from convcg_cli.data.schema import load_tables
+
+        tables = load_tables(directory)
+        rows = ", ".join(f"{name}: {frame.height:,} rows" for name, frame in tables.items())
+        out.print(f"{directory}: all tables valid ({rows}).")
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def train(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)) -> None:
+    """Train a model from conf/train.yaml plus OVERRIDES; prints the MLflow run id."""
+    with user_errors():
+        from convcg_cli import tracking
+        from convcg_cli.config import compose
+        from convcg_cli.train import train as run_training
+
+        tracking.quiet()
+        composed = compose("train", overrides)
+        result = run_training(composed)
+        _print_metrics(f"Validation (last epoch) of run {result.run_id}", result.metrics)
+        out.print(f"MLflow run id: [bold]{result.run_id}[/bold]")
+        out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
+
+
+@app.command("eval", context_settings={"ignore_unknown_options": True})
+def eval_(
+    run: str = typer.Option("latest", "--run", help="MLflow run id to evaluate, or 'latest'."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
+    overrides: list[str] = typer.Argument(None, help="Overrides of conf/eval.yaml, e.g. split=val ks=[100,1000]"),
+) -> None:
+    """Evaluate a trained run on held-out logs; logs heldout/... metrics into the same run."""
+    with user_errors():
+        from convcg_cli import tracking
+        from convcg_cli.config import compose
+        from convcg_cli.evaluate import evaluate
+
+        tracking.quiet()
+        composed = compose("eval", overrides)
+        result = evaluate(composed, run)
+        if as_json:
+            print(json.dumps({"run_id": result.run_id, **result.metrics}, sort_keys=True))
+            return
+        _print_metrics(f"{result.split} evaluation of run {result.run_id}", result.metrics)
+        out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
+
+
+def _print_metrics(title: str, metrics: dict[str, float]) -> None:
+    """Recall table: one row per split/model/task, one column per k (by-surface rows left to MLflow)."""
+    rows: dict[str, dict[str, float]] = {}
+    ks: list[str] = []
+    for name, value in metrics.items():
+        if "/by_surface/" in name or "recall_at_" not in name:
+            continue
+        prefix, k = name.rsplit("/recall_at_", 1)
+        rows.setdefault(prefix, {})[k] = value
+        if k not in ks:
+            ks.append(k)
+    ks.sort(key=int)
+    table = Table(title=title)
+    table.add_column("split / model / task")
+    for k in ks:
+        table.add_column(f"recall@{k}", justify="right")
+    for prefix in sorted(rows):
+        table.add_row(prefix, *(f"{rows[prefix][k]:.4f}" if k in rows[prefix] else "" for k in ks))
+    out.print(table)
+
+
+def main() -> None:
+    """Entry point for ``python -m convcg_cli``."""
+    app()

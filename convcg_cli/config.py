@@ -1,0 +1,120 @@
+"""Compose Hydra configs from ``conf/`` without ``@hydra.main`` (the CLI is Typer's, not Hydra's)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from convcg_cli.errors import ConfigError, ConvcgError
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _register_resolvers() -> None:
+    # `${abspath:...}` makes paths absolute at compose time, so a run's saved config points at the
+    # same files wherever `convcg eval` is later started from.
+    if not OmegaConf.has_resolver("abspath"):
+        OmegaConf.register_new_resolver("abspath", lambda p: str(Path(p).expanduser().resolve()))
+
+
+@dataclass(frozen=True)
+class Composed:
+    """A resolved config plus the config-group options chosen for it (e.g. ``model/head: unified``)."""
+
+    cfg: DictConfig
+    choices: dict[str, str]
+    overrides: list[str]
+
+
+def _keys(cfg, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in cfg.items():
+        out.append(f"{prefix}{key}")
+        if isinstance(value, DictConfig):
+            out.extend(_keys(value, f"{prefix}{key}."))
+    return out
+
+
+def _close_keys(config_name: str, key: str) -> list[str]:
+    """Existing keys of the plain config that look like ``key`` (for "did you mean")."""
+    import difflib
+
+    from hydra import compose as hydra_compose
+
+    try:
+        cfg = hydra_compose(config_name=config_name, overrides=[])
+    except Exception:  # the hint is best effort; the original error is what matters
+        return []
+    return difflib.get_close_matches(key, _keys(cfg), n=3, cutoff=0.75)
+
+
+def _hint(message: str, overrides: list[str], config_name: str) -> str:
+    hints = []
+    bad_key = re.search(r"Could not override '([^']+)'", message)
+    if "No match in the defaults list" in message and any(o.startswith("experiment=") for o in overrides):
+        hints.append("experiment is not in the defaults list: select one with '+experiment=NAME'.")
+    elif bad_key:
+        close = _close_keys(config_name, bad_key.group(1))
+        if close:
+            hints.append(f"did you mean {' or '.join(repr(c) for c in close)}?")
+        hints.append("Check the key's spelling; to add a new key on purpose, prefix it with '+'.")
+    if "Could not find" in message:
+        hints.append(f"config groups live under {CONF_DIR}.")
+    return (" Hint: " + " ".join(hints)) if hints else ""
+
+
+def compose(config_name: str, overrides: list[str] | None = None) -> Composed:
+    """Compose ``conf/<config_name>.yaml`` with Hydra command-line style overrides and resolve it.
+
+    Raises ConfigError with Hydra's message (plus a hint) for an unknown key, a missing group option,
+    ``experiment=`` without ``+``, or a value that does not resolve.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    _register_resolvers()
+    overrides = list(overrides or [])
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="convcg"):
+        try:
+            cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+            choices = {
+                k: str(v)
+                for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
+                if not k.startswith("hydra/") and v is not None
+            }
+            cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+            OmegaConf.resolve(cfg)
+        except (HydraException, OmegaConfBaseException) as exc:
+            message = " ".join(str(exc).split())
+            raise ConfigError(
+                f"Could not compose config '{config_name}' with overrides {overrides}: {message}"
+                f"{_hint(message, overrides, config_name)}"
+            ) from None
+    OmegaConf.set_struct(cfg, True)
+    return Composed(cfg=cfg, choices=choices, overrides=overrides)
+
+
+def instantiate(node, **kwargs):
+    """``hydra.utils.instantiate`` whose failures read as config errors, not library tracebacks.
+
+    A ConvcgError raised by a constructor (bad data, unknown task) passes through unchanged; a
+    constructor rejecting its arguments (TypeError/ValueError) becomes a ConfigError naming the target.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ConvcgError):
+            raise cause from None
+        if isinstance(cause, (TypeError, ValueError)):
+            target = node.get("_target_", "?") if hasattr(node, "get") else "?"
+            raise ConfigError(f"The config for {target} was rejected: {cause}") from None
+        raise

@@ -1,0 +1,174 @@
+"""LightningDataModule over the validated log tables: whole-batch tensor slicing, no per-row Python."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from convcg_cli.data import features as F
+from convcg_cli.data.schema import load_schemas, load_tables
+from convcg_cli.tasks import TASK_LABELS
+
+
+def _to_torch(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+
+class ShuffledBatches(IterableDataset):
+    """Yields whole training batches by fancy-indexing column tensors with a shuffled index.
+
+    A new permutation per epoch from ``seed + epoch``, so batch order is reproducible. The last partial
+    batch is dropped (it would bias in-batch negatives) unless it is the only one.
+    """
+
+    def __init__(
+        self,
+        user: dict[str, torch.Tensor],
+        item_pos: torch.Tensor,
+        labels: dict[str, torch.Tensor],
+        item_features: dict[str, torch.Tensor],
+        item_log_q: torch.Tensor,
+        batch_size: int,
+        seed: int,
+    ) -> None:
+        self.user, self.item_pos, self.labels = user, item_pos, labels
+        self.item_features, self.item_log_q = item_features, item_log_q
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+
+    def __len__(self) -> int:
+        return max(len(self.item_pos) // self.batch_size, 1)
+
+    def batch(self, idx: torch.Tensor) -> dict:
+        """Gather one batch; item features come from the corpus table by item position."""
+        pos = self.item_pos[idx]
+        return {
+            "user": {k: v[idx] for k, v in self.user.items()},
+            "item": {k: v[pos] for k, v in self.item_features.items()},
+            "item_pos": pos,
+            "log_q": self.item_log_q[pos],
+            "labels": {k: v[idx] for k, v in self.labels.items()},
+        }
+
+    def __iter__(self) -> Iterator[dict]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        perm = torch.randperm(len(self.item_pos), generator=g)
+        size = min(self.batch_size, len(perm))
+        for start in range(0, len(self) * size, size):
+            yield self.batch(perm[start : start + size])
+
+
+class SequentialBatches(IterableDataset):
+    """Query features in order, in batches, with their query indices (for evaluation)."""
+
+    def __init__(self, features: dict[str, torch.Tensor], batch_size: int) -> None:
+        self.features, self.batch_size = features, batch_size
+        self.n = len(next(iter(features.values())))
+
+    def __len__(self) -> int:
+        return (self.n + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        for start in range(0, self.n, self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            yield {
+                "user": {k: v[sl] for k, v in self.features.items()},
+                "query_index": torch.arange(start, min(start + self.batch_size, self.n)),
+            }
+
+
+class ImpressionDataModule(L.LightningDataModule):
+    """Loads ``dir`` (validated against data_schemas/), splits by time and serves tensors.
+
+    Args:
+        dir: directory with items/users/impressions parquet files.
+        val_days, heldout_days: whole days at the end of the log for validation and held-out eval.
+        batch_size: training batch size (the in-batch negatives of each example).
+        query_hash_buckets: number of hash buckets for search query ids.
+        seed: batch-order seed.
+        tasks: task names (from ``loss.task_weights``).
+        eval_batch_size: queries per batch when embedding evaluation queries.
+    """
+
+    def __init__(
+        self,
+        dir: str,
+        val_days: int = 2,
+        heldout_days: int = 2,
+        batch_size: int = 1024,
+        query_hash_buckets: int = 1024,
+        seed: int = 0,
+        tasks: Sequence[str] = tuple(TASK_LABELS),
+        eval_batch_size: int = 8192,
+    ) -> None:
+        super().__init__()
+        self.dir = Path(dir)
+        self.val_days, self.heldout_days = val_days, heldout_days
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.query_hash_buckets, self.seed = query_hash_buckets, seed
+        self.tasks = list(tasks)
+        self._ready = False
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, validate, split and build every tensor once (idempotent)."""
+        if self._ready:
+            return
+        tables = load_tables(self.dir)
+        self.surfaces = list(load_schemas()["impressions"].column("surface").allowed)
+        split = F.split_by_time(tables["impressions"], self.val_days, self.heldout_days)
+        self.split_days = split.days
+        self.items = F.build_item_table(tables["items"], split.train)
+        self.users = F.build_user_table(tables["users"])
+
+        train = F.engaged_rows(split.train, self.tasks)
+        if train.height == 0:
+            raise F.SplitError(
+                f"The train split (days {split.days['train']}) of {F.IMPRESSIONS_FILE} has no row positive "
+                f"for any task {self.tasks}; expected clicks, saves or conversions to learn from."
+            )
+        q = F.build_query_features(train, self.users, self.items, self.surfaces, self.query_hash_buckets)
+        self.user_spec, self.item_spec = q.spec, self.items.spec
+        train_item_pos = F.positions(self.items.item_ids, train["item_id"].to_numpy())
+        self.item_features = _to_torch(self.items.features)
+        self.train_set = ShuffledBatches(
+            user=_to_torch(q.features),
+            item_pos=torch.from_numpy(train_item_pos),
+            labels=_to_torch(F.task_labels(train, self.tasks)),
+            item_features=self.item_features,
+            item_log_q=torch.from_numpy(F.item_log_frequency(train_item_pos, len(self.items.item_ids))),
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
+        build = dict(
+            users=self.users,
+            items=self.items,
+            surfaces=self.surfaces,
+            query_hash_buckets=self.query_hash_buckets,
+            tasks=self.tasks,
+        )
+        self.queries = {
+            "val": F.build_query_set(split.val, days=split.days["val"], **build),
+            "heldout": F.build_query_set(split.heldout, days=split.days["heldout"], **build),
+        }
+        self.n_rows = {
+            name: frame.height
+            for name, frame in (("train", split.train), ("val", split.val), ("heldout", split.heldout))
+        }
+        self._ready = True
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=None)
+
+    def query_loader(self, split: str) -> DataLoader:
+        """Batches of one evaluation split's query features, in query-index order."""
+        return DataLoader(
+            SequentialBatches(_to_torch(self.queries[split].features), self.eval_batch_size), batch_size=None
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self.query_loader("val")

@@ -1,0 +1,271 @@
+"""From validated log tables to model inputs: time split, feature building, training examples.
+
+Pure functions over polars frames and numpy arrays, vectorised (no per-row Python). Everything that
+looks at impressions for a *feature* (item performance, logQ frequencies, popularity) reads the
+training window only, so nothing is computed from validation or held-out days.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from convcg_cli.errors import ConvcgError
+from convcg_cli.models.towers import FeatureSpec
+from convcg_cli.tasks import TASK_LABELS
+
+SECONDS_PER_DAY = 86_400
+IMPRESSIONS_FILE = "impressions.parquet"
+
+
+class SplitError(ConvcgError):
+    """A time split is empty or impossible for the data at hand."""
+
+
+@dataclass(frozen=True)
+class TimeSplit:
+    """Impressions cut into consecutive whole UTC days: train | val | heldout."""
+
+    train: pl.DataFrame
+    val: pl.DataFrame
+    heldout: pl.DataFrame
+    days: dict[str, tuple[int, int]]  # split -> (first day, last day), days since the unix epoch
+
+
+def split_by_time(impressions: pl.DataFrame, val_days: int, heldout_days: int) -> TimeSplit:
+    """Split by whole days counted back from the last logged day.
+
+    The last ``heldout_days`` days are held out, the ``val_days`` before them validate, the rest trains.
+    """
+    if impressions.height == 0:
+        raise SplitError(f"{IMPRESSIONS_FILE} has 0 rows; expected impressions over several days.")
+    day = pl.col("timestamp") // SECONDS_PER_DAY
+    first, last = (
+        int(x) for x in impressions.select(day.min().alias("first"), day.max().alias("last")).row(0)
+    )
+    heldout_start = last - heldout_days + 1
+    val_start = heldout_start - val_days
+    n_days = last - first + 1
+    if val_days < 1 or heldout_days < 1 or val_start <= first:
+        raise SplitError(
+            f"{IMPRESSIONS_FILE} covers {n_days} day(s) (days {first}..{last} since 1970-01-01); "
+            f"data.val_days={val_days} and data.heldout_days={heldout_days} need at least "
+            f"{val_days + heldout_days + 1} days so that at least one day is left to train on."
+        )
+    with_day = impressions.with_columns(day.alias("_day"))
+    parts = {
+        "train": with_day.filter(pl.col("_day") < val_start),
+        "val": with_day.filter((pl.col("_day") >= val_start) & (pl.col("_day") < heldout_start)),
+        "heldout": with_day.filter(pl.col("_day") >= heldout_start),
+    }
+    bounds = {
+        "train": (first, val_start - 1),
+        "val": (val_start, heldout_start - 1),
+        "heldout": (heldout_start, last),
+    }
+    for name, frame in parts.items():
+        if frame.height == 0:
+            lo, hi = bounds[name]
+            raise SplitError(
+                f"The {name} split (days {lo}..{hi} since 1970-01-01) of {IMPRESSIONS_FILE} has 0 rows; "
+                f"expected impressions on those days. Adjust data.val_days / data.heldout_days."
+            )
+    return TimeSplit(**{k: v.drop("_day") for k, v in parts.items()}, days=bounds)
+
+
+def _dense_codes(values: np.ndarray) -> np.ndarray:
+    """Map arbitrary ints to 1..n by sorted unique value (0 stays free for 'missing')."""
+    _, inverse = np.unique(values, return_inverse=True)
+    return (inverse + 1).astype(np.int64)
+
+
+def _standardise(x: np.ndarray) -> np.ndarray:
+    std = x.std()
+    return ((x - x.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+
+
+def positions(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Row position of each id in ``sorted_ids`` (ids are known to exist: the contract checked it)."""
+    return np.searchsorted(sorted_ids, ids).astype(np.int64)
+
+
+def item_performance(items: pl.DataFrame, train: pl.DataFrame) -> pl.DataFrame:
+    """Per-item impressions, clicks and conversions in the training window, with smoothed rates.
+
+    Rates are shrunk towards the global rate (Beta prior worth ``prior`` impressions/clicks) so that
+    an item with 1 impression and 1 click does not look like the best item in the corpus.
+    """
+    counts = train.group_by("item_id").agg(
+        pl.len().alias("impressions"),
+        pl.col("clicked").sum().alias("clicks"),
+        pl.col("converted").sum().alias("conversions"),
+    )
+    ctr0 = float(train["clicked"].mean() or 0.0)
+    cvr0 = float(train["converted"].sum()) / max(float(train["clicked"].sum()), 1.0)
+    prior = 20.0
+    return (
+        items.select("item_id")
+        .join(counts, on="item_id", how="left", maintain_order="left")
+        .fill_null(0)
+        .with_columns(
+            ((pl.col("clicks") + prior * ctr0) / (pl.col("impressions") + prior)).alias("ctr"),
+            ((pl.col("conversions") + prior * cvr0) / (pl.col("clicks") + prior)).alias("cvr"),
+        )
+    )
+
+
+@dataclass
+class ItemTable:
+    """The whole item corpus as model inputs; row i is item ``item_ids[i]`` (sorted ids)."""
+
+    item_ids: np.ndarray
+    features: dict[str, np.ndarray]
+    spec: FeatureSpec
+    performance: pl.DataFrame  # training-window counts, for baselines and reports
+
+
+def build_item_table(items: pl.DataFrame, train: pl.DataFrame) -> ItemTable:
+    """Item ID, advertiser, category, price and training-window performance features."""
+    items = items.sort("item_id")
+    item_ids = items["item_id"].to_numpy()
+    perf = item_performance(items, train)
+    n = items.height
+    features = {
+        "item_id": np.arange(1, n + 1, dtype=np.int64),
+        "advertiser_id": _dense_codes(items["advertiser_id"].to_numpy()),
+        "category_id": _dense_codes(items["category_id"].to_numpy()),
+        "log_price": _standardise(np.log1p(items["price"].to_numpy().astype(np.float64))),
+        "log_impressions": _standardise(np.log1p(perf["impressions"].to_numpy().astype(np.float64))),
+        "ctr": _standardise(perf["ctr"].to_numpy()),
+        "cvr": _standardise(perf["cvr"].to_numpy()),
+    }
+    categorical = {k: int(v.max()) + 1 for k, v in features.items() if v.dtype == np.int64}
+    numeric = tuple(sorted(k for k, v in features.items() if v.dtype == np.float32))
+    return ItemTable(item_ids, features, FeatureSpec(categorical=categorical, numeric=numeric), perf)
+
+
+@dataclass
+class UserTable:
+    """Static user attributes indexed by user position (sorted ids)."""
+
+    user_ids: np.ndarray
+    features: dict[str, np.ndarray]
+
+
+def build_user_table(users: pl.DataFrame) -> UserTable:
+    """User ID, age bucket, region and account age (static attributes, no log statistics)."""
+    users = users.sort("user_id")
+    n = users.height
+    features = {
+        "user_id": np.arange(1, n + 1, dtype=np.int64),
+        "age_bucket": _dense_codes(users["age_bucket"].to_numpy()),
+        "region_id": _dense_codes(users["region_id"].to_numpy()),
+        "log_account_age": _standardise(np.log1p(users["account_age_days"].to_numpy().astype(np.float64))),
+    }
+    return UserTable(users["user_id"].to_numpy(), features)
+
+
+@dataclass
+class QueryFeatures:
+    """Query-tower inputs for a set of impressions: the user, the surface and its context."""
+
+    features: dict[str, np.ndarray]
+    spec: FeatureSpec
+
+
+def build_query_features(
+    rows: pl.DataFrame,
+    users: UserTable,
+    items: ItemTable,
+    surfaces: list[str],
+    query_hash_buckets: int,
+) -> QueryFeatures:
+    """Per impression: user attributes, surface, subject item (related items) and query bucket (search)."""
+    user_pos = positions(users.user_ids, rows["user_id"].to_numpy())
+    feats = {name: values[user_pos] for name, values in users.features.items()}
+    surface_codes = {s: i + 1 for i, s in enumerate(surfaces)}
+    feats["surface"] = (
+        rows["surface"].replace_strict(surface_codes, return_dtype=pl.Int64).to_numpy().astype(np.int64)
+    )
+    subject = rows["subject_item_id"]
+    subject_pos = positions(items.item_ids, subject.fill_null(items.item_ids[0]).to_numpy()) + 1
+    feats["subject_item_id"] = np.where(subject.is_null().to_numpy(), 0, subject_pos).astype(np.int64)
+    query = rows["query_id"]
+    buckets = (query.fill_null(0).to_numpy() % query_hash_buckets) + 1
+    feats["query_bucket"] = np.where(query.is_null().to_numpy(), 0, buckets).astype(np.int64)
+    categorical = {
+        "user_id": len(users.user_ids) + 1,
+        "age_bucket": int(users.features["age_bucket"].max()) + 1,
+        "region_id": int(users.features["region_id"].max()) + 1,
+        "surface": len(surfaces) + 1,
+        "subject_item_id": len(items.item_ids) + 1,
+        "query_bucket": query_hash_buckets + 1,
+    }
+    numeric = tuple(sorted(k for k, v in feats.items() if v.dtype == np.float32))
+    return QueryFeatures(feats, FeatureSpec(categorical=categorical, numeric=numeric))
+
+
+def task_labels(rows: pl.DataFrame, tasks: list[str]) -> dict[str, np.ndarray]:
+    """Boolean positive label of each task for each row (see ``convcg_cli.tasks.TASK_LABELS``)."""
+    return {t: rows.select(TASK_LABELS[t].alias(t))[t].to_numpy().astype(bool) for t in tasks}
+
+
+def engaged_rows(rows: pl.DataFrame, tasks: list[str]) -> pl.DataFrame:
+    """Rows positive for at least one task: the training examples and the evaluation queries."""
+    return rows.filter(pl.any_horizontal([TASK_LABELS[t] for t in tasks]))
+
+
+@dataclass
+class QuerySet:
+    """Evaluation queries (one per engaged impression) and each task's positive (query, item) pairs."""
+
+    features: dict[str, np.ndarray]
+    positives: dict[str, tuple[np.ndarray, np.ndarray]]  # task -> (query index, item position)
+    surface: np.ndarray  # surface name per query, for per-surface recall
+    days: tuple[int, int] = field(default=(0, 0))
+
+    def __len__(self) -> int:
+        return len(self.surface)
+
+
+def build_query_set(
+    rows: pl.DataFrame,
+    users: UserTable,
+    items: ItemTable,
+    surfaces: list[str],
+    query_hash_buckets: int,
+    tasks: list[str],
+    days: tuple[int, int],
+) -> QuerySet:
+    """Queries and positives of one evaluation split; each held-out positive is counted once."""
+    rows = engaged_rows(rows, tasks)
+    q = build_query_features(rows, users, items, surfaces, query_hash_buckets)
+    item_pos = positions(items.item_ids, rows["item_id"].to_numpy())
+    labels = task_labels(rows, tasks)
+    positives = {t: (np.flatnonzero(m), item_pos[m]) for t, m in labels.items()}
+    return QuerySet(q.features, positives, rows["surface"].to_numpy(), days)
+
+
+def item_log_frequency(item_pos: np.ndarray, n_items: int) -> np.ndarray:
+    """log of each item's share of the training examples: the in-batch sampling probability for logQ."""
+    counts = np.bincount(item_pos, minlength=n_items).astype(np.float64) + 1.0
+    return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def popularity_scores(items: ItemTable) -> np.ndarray:
+    """Most-popular baseline score: training-window conversions, ties broken by clicks then impressions.
+
+    Encoded as one float per item whose order is the lexicographic order of the three counts.
+    """
+    perf = items.performance
+    order = np.lexsort(
+        (perf["impressions"].to_numpy(), perf["clicks"].to_numpy(), perf["conversions"].to_numpy())
+    )
+    keys = perf.select("conversions", "clicks", "impressions").to_numpy()[order]
+    # Equal count triples get equal scores, so ties stay ties (and break by item index downstream).
+    new_group = np.concatenate([[True], np.any(keys[1:] != keys[:-1], axis=1)])
+    scores = np.empty(len(order), dtype=np.float32)
+    scores[order] = np.cumsum(new_group).astype(np.float32)
+    return scores

@@ -1,0 +1,324 @@
+"""Retrieval metrics for the two-tower model: exact top-k search (faiss) and recall@k.
+
+Every function takes and returns numpy arrays; nothing here knows about torch, MLflow or the config.
+
+Ranking convention, used by every function in this module: items are ordered by descending score,
+and equal scores by *ascending item index*. So a positive tied with the k-th item counts as retrieved
+exactly when its index is lower than the indices of the tied items it would displace.
+
+Metric names are built only through :func:`metric_name`, from the constants below (no ``@``: MLflow
+refuses it in metric names).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import faiss
+import numpy as np
+
+TRAIN = "train"
+VAL = "val"
+HELDOUT = "heldout"
+SPLITS = (TRAIN, VAL, HELDOUT)
+
+RECALL = "recall_at_{k}"
+
+# The characters MLflow accepts in metric names.
+_MLFLOW_NAME = re.compile(r"[\w.\- /:]+")
+
+# faiss pads rows with -1 when k > N; we never return that padding, but recall accepts it.
+PADDING_ID = -1
+
+# Extra candidates fetched per query so that a tie group straddling the k-th place is usually
+# complete after one search; rows where it is not are searched again with more (see exact_topk).
+_TIE_MARGIN_MIN = 16
+
+# Bounds the (positives x K) comparison matrix built by recall to about 16M cells at a time.
+_RECALL_CHUNK_CELLS = 1 << 24
+
+
+def metric_name(split: str, task: str, k: int) -> str:
+    """Name of the recall@k metric of ``task`` on ``split``, e.g. ``val/conversion/recall_at_100``.
+
+    Args:
+        split: one of ``SPLITS`` (``train``, ``val``, ``heldout``), optionally followed by a sub-path
+            for a slice of it, e.g. ``val/by_surface/home``.
+        task: task name, e.g. ``conversion``; a single path segment.
+        k: cutoff, a positive integer.
+
+    Raises:
+        ValueError: for an unknown split, or a name MLflow would refuse (e.g. one containing ``@``).
+
+    Example:
+        >>> metric_name(VAL, "conversion", 100)
+        'val/conversion/recall_at_100'
+    """
+    if split.split("/")[0] not in SPLITS:
+        raise ValueError(f"Unknown split '{split}'; expected one of {SPLITS}, optionally with a sub-path.")
+    if not task or "/" in task:
+        raise ValueError(f"Task name {task!r} must be a single non-empty path segment.")
+    name = f"{split}/{task}/{RECALL.format(k=_check_k(k))}"
+    # Fail here, where the name is built, rather than when MLflow refuses it at logging time.
+    if not _MLFLOW_NAME.fullmatch(name) or "" in name.split("/"):
+        raise ValueError(
+            f"Metric name {name!r} is invalid: use letters, digits, '_', '-', '.', ' ', ':' and "
+            "non-empty '/'-separated segments (no '@')."
+        )
+    return name
+
+
+def exact_topk(
+    query_emb: np.ndarray, item_emb: np.ndarray, k: int, batch_size: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact maximum-inner-product top-k of every query over all items, with deterministic ties.
+
+    Uses ``faiss.IndexFlatIP`` (brute force, float32) and searches the queries ``batch_size`` at a
+    time so memory stays bounded by ``batch_size * k``.
+
+    faiss 1.15.1 does not break exact ties by index, on any of its search paths (per-query loop,
+    BLAS, database-parallel): tied items come out in descending index order, and for k >= 100 its
+    reservoir selection may even keep higher-index tied items at the cutoff instead of lower ones.
+    So we fetch a few extra candidates, re-sort each row by ``(-score, id)`` and, for the rare rows
+    whose tie group at the cutoff may be incomplete, search again with more candidates. The only
+    thing relied on is that faiss returns *a* correct top set by score; the result follows this
+    module's convention: descending score, ties by lower item index.
+
+    Args:
+        query_emb: (Q, d) query embeddings.
+        item_emb: (N, d) item embeddings; row i is item id i.
+        k: number of results per query, >= 1.
+        batch_size: queries searched per faiss call.
+
+    Returns:
+        ``(scores, ids)``, float32 and int64 arrays of shape (Q, k') with ``k' = min(k, N)``: when the
+        corpus is smaller than ``k`` the rows are just shorter, never padded with faiss's ``-1``.
+        No queries gives arrays of shape (0, k').
+
+    Example:
+        >>> items = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=np.float32)
+        >>> scores, ids = exact_topk(np.array([[1.0, 0.0]]), items, k=5)
+        >>> ids.tolist(), scores.tolist()
+        ([[0, 2, 1]], [[1.0, 1.0, 0.0]])
+    """
+    k = _check_k(k)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    query_emb = _as_float32_matrix(query_emb, "query_emb")
+    item_emb = _as_float32_matrix(item_emb, "item_emb")
+    if query_emb.shape[1] != item_emb.shape[1]:
+        raise ValueError(
+            f"Embedding dims differ: query_emb has d={query_emb.shape[1]}, "
+            f"item_emb has d={item_emb.shape[1]}."
+        )
+    n_queries, n_items = query_emb.shape[0], item_emb.shape[0]
+    k_out = min(k, n_items)
+    scores = np.empty((n_queries, k_out), dtype=np.float32)
+    ids = np.empty((n_queries, k_out), dtype=np.int64)
+    if n_queries == 0 or k_out == 0:
+        return scores, ids
+
+    index = faiss.IndexFlatIP(item_emb.shape[1])
+    index.add(item_emb)
+    k_search = min(n_items, k_out + max(_TIE_MARGIN_MIN, k_out // 8))
+    for start in range(0, n_queries, batch_size):
+        stop = min(start + batch_size, n_queries)
+        scores[start:stop], ids[start:stop] = _search_ties_by_id(
+            index, query_emb[start:stop], k_out, k_search
+        )
+    return scores, ids
+
+
+def _search_ties_by_id(
+    index: faiss.IndexFlatIP, queries: np.ndarray, k: int, k_search: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of ``queries`` ordered by (-score, id), fetching ``k_search >= k`` candidates."""
+    n_items = index.ntotal
+    dist, ids = index.search(queries, k_search)  # (B, k_search)
+    if (ids < 0).any():
+        # k_search <= N, so faiss only pads when a score is NaN or below -FLT_MAX.
+        raise ValueError("Inner products overflow float32 or are NaN; cannot rank the items.")
+    order = np.lexsort((ids, -dist), axis=-1)
+    dist = np.take_along_axis(dist, order, axis=-1)
+    ids = np.take_along_axis(ids, order, axis=-1)
+    if k_search < n_items:
+        # If the last candidate ties the k-th score, items of that tie group with lower ids may have
+        # been left out by faiss; fetch more for those rows until the group is provably complete.
+        unresolved = dist[:, k_search - 1] == dist[:, k - 1]
+        if unresolved.any():
+            dist_u, ids_u = _search_ties_by_id(index, queries[unresolved], k, min(n_items, 2 * k_search))
+            dist[unresolved, :k] = dist_u
+            ids[unresolved, :k] = ids_u
+    return dist[:, :k], ids[:, :k]
+
+
+def recall_at_k(
+    topk_ids: np.ndarray,
+    query_index: np.ndarray,
+    positive_item: np.ndarray,
+    ks: Sequence[int],
+) -> dict[int, float]:
+    """Micro recall@k: the fraction of held-out (query, item) positives found in the query's top k.
+
+    Each unique positive pair counts once, so a query with five held-out items weighs five times a
+    query with one; duplicate pairs are counted once.
+
+    Args:
+        topk_ids: (Q, K) ranked item ids per query (best first); ``-1`` padding is never a hit.
+        query_index: (P,) row of ``topk_ids`` each positive belongs to.
+        positive_item: (P,) item id of each positive, >= 0.
+        ks: cutoffs. A cutoff larger than K uses the whole list, which is exact only if the lists
+            were searched with K >= max(ks) or hold the whole corpus.
+
+    Returns:
+        ``{k: recall}`` for every k in ``ks``.
+
+    Raises:
+        ValueError: on shape mismatches, out-of-range indices, or no positives at all (callers must
+            handle an empty held-out split themselves rather than log a meaningless 0 or NaN).
+
+    Example:
+        >>> topk = np.array([[3, 1], [0, 2]])
+        >>> recall_at_k(topk, np.array([0, 0, 1]), np.array([1, 4, 0]), ks=[1, 2])
+        {1: 0.3333333333333333, 2: 0.6666666666666666}
+    """
+    ks = [_check_k(k) for k in ks]
+    topk_ids, query_index, positive_item = _check_recall_inputs(topk_ids, query_index, positive_item)
+    pairs = np.unique(np.stack([query_index, positive_item], axis=1), axis=0)  # (P_unique, 2)
+    rank = _first_hit_rank(topk_ids, pairs[:, 0], pairs[:, 1])
+    return {k: float(np.mean(rank < k)) for k in ks}
+
+
+def recall_at_k_by_group(
+    topk_ids: np.ndarray,
+    query_index: np.ndarray,
+    positive_item: np.ndarray,
+    group: np.ndarray,
+    ks: Sequence[int],
+) -> dict[str, dict[int, float]]:
+    """:func:`recall_at_k` computed separately for each group of positives (e.g. each surface).
+
+    Args:
+        topk_ids, query_index, positive_item, ks: as in :func:`recall_at_k`.
+        group: (P,) label of each positive; any values ``np.unique`` can sort (str, int, ...).
+            A (query, item) pair listed under two groups counts once in each.
+
+    Returns:
+        ``{str(group value): {k: recall}}``, groups in sorted order.
+
+    Example:
+        >>> topk = np.array([[3, 1], [0, 2]])
+        >>> recall_at_k_by_group(topk, np.array([0, 1]), np.array([3, 2]), np.array(["a", "b"]), [1])
+        {'a': {1: 1.0}, 'b': {1: 0.0}}
+    """
+    ks = [_check_k(k) for k in ks]
+    topk_ids, query_index, positive_item = _check_recall_inputs(topk_ids, query_index, positive_item)
+    group = np.asarray(group)
+    if group.shape != query_index.shape:
+        raise ValueError(f"group has shape {group.shape}, expected {query_index.shape} (one per positive).")
+    labels, group_code = np.unique(group, return_inverse=True)
+    triples = np.unique(np.stack([group_code.ravel(), query_index, positive_item], axis=1), axis=0)
+    rank = _first_hit_rank(topk_ids, triples[:, 1], triples[:, 2])
+    result: dict[str, dict[int, float]] = {}
+    for code, label in enumerate(labels):  # one iteration per group, not per row
+        in_group = rank[triples[:, 0] == code]
+        result[str(label)] = {k: float(np.mean(in_group < k)) for k in ks}
+    return result
+
+
+def popularity_topk(item_scores: np.ndarray, k: int) -> np.ndarray:
+    """Ranked list of a non-personalised baseline: item ids by descending score, ties by lower id.
+
+    Args:
+        item_scores: (N,) a popularity score per item (e.g. training conversions); any real dtype.
+        k: list length, >= 1.
+
+    Returns:
+        (k',) int64 item ids with ``k' = min(k, N)``.
+
+    Example:
+        >>> popularity_topk(np.array([1, 5, 5, 0]), k=3).tolist()
+        [1, 2, 0]
+    """
+    k = _check_k(k)
+    item_scores = np.asarray(item_scores)
+    if item_scores.ndim != 1:
+        raise ValueError(f"item_scores must be 1-D, got shape {item_scores.shape}.")
+    if np.issubdtype(item_scores.dtype, np.floating) and np.isnan(item_scores).any():
+        raise ValueError("item_scores contains NaN; cannot rank the items.")
+    n = item_scores.shape[0]
+    # Stable ascending sort of the reversed array, read backwards, is a descending sort that keeps
+    # lower ids first among ties; unlike sorting -scores it also works for unsigned and bool dtypes.
+    descending = (n - 1) - np.argsort(item_scores[::-1], kind="stable")[::-1]
+    return descending[:k].astype(np.int64)
+
+
+def popularity_topk_for_queries(item_scores: np.ndarray, n_queries: int, k: int) -> np.ndarray:
+    """The :func:`popularity_topk` list repeated for ``n_queries`` queries, shape (n_queries, k').
+
+    A read-only ``np.broadcast_to`` view: no (n_queries x k') copy is made, so it is cheap to feed
+    to :func:`recall_at_k` for millions of queries.
+    """
+    if n_queries < 0:
+        raise ValueError(f"n_queries must be >= 0, got {n_queries}.")
+    ranked = popularity_topk(item_scores, k)
+    return np.broadcast_to(ranked[None, :], (n_queries, ranked.shape[0]))
+
+
+def _first_hit_rank(topk_ids: np.ndarray, query_index: np.ndarray, item: np.ndarray) -> np.ndarray:
+    """Position of ``item[p]`` in row ``query_index[p]`` of ``topk_ids``; a huge sentinel if absent."""
+    n_pos, list_len = query_index.shape[0], topk_ids.shape[1]
+    never = np.iinfo(np.int64).max  # larger than any cutoff, so a miss is never counted
+    rank = np.full(n_pos, never, dtype=np.int64)
+    chunk = max(1, _RECALL_CHUNK_CELLS // max(1, list_len))
+    for start in range(0, n_pos, chunk):  # chunks bound memory; each chunk is fully vectorised
+        stop = min(start + chunk, n_pos)
+        match = topk_ids[query_index[start:stop]] == item[start:stop, None]  # (chunk, K)
+        found = match.any(axis=1)
+        rank[start:stop][found] = match.argmax(axis=1)[found]
+    return rank
+
+
+def _check_recall_inputs(
+    topk_ids: np.ndarray, query_index: np.ndarray, positive_item: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate and normalise the arrays shared by the recall functions."""
+    topk_ids = np.asarray(topk_ids)
+    query_index = np.asarray(query_index)
+    positive_item = np.asarray(positive_item)
+    if topk_ids.ndim != 2:
+        raise ValueError(f"topk_ids must be 2-D (queries x K), got shape {topk_ids.shape}.")
+    if query_index.ndim != 1 or positive_item.shape != query_index.shape:
+        raise ValueError(
+            "query_index and positive_item must be 1-D of equal length, got shapes "
+            f"{query_index.shape} and {positive_item.shape}."
+        )
+    if query_index.size == 0:
+        raise ValueError("No positives: recall is undefined; handle an empty held-out split explicitly.")
+    for name, arr in (("topk_ids", topk_ids), ("query_index", query_index), ("positive_item", positive_item)):
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}.")
+    if query_index.min() < 0 or query_index.max() >= topk_ids.shape[0]:
+        raise ValueError(f"query_index must lie in [0, {topk_ids.shape[0]}), the rows of topk_ids.")
+    if positive_item.min() < 0:
+        # A negative id would match the -1 padding.
+        raise ValueError("positive_item must hold item ids >= 0.")
+    return topk_ids, query_index.astype(np.int64), positive_item.astype(np.int64)
+
+
+def _as_float32_matrix(x: np.ndarray, name: str) -> np.ndarray:
+    """``x`` as a C-contiguous float32 (n, d) array with d >= 1 and finite values (faiss needs all)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be 2-D with at least one column, got shape {x.shape}.")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values.")
+    return x
+
+
+def _check_k(k: int) -> int:
+    """``k`` as a positive Python int, or ValueError."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}.")
+    return int(k)

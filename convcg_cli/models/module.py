@@ -1,0 +1,106 @@
+"""The LightningModule: wires two towers, the multi-task loss and per-epoch retrieval validation.
+
+The towers and heads are plain nn.Modules (towers.py, cross.py, heads.py); the loss lives in
+losses.py; recall is computed by convcg_cli.metrics. This class only connects them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from convcg_cli.models.losses import MultiTaskSampledSoftmax
+from convcg_cli.models.towers import FeatureSpec, Tower
+
+
+class RetrievalModule(L.LightningModule):
+    """Two-tower retriever trained with a multi-task in-batch sampled softmax.
+
+    Args:
+        user_features, item_features: feature specs of the query (user + context) and item towers.
+        cross: factory ``cross(in_dim)`` of the cross block (SequentialCross / ParallelCross).
+        head: factory ``head(in_dim)`` of the head (UnifiedHead / MultiHead).
+        loss: the multi-task loss; its ``task_weights`` name the tasks.
+        optimizer: factory ``optimizer(params)``.
+        feature_embedding_dim: size of each categorical feature embedding.
+        hidden_dim, embedding_dim: consumed by the cross/head configs; kept for the record.
+        val_ks: recall cut-offs computed on the validation days every epoch.
+    """
+
+    def __init__(
+        self,
+        user_features: FeatureSpec,
+        item_features: FeatureSpec,
+        cross: Callable[[int], torch.nn.Module],
+        head: Callable[[int], torch.nn.Module],
+        loss: MultiTaskSampledSoftmax,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        feature_embedding_dim: int = 16,
+        hidden_dim: int = 128,
+        embedding_dim: int = 64,
+        val_ks: Sequence[int] = (100, 1000),
+    ) -> None:
+        super().__init__()
+        self.user_tower = Tower(
+            user_features, interaction=cross, head=head, embedding_dim=feature_embedding_dim
+        )
+        self.item_tower = Tower(
+            item_features, interaction=cross, head=head, embedding_dim=feature_embedding_dim
+        )
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.val_ks = list(val_ks)
+        self._val_query_emb: list[torch.Tensor] = []
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.loss.task_weights)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        user = self.user_tower(batch["user"])
+        item = self.item_tower(batch["item"])
+        total, per_task = self.loss(user, item, batch["labels"], batch["item_pos"], batch["log_q"])
+        bs = len(batch["item_pos"])
+        self.log("train/loss", total, prog_bar=True, batch_size=bs)
+        for task, value in per_task.items():
+            self.log(f"train/{task}/loss", value, batch_size=bs)
+        return total
+
+    @torch.no_grad()
+    def embed_queries(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Served query embedding (the conversion head for multi-head, the one head for unified)."""
+        return self.user_tower.serve(features)
+
+    @torch.no_grad()
+    def embed_items(self, item_features: Mapping[str, torch.Tensor], batch_size: int = 65536) -> np.ndarray:
+        """Served embedding of every item in the corpus, in corpus order, as float32 numpy."""
+        n = len(next(iter(item_features.values())))
+        out = []
+        for start in range(0, n, batch_size):
+            chunk = {k: v[start : start + batch_size].to(self.device) for k, v in item_features.items()}
+            out.append(self.item_tower.serve(chunk).float().cpu())
+        return torch.cat(out).numpy()
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._val_query_emb.append(self.embed_queries(batch["user"]).float().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        from convcg_cli.metrics.suite import recall_report
+
+        dm = self.trainer.datamodule
+        query_emb = torch.cat(self._val_query_emb).numpy()
+        self._val_query_emb.clear()
+        item_emb = self.embed_items(dm.item_features)
+        queries = dm.queries["val"]
+        # fast_dev_run / limit_val_batches embed a prefix of the queries: score the positives among them.
+        report = recall_report(
+            query_emb, item_emb, queries, self.val_ks, split="val", tasks=self.tasks, n_queries=len(query_emb)
+        )
+        self.log_dict(report, prog_bar=False)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.parameters())

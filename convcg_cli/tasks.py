@@ -1,0 +1,34 @@
+"""The training tasks and what counts as a positive for each.
+
+Task *weights* live only in the config (``loss.task_weights``); this module says what each task name
+means, so that a typo in the config is caught instead of silently training nothing.
+"""
+
+import polars as pl
+
+CONVERSION = "conversion"
+ENGAGEMENT = "engagement"
+
+# The served embedding is judged on the primary task; engagement is auxiliary.
+PRIMARY_TASK = CONVERSION
+
+# Positive label of each task, as a polars expression over the impressions table.
+TASK_LABELS: dict[str, pl.Expr] = {
+    CONVERSION: pl.col("converted"),
+    ENGAGEMENT: pl.col("clicked") | pl.col("saved"),
+}
+
+
+def check_task_names(names) -> list[str]:
+    """Return ``names`` as a list, or raise ConfigError naming the unknown ones."""
+    from convcg_cli.errors import ConfigError
+
+    names = list(names)
+    unknown = [n for n in names if n not in TASK_LABELS]
+    if unknown:
+        raise ConfigError(
+            f"Unknown task(s) {unknown} in loss.task_weights; known tasks are {sorted(TASK_LABELS)}."
+        )
+    if PRIMARY_TASK not in names:
+        raise ConfigError(f"loss.task_weights must include the primary task '{PRIMARY_TASK}'.")
+    return names

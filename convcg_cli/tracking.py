@@ -1,0 +1,200 @@
+"""Everything MLflow-specific: runs, their status, params/tags, configs and checkpoints.
+
+A run is created here (not by Lightning) so that its status is ours to set: FINISHED on success,
+FAILED on an exception, KILLED on Ctrl-C; whatever was logged before a crash stays in the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from convcg_cli.errors import RunNotFoundError
+
+CONFIG_ARTIFACT = "config/resolved.yaml"
+OVERRIDES_ARTIFACT = "config/overrides.yaml"
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/model.ckpt"
+MAX_PARAM_LENGTH = 500
+
+
+class _DropAdverts(logging.Filter):
+    """Lightning advertises a hosted logger at every fit; our logger is MLflow."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet() -> None:
+    """Keep MLflow/alembic/Lightning chatter (sqlite migrations, progress bars, adverts) off the console."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropAdverts())
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that opens the MLflow UI on this store."""
+    return f".venv/bin/mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def client(logger_cfg: Mapping[str, Any]):
+    """An MlflowClient for ``logger.tracking_uri``."""
+    from mlflow.tracking import MlflowClient
+
+    quiet()
+    return MlflowClient(tracking_uri=str(logger_cfg["tracking_uri"]))
+
+
+def experiment_id(mlflow_client, logger_cfg: Mapping[str, Any]) -> str:
+    """Id of ``logger.experiment_name``, created (with its artifact location) on first use."""
+    name = str(logger_cfg["experiment_name"])
+    exp = mlflow_client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = logger_cfg.get("artifact_location")
+    uri = Path(str(location)).resolve().as_uri() if location and "://" not in str(location) else location
+    return mlflow_client.create_experiment(name, artifact_location=uri)
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"model.cross.cross_layers": "2", ...} with values cut to MLflow's limits."""
+    out: dict[str, str] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:MAX_PARAM_LENGTH]
+    return out
+
+
+def choice_tags(choices: Mapping[str, str]) -> dict[str, str]:
+    """Chosen config options as tags: ``model/head: unified`` -> ``head=unified``."""
+    return {group.split("/")[-1]: option for group, option in choices.items()}
+
+
+@dataclass
+class TrackedRun:
+    """An open MLflow run: its id, the client, and a Lightning logger that writes into it."""
+
+    run_id: str
+    client: Any
+    logger: Any
+
+
+def _lightning_logger(logger_cfg: Mapping[str, Any], run_id: str):
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    class RunLogger(MLFlowLogger):
+        """MLFlowLogger bound to our run; the run's final status is set by ``tracked_run``."""
+
+        def finalize(self, status: str = "success") -> None:  # noqa: D102
+            return None
+
+    return RunLogger(
+        experiment_name=str(logger_cfg["experiment_name"]),
+        tracking_uri=str(logger_cfg["tracking_uri"]),
+        run_id=run_id,
+    )
+
+
+def log_text(mlflow_client, run_id: str, text: str, artifact_file: str) -> None:
+    """Write ``text`` as artifact ``artifact_file`` of the run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        path.write_text(text)
+        mlflow_client.log_artifact(run_id, str(path), str(Path(artifact_file).parent))
+
+
+def log_metrics(mlflow_client, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """Log a dict of metrics in batches (MLflow caps a batch at 1000 metrics)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for i in range(0, len(items), 1000):
+        mlflow_client.log_batch(run_id, metrics=items[i : i + 1000])
+
+
+@contextmanager
+def tracked_run(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str]) -> Iterator[TrackedRun]:
+    """Open a run with params, tags and the resolved config; close it with the right status."""
+    from mlflow.entities import Param, RunStatus
+
+    mlflow_client = client(cfg.logger)
+    exp = experiment_id(mlflow_client, cfg.logger)
+    tags = {**choice_tags(choices), "seed": str(cfg.seed), "mlflow.source.name": "convcg train"}
+    run = mlflow_client.create_run(exp, tags=tags, run_name=tags.get("experiment"))
+    run_id = run.info.run_id
+    try:
+        params = [Param(k, v) for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()]
+        for i in range(0, len(params), 100):
+            mlflow_client.log_batch(run_id, params=params[i : i + 100])
+        log_text(mlflow_client, run_id, OmegaConf.to_yaml(cfg, resolve=True), CONFIG_ARTIFACT)
+        log_text(mlflow_client, run_id, OmegaConf.to_yaml(OmegaConf.create({"overrides": overrides, "choices": dict(choices)})), OVERRIDES_ARTIFACT)
+        yield TrackedRun(run_id, mlflow_client, _lightning_logger(cfg.logger, run_id))
+    except (KeyboardInterrupt, SystemExit):
+        # Lightning turns Ctrl-C into SystemExit(1) after a graceful shutdown.
+        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    else:
+        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def resolve_run(logger_cfg: Mapping[str, Any], run: str) -> str:
+    """A run id, or for ``latest`` the newest finished run of the experiment that has a checkpoint."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(logger_cfg)
+    where = f"experiment '{logger_cfg['experiment_name']}' at {logger_cfg['tracking_uri']}"
+    if run == "latest":
+        exp = mlflow_client.get_experiment_by_name(str(logger_cfg["experiment_name"]))
+        runs = [] if exp is None else mlflow_client.search_runs(
+            [exp.experiment_id], filter_string="attributes.status = 'FINISHED' and tags.checkpoint = 'yes'",
+            order_by=["attributes.start_time DESC"], max_results=1,
+        )
+        if not runs:
+            raise RunNotFoundError(f"No finished run with a checkpoint in {where}; train one with 'convcg train'.")
+        return runs[0].info.run_id
+    try:
+        info = mlflow_client.get_run(run)
+    except MlflowException:
+        raise RunNotFoundError(
+            f"Run '{run}' was not found in {where}. Pass a run id shown by 'convcg train' or the MLflow UI, "
+            f"or --run latest."
+        ) from None
+    if info.data.tags.get("checkpoint") != "yes":
+        raise RunNotFoundError(
+            f"Run '{run}' in {where} has no checkpoint (status {info.info.status}); it cannot be evaluated."
+        )
+    return run
+
+
+def load_run_config(logger_cfg: Mapping[str, Any], run_id: str) -> DictConfig:
+    """The resolved training config saved with the run."""
+    from mlflow.artifacts import download_artifacts
+
+    path = download_artifacts(run_id=run_id, artifact_path=CONFIG_ARTIFACT, tracking_uri=str(logger_cfg["tracking_uri"]))
+    return OmegaConf.load(path)
+
+
+def download_checkpoint(logger_cfg: Mapping[str, Any], run_id: str) -> Path:
+    """Local path of the run's checkpoint artifact."""
+    from mlflow.artifacts import download_artifacts
+
+    return Path(download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, tracking_uri=str(logger_cfg["tracking_uri"])))

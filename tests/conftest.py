@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny synthetic logs written once per session, and an isolated convcg home."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# Small enough to train an epoch in a second or two on 2 CPU cores.
+TINY_TRAIN = [
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=4",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "data.batch_size=128",
+    "model.hidden_dim=32",
+    "model.embedding_dim=16",
+    "model.feature_embedding_dim=8",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """The tiny preset, seed 0, written in the data_schemas/ contract."""
+    from convcg_cli.data import synth
+
+    return synth.write_tables(synth.generate("tiny", seed=0), tmp_path_factory.mktemp("tiny") / "logs")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh convcg home (MLflow store, artifacts, outputs) for one test."""
+    monkeypatch.setenv("CONVCG_HOME", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_overrides(tiny_data) -> list[str]:
+    """Overrides that train a tiny model on the tiny logs."""
+    return [f"data.dir={tiny_data}", *TINY_TRAIN]

@@ -1,0 +1,27 @@
+"""Shared fixtures for the data tests: the tiny synthetic log, generated once per session."""
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from convcg_cli.data.schema import TableSchema, load_schemas
+from convcg_cli.data.synth import generate, write_tables
+
+
+@pytest.fixture(scope="session")
+def schemas() -> dict[str, TableSchema]:
+    """The repo's data contract."""
+    return load_schemas()
+
+
+@pytest.fixture(scope="session")
+def tiny_tables() -> dict[str, pl.DataFrame]:
+    """``generate("tiny", seed=0)``; polars frames are immutable, so sharing them is safe."""
+    return generate("tiny", seed=0)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path, tiny_tables: dict[str, pl.DataFrame]) -> Path:
+    """A data directory holding the tiny tables, private to one test."""
+    return write_tables(tiny_tables, tmp_path / "data")

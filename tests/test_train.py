@@ -1,0 +1,76 @@
+"""train() end to end on the tiny preset: MLflow contents, run status on failure and interrupt."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from convcg_cli.config import compose
+from convcg_cli.models.module import RetrievalModule
+from convcg_cli.train import train
+
+
+def _client(home) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{home.resolve()}/mlflow.db")
+
+
+def test_train_logs_everything_a_run_needs(home, tiny_overrides):
+    composed = compose("train", ["+experiment=multihead_sequential", "seed=7", *tiny_overrides])
+    result = train(composed)
+    run = _client(home).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    assert tags["head"] == "multi_head" and tags["cross"] == "sequential"
+    assert tags["experiment"] == "multihead_sequential" and tags["seed"] == "7"
+    assert tags["checkpoint"] == "yes"
+    assert params["seed"] == "7" and params["loss.task_weights.conversion"] == "1.0"
+    for name in ("train/loss", "train/conversion/loss", "train/engagement/loss"):
+        assert name in metrics
+    for task in ("conversion", "engagement"):
+        for k in (100, 1000):
+            assert 0.0 <= metrics[f"val/{task}/recall_at_{k}"] <= 1.0
+    artifacts = {a.path for d in ("config", "checkpoints") for a in _client(home).list_artifacts(result.run_id, d)}
+    assert {"config/resolved.yaml", "config/overrides.yaml", "checkpoints/model.ckpt"} <= artifacts
+    assert result.checkpoint.exists()
+
+
+def test_zero_weight_task_is_not_trained(home, tiny_overrides):
+    result = train(compose("train", ["loss.task_weights.engagement=0", *tiny_overrides]))
+    metrics = _client(home).get_run(result.run_id).data.metrics
+    assert "train/conversion/loss" in metrics and "train/engagement/loss" not in metrics
+
+
+def test_crash_marks_run_failed_and_keeps_metrics(home, tiny_overrides, monkeypatch):
+    original = RetrievalModule.training_step
+
+    def crash_on_third_step(self, batch, batch_idx):
+        if batch_idx == 2:
+            raise RuntimeError("boom")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(RetrievalModule, "training_step", crash_on_third_step)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(compose("train", tiny_overrides))
+    client = _client(home)
+    (run,) = client.search_runs([client.get_experiment_by_name("convcg").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "train/loss" in run.data.metrics  # logged before the crash, kept
+    assert "checkpoint" not in run.data.tags
+
+
+def test_interrupt_marks_run_killed(home, tiny_overrides, monkeypatch):
+    def interrupt(self, batch, batch_idx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RetrievalModule, "training_step", interrupt)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        train(compose("train", tiny_overrides))
+    client = _client(home)
+    (run,) = client.search_runs([client.get_experiment_by_name("convcg").experiment_id])
+    assert run.info.status == "KILLED"
+
+
+def test_same_seed_same_validation_metrics(home, tiny_overrides):
+    a = train(compose("train", ["seed=3", *tiny_overrides])).metrics
+    b = train(compose("train", ["seed=3", *tiny_overrides])).metrics
+    assert a == b
