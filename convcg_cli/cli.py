@@ -46,7 +46,9 @@ def user_errors() -> Iterator[None]:
 
 @data_app.command("synth")
 def data_synth(
-    out_dir: Path = typer.Option(..., "--out", help="Directory to write the tables into (replaced atomically)."),
+    out_dir: Path = typer.Option(
+        ..., "--out", help="Directory to write the tables into (replaced atomically)."
+    ),
     preset: str = typer.Option("small", help="Size preset: tiny (tests), small (demo), large (benchmarks)."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same tables."),
 ) -> None:
@@ -97,7 +99,9 @@ def train(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)) -> N
 def eval_(
     run: str = typer.Option("latest", "--run", help="MLflow run id to evaluate, or 'latest'."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
-    overrides: list[str] = typer.Argument(None, help="Overrides of conf/eval.yaml, e.g. split=val ks=[100,1000]"),
+    overrides: list[str] = typer.Argument(
+        None, help="Overrides of conf/eval.yaml, e.g. split=val ks=[100,1000]"
+    ),
 ) -> None:
     """Evaluate a trained run on held-out logs; logs heldout/... metrics into the same run."""
     with user_errors():
@@ -116,23 +120,28 @@ def eval_(
 
 
 def _print_metrics(title: str, metrics: dict[str, float]) -> None:
-    """Recall table: one row per split/model/task, one column per k (by-surface rows left to MLflow)."""
-    rows: dict[str, dict[str, float]] = {}
-    ks: list[str] = []
+    """Recall table: one row per model and task, one column per k (per-surface figures are in MLflow).
+
+    Names look like ``heldout/conversion/recall_at_100`` (the trained model) or
+    ``heldout/baseline_popularity/conversion/recall_at_100`` (a baseline).
+    """
+    rows: dict[tuple[str, str], dict[int, float]] = {}
     for name, value in metrics.items():
-        if "/by_surface/" in name or "recall_at_" not in name:
+        if "/by_surface/" in name or "/recall_at_" not in name:
             continue
         prefix, k = name.rsplit("/recall_at_", 1)
-        rows.setdefault(prefix, {})[k] = value
-        if k not in ks:
-            ks.append(k)
-    ks.sort(key=int)
+        parts = prefix.split("/")
+        model = parts[1].removeprefix("baseline_") if len(parts) == 3 else "two-tower"
+        rows.setdefault((parts[-1], model), {})[int(k)] = value
+    ks = sorted({k for values in rows.values() for k in values})
     table = Table(title=title)
-    table.add_column("split / model / task")
+    table.add_column("task")
+    table.add_column("model")
     for k in ks:
         table.add_column(f"recall@{k}", justify="right")
-    for prefix in sorted(rows):
-        table.add_row(prefix, *(f"{rows[prefix][k]:.4f}" if k in rows[prefix] else "" for k in ks))
+    for task, model in sorted(rows, key=lambda r: (r[0], r[1] != "two-tower", r[1])):
+        values = rows[(task, model)]
+        table.add_row(task, model, *(f"{values[k]:.4f}" if k in values else "" for k in ks))
     out.print(table)
 
 

@@ -59,12 +59,15 @@ def evaluate(composed: Composed, run: str) -> EvalResult:
         lo, hi = queries.days
         raise ConvcgError(
             f"The {cfg.split} split of {dm.dir}/impressions.parquet (days {lo}..{hi} since 1970-01-01, "
-            f"{dm.n_rows[cfg.split]} impressions) has 0 conversions (converted = true); expected at least one "
-            f"held-out conversion to measure recall. Use more days (data.heldout_days) or other logs."
+            f"{dm.n_rows[cfg.split]} impressions) has 0 conversions (converted = true); expected at "
+            "least one held-out conversion to measure recall. Use more days (data.heldout_days) "
+            "or other logs."
         )
 
     model = build_model(train_cfg, dm)
-    state = torch.load(tracking.download_checkpoint(cfg.logger, run_id), map_location="cpu", weights_only=False)
+    state = torch.load(
+        tracking.download_checkpoint(cfg.logger, run_id), map_location="cpu", weights_only=False
+    )
     model.load_state_dict(state["state_dict"])
     model.eval()
 
@@ -75,12 +78,20 @@ def evaluate(composed: Composed, run: str) -> EvalResult:
     if "popularity" in cfg.baselines:
         metrics.update(
             popularity_report(
-                popularity_scores(dm.items), queries, ks, f"{cfg.split}/baseline_popularity", tasks, cfg.by_surface
+                popularity_scores(dm.items),
+                queries,
+                ks,
+                f"{cfg.split}/baseline_popularity",
+                tasks,
+                cfg.by_surface,
             )
         )
     mlflow_client = tracking.client(cfg.logger)
     tracking.log_metrics(mlflow_client, run_id, metrics)
     tracking.log_text(
-        mlflow_client, run_id, json.dumps(metrics, indent=2, sort_keys=True), f"{EVAL_ARTIFACT_DIR}/{cfg.split}_metrics.json"
+        mlflow_client,
+        run_id,
+        json.dumps(metrics, indent=2, sort_keys=True),
+        f"{EVAL_ARTIFACT_DIR}/{cfg.split}_metrics.json",
     )
     return EvalResult(run_id, cfg.split, metrics)

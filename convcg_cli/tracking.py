@@ -143,7 +143,12 @@ def tracked_run(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str
         for i in range(0, len(params), 100):
             mlflow_client.log_batch(run_id, params=params[i : i + 100])
         log_text(mlflow_client, run_id, OmegaConf.to_yaml(cfg, resolve=True), CONFIG_ARTIFACT)
-        log_text(mlflow_client, run_id, OmegaConf.to_yaml(OmegaConf.create({"overrides": overrides, "choices": dict(choices)})), OVERRIDES_ARTIFACT)
+        log_text(
+            mlflow_client,
+            run_id,
+            OmegaConf.to_yaml(OmegaConf.create({"overrides": overrides, "choices": dict(choices)})),
+            OVERRIDES_ARTIFACT,
+        )
         yield TrackedRun(run_id, mlflow_client, _lightning_logger(cfg.logger, run_id))
     except (KeyboardInterrupt, SystemExit):
         # Lightning turns Ctrl-C into SystemExit(1) after a graceful shutdown.
@@ -164,12 +169,20 @@ def resolve_run(logger_cfg: Mapping[str, Any], run: str) -> str:
     where = f"experiment '{logger_cfg['experiment_name']}' at {logger_cfg['tracking_uri']}"
     if run == "latest":
         exp = mlflow_client.get_experiment_by_name(str(logger_cfg["experiment_name"]))
-        runs = [] if exp is None else mlflow_client.search_runs(
-            [exp.experiment_id], filter_string="attributes.status = 'FINISHED' and tags.checkpoint = 'yes'",
-            order_by=["attributes.start_time DESC"], max_results=1,
+        runs = (
+            []
+            if exp is None
+            else mlflow_client.search_runs(
+                [exp.experiment_id],
+                filter_string="attributes.status = 'FINISHED' and tags.checkpoint = 'yes'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
         )
         if not runs:
-            raise RunNotFoundError(f"No finished run with a checkpoint in {where}; train one with 'convcg train'.")
+            raise RunNotFoundError(
+                f"No finished run with a checkpoint in {where}; train one with 'convcg train'."
+            )
         return runs[0].info.run_id
     try:
         info = mlflow_client.get_run(run)
@@ -189,7 +202,9 @@ def load_run_config(logger_cfg: Mapping[str, Any], run_id: str) -> DictConfig:
     """The resolved training config saved with the run."""
     from mlflow.artifacts import download_artifacts
 
-    path = download_artifacts(run_id=run_id, artifact_path=CONFIG_ARTIFACT, tracking_uri=str(logger_cfg["tracking_uri"]))
+    path = download_artifacts(
+        run_id=run_id, artifact_path=CONFIG_ARTIFACT, tracking_uri=str(logger_cfg["tracking_uri"])
+    )
     return OmegaConf.load(path)
 
 
@@ -197,4 +212,8 @@ def download_checkpoint(logger_cfg: Mapping[str, Any], run_id: str) -> Path:
     """Local path of the run's checkpoint artifact."""
     from mlflow.artifacts import download_artifacts
 
-    return Path(download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, tracking_uri=str(logger_cfg["tracking_uri"])))
+    return Path(
+        download_artifacts(
+            run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, tracking_uri=str(logger_cfg["tracking_uri"])
+        )
+    )

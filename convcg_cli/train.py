@@ -8,7 +8,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from convcg_cli import tracking
 from convcg_cli.config import Composed, instantiate
 from convcg_cli.errors import ConfigError
@@ -58,6 +57,7 @@ def train(composed: Composed) -> TrainResult:
     Data are validated before any MLflow run is created, so bad input leaves no empty run behind.
     """
     import lightning as L
+
     # Expected here: our batches come from an in-process IterableDataset of known length.
     warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
@@ -73,9 +73,13 @@ def train(composed: Composed) -> TrainResult:
         tracking.log_metrics(run.client, run.run_id, {f"data/{k}_rows": v for k, v in dm.n_rows.items()})
         checkpoint_dir = Path(cfg.paths.output_dir) / "runs" / run.run_id
         callbacks = _callbacks(cfg, checkpoint_dir)
-        trainer = instantiate(cfg.trainer, logger=run.logger, callbacks=callbacks, default_root_dir=str(checkpoint_dir))
+        trainer = instantiate(
+            cfg.trainer, logger=run.logger, callbacks=callbacks, default_root_dir=str(checkpoint_dir)
+        )
         trainer.fit(model, datamodule=dm)
-        best = next((Path(cb.best_model_path) for cb in trainer.checkpoint_callbacks if cb.best_model_path), None)
+        best = next(
+            (Path(cb.best_model_path) for cb in trainer.checkpoint_callbacks if cb.best_model_path), None
+        )
         if best is None:  # no validation epoch ran (e.g. limit_val_batches=0): keep the final weights
             best = checkpoint_dir / "last.ckpt"
             trainer.save_checkpoint(best)

@@ -22,7 +22,9 @@ def build(overrides: list[str]):
 
 
 def test_the_four_designs_ship():
-    assert {"multihead_sequential", "multihead_parallel", "unified_sequential", "unified_parallel"} <= set(EXPERIMENTS)
+    assert {"multihead_sequential", "multihead_parallel", "unified_sequential", "unified_parallel"} <= set(
+        EXPERIMENTS
+    )
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -30,7 +32,11 @@ def test_experiment_composes_and_instantiates(experiment):
     composed = compose("train", [f"+experiment={experiment}"])
     assert composed.choices["experiment"] == experiment
     model = build([f"+experiment={experiment}"])
-    batch = {"user_id": torch.tensor([1, 2]), "surface": torch.tensor([0, 3]), "log_account_age": torch.zeros(2)}
+    batch = {
+        "user_id": torch.tensor([1, 2]),
+        "surface": torch.tensor([0, 3]),
+        "log_account_age": torch.zeros(2),
+    }
     emb = model.embed_queries(batch)
     assert emb.shape == (2, composed.cfg.model.embedding_dim)
 

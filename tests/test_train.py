@@ -29,7 +29,9 @@ def test_train_logs_everything_a_run_needs(home, tiny_overrides):
     for task in ("conversion", "engagement"):
         for k in (100, 1000):
             assert 0.0 <= metrics[f"val/{task}/recall_at_{k}"] <= 1.0
-    artifacts = {a.path for d in ("config", "checkpoints") for a in _client(home).list_artifacts(result.run_id, d)}
+    artifacts = {
+        a.path for d in ("config", "checkpoints") for a in _client(home).list_artifacts(result.run_id, d)
+    }
     assert {"config/resolved.yaml", "config/overrides.yaml", "checkpoints/model.ckpt"} <= artifacts
     assert result.checkpoint.exists()
 

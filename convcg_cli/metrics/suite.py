@@ -66,7 +66,12 @@ def recall_report(
 
 
 def popularity_report(
-    item_scores: np.ndarray, queries, ks: Sequence[int], split: str, tasks: Sequence[str], by_surface: bool = False
+    item_scores: np.ndarray,
+    queries,
+    ks: Sequence[int],
+    split: str,
+    tasks: Sequence[str],
+    by_surface: bool = False,
 ) -> dict[str, float]:
     """The same recall report for a non-personalised ranking (e.g. most-converted items)."""
     ids = popularity_topk_for_queries(item_scores, len(queries), max(ks))

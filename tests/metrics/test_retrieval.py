@@ -312,7 +312,8 @@ def test_popularity_topk_rejects_nan():
 def test_metric_name_format():
     assert metric_name(VAL, "conversion", 100) == "val/conversion/recall_at_100"
     assert (
-        metric_name("heldout/by_surface/home", "engagement", 5) == "heldout/by_surface/home/engagement/recall_at_5"
+        metric_name("heldout/by_surface/home", "engagement", 5)
+        == "heldout/by_surface/home/engagement/recall_at_5"
     )
     assert RECALL.format(k=5) == "recall_at_5"
     for split in SPLITS:
