@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -93,6 +93,8 @@ class ImpressionDataModule(L.LightningDataModule):
         seed: batch-order seed.
         tasks: task names (from ``loss.task_weights``).
         eval_batch_size: queries per batch when embedding evaluation queries.
+        features: {"item"|"user": {"categorical": [...], "numeric": [...]}}: the table columns used as
+            features besides the ids (item_id, advertiser_id, user_id are always used).
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class ImpressionDataModule(L.LightningDataModule):
         seed: int = 0,
         tasks: Sequence[str] = tuple(TASK_LABELS),
         eval_batch_size: int = 8192,
+        features: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     ) -> None:
         super().__init__()
         self.dir = Path(dir)
@@ -112,6 +115,9 @@ class ImpressionDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.query_hash_buckets, self.seed = query_hash_buckets, seed
         self.tasks = list(tasks)
+        features = features or {}
+        self.item_columns = F.FeatureColumns(**{k: tuple(v) for k, v in features.get("item", {}).items()})
+        self.user_columns = F.FeatureColumns(**{k: tuple(v) for k, v in features.get("user", {}).items()})
         self._ready = False
 
     def setup(self, stage: str | None = None) -> None:
@@ -122,8 +128,8 @@ class ImpressionDataModule(L.LightningDataModule):
         self.surfaces = list(load_schemas()["impressions"].column("surface").allowed)
         split = F.split_by_time(tables["impressions"], self.val_days, self.heldout_days)
         self.split_days = split.days
-        self.items = F.build_item_table(tables["items"], split.train)
-        self.users = F.build_user_table(tables["users"])
+        self.items = F.build_item_table(tables["items"], split.train, self.item_columns)
+        self.users = F.build_user_table(tables["users"], self.user_columns)
 
         train = F.engaged_rows(split.train, self.tasks)
         if train.height == 0:

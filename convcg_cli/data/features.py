@@ -75,15 +75,49 @@ def split_by_time(impressions: pl.DataFrame, val_days: int, heldout_days: int) -
     return TimeSplit(**{k: v.drop("_day") for k, v in parts.items()}, days=bounds)
 
 
-def _dense_codes(values: np.ndarray) -> np.ndarray:
-    """Map arbitrary ints to 1..n by sorted unique value (0 stays free for 'missing')."""
-    _, inverse = np.unique(values, return_inverse=True)
-    return (inverse + 1).astype(np.int64)
+def dense_codes(column: pl.Series) -> np.ndarray:
+    """Categorical values (ints or strings) -> 1..n in sorted order; null -> 0 ('missing')."""
+    return column.rank("dense").fill_null(0).to_numpy().astype(np.int64)
 
 
-def _standardise(x: np.ndarray) -> np.ndarray:
-    std = x.std()
-    return ((x - x.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+def scaled_numeric(column: pl.Series) -> np.ndarray:
+    """Signed log1p, then standardised; nulls become 0 (the mean). Heavy-tailed counts and prices
+    become roughly unit-scale inputs."""
+    x = column.cast(pl.Float64).to_numpy()
+    x = np.sign(x) * np.log1p(np.abs(x))
+    ok = ~np.isnan(x)
+    mean, std = (x[ok].mean(), x[ok].std()) if ok.any() else (0.0, 1.0)
+    return np.where(ok, (x - mean) / (std if std > 0 else 1.0), 0.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class FeatureColumns:
+    """Columns of a table used as features: categorical ones get an embedding, numeric ones are scaled."""
+
+    categorical: tuple[str, ...] = ()
+    numeric: tuple[str, ...] = ()
+
+
+def table_features(frame: pl.DataFrame, columns: FeatureColumns, file: str) -> dict[str, np.ndarray]:
+    """Encode the configured feature columns of one table (rows in frame order)."""
+    out: dict[str, np.ndarray] = {}
+    for name in (*columns.categorical, *columns.numeric):
+        if name not in frame.columns or frame[name].null_count() == frame.height:
+            raise ConvcgError(
+                f"The data config names '{name}' as a feature, but {file} has no values in a column "
+                f"'{name}' ({frame.height} rows; columns: {', '.join(frame.columns)}). Fix data.features "
+                f"or the table."
+            )
+        if name in columns.categorical:
+            out[name] = dense_codes(frame[name])
+        else:
+            if not frame[name].dtype.is_numeric():
+                raise ConvcgError(
+                    f"Column '{name}' of {file} is {frame[name].dtype}; a numeric feature must be a number. "
+                    f"List it under categorical instead."
+                )
+            out[name] = scaled_numeric(frame[name])
+    return out
 
 
 def positions(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -126,24 +160,27 @@ class ItemTable:
     performance: pl.DataFrame  # training-window counts, for baselines and reports
 
 
-def build_item_table(items: pl.DataFrame, train: pl.DataFrame) -> ItemTable:
-    """Item ID, advertiser, category, price and training-window performance features."""
+def build_item_table(items: pl.DataFrame, train: pl.DataFrame, columns: FeatureColumns) -> ItemTable:
+    """Item ID, advertiser, the configured item columns, and training-window performance features."""
     items = items.sort("item_id")
-    item_ids = items["item_id"].to_numpy()
     perf = item_performance(items, train)
     n = items.height
     features = {
         "item_id": np.arange(1, n + 1, dtype=np.int64),
-        "advertiser_id": _dense_codes(items["advertiser_id"].to_numpy()),
-        "category_id": _dense_codes(items["category_id"].to_numpy()),
-        "log_price": _standardise(np.log1p(items["price"].to_numpy().astype(np.float64))),
-        "log_impressions": _standardise(np.log1p(perf["impressions"].to_numpy().astype(np.float64))),
-        "ctr": _standardise(perf["ctr"].to_numpy()),
-        "cvr": _standardise(perf["cvr"].to_numpy()),
+        "advertiser_id": dense_codes(items["advertiser_id"]),
+        **table_features(items, columns, "items.parquet"),
+        "perf_log_impressions": scaled_numeric(perf["impressions"]),
+        "perf_ctr": scaled_numeric(perf["ctr"]),
+        "perf_cvr": scaled_numeric(perf["cvr"]),
     }
-    categorical = {k: int(v.max()) + 1 for k, v in features.items() if v.dtype == np.int64}
+    return ItemTable(items["item_id"].to_numpy(), features, spec_of(features), perf)
+
+
+def spec_of(features: dict[str, np.ndarray]) -> FeatureSpec:
+    """Feature spec of encoded columns: int64 columns are categorical (cardinality = max code + 1)."""
+    categorical = {k: int(v.max(initial=0)) + 1 for k, v in features.items() if v.dtype == np.int64}
     numeric = tuple(sorted(k for k, v in features.items() if v.dtype == np.float32))
-    return ItemTable(item_ids, features, FeatureSpec(categorical=categorical, numeric=numeric), perf)
+    return FeatureSpec(categorical=categorical, numeric=numeric)
 
 
 @dataclass
@@ -154,15 +191,12 @@ class UserTable:
     features: dict[str, np.ndarray]
 
 
-def build_user_table(users: pl.DataFrame) -> UserTable:
-    """User ID, age bucket, region and account age (static attributes, no log statistics)."""
+def build_user_table(users: pl.DataFrame, columns: FeatureColumns) -> UserTable:
+    """User ID and the configured user attribute columns (static attributes, no log statistics)."""
     users = users.sort("user_id")
-    n = users.height
     features = {
-        "user_id": np.arange(1, n + 1, dtype=np.int64),
-        "age_bucket": _dense_codes(users["age_bucket"].to_numpy()),
-        "region_id": _dense_codes(users["region_id"].to_numpy()),
-        "log_account_age": _standardise(np.log1p(users["account_age_days"].to_numpy().astype(np.float64))),
+        "user_id": np.arange(1, users.height + 1, dtype=np.int64),
+        **table_features(users, columns, "users.parquet"),
     }
     return UserTable(users["user_id"].to_numpy(), features)
 
@@ -195,14 +229,11 @@ def build_query_features(
     query = rows["query_id"]
     buckets = (query.fill_null(0).to_numpy() % query_hash_buckets) + 1
     feats["query_bucket"] = np.where(query.is_null().to_numpy(), 0, buckets).astype(np.int64)
-    categorical = {
-        "user_id": len(users.user_ids) + 1,
-        "age_bucket": int(users.features["age_bucket"].max()) + 1,
-        "region_id": int(users.features["region_id"].max()) + 1,
-        "surface": len(surfaces) + 1,
-        "subject_item_id": len(items.item_ids) + 1,
-        "query_bucket": query_hash_buckets + 1,
-    }
+    # Cardinalities come from the tables, not from the rows at hand, so every split shares one spec.
+    categorical = {k: int(v.max(initial=0)) + 1 for k, v in users.features.items() if v.dtype == np.int64}
+    categorical.update(
+        surface=len(surfaces) + 1, subject_item_id=len(items.item_ids) + 1, query_bucket=query_hash_buckets + 1
+    )
     numeric = tuple(sorted(k for k, v in feats.items() if v.dtype == np.float32))
     return QueryFeatures(feats, FeatureSpec(categorical=categorical, numeric=numeric))
 

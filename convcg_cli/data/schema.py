@@ -53,7 +53,8 @@ RULE_BROKEN = "rule_broken"
 
 _MAX_EXAMPLES = 5
 _COLUMN_KEYS = {"name", "dtype", "nullable", "required", "min", "max", "allowed", "references", "description"}
-_TABLE_KEYS = {"table", "file", "primary_key", "columns", "rules", "description"}
+_TABLE_KEYS = {"table", "file", "primary_key", "columns", "rules", "description", "extra_columns"}
+_EXTRA_COLUMNS = ("drop", "keep")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,6 +190,9 @@ class TableSchema:
     primary_key: tuple[str, ...] = ()
     rules: tuple[Rule, ...] = ()
     description: str = ""
+    # "keep": columns beyond the contract (e.g. a data set's own feature columns) load unchanged, so
+    # the data config can name them as features; "drop": they are ignored.
+    extra_columns: str = "drop"
 
     @property
     def column_names(self) -> list[str]:
@@ -286,7 +290,10 @@ def _table(raw: Mapping, where: str) -> TableSchema:
         primary_key=tuple(raw.get("primary_key") or ()),
         rules=tuple(_rule(r, where) for r in raw.get("rules") or ()),
         description=raw.get("description", ""),
+        extra_columns=raw.get("extra_columns", "drop"),
     )
+    if table.extra_columns not in _EXTRA_COLUMNS:
+        raise ConfigError(f"{where}: extra_columns must be one of {list(_EXTRA_COLUMNS)}.")
     names = table.column_names
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: duplicate column names.")
@@ -440,6 +447,8 @@ def _conform(schema: TableSchema, df: pl.DataFrame) -> tuple[pl.DataFrame, list[
             exprs.append(pl.lit(None, dtype=target).alias(col.name))
             continue
         exprs.append(pl.col(col.name).cast(target))
+    if schema.extra_columns == "keep":
+        exprs.extend(pl.col(c) for c in df.columns if c not in schema.column_names)
     return df.select(exprs), violations, bad
 
 
@@ -641,7 +650,8 @@ def _read(
         try:
             lazy = pl.scan_parquet(path)
             present = set(lazy.collect_schema().names())
-            frames[name] = lazy.select([c for c in schema.column_names if c in present]).collect()
+            keep = present if schema.extra_columns == "keep" else set(schema.column_names)
+            frames[name] = lazy.select([c for c in lazy.collect_schema().names() if c in keep]).collect()
         except (pl.exceptions.PolarsError, OSError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             violations.append(
@@ -676,7 +686,8 @@ def load_tables(
     """Read and validate ``data_dir``; return table name -> frame with exactly the schema's columns.
 
     Columns are cast to the schema dtypes, in schema order; a missing optional column is all-null;
-    columns not in the schema are dropped.
+    columns not in the schema are dropped, unless the table says ``extra_columns: keep`` (then they
+    follow the schema's columns unchanged).
 
     Raises:
         DataValidationError: listing every violation, if there is any (including a missing directory).

@@ -65,7 +65,13 @@ def test_schemas_load_in_dependency_order(schemas):
         "query_only_on_search",
     ]
     assert schemas["users"].column("age_bucket") == ColumnSchema(
-        "age_bucket", "Int64", min=0, max=6, description="coarse age band, 0 = youngest"
+        "age_bucket",
+        "Int64",
+        nullable=True,
+        required=False,
+        min=0,
+        max=6,
+        description="coarse age band, 0 = youngest",
     )
     assert imp.polars_schema["clicked"] == pl.Boolean
 
@@ -143,7 +149,7 @@ HOME_FEED = pl.col("surface") == "home_feed"
 @pytest.mark.parametrize(
     "table, mutate, kind, column, rows, found",
     [
-        ("items", lambda df: df.drop("price"), S.MISSING_COLUMN, "price", 600, "column is missing"),
+        ("items", lambda df: df.drop("advertiser_id"), S.MISSING_COLUMN, "advertiser_id", 600, "column is missing"),
         (
             "impressions",
             lambda df: df.with_columns(pl.col("clicked").cast(pl.String)),
@@ -302,7 +308,7 @@ def test_missing_directory_names_it_and_says_how_to_make_one(tmp_path):
 def test_load_tables_lists_every_violation_at_once(tmp_path: Path, tiny_tables, schemas):
     bad = {
         "items": pl.concat([tiny_tables["items"], tiny_tables["items"].head(2)]),
-        "users": tiny_tables["users"].drop("region_id"),
+        "users": tiny_tables["users"].with_columns(pl.col("region_id").cast(pl.String)),
         "impressions": _set(tiny_tables["impressions"], "surface", "email", HOME_FEED, 3),
     }
     for name, df in bad.items():
@@ -310,7 +316,7 @@ def test_load_tables_lists_every_violation_at_once(tmp_path: Path, tiny_tables, 
     with pytest.raises(DataValidationError) as err:
         load_tables(tmp_path)
     kinds = [(v.kind, v.table) for v in err.value.violations]
-    assert kinds == [(S.DUPLICATE_KEY, "items"), (S.MISSING_COLUMN, "users"), (S.NOT_ALLOWED, "impressions")]
+    assert kinds == [(S.DUPLICATE_KEY, "items"), (S.WRONG_DTYPE, "users"), (S.NOT_ALLOWED, "impressions")]
     message = str(err.value)
     assert message.startswith("3 data contract violation(s):")
-    assert "users.parquet, column 'region_id': column is missing; expected non-null Int64" in message
+    assert "users.parquet, column 'region_id': dtype is String; expected nullable Int64" in message
