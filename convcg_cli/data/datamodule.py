@@ -11,12 +11,36 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from convcg_cli.data import features as F
+from convcg_cli.data.positives import LabelPositives
 from convcg_cli.data.schema import load_schemas, load_tables
 from convcg_cli.tasks import TASK_LABELS
 
 
 def _to_torch(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+
+class HardNegativeSampler:
+    """Draws, per training example, ``per_example`` of its user's served-but-not-engaged items.
+
+    Sampling is uniform with replacement within the user's list, as one vectorised gather per batch;
+    users with no such impressions get padding (-1), which the loss masks.
+    """
+
+    def __init__(self, negatives: F.ImpressionNegatives, per_example: int) -> None:
+        self.start = torch.from_numpy(negatives.start)
+        self.count = torch.from_numpy(negatives.count)
+        self.items = torch.from_numpy(negatives.items)
+        self.per_example = per_example
+
+    def sample(self, user_pos: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(B,) user positions -> (B, H) item positions, -1 where the user has none."""
+        count = self.count[user_pos].unsqueeze(1)  # (B, 1)
+        u = torch.rand(len(user_pos), self.per_example, generator=generator)  # (B, H)
+        offset = (u * count).long().clamp_max((count - 1).clamp_min(0))  # (B, H)
+        idx = (self.start[user_pos].unsqueeze(1) + offset).clamp_max(max(len(self.items) - 1, 0))
+        picked = self.items[idx] if len(self.items) else torch.zeros_like(idx)
+        return torch.where(count > 0, picked, torch.full_like(picked, -1))
 
 
 class ShuffledBatches(IterableDataset):
@@ -30,29 +54,38 @@ class ShuffledBatches(IterableDataset):
         self,
         user: dict[str, torch.Tensor],
         item_pos: torch.Tensor,
-        labels: dict[str, torch.Tensor],
+        weights: dict[str, torch.Tensor],
         item_features: dict[str, torch.Tensor],
         item_log_q: torch.Tensor,
         batch_size: int,
         seed: int,
+        hard_negatives: HardNegativeSampler | None = None,
     ) -> None:
-        self.user, self.item_pos, self.labels = user, item_pos, labels
+        self.user, self.item_pos, self.weights = user, item_pos, weights
         self.item_features, self.item_log_q = item_features, item_log_q
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self.hard_negatives = hard_negatives
 
     def __len__(self) -> int:
         return max(len(self.item_pos) // self.batch_size, 1)
 
-    def batch(self, idx: torch.Tensor) -> dict:
+    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """Gather one batch; item features come from the corpus table by item position."""
         pos = self.item_pos[idx]
-        return {
+        out = {
             "user": {k: v[idx] for k, v in self.user.items()},
             "item": {k: v[pos] for k, v in self.item_features.items()},
             "item_pos": pos,
             "log_q": self.item_log_q[pos],
-            "labels": {k: v[idx] for k, v in self.labels.items()},
+            "weights": {k: v[idx] for k, v in self.weights.items()},
         }
+        if self.hard_negatives is not None:
+            generator = generator or torch.Generator().manual_seed(self.seed)
+            hard = self.hard_negatives.sample(self.user["user_id"][idx] - 1, generator)  # (B, H)
+            flat = hard.clamp_min(0).reshape(-1)
+            out["hard_pos"] = hard
+            out["hard_item"] = {k: v[flat] for k, v in self.item_features.items()}
+        return out
 
     def __iter__(self) -> Iterator[dict]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -60,7 +93,7 @@ class ShuffledBatches(IterableDataset):
         perm = torch.randperm(len(self.item_pos), generator=g)
         size = min(self.batch_size, len(perm))
         for start in range(0, len(self) * size, size):
-            yield self.batch(perm[start : start + size])
+            yield self.batch(perm[start : start + size], g)
 
 
 class SequentialBatches(IterableDataset):
@@ -95,6 +128,11 @@ class ImpressionDataModule(L.LightningDataModule):
         eval_batch_size: queries per batch when embedding evaluation queries.
         features: {"item"|"user": {"categorical": [...], "numeric": [...]}}: the table columns used as
             features besides the ids (item_id, advertiser_id, user_id are always used).
+        positives: which rows are positives of each task, with what weight (LabelPositives,
+            DualPositives).
+        hard_negatives: served-but-not-engaged impressions of the same user added to each example's
+            negatives (0 = in-batch negatives only).
+        context: request-context features of the query tower (surface, subject_item_id, query_bucket).
     """
 
     def __init__(
@@ -108,6 +146,9 @@ class ImpressionDataModule(L.LightningDataModule):
         tasks: Sequence[str] = tuple(TASK_LABELS),
         eval_batch_size: int = 8192,
         features: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+        positives: LabelPositives | None = None,
+        hard_negatives: int = 0,
+        context: Sequence[str] = F.CONTEXT_FEATURES,
     ) -> None:
         super().__init__()
         self.dir = Path(dir)
@@ -115,6 +156,9 @@ class ImpressionDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.query_hash_buckets, self.seed = query_hash_buckets, seed
         self.tasks = list(tasks)
+        self.positives = positives or LabelPositives()
+        self.hard_negatives = hard_negatives
+        self.context = tuple(context)
         features = features or {}
         self.item_columns = F.FeatureColumns(**{k: tuple(v) for k, v in features.get("item", {}).items()})
         self.user_columns = F.FeatureColumns(**{k: tuple(v) for k, v in features.get("user", {}).items()})
@@ -137,18 +181,25 @@ class ImpressionDataModule(L.LightningDataModule):
                 f"The train split (days {split.days['train']}) of {F.IMPRESSIONS_FILE} has no row positive "
                 f"for any task {self.tasks}; expected clicks, saves or conversions to learn from."
             )
-        q = F.build_query_features(train, self.users, self.items, self.surfaces, self.query_hash_buckets)
+        q = F.build_query_features(
+            train, self.users, self.items, self.surfaces, self.query_hash_buckets, self.context
+        )
         self.user_spec, self.item_spec = q.spec, self.items.spec
         train_item_pos = F.positions(self.items.item_ids, train["item_id"].to_numpy())
         self.item_features = _to_torch(self.items.features)
+        sampler = None
+        if self.hard_negatives > 0:
+            negatives = F.impression_negatives(split.train, self.users, self.items, self.tasks)
+            sampler = HardNegativeSampler(negatives, self.hard_negatives)
         self.train_set = ShuffledBatches(
             user=_to_torch(q.features),
             item_pos=torch.from_numpy(train_item_pos),
-            labels=_to_torch(F.task_labels(train, self.tasks)),
+            weights=_to_torch(self.positives.weights(train, self.tasks)),
             item_features=self.item_features,
             item_log_q=torch.from_numpy(F.item_log_frequency(train_item_pos, len(self.items.item_ids))),
             batch_size=self.batch_size,
             seed=self.seed,
+            hard_negatives=sampler,
         )
         build = dict(
             users=self.users,
@@ -156,6 +207,7 @@ class ImpressionDataModule(L.LightningDataModule):
             surfaces=self.surfaces,
             query_hash_buckets=self.query_hash_buckets,
             tasks=self.tasks,
+            context=self.context,
         )
         self.queries = {
             "val": F.build_query_set(split.val, days=split.days["val"], **build),

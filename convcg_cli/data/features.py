@@ -7,6 +7,7 @@ training window only, so nothing is computed from validation or held-out days.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -209,14 +210,25 @@ class QueryFeatures:
     spec: FeatureSpec
 
 
+CONTEXT_FEATURES = ("surface", "subject_item_id", "query_bucket")
+
+
 def build_query_features(
     rows: pl.DataFrame,
     users: UserTable,
     items: ItemTable,
     surfaces: list[str],
     query_hash_buckets: int,
+    context: Sequence[str] = CONTEXT_FEATURES,
 ) -> QueryFeatures:
-    """Per impression: user attributes, surface, subject item (related items) and query bucket (search)."""
+    """Per impression: user attributes plus the request context named in ``context``: the surface,
+    the subject item (related items) and the query bucket (search). One model serves every surface;
+    these features let it behave differently on each."""
+    unknown = sorted(set(context) - set(CONTEXT_FEATURES))
+    if unknown:
+        raise ConvcgError(
+            f"Unknown context feature(s) {unknown} in data.context; known: {list(CONTEXT_FEATURES)}."
+        )
     user_pos = positions(users.user_ids, rows["user_id"].to_numpy())
     feats = {name: values[user_pos] for name, values in users.features.items()}
     surface_codes = {s: i + 1 for i, s in enumerate(surfaces)}
@@ -232,8 +244,12 @@ def build_query_features(
     # Cardinalities come from the tables, not from the rows at hand, so every split shares one spec.
     categorical = {k: int(v.max(initial=0)) + 1 for k, v in users.features.items() if v.dtype == np.int64}
     categorical.update(
-        surface=len(surfaces) + 1, subject_item_id=len(items.item_ids) + 1, query_bucket=query_hash_buckets + 1
+        surface=len(surfaces) + 1,
+        subject_item_id=len(items.item_ids) + 1,
+        query_bucket=query_hash_buckets + 1,
     )
+    for name in set(CONTEXT_FEATURES) - set(context):
+        del feats[name], categorical[name]
     numeric = tuple(sorted(k for k, v in feats.items() if v.dtype == np.float32))
     return QueryFeatures(feats, FeatureSpec(categorical=categorical, numeric=numeric))
 
@@ -269,14 +285,41 @@ def build_query_set(
     query_hash_buckets: int,
     tasks: list[str],
     days: tuple[int, int],
+    context: Sequence[str] = CONTEXT_FEATURES,
 ) -> QuerySet:
     """Queries and positives of one evaluation split; each held-out positive is counted once."""
     rows = engaged_rows(rows, tasks)
-    q = build_query_features(rows, users, items, surfaces, query_hash_buckets)
+    q = build_query_features(rows, users, items, surfaces, query_hash_buckets, context)
     item_pos = positions(items.item_ids, rows["item_id"].to_numpy())
     labels = task_labels(rows, tasks)
     positives = {t: (np.flatnonzero(m), item_pos[m]) for t, m in labels.items()}
     return QuerySet(q.features, positives, rows["surface"].to_numpy(), days)
+
+
+@dataclass
+class ImpressionNegatives:
+    """Served-but-not-engaged impressions of each user in the training window, as CSR arrays.
+
+    ``items[start[u] : start[u] + count[u]]`` are the item positions user ``u`` was shown and did
+    not engage with; hard negatives for a training example of ``u`` are drawn from there.
+    """
+
+    start: np.ndarray  # (U,) int64
+    count: np.ndarray  # (U,) int64
+    items: np.ndarray  # (M,) int64
+
+
+def impression_negatives(
+    train: pl.DataFrame, users: UserTable, items: ItemTable, tasks: list[str]
+) -> ImpressionNegatives:
+    """Group the training window's non-engaged impressions by user (vectorised, one sort)."""
+    served = train.filter(~pl.any_horizontal([TASK_LABELS[t] for t in tasks]))
+    user_pos = positions(users.user_ids, served["user_id"].to_numpy())
+    item_pos = positions(items.item_ids, served["item_id"].to_numpy())
+    order = np.argsort(user_pos, kind="stable")
+    count = np.bincount(user_pos, minlength=len(users.user_ids)).astype(np.int64)
+    start = (np.cumsum(count) - count).astype(np.int64)
+    return ImpressionNegatives(start, count, item_pos[order])
 
 
 def item_log_frequency(item_pos: np.ndarray, n_items: int) -> np.ndarray:

@@ -8,13 +8,13 @@ Yi et al., RecSys 2019, "Sampling-Bias-Corrected Neural Modeling for Large Corpu
 Recommendations") removes that bias.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convcg_cli.tasks import check_task_names
+from convcg_cli.tasks import PRIMARY_TASK, check_task_names
 
 
 def sampled_softmax_loss(
@@ -24,20 +24,35 @@ def sampled_softmax_loss(
     log_q: torch.Tensor | None,
     anchor: torch.Tensor,
     temperature: float,
+    *,
+    weight: torch.Tensor | None = None,
+    positive: torch.Tensor | None = None,
+    hard_items: torch.Tensor | None = None,
+    hard_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """In-batch sampled softmax cross-entropy, averaged over the anchor rows.
+    """In-batch sampled softmax cross-entropy (plus optional per-row hard negatives), over anchor rows.
 
-    For anchor row ``b``: ``logits[b, j] = <query_b, items_j> / temperature - log_q[j]``; columns
-    ``j != b`` holding the same item as ``b`` (accidental hits) are set to ``-inf``; the target is
-    column ``b``. The logQ term is subtracted from every column, the positive included, as in Yi et al.
+    For anchor row ``b`` with positive column ``p = positive[b]`` (``b`` by default):
+    ``logits[b, j] = <query_b, items_j> / temperature - log_q[j]`` over the N candidates; columns
+    ``j != p`` holding the same item as ``p`` (accidental hits) are set to ``-inf``; the target is
+    column ``p``. The logQ term is subtracted from every in-batch column, the positive included, as in
+    Yi et al. Hard negatives (impressions served to this row's user and not engaged) are appended
+    as H extra columns *without* logQ: they were not sampled in proportion to popularity, so there
+    is no sampling bias to undo. Padding (``hard_ids < 0``) and hard negatives that are the
+    positive item itself are masked.
 
     Args:
         query: (B, D) user embeddings.
-        items: (B, D) item embeddings; row ``b`` is the item of impression ``b``.
-        item_ids: (B,) int64 item ids, used to find accidental hits.
-        log_q: (B,) log sampling probability of each row's item, or ``None`` for no correction.
+        items: (N, D) candidate item embeddings; N = B in one process, the global batch under DDP.
+        item_ids: (N,) int64 item ids, used to find accidental hits.
+        log_q: (N,) log sampling probability of each candidate, or ``None`` for no correction.
         anchor: (B,) bool, rows whose label for this task is positive.
         temperature: softmax temperature (> 0); logits are divided by it.
+        weight: (B,) per-row weight of the anchor's cross-entropy (default 1); the loss is the
+            weighted mean over anchors, so weights only matter relative to each other.
+        positive: (B,) int64 column of each row's positive among the N candidates (default arange(B)).
+        hard_items: (B, H, D) embeddings of each row's hard negatives.
+        hard_ids: (B, H) int64 item ids of the hard negatives; < 0 marks padding.
 
     Returns:
         Scalar loss. With no anchor rows, a zero that keeps the graph (so backward still works).
@@ -50,47 +65,156 @@ def sampled_softmax_loss(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
-    rows = anchor.nonzero().squeeze(-1)  # (A,) the anchors' row (= positive column) indices
+    if weight is not None:
+        anchor = anchor & (weight > 0)
+    rows = anchor.nonzero().squeeze(-1)  # (A,) anchor rows
+    if rows.numel() == 0:
+        zero = (query.sum() + items.sum()) * 0.0
+        return zero if hard_items is None else zero + hard_items.sum() * 0.0
+    if positive is None:
+        positive = torch.arange(query.shape[0], device=query.device)
+    pos = positive[rows]  # (A,) positive column of each anchor
+
+    logits = query[rows] @ items.T / temperature  # (A, N)
+    if log_q is not None:
+        logits = logits - log_q.unsqueeze(0)  # (A, N), one correction per column
+    cols = torch.arange(items.shape[0], device=items.device)  # (N,)
+    pos_ids = item_ids[pos].unsqueeze(1)  # (A, 1)
+    accidental_hit = (pos_ids == item_ids.unsqueeze(0)) & (cols.unsqueeze(0) != pos.unsqueeze(1))  # (A, N)
+    logits = logits.masked_fill(accidental_hit, float("-inf"))
+    if hard_items is not None:
+        assert hard_ids is not None, "hard_ids must come with hard_items"
+        hard = torch.einsum("ad,ahd->ah", query[rows], hard_items[rows]) / temperature  # (A, H)
+        hard_mask = (hard_ids[rows] < 0) | (hard_ids[rows] == pos_ids)  # (A, H) padding or the positive
+        logits = torch.cat([logits, hard.masked_fill(hard_mask, float("-inf"))], dim=1)  # (A, N + H)
+    ce = F.cross_entropy(logits, pos, reduction="none")  # (A,)
+    if weight is None:
+        return ce.mean()
+    w = weight[rows]
+    return (w * ce).sum() / w.sum()
+
+
+def advertiser_softmax_loss(
+    query: torch.Tensor,
+    items: torch.Tensor,
+    advertiser: torch.Tensor,
+    weight: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """In-batch softmax of users against *advertisers* (items pooled by advertiser).
+
+    Each advertiser in the batch is represented by the L2-normalised mean embedding of its in-batch
+    items; an anchor row's target is its item's advertiser. Advertiser-level labels are far less
+    noisy than per-item conversions (many items, one shop), so this pulls users towards the shops
+    they convert with. Gradients reach only the embeddings of in-batch items, shared equally among
+    the items of one advertiser.
+
+    Args:
+        query: (B, D) user embeddings (the conversion task's).
+        items: (B, D) item embeddings; row ``b`` is the item of impression ``b``.
+        advertiser: (B,) int64 advertiser code of each row's item.
+        weight: (B,) per-row weight; rows with weight 0 are not anchors.
+        temperature: softmax temperature.
+    """
+    rows = (weight > 0).nonzero().squeeze(-1)  # (A,)
     if rows.numel() == 0:
         return (query.sum() + items.sum()) * 0.0
+    uniq, group = torch.unique(advertiser, return_inverse=True)  # (G,), (B,)
+    pooled = torch.zeros(len(uniq), items.shape[1], dtype=items.dtype, device=items.device)
+    pooled = pooled.index_add(0, group, items)  # (G, D) sums; normalising makes it a direction
+    pooled = F.normalize(pooled, dim=-1)
+    logits = query[rows] @ pooled.T / temperature  # (A, G)
+    ce = F.cross_entropy(logits, group[rows], reduction="none")
+    w = weight[rows]
+    return (w * ce).sum() / w.sum()
 
-    logits = query[rows] @ items.T / temperature  # (A, B)
-    if log_q is not None:
-        logits = logits - log_q.unsqueeze(0)  # (A, B), one correction per column
-    cols = torch.arange(items.shape[0], device=items.device)  # (B,)
-    same_item = item_ids[rows].unsqueeze(1) == item_ids.unsqueeze(0)  # (A, B)
-    accidental_hit = same_item & (cols.unsqueeze(0) != rows.unsqueeze(1))  # (A, B)
-    logits = logits.masked_fill(accidental_hit, float("-inf"))  # (A, B)
-    return F.cross_entropy(logits, rows)
+
+class TableLogQ(nn.Module):
+    """logQ from a precomputed table: each item's share of the training examples (the data's ``log_q``)."""
+
+    def forward(self, item_ids: torch.Tensor, table_log_q: torch.Tensor) -> torch.Tensor | None:
+        return table_log_q
+
+
+class NoLogQ(nn.Module):
+    """No sampling-bias correction (popular items are over-penalised as negatives)."""
+
+    def forward(self, item_ids: torch.Tensor, table_log_q: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+class StreamingLogQ(nn.Module):
+    """Streaming item-frequency estimate over the training stream (Yi et al., RecSys 2019, Alg. 2).
+
+    For each item bucket it keeps ``last`` (the step it was last seen) and ``interval`` (an EMA of the
+    number of steps between sightings); the sampling probability per batch is ``1 / interval``.
+    Unlike a table it needs no pass over the data and follows drifting popularity. A bucket's first
+    sighting at step t sets ``interval = t + 1`` (steps waited so far), then
+    ``interval <- (1 - alpha) * interval + alpha * (t - last)``. Buckets are ``id % num_buckets``.
+
+    Args:
+        num_buckets: size of the hashed arrays (>= the number of items for an exact estimate).
+        alpha: EMA rate.
+    """
+
+    def __init__(self, num_buckets: int = 1 << 20, alpha: float = 0.01) -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.register_buffer("last", torch.full((num_buckets,), -1, dtype=torch.long))
+        self.register_buffer("interval", torch.ones(num_buckets))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def forward(self, item_ids: torch.Tensor, table_log_q: torch.Tensor | None = None) -> torch.Tensor:
+        """Update with this batch (in training mode) and return (B,) log q of its items."""
+        b = item_ids % self.last.numel()
+        if self.training:
+            t = self.step
+            uniq = torch.unique(b)  # an item seen twice in one batch is one sighting
+            seen = self.last[uniq] >= 0
+            gap = (t - self.last[uniq]).float()
+            updated = torch.where(
+                seen, (1 - self.alpha) * self.interval[uniq] + self.alpha * gap, t.float() + 1
+            )
+            self.interval[uniq] = updated
+            self.last[uniq] = t
+            self.step += 1
+        return -torch.log(self.interval[b].clamp_min(1.0))
 
 
 class MultiTaskSampledSoftmax(nn.Module):
-    """Weighted sum over tasks of ``sampled_softmax_loss``.
+    """The training objective: per-task sampled softmax, balanced across tasks, plus optional extras.
 
     Tasks are the keys of ``task_weights`` (the config's ``loss.task_weights``, the one place task
-    names are set); tasks with weight 0 are skipped and do not appear in the per-task losses.
+    names are set); tasks with weight 0 are skipped. Per task ``t`` the anchors are the rows with
+    ``weights[t] > 0`` (dual positives give engagement rows a weight in the conversion task).
 
     Args:
         task_weights: task name -> weight (>= 0, at least one > 0). Names are checked against
             ``convcg_cli.tasks``.
         temperature: softmax temperature shared by every task.
-        logq_correction: subtract ``log_q`` of each candidate from its logit.
+        logq: where log sampling probabilities come from (TableLogQ, StreamingLogQ, NoLogQ).
+        balancer: turns per-task losses into the total (StaticWeights, UncertaintyWeighting, GradNorm);
+            default: the static weighted sum ``sum_t w_t * loss_t``.
+        advertiser_weight: weight of the advertiser-level softmax on the conversion embeddings (0 = off).
 
     Example:
         >>> loss_fn = MultiTaskSampledSoftmax({"conversion": 1.0, "engagement": 0.5})
         >>> emb = F.normalize(torch.randn(4, 8), dim=-1)
         >>> user = {"conversion": emb, "engagement": emb}
-        >>> labels = {t: torch.tensor([True, False, True, True]) for t in user}
-        >>> total, per_task = loss_fn(user, user, labels, torch.arange(4), torch.zeros(4))
-        >>> sorted(per_task)
-        ['conversion', 'engagement']
+        >>> weights = {t: torch.tensor([1.0, 0.0, 1.0, 1.0]) for t in user}
+        >>> batch = {"weights": weights, "item_pos": torch.arange(4), "log_q": torch.zeros(4)}
+        >>> total, logs = loss_fn(user, user, batch)
+        >>> sorted(logs)
+        ['conversion/loss', 'engagement/loss', 'task_weight/conversion', 'task_weight/engagement']
     """
 
     def __init__(
         self,
         task_weights: Mapping[str, float],
         temperature: float = 0.05,
-        logq_correction: bool = True,
+        logq: nn.Module | None = None,
+        balancer: nn.Module | None = None,
+        advertiser_weight: float = 0.0,
     ) -> None:
         super().__init__()
         weights = {str(t): float(w) for t, w in dict(task_weights).items()}
@@ -102,40 +226,80 @@ class MultiTaskSampledSoftmax(nn.Module):
             raise ValueError(f"At least one task weight must be > 0, got {weights}.")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
+        if advertiser_weight < 0:
+            raise ValueError(f"advertiser_weight must be >= 0, got {advertiser_weight}.")
         self.task_weights = weights
         self.temperature = float(temperature)
-        self.logq_correction = logq_correction
+        self.logq = logq if logq is not None else TableLogQ()
+        self.balancer = balancer
+        self.advertiser_weight = float(advertiser_weight)
+
+    @property
+    def active_tasks(self) -> list[str]:
+        """Tasks with a non-zero weight, in config order."""
+        return [t for t, w in self.task_weights.items() if w > 0]
+
+    def task_losses(
+        self,
+        user: Mapping[str, torch.Tensor],
+        item: Mapping[str, torch.Tensor],
+        batch: Mapping,
+        hard: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Unweighted loss of each active task.
+
+        Args:
+            user, item: task -> (B, D) embeddings (the same tensor for every task with a unified head).
+            batch: needs ``weights`` (task -> (B,) float), ``item_pos`` (B,) item ids, ``log_q`` (B,);
+                with hard negatives also ``hard_pos`` (B, H).
+            hard: task -> (B, H, D) hard-negative embeddings, or None.
+        """
+        log_q = self.logq(batch["item_pos"], batch["log_q"])
+        weights = batch["weights"]
+        return {
+            task: sampled_softmax_loss(
+                user[task],
+                item[task],
+                batch["item_pos"],
+                log_q,
+                weights[task] > 0,
+                self.temperature,
+                weight=weights[task],
+                hard_items=None if hard is None else hard[task],
+                hard_ids=None if hard is None else batch["hard_pos"],
+            )
+            for task in self.active_tasks
+        }
 
     def forward(
         self,
         user: Mapping[str, torch.Tensor],
         item: Mapping[str, torch.Tensor],
-        labels: Mapping[str, torch.Tensor],
-        item_ids: torch.Tensor,
-        log_q: torch.Tensor | None,
+        batch: Mapping,
+        hard: Mapping[str, torch.Tensor] | None = None,
+        shared: Sequence[nn.Parameter] = (),
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return ``(sum_t w_t * loss_t, {t: loss_t})`` over tasks with non-zero weight.
+        """Return the total to backpropagate and the named scalars to log.
 
-        Args:
-            user: task -> (B, D) user embeddings.
-            item: task -> (B, D) item embeddings.
-            labels: task -> (B,) bool positives; they pick the anchor rows.
-            item_ids: (B,) int64 item ids.
-            log_q: (B,) log sampling probability of each row's item; may be ``None`` only when
-                ``logq_correction`` is off.
+        Logged: ``<task>/loss`` (unweighted), ``task_weight/<task>`` (effective weight this step),
+        ``advertiser/loss`` when the advertiser loss is on.
         """
-        if self.logq_correction and log_q is None:
-            raise ValueError("logq_correction is on but log_q was not given.")
-        correction = log_q if self.logq_correction else None
-        losses: dict[str, torch.Tensor] = {}
-        total: torch.Tensor | None = None
-        for task, weight in self.task_weights.items():
-            if weight == 0:
-                continue
-            loss = sampled_softmax_loss(
-                user[task], item[task], item_ids, correction, labels[task], self.temperature
+        losses = self.task_losses(user, item, batch, hard)
+        if self.balancer is None:
+            effective = {t: torch.tensor(self.task_weights[t]) for t in losses}
+            total = sum(self.task_weights[t] * loss for t, loss in losses.items())
+        else:
+            total, effective = self.balancer(losses, shared)
+        logs = {f"{t}/loss": v.detach() for t, v in losses.items()}
+        logs.update({f"task_weight/{t}": torch.as_tensor(w).detach() for t, w in effective.items()})
+        if self.advertiser_weight > 0:
+            adv = advertiser_softmax_loss(
+                user[PRIMARY_TASK],
+                item[PRIMARY_TASK],
+                batch["item"]["advertiser_id"],
+                batch["weights"][PRIMARY_TASK],
+                self.temperature,
             )
-            losses[task] = loss
-            total = weight * loss if total is None else total + weight * loss
-        assert total is not None  # __init__ guarantees one task with weight > 0
-        return total, losses
+            total = total + self.advertiser_weight * adv
+            logs["advertiser/loss"] = adv.detach()
+        return total, logs

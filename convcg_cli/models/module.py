@@ -60,14 +60,21 @@ class RetrievalModule(L.LightningModule):
     def tasks(self) -> list[str]:
         return list(self.loss.task_weights)
 
+    def shared_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters every task trains (towers without their heads): where tasks can interfere."""
+        return [p for name, p in self.named_parameters() if ".head." not in name and p.requires_grad]
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         user = self.user_tower(batch["user"])
         item = self.item_tower(batch["item"])
-        total, per_task = self.loss(user, item, batch["labels"], batch["item_pos"], batch["log_q"])
+        hard = None
+        if "hard_item" in batch:  # impression hard negatives: (B, H) items per example
+            b, h = batch["hard_pos"].shape
+            hard = {t: e.view(b, h, -1) for t, e in self.item_tower(batch["hard_item"]).items()}
+        total, logs = self.loss(user, item, batch, hard=hard, shared=self.shared_parameters())
         bs = len(batch["item_pos"])
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
-        for task, value in per_task.items():
-            self.log(f"train/{task}/loss", value, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=bs)
         return total
 
     @torch.no_grad()

@@ -149,7 +149,14 @@ HOME_FEED = pl.col("surface") == "home_feed"
 @pytest.mark.parametrize(
     "table, mutate, kind, column, rows, found",
     [
-        ("items", lambda df: df.drop("advertiser_id"), S.MISSING_COLUMN, "advertiser_id", 600, "column is missing"),
+        (
+            "items",
+            lambda df: df.drop("advertiser_id"),
+            S.MISSING_COLUMN,
+            "advertiser_id",
+            600,
+            "column is missing",
+        ),
         (
             "impressions",
             lambda df: df.with_columns(pl.col("clicked").cast(pl.String)),

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convcg_cli.models.losses import MultiTaskSampledSoftmax, sampled_softmax_loss
+from convcg_cli.models.losses import MultiTaskSampledSoftmax, NoLogQ, sampled_softmax_loss
 from convcg_cli.tasks import CONVERSION, ENGAGEMENT
 
 # logits = QUERY @ ITEMS.T = [[1, 0, 0], [0, 1, 0], [1, 1, 0]]
@@ -94,33 +94,38 @@ def _batch() -> tuple[dict, dict, dict, torch.Tensor, torch.Tensor]:
     return user, item, labels, torch.tensor([1, 2, 3, 4, 2]), torch.log(torch.full((5,), 0.2))
 
 
+def _as_batch(labels, ids, log_q):
+    return {"weights": {t: v.float() for t, v in labels.items()}, "item_pos": ids, "log_q": log_q}
+
+
 def test_multi_task_total_is_weighted_sum() -> None:
     user, item, labels, ids, log_q = _batch()
     loss_fn = MultiTaskSampledSoftmax({CONVERSION: 1.0, ENGAGEMENT: 0.25}, temperature=0.1)
-    total, per_task = loss_fn(user, item, labels, ids, log_q)
-    assert sorted(per_task) == [CONVERSION, ENGAGEMENT]
+    total, logs = loss_fn(user, item, _as_batch(labels, ids, log_q))
+    per_task = {t: logs[f"{t}/loss"] for t in (CONVERSION, ENGAGEMENT)}
     for task in per_task:
         single = sampled_softmax_loss(user[task], item[task], ids, log_q, labels[task], 0.1)
         assert per_task[task].item() == pytest.approx(single.item(), abs=1e-6)
     expected = per_task[CONVERSION] + 0.25 * per_task[ENGAGEMENT]
     assert total.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert logs[f"task_weight/{ENGAGEMENT}"].item() == 0.25
 
 
 def test_zero_weight_task_is_skipped() -> None:
     user, item, labels, ids, log_q = _batch()
     del user[ENGAGEMENT], item[ENGAGEMENT], labels[ENGAGEMENT]  # would raise KeyError if computed
     loss_fn = MultiTaskSampledSoftmax({CONVERSION: 2.0, ENGAGEMENT: 0.0})
-    total, per_task = loss_fn(user, item, labels, ids, log_q)
-    assert list(per_task) == [CONVERSION]
-    assert total.item() == pytest.approx(2.0 * per_task[CONVERSION].item(), abs=1e-6)
+    total, logs = loss_fn(user, item, _as_batch(labels, ids, log_q))
+    assert f"{ENGAGEMENT}/loss" not in logs
+    assert total.item() == pytest.approx(2.0 * logs[f"{CONVERSION}/loss"].item(), abs=1e-6)
 
 
-def test_logq_correction_off_ignores_log_q() -> None:
+def test_no_logq_ignores_log_q() -> None:
     user, item, labels, ids, _ = _batch()
-    loss_fn = MultiTaskSampledSoftmax({CONVERSION: 1.0}, logq_correction=False)
-    _, per_task = loss_fn(user, item, labels, ids, torch.randn(5))
+    loss_fn = MultiTaskSampledSoftmax({CONVERSION: 1.0}, logq=NoLogQ())
+    _, logs = loss_fn(user, item, _as_batch(labels, ids, torch.randn(5)))
     plain = sampled_softmax_loss(user[CONVERSION], item[CONVERSION], ids, None, labels[CONVERSION], 0.05)
-    assert per_task[CONVERSION].item() == pytest.approx(plain.item(), abs=1e-6)
+    assert logs[f"{CONVERSION}/loss"].item() == pytest.approx(plain.item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("weights", [{CONVERSION: -1.0}, {CONVERSION: 0.0}, {CONVERSION: 1.0, "clicks": 1.0}])
