@@ -79,6 +79,29 @@ def data_validate(directory: Path = typer.Argument(..., help="Directory holding 
         out.print(f"{directory}: all tables valid ({rows}).")
 
 
+@data_app.command("import")
+def data_import(
+    source: str = typer.Option(
+        ..., "--source", help="Importer mapping: conf/importer/NAME.yaml (e.g. kuairand) or a .yaml path."
+    ),
+    in_dir: Path = typer.Option(..., "--in", help="Directory holding the source log set (read only)."),
+    out_dir: Path = typer.Option(
+        ..., "--out", help="Directory to write the tables into (replaced atomically)."
+    ),
+) -> None:
+    """Import a real log set into the data_schemas/ contract, as the importer mapping says."""
+    with user_errors():
+        from rich.markup import escape
+
+        from convcg_cli.data.importers import import_logs, load_mapping
+
+        report = import_logs(load_mapping(source), in_dir, out_dir)
+        for line in report.summary():
+            out.print(line, markup=False, highlight=False)
+        for warning in report.warnings:
+            err.print(f"[yellow]Warning:[/yellow] {escape(warning)}", highlight=False)
+
+
 @app.command(context_settings={"ignore_unknown_options": True})
 def train(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)) -> None:
     """Train a model from conf/train.yaml plus OVERRIDES; prints the MLflow run id."""

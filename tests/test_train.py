@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from convcg_cli.config import compose
+from convcg_cli.config import CONF_DIR, compose
 from convcg_cli.models.module import RetrievalModule
 from convcg_cli.train import train
 
@@ -76,3 +76,14 @@ def test_same_seed_same_validation_metrics(home, tiny_overrides):
     a = train(compose("train", ["seed=3", *tiny_overrides])).metrics
     b = train(compose("train", ["seed=3", *tiny_overrides])).metrics
     assert a == b
+
+
+LEVERS = sorted(p.stem for p in (CONF_DIR / "experiment" / "ablation").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("lever", LEVERS)
+def test_every_lever_trains_end_to_end(home, tiny_overrides, lever):
+    result = train(compose("train", [f"+experiment=ablation/{lever}", *tiny_overrides]))
+    metrics = _client(home).get_run(result.run_id).data.metrics
+    assert 0.0 <= metrics["val/conversion/recall_at_100"] <= 1.0
+    assert "train/task_weight/conversion" in metrics

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from convcg_cli.data import features as F
+from convcg_cli.data.history import engagement_events
 from convcg_cli.data.positives import LabelPositives
 from convcg_cli.data.schema import load_schemas, load_tables
 from convcg_cli.tasks import TASK_LABELS
@@ -133,6 +134,8 @@ class ImpressionDataModule(L.LightningDataModule):
         hard_negatives: served-but-not-engaged impressions of the same user added to each example's
             negatives (0 = in-batch negatives only).
         context: request-context features of the query tower (surface, subject_item_id, query_bucket).
+        history: {"max_len": L}: the user's last L engaged items strictly before each request as a
+            sequence feature (0 = off). Events come from every day, each request seeing only its past.
     """
 
     def __init__(
@@ -149,6 +152,7 @@ class ImpressionDataModule(L.LightningDataModule):
         positives: LabelPositives | None = None,
         hard_negatives: int = 0,
         context: Sequence[str] = F.CONTEXT_FEATURES,
+        history: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.dir = Path(dir)
@@ -159,6 +163,7 @@ class ImpressionDataModule(L.LightningDataModule):
         self.positives = positives or LabelPositives()
         self.hard_negatives = hard_negatives
         self.context = tuple(context)
+        self.history_max_len = int((history or {}).get("max_len", 0))
         features = features or {}
         self.item_columns = F.FeatureColumns(**{k: tuple(v) for k, v in features.get("item", {}).items()})
         self.user_columns = F.FeatureColumns(**{k: tuple(v) for k, v in features.get("user", {}).items()})
@@ -181,8 +186,10 @@ class ImpressionDataModule(L.LightningDataModule):
                 f"The train split (days {split.days['train']}) of {F.IMPRESSIONS_FILE} has no row positive "
                 f"for any task {self.tasks}; expected clicks, saves or conversions to learn from."
             )
+        events = engagement_events(tables["impressions"]) if self.history_max_len > 0 else None
+        history = dict(events=events, history_max_len=self.history_max_len)
         q = F.build_query_features(
-            train, self.users, self.items, self.surfaces, self.query_hash_buckets, self.context
+            train, self.users, self.items, self.surfaces, self.query_hash_buckets, self.context, **history
         )
         self.user_spec, self.item_spec = q.spec, self.items.spec
         train_item_pos = F.positions(self.items.item_ids, train["item_id"].to_numpy())
@@ -208,6 +215,7 @@ class ImpressionDataModule(L.LightningDataModule):
             query_hash_buckets=self.query_hash_buckets,
             tasks=self.tasks,
             context=self.context,
+            **history,
         )
         self.queries = {
             "val": F.build_query_set(split.val, days=split.days["val"], **build),

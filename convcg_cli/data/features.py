@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
+from convcg_cli.data.history import history_before
 from convcg_cli.errors import ConvcgError
 from convcg_cli.models.towers import FeatureSpec
 from convcg_cli.tasks import TASK_LABELS
@@ -220,10 +221,14 @@ def build_query_features(
     surfaces: list[str],
     query_hash_buckets: int,
     context: Sequence[str] = CONTEXT_FEATURES,
+    events: pl.DataFrame | None = None,
+    history_max_len: int = 0,
 ) -> QueryFeatures:
     """Per impression: user attributes plus the request context named in ``context``: the surface,
     the subject item (related items) and the query bucket (search). One model serves every surface;
-    these features let it behave differently on each."""
+    these features let it behave differently on each. With ``history_max_len > 0`` the user's last
+    engaged items strictly before the request (from ``events``, see ``history.engagement_events``)
+    are added as the sequence feature ``history`` / ``history_actions``."""
     unknown = sorted(set(context) - set(CONTEXT_FEATURES))
     if unknown:
         raise ConvcgError(
@@ -250,8 +255,15 @@ def build_query_features(
     )
     for name in set(CONTEXT_FEATURES) - set(context):
         del feats[name], categorical[name]
+    sequences = {}
+    if history_max_len > 0:
+        assert events is not None, "history needs the engagement events"
+        feats["history"], feats["history_actions"] = history_before(
+            events, rows["user_id"].to_numpy(), rows["timestamp"].to_numpy(), items.item_ids, history_max_len
+        )
+        sequences["history"] = len(items.item_ids) + 1
     numeric = tuple(sorted(k for k, v in feats.items() if v.dtype == np.float32))
-    return QueryFeatures(feats, FeatureSpec(categorical=categorical, numeric=numeric))
+    return QueryFeatures(feats, FeatureSpec(categorical=categorical, numeric=numeric, sequences=sequences))
 
 
 def task_labels(rows: pl.DataFrame, tasks: list[str]) -> dict[str, np.ndarray]:
@@ -286,10 +298,14 @@ def build_query_set(
     tasks: list[str],
     days: tuple[int, int],
     context: Sequence[str] = CONTEXT_FEATURES,
+    events: pl.DataFrame | None = None,
+    history_max_len: int = 0,
 ) -> QuerySet:
     """Queries and positives of one evaluation split; each held-out positive is counted once."""
     rows = engaged_rows(rows, tasks)
-    q = build_query_features(rows, users, items, surfaces, query_hash_buckets, context)
+    q = build_query_features(
+        rows, users, items, surfaces, query_hash_buckets, context, events, history_max_len
+    )
     item_pos = positions(items.item_ids, rows["item_id"].to_numpy())
     labels = task_labels(rows, tasks)
     positives = {t: (np.flatnonzero(m), item_pos[m]) for t, m in labels.items()}

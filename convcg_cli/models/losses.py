@@ -278,13 +278,19 @@ class MultiTaskSampledSoftmax(nn.Module):
         batch: Mapping,
         hard: Mapping[str, torch.Tensor] | None = None,
         shared: Sequence[nn.Parameter] = (),
+        losses: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return the total to backpropagate and the named scalars to log.
 
+        ``losses``: per-task losses already computed by ``task_losses`` for this batch (computing
+        them twice would advance a streaming logQ estimate twice). ``shared``: the parameters a
+        gradient-based balancer (GradNorm) measures task gradients on.
         Logged: ``<task>/loss`` (unweighted), ``task_weight/<task>`` (effective weight this step),
+        ``weighted_loss`` (sum of weighted task losses, comparable across balancers),
         ``advertiser/loss`` when the advertiser loss is on.
         """
-        losses = self.task_losses(user, item, batch, hard)
+        if losses is None:
+            losses = self.task_losses(user, item, batch, hard)
         if self.balancer is None:
             effective = {t: torch.tensor(self.task_weights[t]) for t in losses}
             total = sum(self.task_weights[t] * loss for t, loss in losses.items())
@@ -292,6 +298,7 @@ class MultiTaskSampledSoftmax(nn.Module):
             total, effective = self.balancer(losses, shared)
         logs = {f"{t}/loss": v.detach() for t, v in losses.items()}
         logs.update({f"task_weight/{t}": torch.as_tensor(w).detach() for t, w in effective.items()})
+        logs["weighted_loss"] = sum(self.task_weights[t] * v.detach() for t, v in losses.items())
         if self.advertiser_weight > 0:
             adv = advertiser_softmax_loss(
                 user[PRIMARY_TASK],

@@ -13,8 +13,10 @@ import lightning as L
 import numpy as np
 import torch
 
+from convcg_cli.models.balancing import GRAD_COSINE_METRIC, last_linear_weight, task_gradient_cosine
 from convcg_cli.models.losses import MultiTaskSampledSoftmax
 from convcg_cli.models.towers import FeatureSpec, Tower
+from convcg_cli.tasks import PRIMARY_TASK
 
 
 class RetrievalModule(L.LightningModule):
@@ -29,6 +31,11 @@ class RetrievalModule(L.LightningModule):
         feature_embedding_dim: size of each categorical feature embedding.
         hidden_dim, embedding_dim: consumed by the cross/head configs; kept for the record.
         val_ks: recall cut-offs computed on the validation days every epoch.
+        interference_every_n_steps: log the cosine between the conversion and each auxiliary task's
+            gradient on the shared parameters every N steps (0 = off); negative = the auxiliary
+            task pulls against the primary one.
+        history_encoder: factory ``history_encoder(num_items)`` of the user-history sequence encoder;
+            used only when the user features include a sequence (``data.history.max_len > 0``).
     """
 
     def __init__(
@@ -43,10 +50,16 @@ class RetrievalModule(L.LightningModule):
         hidden_dim: int = 128,
         embedding_dim: int = 64,
         val_ks: Sequence[int] = (100, 1000),
+        interference_every_n_steps: int = 50,
+        history_encoder: Callable[[int], torch.nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.user_tower = Tower(
-            user_features, interaction=cross, head=head, embedding_dim=feature_embedding_dim
+            user_features,
+            interaction=cross,
+            head=head,
+            embedding_dim=feature_embedding_dim,
+            sequence_encoder=history_encoder,
         )
         self.item_tower = Tower(
             item_features, interaction=cross, head=head, embedding_dim=feature_embedding_dim
@@ -54,6 +67,7 @@ class RetrievalModule(L.LightningModule):
         self.loss = loss
         self.optimizer_factory = optimizer
         self.val_ks = list(val_ks)
+        self.interference_every_n_steps = interference_every_n_steps
         self._val_query_emb: list[torch.Tensor] = []
 
     @property
@@ -61,8 +75,20 @@ class RetrievalModule(L.LightningModule):
         return list(self.loss.task_weights)
 
     def shared_parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters every task trains (towers without their heads): where tasks can interfere."""
-        return [p for name, p in self.named_parameters() if ".head." not in name and p.requires_grad]
+        """Parameters every task trains: both towers minus their heads (not the balancer's own)."""
+        return [
+            p
+            for tower in (self.user_tower, self.item_tower)
+            for name, p in tower.named_parameters()
+            if not name.startswith("head.") and p.requires_grad
+        ]
+
+    def last_shared_layers(self) -> list[torch.nn.Parameter]:
+        """GradNorm's W: the output Linear of each tower's interaction block."""
+        return [
+            last_linear_weight(self.user_tower.interaction),
+            last_linear_weight(self.item_tower.interaction),
+        ]
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         user = self.user_tower(batch["user"])
@@ -71,8 +97,13 @@ class RetrievalModule(L.LightningModule):
         if "hard_item" in batch:  # impression hard negatives: (B, H) items per example
             b, h = batch["hard_pos"].shape
             hard = {t: e.view(b, h, -1) for t, e in self.item_tower(batch["hard_item"]).items()}
-        total, logs = self.loss(user, item, batch, hard=hard, shared=self.shared_parameters())
+        losses = self.loss.task_losses(user, item, batch, hard)
+        total, logs = self.loss(user, item, batch, hard=hard, shared=self.last_shared_layers(), losses=losses)
         bs = len(batch["item_pos"])
+        if self.interference_every_n_steps and self.global_step % self.interference_every_n_steps == 0:
+            # Task-interference monitor: one extra backward per task, every N steps.
+            for pair, cos in task_gradient_cosine(losses, self.shared_parameters(), PRIMARY_TASK).items():
+                self.log(GRAD_COSINE_METRIC.format(pair=pair), cos, batch_size=bs)
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=bs)
         return total
@@ -110,4 +141,14 @@ class RetrievalModule(L.LightningModule):
         self.log_dict(report, prog_bar=False)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.parameters())
+        # A learned balancer's own weights get their own group: no weight decay, lr scaled.
+        balancer = self.loss.balancer
+        own = list(balancer.parameters()) if balancer is not None else []
+        ids = {id(p) for p in own}
+        groups: list[dict] = [{"params": [p for p in self.parameters() if id(p) not in ids]}]
+        if own:
+            groups.append({"params": own, "weight_decay": 0.0})
+        optimizer = self.optimizer_factory(groups)
+        if own:
+            optimizer.param_groups[-1]["lr"] *= balancer.lr_scale
+        return optimizer

@@ -10,7 +10,7 @@ With Hydra these are ``_partial_: true`` configs, e.g.::
 """
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import torch
@@ -41,55 +41,84 @@ class FeatureSpec:
         categorical: feature name -> cardinality. Index 0 is reserved for missing/unknown values, so
             valid indices are ``0 .. cardinality - 1``.
         numeric: names of already-normalised float features, fed to the tower as they are.
+        sequences: sequence feature name -> item vocabulary size (number of items + 1; code 0 is
+            padding). A batch carries ``<name>`` (B, L) item codes and ``<name>_actions`` (B, L)
+            action codes; ``FeatureEmbedder`` encodes them with its ``sequence_encoder`` factory.
 
     Example:
-        >>> spec = FeatureSpec(categorical={"country": 10}, numeric=("price",))
+        >>> spec = FeatureSpec(categorical={"country": 10}, numeric=("price",), sequences={"history": 21})
         >>> FeatureSpec.from_dict(spec.to_dict()) == spec
         True
     """
 
     categorical: dict[str, int]
     numeric: tuple[str, ...] = ()
+    sequences: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Normalise containers (configs hand us DictConfig/ListConfig) so equality and saving are plain.
         categorical = {str(k): int(v) for k, v in dict(self.categorical).items()}
         numeric = tuple(str(n) for n in self.numeric)
+        sequences = {str(k): int(v) for k, v in dict(self.sequences).items()}
         bad = {k: v for k, v in categorical.items() if v < 1}
         if bad:
             raise ValueError(f"Categorical cardinalities must be >= 1 (index 0 is 'missing'), got {bad}.")
+        bad = {k: v for k, v in sequences.items() if v < 2}
+        if bad:
+            raise ValueError(f"Sequence vocabulary sizes must be >= 2 (code 0 is padding), got {bad}.")
         if len(set(numeric)) != len(numeric):
             raise ValueError(f"Duplicate numeric feature names in {list(numeric)}.")
         both = sorted(set(categorical) & set(numeric))
         if both:
             raise ValueError(f"Features {both} are listed as both categorical and numeric.")
-        if not categorical and not numeric:
+        # A sequence feature reads two batch keys; neither may be another feature's name.
+        sequence_keys = set(sequences) | {f"{name}_actions" for name in sequences}
+        clash = sorted(sequence_keys & (set(categorical) | set(numeric)))
+        if clash:
+            raise ValueError(f"Batch keys {clash} of sequence features clash with other features.")
+        if not categorical and not numeric and not sequences:
             raise ValueError("A FeatureSpec needs at least one feature.")
         object.__setattr__(self, "categorical", categorical)
         object.__setattr__(self, "numeric", numeric)
+        object.__setattr__(self, "sequences", sequences)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, YAML/JSON-friendly form: ``{"categorical": {...}, "numeric": [...]}``."""
-        return {"categorical": dict(sorted(self.categorical.items())), "numeric": list(self.numeric)}
+        """Plain, YAML/JSON-friendly form: ``{"categorical": {...}, "numeric": [...]}``, plus
+        ``"sequences": {...}`` when there are any (so specs without them save as before)."""
+        d: dict[str, Any] = {
+            "categorical": dict(sorted(self.categorical.items())),
+            "numeric": list(self.numeric),
+        }
+        if self.sequences:
+            d["sequences"] = dict(sorted(self.sequences.items()))
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FeatureSpec":
-        """Inverse of ``to_dict``; ``numeric`` may be omitted."""
-        return cls(categorical=dict(d["categorical"]), numeric=tuple(d.get("numeric", ())))
+        """Inverse of ``to_dict``; ``numeric`` and ``sequences`` may be omitted."""
+        return cls(
+            categorical=dict(d["categorical"]),
+            numeric=tuple(d.get("numeric", ())),
+            sequences=dict(d.get("sequences", {})),
+        )
 
 
 class FeatureEmbedder(nn.Module):
-    """Embed categorical features and concatenate them with the numeric ones.
+    """Embed categorical features and concatenate them with the numeric ones and encoded sequences.
 
-    Features are read in sorted name order (categorical first, then numeric) so the layout of the
-    output does not depend on dict order. Keys of ``features`` not in the spec are ignored (a batch
-    carries ids and labels too). Categorical indices are not range-checked here; the data contract
-    (``data_schemas/``) guarantees ``0 <= index < cardinality``.
+    Features are read in sorted name order (categorical first, then numeric, then sequences) so the
+    layout of the output does not depend on dict order. Keys of ``features`` not in the spec are
+    ignored (a batch carries ids and labels too). Categorical indices are not range-checked here; the
+    data contract (``data_schemas/``) guarantees ``0 <= index < cardinality``.
 
     Args:
         spec: the features to read.
         embedding_dim: embedding width of every categorical feature without an override.
         embedding_dims: optional per-feature width overrides, keyed by categorical feature name.
+        sequence_encoder: factory called as ``sequence_encoder(vocab)`` for each sequence feature of
+            the spec; returns a module with ``out_dim`` mapping (items (B, L), actions (B, L)) ->
+            (B, out_dim), e.g. ``partial(HistoryEncoder, dim=32, max_len=20)``. Required iff the
+            spec has sequences; ignored otherwise.
 
     Example:
         >>> emb = FeatureEmbedder(FeatureSpec({"country": 10}, ("price",)), embedding_dim=4)
@@ -102,6 +131,7 @@ class FeatureEmbedder(nn.Module):
         spec: FeatureSpec,
         embedding_dim: int = 16,
         embedding_dims: Mapping[str, int] | None = None,
+        sequence_encoder: Callable[[int], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         overrides = {str(k): int(v) for k, v in dict(embedding_dims or {}).items()}
@@ -118,15 +148,37 @@ class FeatureEmbedder(nn.Module):
         self.embeddings = nn.ModuleDict(
             {name: nn.Embedding(spec.categorical[name], dim) for name, dim in dims.items()}
         )
-        self.out_dim = sum(dims.values()) + len(self.numeric_names)
+        self.sequence_names = tuple(sorted(spec.sequences))
+        encoders: dict[str, nn.Module] = {}
+        if self.sequence_names:
+            if sequence_encoder is None:
+                raise ValueError(
+                    f"The features include sequence(s) {list(self.sequence_names)} but no sequence_encoder "
+                    f"factory was given to encode them (e.g. partial(HistoryEncoder, dim=32, max_len=20))."
+                )
+            encoders = {name: sequence_encoder(spec.sequences[name]) for name in self.sequence_names}
+        self.sequence_encoders = nn.ModuleDict(encoders)
+        self.out_dim = (
+            sum(dims.values())
+            + len(self.numeric_names)
+            + sum(int(cast(Any, enc).out_dim) for enc in self.sequence_encoders.values())
+        )
+
+    def _input_names(self) -> tuple[str, ...]:
+        actions = tuple(f"{name}_actions" for name in self.sequence_names)
+        return (*self.categorical_names, *self.numeric_names, *self.sequence_names, *actions)
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Map {name: (B,)} -> (B, out_dim); categorical int64, numeric float."""
-        missing = [n for n in (*self.categorical_names, *self.numeric_names) if n not in features]
+        """Map {name: (B,)} (and (B, L) for sequences) -> (B, out_dim); categorical int64, numeric float."""
+        missing = [n for n in self._input_names() if n not in features]
         if missing:
             raise KeyError(f"Tower input is missing feature(s) {missing}; got {sorted(features)}.")
         parts = [self.embeddings[name](features[name]) for name in self.categorical_names]  # (B, d_i)
         parts += [features[name].unsqueeze(-1) for name in self.numeric_names]  # (B, 1)
+        parts += [
+            self.sequence_encoders[name](features[name], features[f"{name}_actions"])  # (B, d_seq)
+            for name in self.sequence_names
+        ]
         return torch.cat(parts, dim=-1)  # (B, out_dim)
 
 
@@ -142,6 +194,7 @@ class Tower(nn.Module):
             tasks=[...])``.
         embedding_dim: default width of categorical embeddings.
         embedding_dims: optional per-feature embedding widths.
+        sequence_encoder: factory for the spec's sequence features (see ``FeatureEmbedder``).
 
     Example:
         >>> from functools import partial
@@ -163,9 +216,15 @@ class Tower(nn.Module):
         head: Callable[[int], nn.Module],
         embedding_dim: int = 16,
         embedding_dims: Mapping[str, int] | None = None,
+        sequence_encoder: Callable[[int], nn.Module] | None = None,
     ) -> None:
         super().__init__()
-        self.embedder = FeatureEmbedder(spec, embedding_dim=embedding_dim, embedding_dims=embedding_dims)
+        self.embedder = FeatureEmbedder(
+            spec,
+            embedding_dim=embedding_dim,
+            embedding_dims=embedding_dims,
+            sequence_encoder=sequence_encoder,
+        )
         # nn.Modules at runtime (so assigning registers their parameters); the casts tell the type
         # checker which parts of them the tower relies on.
         self.interaction = cast(Interaction, interaction(self.embedder.out_dim))

@@ -1,0 +1,107 @@
+"""The datamodule on the tiny logs: what reaches a batch (weights, hard negatives), and time hygiene."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from convcg_cli.data.datamodule import ImpressionDataModule
+from convcg_cli.data.features import SECONDS_PER_DAY, SplitError, split_by_time
+from convcg_cli.data.positives import DualPositives
+from convcg_cli.data.schema import load_tables
+from convcg_cli.models.losses import MultiTaskSampledSoftmax, sampled_softmax_loss
+
+TASKS = ["conversion", "engagement"]
+
+
+@pytest.fixture(scope="module")
+def dual_dm(tiny_data):
+    dm = ImpressionDataModule(
+        str(tiny_data),
+        batch_size=64,
+        tasks=TASKS,
+        positives=DualPositives(engagement_scale=0.3),
+        hard_negatives=3,
+    )
+    dm.setup()
+    return dm
+
+
+def test_split_is_by_whole_days_and_in_order(tiny_data):
+    imp = load_tables(tiny_data)["impressions"]
+    split = split_by_time(imp, val_days=2, heldout_days=2)
+    day = lambda f: f["timestamp"] // SECONDS_PER_DAY  # noqa: E731
+    assert day(split.train).max() < day(split.val).min() <= day(split.val).max() < day(split.heldout).min()
+    assert split.train.height + split.val.height + split.heldout.height == imp.height
+
+
+def test_too_few_days_is_a_clear_error(tiny_data):
+    imp = load_tables(tiny_data)["impressions"]
+    with pytest.raises(SplitError, match="need at least 15 days"):
+        split_by_time(imp, val_days=7, heldout_days=7)
+
+
+def test_batch_weights_reach_the_loss_exactly(dual_dm):
+    batch = next(iter(dual_dm.train_dataloader()))
+    w = batch["weights"]["conversion"]
+    assert set(batch) >= {"user", "item", "item_pos", "log_q", "weights", "hard_pos", "hard_item"}
+    # Conversions weigh 1, engagement positives 0.3 * dwell weight (< 0.3), nothing else is an anchor.
+    assert torch.all((w == 1) | ((w >= 0) & (w <= 0.3 + 1e-6)))
+    # The loss weighs each anchor's cross-entropy by exactly that weight.
+    emb = torch.nn.functional.normalize(
+        torch.randn(len(w), 8, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+    loss_fn = MultiTaskSampledSoftmax({"conversion": 1.0}, temperature=0.1)
+    _, logs = loss_fn({"conversion": emb}, {"conversion": emb}, {**batch, "log_q": batch["log_q"]})
+    ce = torch.stack(
+        [
+            sampled_softmax_loss(emb, emb, batch["item_pos"], batch["log_q"], torch.arange(len(w)) == i, 0.1)
+            for i in range(len(w))
+        ]  # fmt: skip
+    )
+    expected = (w * torch.nan_to_num(ce)).sum() / w.sum()
+    assert logs["conversion/loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_hard_negatives_are_the_users_own_unengaged_training_impressions(dual_dm, tiny_data):
+    imp = load_tables(tiny_data)["impressions"]
+    train = split_by_time(imp, 2, 2).train
+    unengaged = train.filter(~(pl.col("clicked") | pl.col("saved") | pl.col("converted")))
+    allowed = set(zip(unengaged["user_id"].to_list(), unengaged["item_id"].to_list(), strict=True))
+    for batch in list(dual_dm.train_dataloader())[:3]:
+        users = dual_dm.users.user_ids[batch["user"]["user_id"].numpy() - 1]
+        hard = batch["hard_pos"].numpy()
+        assert hard.shape == (len(users), 3)
+        for u, row in zip(users, hard, strict=True):
+            for pos in row[row >= 0]:
+                assert (int(u), int(dual_dm.items.item_ids[pos])) in allowed
+        # the gathered hard-item features are those of the sampled items
+        flat = np.clip(hard.reshape(-1), 0, None)
+        assert torch.equal(batch["hard_item"]["item_id"], torch.from_numpy(flat + 1))
+
+
+def test_performance_features_ignore_later_days(tiny_data, tmp_path):
+    """Changing anything on validation/held-out days leaves every item feature unchanged."""
+    tables = load_tables(tiny_data)
+    imp = tables["impressions"]
+    cut = (imp["timestamp"].max() // SECONDS_PER_DAY - 3) * SECONDS_PER_DAY
+    flipped = imp.with_columns(
+        clicked=pl.when(pl.col("timestamp") >= cut).then(True).otherwise(pl.col("clicked")),
+        dwell_seconds=pl.when(pl.col("timestamp") >= cut).then(10.0).otherwise(pl.col("dwell_seconds")),
+    )
+    (tmp_path / "d").mkdir()
+    for name, frame in {**tables, "impressions": flipped}.items():
+        frame.write_parquet(tmp_path / "d" / f"{name}.parquet")
+    a = ImpressionDataModule(str(tiny_data), tasks=TASKS)
+    b = ImpressionDataModule(str(tmp_path / "d"), tasks=TASKS)
+    a.setup(), b.setup()
+    for name in a.items.features:
+        assert np.array_equal(a.items.features[name], b.items.features[name]), name
+
+
+def test_context_switch_drops_surface_features(tiny_data):
+    dm = ImpressionDataModule(str(tiny_data), tasks=TASKS, context=[])
+    dm.setup()
+    assert not {"surface", "subject_item_id", "query_bucket"} & set(dm.user_spec.categorical)
