@@ -36,6 +36,17 @@ demo: data ## Install, make data, train +experiment=unified_parallel, evaluate, 
 	@echo
 	@echo "Compare runs in the MLflow UI:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
+.PHONY: ablation
+ABLATION_GRID ?= designs
+ABLATION_ARGS ?=
+ablation: data ## Run conf/ablate/designs.yaml on the small logs -> reports/designs/ (~1 h on 2 idle CPU cores)
+	$(BIN)/convcg ablate $(ABLATION_GRID) data.dir=$(CURDIR)/$(DEMO_DATA) trainer.enable_progress_bar=false $(ABLATION_ARGS)
+
+.PHONY: bench
+BENCH_ARGS ?=
+bench: $(STAMP) ## Speed/scale benchmarks -> reports/bench/bench.md + MLflow (~4 min; BENCH_ARGS=--quick)
+	$(BIN)/python -m convcg_cli.bench run $(BENCH_ARGS)
+
 test: $(STAMP) ## Run the fast test suite (what CI runs)
 	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
 

@@ -113,6 +113,8 @@ def train(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)) -> N
         tracking.quiet()
         composed = compose("train", overrides)
         result = run_training(composed)
+        if not tracking.is_global_zero():  # DDP ranks > 0: rank 0 reports the one run
+            return
         _print_metrics(f"Validation (last epoch) of run {result.run_id}", result.metrics)
         out.print(f"MLflow run id: [bold]{result.run_id}[/bold]")
         out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
@@ -142,6 +144,35 @@ def eval_(
         out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
 
 
+@app.command(context_settings={"ignore_unknown_options": True})
+def ablate(
+    grid: str = typer.Argument(..., help="Grid to run: conf/ablate/GRID.yaml, e.g. designs or smoke."),
+    overrides: list[str] = typer.Argument(
+        None, help="Train overrides for every run, e.g. data.dir=data/synthetic-small trainer.max_epochs=3"
+    ),
+    seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds instead of the grid's: 0,1,2"),
+    variants: str = typer.Option(
+        None, "--variants", help="Comma-separated variant names or globs, e.g. 'unified_*,engagement_only'."
+    ),
+) -> None:
+    """Train + evaluate a grid of variants over seeds under one MLflow parent run; write reports/GRID/."""
+    with user_errors():
+        from convcg_cli import ablate as ablation
+        from convcg_cli import tracking
+
+        tracking.quiet()
+        patterns = [p for p in (variants or "").split(",") if p]
+        chosen = ablation.select(
+            ablation.load_grid(grid), ablation.parse_seeds(seeds) if seeds else None, patterns
+        )
+        result = ablation.run_ablation(chosen, overrides or [], patterns)
+        out.print(f"Report: {result.report_dir / ablation.REPORT_FILE} (figure: {ablation.FIGURE_FILE})")
+        out.print(f"MLflow parent run id: [bold]{result.parent_run_id}[/bold]")
+        if result.n_failed:
+            err.print(f"[bold red]{result.n_failed} of {len(result.children)} runs failed[/bold red].")
+            raise typer.Exit(1)
+
+
 def _print_metrics(title: str, metrics: dict[str, float]) -> None:
     """Recall table: one row per model and task, one column per k (per-surface figures are in MLflow).
 
@@ -152,10 +183,12 @@ def _print_metrics(title: str, metrics: dict[str, float]) -> None:
     for name, value in metrics.items():
         if "/by_surface/" in name or "/recall_at_" not in name:
             continue
-        prefix, k = name.rsplit("/recall_at_", 1)
+        prefix, k_text = name.rsplit("/recall_at_", 1)
+        if not k_text.isdigit():  # e.g. recall_at_100_ci_low
+            continue
         parts = prefix.split("/")
         model = parts[1].removeprefix("baseline_") if len(parts) == 3 else "two-tower"
-        rows.setdefault((parts[-1], model), {})[int(k)] = value
+        rows.setdefault((parts[-1], model), {})[int(k_text)] = value
     ks = sorted({k for values in rows.values() for k in values})
     table = Table(title=title)
     table.add_column("task")

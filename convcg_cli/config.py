@@ -82,12 +82,14 @@ def compose(config_name: str, overrides: list[str] | None = None) -> Composed:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="convcg"):
         try:
             cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+            raw_choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+            assert isinstance(raw_choices, dict)
             choices = {
-                k: str(v)
-                for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
-                if not k.startswith("hydra/") and v is not None
+                str(k): str(v)
+                for k, v in raw_choices.items()
+                if not str(k).startswith("hydra/") and v is not None
             }
-            cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+            cfg = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
             OmegaConf.resolve(cfg)
         except (HydraException, OmegaConfBaseException) as exc:
             message = " ".join(str(exc).split())

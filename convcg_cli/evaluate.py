@@ -1,20 +1,34 @@
-"""``evaluate(composed, run) -> EvalResult``: held-out recall of a trained run, logged into that run."""
+"""``evaluate(composed, run) -> EvalResult``: held-out recall of a trained run, logged into that run.
+
+The trained model and every baseline go through the same harness: a ranked list per query, then
+:func:`score_ranking` (recall@k per task and surface, plus bootstrap confidence intervals over users).
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from convcg_cli import tracking
+from convcg_cli.baselines import BASELINES, make_baseline, training_history
 from convcg_cli.config import Composed
 from convcg_cli.errors import ConfigError, ConvcgError
+from convcg_cli.metrics.bootstrap import bootstrap_recall_ci, ci_names, positive_hits
+from convcg_cli.metrics.retrieval import exact_topk, metric_name
+from convcg_cli.metrics.suite import report_from_topk
 from convcg_cli.tasks import PRIMARY_TASK
 
 SPLITS = ("val", "heldout")
-BASELINES = ("popularity",)
 EVAL_ARTIFACT_DIR = "eval"
+BASELINE_PREFIX = "baseline_"
+# Data options that only change how training batches are drawn, not the evaluation queries or the
+# training window; runs differing only in these share their baseline metrics (see ``baseline_cache``).
+_TRAINING_ONLY_DATA_KEYS = ("seed", "batch_size", "eval_batch_size", "hard_negatives")
 
 
 @dataclass(frozen=True)
@@ -34,12 +48,100 @@ def embed_split(model, dm, split: str) -> np.ndarray:
     return torch.cat(parts).numpy() if parts else np.zeros((0, 1), dtype=np.float32)
 
 
-def evaluate(composed: Composed, run: str) -> EvalResult:
-    """Rebuild the run's model from its saved config and checkpoint, score ``split``, log the metrics."""
+def query_users(queries) -> np.ndarray:
+    """User position of each query: the ``user_id`` feature codes are position + 1 (see build_user_table)."""
+    return np.asarray(queries.features["user_id"], dtype=np.int64) - 1
+
+
+def confidence_intervals(
+    topk_ids: np.ndarray,
+    queries,
+    ks: Sequence[int],
+    split: str,
+    tasks: Sequence[str],
+    by_surface: bool,
+    n_boot: int,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, float]:
+    """Bootstrap-over-users CI bounds of every recall metric :func:`report_from_topk` reports."""
+    users = query_users(queries)
+    out: dict[str, float] = {}
+    for task in tasks:
+        q, items = queries.positives[task]
+        keep = q < len(topk_ids)
+        if not keep.any():
+            continue
+        pair_query, hits = positive_hits(topk_ids, q[keep], items[keep], ks)  # (P,), (P, len(ks))
+        groups = [(split, np.ones(len(pair_query), dtype=bool))]
+        if by_surface:
+            surface = queries.surface[pair_query]
+            groups += [(f"{split}/by_surface/{s}", surface == s) for s in np.unique(surface)]
+        for prefix, mask in groups:
+            ci = bootstrap_recall_ci(hits[mask], users[pair_query[mask]], ks, n_boot, seed, level)
+            for k, (low, high) in ci.items():
+                low_name, high_name = ci_names(metric_name(prefix, task, k))
+                out[low_name], out[high_name] = low, high
+    return out
+
+
+def score_ranking(topk_ids: np.ndarray, queries, split: str, tasks: Sequence[str], cfg) -> dict[str, float]:
+    """Recall@k per task (and surface) of ranked lists, with CI bounds when ``cfg.bootstrap.n_boot > 0``."""
+    ks = list(cfg.ks)
+    metrics = report_from_topk(topk_ids, queries, ks, split, tasks, cfg.by_surface)
+    boot = cfg.bootstrap
+    if boot.n_boot > 0:
+        metrics.update(
+            confidence_intervals(
+                topk_ids, queries, ks, split, tasks, cfg.by_surface, int(boot.n_boot), boot.seed, boot.level
+            )
+        )
+    return metrics
+
+
+def baseline_metrics(dm, queries, tasks: Sequence[str], cfg) -> dict[str, float]:
+    """Fit every baseline of ``cfg.baselines`` on ``dm``'s training window and score it on ``queries``."""
+    history = training_history(dm)
+    users = query_users(queries)
+    metrics: dict[str, float] = {}
+    for name in cfg.baselines:
+        options = cfg.baseline_options.get(name)
+        baseline = make_baseline(name, _as_dict(options) if options else {}).fit(history)
+        topk = baseline.query_topk(users, max(cfg.ks))
+        metrics.update(score_ranking(topk, queries, f"{cfg.split}/{BASELINE_PREFIX}{name}", tasks, cfg))
+    return metrics
+
+
+def _as_dict(node) -> dict[str, Any]:
+    """A config mapping as a plain, resolved dict."""
+    return cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))
+
+
+def _baseline_key(train_cfg, tasks: Sequence[str], cfg) -> str:
+    """What baseline metrics depend on: the data (minus batching options) and the evaluation options."""
+    data = _as_dict(train_cfg.data)
+    for key in _TRAINING_ONLY_DATA_KEYS:
+        data.pop(key, None)
+    options = _as_dict(cfg)
+    evaluation = {
+        k: options[k] for k in ("split", "ks", "by_surface", "baselines", "baseline_options", "bootstrap")
+    }
+    return json.dumps({"data": data, "tasks": list(tasks), "eval": evaluation}, sort_keys=True, default=str)
+
+
+def evaluate(
+    composed: Composed, run: str, baseline_cache: MutableMapping[str, dict[str, float]] | None = None
+) -> EvalResult:
+    """Rebuild the run's model from its saved config and checkpoint, score ``split``, log the metrics.
+
+    Args:
+        composed: the composed ``eval`` config.
+        run: an MLflow run id, or ``latest``.
+        baseline_cache: optional dict shared across calls (``convcg ablate``): baselines do not depend
+            on the trained model, so runs on the same data and evaluation options reuse their metrics.
+    """
     import torch
 
-    from convcg_cli.data.features import popularity_scores
-    from convcg_cli.metrics.suite import popularity_report, recall_report
     from convcg_cli.train import build_datamodule, build_model
 
     cfg = composed.cfg
@@ -47,7 +149,7 @@ def evaluate(composed: Composed, run: str) -> EvalResult:
         raise ConfigError(f"split={cfg.split!r} is not one of {list(SPLITS)}.")
     unknown = [b for b in cfg.baselines if b not in BASELINES]
     if unknown:
-        raise ConfigError(f"Unknown baseline(s) {unknown}; known: {list(BASELINES)}.")
+        raise ConfigError(f"Unknown baseline(s) {unknown}; known: {sorted(BASELINES)}.")
     run_id = tracking.resolve_run(cfg.logger, run)
     train_cfg = tracking.load_run_config(cfg.logger, run_id)
     if cfg.data_dir:
@@ -64,28 +166,26 @@ def evaluate(composed: Composed, run: str) -> EvalResult:
             "or other logs."
         )
 
+    # Baselines first: a baseline that cannot run on this corpus (EASE on 100k items) fails fast.
+    metrics: dict[str, float] = {}
+    if cfg.baselines:
+        key = _baseline_key(train_cfg, tasks, cfg)
+        cached = baseline_cache.get(key) if baseline_cache is not None else None
+        if cached is None:
+            cached = baseline_metrics(dm, queries, tasks, cfg)
+            if baseline_cache is not None:
+                baseline_cache[key] = cached
+        metrics.update(cached)
+
     model = build_model(train_cfg, dm)
     state = torch.load(
         tracking.download_checkpoint(cfg.logger, run_id), map_location="cpu", weights_only=False
     )
     model.load_state_dict(state["state_dict"])
     model.eval()
+    _, topk = exact_topk(embed_split(model, dm, cfg.split), model.embed_items(dm.item_features), max(cfg.ks))
+    metrics.update(score_ranking(topk, queries, cfg.split, tasks, cfg))
 
-    ks = list(cfg.ks)
-    query_emb = embed_split(model, dm, cfg.split)
-    item_emb = model.embed_items(dm.item_features)
-    metrics = recall_report(query_emb, item_emb, queries, ks, cfg.split, tasks, by_surface=cfg.by_surface)
-    if "popularity" in cfg.baselines:
-        metrics.update(
-            popularity_report(
-                popularity_scores(dm.items),
-                queries,
-                ks,
-                f"{cfg.split}/baseline_popularity",
-                tasks,
-                cfg.by_surface,
-            )
-        )
     mlflow_client = tracking.client(cfg.logger)
     tracking.log_metrics(mlflow_client, run_id, metrics)
     tracking.log_text(

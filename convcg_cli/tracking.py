@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,6 +24,7 @@ OVERRIDES_ARTIFACT = "config/overrides.yaml"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/model.ckpt"
 MAX_PARAM_LENGTH = 500
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the run under its parent
 
 
 class _DropAdverts(logging.Filter):
@@ -83,6 +84,21 @@ def choice_tags(choices: Mapping[str, str]) -> dict[str, str]:
     return {group.split("/")[-1]: option for group, option in choices.items()}
 
 
+# Where launchers put a process's rank: torchrun (RANK), Lightning's DDP launcher (LOCAL_RANK in the
+# processes it starts, NODE_RANK on the other nodes), SLURM (SLURM_PROCID).
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def is_global_zero() -> bool:
+    """Whether this process owns the MLflow run: rank 0 of a multi-process launch, or the only process.
+
+    Read from the launcher's environment, not ``torch.distributed``: it must be known before
+    ``trainer.fit`` creates the process group, because every rank runs the same ``convcg train``
+    command and only one of them may open a run.
+    """
+    return all(int(os.environ.get(name) or 0) == 0 for name in RANK_VARIABLES)
+
+
 @dataclass
 class TrackedRun:
     """An open MLflow run: its id, the client, and a Lightning logger that writes into it."""
@@ -128,6 +144,56 @@ def log_metrics(mlflow_client, run_id: str, metrics: Mapping[str, float], step: 
         mlflow_client.log_batch(run_id, metrics=items[i : i + 1000])
 
 
+def lineage_tags(logger_cfg: Mapping[str, Any]) -> dict[str, str]:
+    """Tags a run inherits from its logger config: ``parent_run_id`` (nests it under that run in the
+    MLflow UI) and any ``run_tags``. ``convcg ablate`` sets both on each child's config."""
+    tags = {str(k): str(v) for k, v in (logger_cfg.get("run_tags") or {}).items()}
+    if logger_cfg.get("parent_run_id"):
+        tags[PARENT_RUN_TAG] = str(logger_cfg["parent_run_id"])
+    return tags
+
+
+@contextmanager
+def parent_run(logger_cfg: Mapping[str, Any], run_name: str, tags: Mapping[str, str]) -> Iterator[TrackedRun]:
+    """Open a run that groups child runs (``convcg ablate``); close it FINISHED, FAILED or KILLED."""
+    from mlflow.entities import RunStatus
+
+    mlflow_client = client(logger_cfg)
+    run = mlflow_client.create_run(
+        experiment_id(mlflow_client, logger_cfg), tags=dict(tags), run_name=run_name
+    )
+    run_id = run.info.run_id
+    try:
+        yield TrackedRun(run_id, mlflow_client, None)
+    except (KeyboardInterrupt, SystemExit):
+        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    else:
+        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def child_runs(logger_cfg: Mapping[str, Any], parent_run_id: str) -> list:
+    """Every run nested under ``parent_run_id``, oldest first (FAILED ones included)."""
+    mlflow_client = client(logger_cfg)
+    exp = mlflow_client.get_experiment_by_name(str(logger_cfg["experiment_name"]))
+    return mlflow_client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
+
+
+def mark_failed(mlflow_client, run_id: str, error: str) -> None:
+    """Set a finished run to FAILED with the error text as a tag (e.g. its evaluation crashed)."""
+    from mlflow.entities import RunStatus
+
+    mlflow_client.set_tag(run_id, "error", error[:MAX_PARAM_LENGTH])
+    mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
 @contextmanager
 def tracked_run(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str]) -> Iterator[TrackedRun]:
     """Open a run with params, tags and the resolved config; close it with the right status."""
@@ -136,10 +202,15 @@ def tracked_run(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str
     mlflow_client = client(cfg.logger)
     exp = experiment_id(mlflow_client, cfg.logger)
     tags = {**choice_tags(choices), "seed": str(cfg.seed), "mlflow.source.name": "convcg train"}
-    run = mlflow_client.create_run(exp, tags=tags, run_name=tags.get("experiment"))
+    tags.update(lineage_tags(cfg.logger))
+    run = mlflow_client.create_run(
+        exp, tags=tags, run_name=cfg.logger.get("run_name") or tags.get("experiment")
+    )
     run_id = run.info.run_id
     try:
-        params = [Param(k, v) for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()]
+        container = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(container, dict)
+        params = [Param(k, v) for k, v in flatten(cast(dict[str, Any], container)).items()]
         for i in range(0, len(params), 100):
             mlflow_client.log_batch(run_id, params=params[i : i + 100])
         log_text(mlflow_client, run_id, OmegaConf.to_yaml(cfg, resolve=True), CONFIG_ARTIFACT)
@@ -205,7 +276,9 @@ def load_run_config(logger_cfg: Mapping[str, Any], run_id: str) -> DictConfig:
     path = download_artifacts(
         run_id=run_id, artifact_path=CONFIG_ARTIFACT, tracking_uri=str(logger_cfg["tracking_uri"])
     )
-    return OmegaConf.load(path)
+    cfg = OmegaConf.load(path)
+    assert isinstance(cfg, DictConfig)
+    return cfg
 
 
 def download_checkpoint(logger_cfg: Mapping[str, Any], run_id: str) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 from convcg_cli import tracking
 from convcg_cli.config import Composed, instantiate
 from convcg_cli.errors import ConfigError
-from convcg_cli.tasks import PRIMARY_TASK, check_task_names
+from convcg_cli.tasks import check_task_names
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,24 @@ def build_model(cfg, dm):
     )
 
 
+def check_served_embedding_is_trained(cfg) -> None:
+    """Refuse task weights that would serve an untrained embedding.
+
+    A head with a ``serving_task`` (multi_head) serves that task's own embedding, so its weight must
+    be > 0. A unified head serves the one shared embedding, which any positive weight trains; so an
+    engagement-only model (``loss.task_weights.conversion=0``) is allowed there.
+    """
+    weights = {str(t): float(w) for t, w in cfg.loss.task_weights.items()}
+    serving = cfg.model.head.get("serving_task")
+    if serving is not None and weights.get(str(serving), 0.0) <= 0:
+        raise ConfigError(
+            f"loss.task_weights.{serving} must be > 0: model.head.serving_task={serving} is the embedding "
+            "the model serves. To serve an embedding trained on other tasks use model/head=unified."
+        )
+    if not any(w > 0 for w in weights.values()):
+        raise ConfigError(f"At least one of loss.task_weights must be > 0, got {weights}.")
+
+
 def _callbacks(cfg, checkpoint_dir: Path) -> list:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -63,30 +81,45 @@ def train(composed: Composed) -> TrainResult:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
     cfg = composed.cfg
     tasks = check_task_names(cfg.loss.task_weights.keys())
-    if PRIMARY_TASK not in [t for t, w in cfg.loss.task_weights.items() if w > 0]:
-        raise ConfigError(f"loss.task_weights.{PRIMARY_TASK} must be > 0: it is the task the model serves.")
+    check_served_embedding_is_trained(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg, tasks)
     model = build_model(cfg, dm)
 
+    if not tracking.is_global_zero():
+        # Rank > 0 of a multi-process launch (Lightning's DDP launcher re-runs this very command;
+        # torchrun and SLURM start it once per rank): rank 0 owns the one MLflow run, this process
+        # only trains its shard and learns the run id from rank 0.
+        return _fit(cfg, model, dm, logger=False, run_id=None)
+
     with tracking.tracked_run(cfg, composed.choices, composed.overrides) as run:
         tracking.log_metrics(run.client, run.run_id, {f"data/{k}_rows": v for k, v in dm.n_rows.items()})
-        checkpoint_dir = Path(cfg.paths.output_dir) / "runs" / run.run_id
-        callbacks = _callbacks(cfg, checkpoint_dir)
-        trainer = instantiate(
-            cfg.trainer, logger=run.logger, callbacks=callbacks, default_root_dir=str(checkpoint_dir)
-        )
-        trainer.fit(model, datamodule=dm)
-        best = next(
-            (Path(cb.best_model_path) for cb in trainer.checkpoint_callbacks if cb.best_model_path), None
-        )
-        if best is None:  # no validation epoch ran (e.g. limit_val_batches=0): keep the final weights
-            best = checkpoint_dir / "last.ckpt"
-            trainer.save_checkpoint(best)
+        result = _fit(cfg, model, dm, logger=run.logger, run_id=run.run_id)
         with tempfile.TemporaryDirectory() as tmp:
             staged = Path(tmp) / Path(tracking.CHECKPOINT_ARTIFACT).name
-            shutil.copyfile(best, staged)
+            shutil.copyfile(result.checkpoint, staged)
             run.client.log_artifact(run.run_id, str(staged), tracking.CHECKPOINT_DIR)
         run.client.set_tag(run.run_id, "checkpoint", "yes")
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    return TrainResult(run.run_id, best, metrics)
+    return result
+
+
+def _fit(cfg, model, dm, logger, run_id: str | None) -> TrainResult:
+    """``trainer.fit`` and the checkpoint to keep; every rank of a DDP launch runs this.
+
+    ``run_id`` is None on ranks > 0: they get rank 0's once ``fit`` has set up the process group
+    (ModelCheckpoint likewise takes rank 0's directory). Only rank 0 writes checkpoints.
+    """
+    runs_dir = Path(cfg.paths.output_dir) / "runs"
+    checkpoint_dir = runs_dir / run_id if run_id else runs_dir
+    callbacks = _callbacks(cfg, checkpoint_dir)
+    trainer = instantiate(
+        cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(checkpoint_dir)
+    )
+    trainer.fit(model, datamodule=dm)
+    run_id = trainer.strategy.broadcast(run_id)
+    best = next((Path(cb.best_model_path) for cb in trainer.checkpoint_callbacks if cb.best_model_path), None)
+    if best is None:  # no validation epoch ran (e.g. limit_val_batches=0): keep the final weights
+        best = runs_dir / run_id / "last.ckpt"
+        trainer.save_checkpoint(best)  # a barrier: every rank calls it, rank 0 writes
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    return TrainResult(run_id, best, metrics)

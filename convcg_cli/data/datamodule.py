@@ -68,7 +68,12 @@ class ShuffledBatches(IterableDataset):
         self.hard_negatives = hard_negatives
 
     def __len__(self) -> int:
-        return max(len(self.item_pos) // self.batch_size, 1)
+        """Batches per epoch in this process. Under DDP every rank gets ``1 / world_size`` of the full
+        batches; the few that do not divide evenly are dropped, like the last partial batch."""
+        from convcg_cli.models.distributed import rank_and_world
+
+        _, world = rank_and_world()
+        return max(len(self.item_pos) // self.batch_size // world, 1)
 
     def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """Gather one batch; item features come from the corpus table by item position."""
@@ -89,11 +94,25 @@ class ShuffledBatches(IterableDataset):
         return out
 
     def __iter__(self) -> Iterator[dict]:
+        """This process's batches of the next epoch.
+
+        Under DDP every rank draws the same permutation (same seed and epoch) and takes every
+        ``world_size``-th batch starting at its rank: disjoint, equally many, equally large. So the
+        global batch of step i (the ranks' batches in rank order) is exactly batch i of one process
+        with a ``world_size`` times larger batch size.
+        """
+        from convcg_cli.models.distributed import rank_and_world
+
+        rank, world = rank_and_world()
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         self.epoch += 1
         perm = torch.randperm(len(self.item_pos), generator=g)
-        size = min(self.batch_size, len(perm))
-        for start in range(0, len(self) * size, size):
+        # Fewer rows than world * batch_size: one smaller batch per rank, equal on every rank.
+        size = min(self.batch_size, len(perm) // world)
+        if world > 1:  # hard negatives: a stream per rank, else every rank would make the same draws
+            g = torch.Generator().manual_seed(int(torch.randint(1 << 62, (1,), generator=g)) + rank)
+        for i in range(len(self)):
+            start = (i * world + rank) * size
             yield self.batch(perm[start : start + size], g)
 
 
@@ -174,7 +193,7 @@ class ImpressionDataModule(L.LightningDataModule):
         if self._ready:
             return
         tables = load_tables(self.dir)
-        self.surfaces = list(load_schemas()["impressions"].column("surface").allowed)
+        self.surfaces = list(load_schemas()["impressions"].column("surface").allowed or ())
         split = F.split_by_time(tables["impressions"], self.val_days, self.heldout_days)
         self.split_days = split.days
         self.items = F.build_item_table(tables["items"], split.train, self.item_columns)
@@ -186,11 +205,16 @@ class ImpressionDataModule(L.LightningDataModule):
                 f"The train split (days {split.days['train']}) of {F.IMPRESSIONS_FILE} has no row positive "
                 f"for any task {self.tasks}; expected clicks, saves or conversions to learn from."
             )
-        events = engagement_events(tables["impressions"]) if self.history_max_len > 0 else None
-        history = dict(events=events, history_max_len=self.history_max_len)
-        q = F.build_query_features(
-            train, self.users, self.items, self.surfaces, self.query_hash_buckets, self.context, **history
+        inputs = F.QueryInputs(
+            users=self.users,
+            items=self.items,
+            surfaces=self.surfaces,
+            query_hash_buckets=self.query_hash_buckets,
+            context=self.context,
+            events=engagement_events(tables["impressions"]) if self.history_max_len > 0 else None,
+            history_max_len=self.history_max_len,
         )
+        q = F.build_query_features(train, inputs)
         self.user_spec, self.item_spec = q.spec, self.items.spec
         train_item_pos = F.positions(self.items.item_ids, train["item_id"].to_numpy())
         self.item_features = _to_torch(self.items.features)
@@ -208,18 +232,9 @@ class ImpressionDataModule(L.LightningDataModule):
             seed=self.seed,
             hard_negatives=sampler,
         )
-        build = dict(
-            users=self.users,
-            items=self.items,
-            surfaces=self.surfaces,
-            query_hash_buckets=self.query_hash_buckets,
-            tasks=self.tasks,
-            context=self.context,
-            **history,
-        )
         self.queries = {
-            "val": F.build_query_set(split.val, days=split.days["val"], **build),
-            "heldout": F.build_query_set(split.heldout, days=split.days["heldout"], **build),
+            name: F.build_query_set(frame, inputs, self.tasks, split.days[name])
+            for name, frame in (("val", split.val), ("heldout", split.heldout))
         }
         self.n_rows = {
             name: frame.height

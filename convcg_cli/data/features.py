@@ -7,7 +7,6 @@ training window only, so nothing is computed from validation or held-out days.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -138,7 +137,7 @@ def item_performance(items: pl.DataFrame, train: pl.DataFrame) -> pl.DataFrame:
         pl.col("clicked").sum().alias("clicks"),
         pl.col("converted").sum().alias("conversions"),
     )
-    ctr0 = float(train["clicked"].mean() or 0.0)
+    ctr0 = float(train["clicked"].cast(pl.Float64).mean() or 0.0)  # type: ignore[arg-type]
     cvr0 = float(train["converted"].sum()) / max(float(train["clicked"].sum()), 1.0)
     prior = 20.0
     return (
@@ -214,21 +213,31 @@ class QueryFeatures:
 CONTEXT_FEATURES = ("surface", "subject_item_id", "query_bucket")
 
 
-def build_query_features(
-    rows: pl.DataFrame,
-    users: UserTable,
-    items: ItemTable,
-    surfaces: list[str],
-    query_hash_buckets: int,
-    context: Sequence[str] = CONTEXT_FEATURES,
-    events: pl.DataFrame | None = None,
-    history_max_len: int = 0,
-) -> QueryFeatures:
+@dataclass(frozen=True)
+class QueryInputs:
+    """What the query tower's features are built from, shared by the train, val and held-out rows."""
+
+    users: UserTable
+    items: ItemTable
+    surfaces: list[str]
+    query_hash_buckets: int
+    context: tuple[str, ...] = CONTEXT_FEATURES
+    events: pl.DataFrame | None = None  # engagement events, for the user history
+    history_max_len: int = 0
+
+
+def build_query_features(rows: pl.DataFrame, inputs: QueryInputs) -> QueryFeatures:
     """Per impression: user attributes plus the request context named in ``context``: the surface,
     the subject item (related items) and the query bucket (search). One model serves every surface;
     these features let it behave differently on each. With ``history_max_len > 0`` the user's last
     engaged items strictly before the request (from ``events``, see ``history.engagement_events``)
     are added as the sequence feature ``history`` / ``history_actions``."""
+    users, items, context = inputs.users, inputs.items, inputs.context
+    surfaces, query_hash_buckets, history_max_len = (
+        inputs.surfaces,
+        inputs.query_hash_buckets,
+        inputs.history_max_len,
+    )
     unknown = sorted(set(context) - set(CONTEXT_FEATURES))
     if unknown:
         raise ConvcgError(
@@ -257,9 +266,13 @@ def build_query_features(
         del feats[name], categorical[name]
     sequences = {}
     if history_max_len > 0:
-        assert events is not None, "history needs the engagement events"
+        assert inputs.events is not None, "history needs the engagement events"
         feats["history"], feats["history_actions"] = history_before(
-            events, rows["user_id"].to_numpy(), rows["timestamp"].to_numpy(), items.item_ids, history_max_len
+            inputs.events,
+            rows["user_id"].to_numpy(),
+            rows["timestamp"].to_numpy(),
+            items.item_ids,
+            history_max_len,
         )
         sequences["history"] = len(items.item_ids) + 1
     numeric = tuple(sorted(k for k, v in feats.items() if v.dtype == np.float32))
@@ -290,23 +303,12 @@ class QuerySet:
 
 
 def build_query_set(
-    rows: pl.DataFrame,
-    users: UserTable,
-    items: ItemTable,
-    surfaces: list[str],
-    query_hash_buckets: int,
-    tasks: list[str],
-    days: tuple[int, int],
-    context: Sequence[str] = CONTEXT_FEATURES,
-    events: pl.DataFrame | None = None,
-    history_max_len: int = 0,
+    rows: pl.DataFrame, inputs: QueryInputs, tasks: list[str], days: tuple[int, int]
 ) -> QuerySet:
     """Queries and positives of one evaluation split; each held-out positive is counted once."""
     rows = engaged_rows(rows, tasks)
-    q = build_query_features(
-        rows, users, items, surfaces, query_hash_buckets, context, events, history_max_len
-    )
-    item_pos = positions(items.item_ids, rows["item_id"].to_numpy())
+    q = build_query_features(rows, inputs)
+    item_pos = positions(inputs.items.item_ids, rows["item_id"].to_numpy())
     labels = task_labels(rows, tasks)
     positives = {t: (np.flatnonzero(m), item_pos[m]) for t, m in labels.items()}
     return QuerySet(q.features, positives, rows["surface"].to_numpy(), days)

@@ -157,6 +157,10 @@ class StreamingLogQ(nn.Module):
         alpha: EMA rate.
     """
 
+    last: torch.Tensor  # (num_buckets,) step of the last sighting, -1 = never
+    interval: torch.Tensor  # (num_buckets,) EMA of steps between sightings
+    step: torch.Tensor  # () steps seen so far
+
     def __init__(self, num_buckets: int = 1 << 20, alpha: float = 0.01) -> None:
         super().__init__()
         self.alpha = alpha
@@ -253,23 +257,42 @@ class MultiTaskSampledSoftmax(nn.Module):
             batch: needs ``weights`` (task -> (B,) float), ``item_pos`` (B,) item ids, ``log_q`` (B,);
                 with hard negatives also ``hard_pos`` (B, H).
             hard: task -> (B, H, D) hard-negative embeddings, or None.
+
+        Under DDP (``trainer=ddp``) the candidates are the *global* batch: every rank's item
+        embeddings (with gradients), ids and table logQ are gathered; logQ is computed on the global
+        ids (so a streaming estimate sees the same stream on every rank); each task's loss is the
+        mean over the anchors of all ranks (``distributed.mean_over_ranks``), so its value and
+        DDP-averaged gradient equal one process's on the global batch. Hard negatives stay per row.
+        In one process every step of that is the identity.
         """
-        log_q = self.logq(batch["item_pos"], batch["log_q"])
-        weights = batch["weights"]
-        return {
-            task: sampled_softmax_loss(
+        from convcg_cli.models import distributed
+
+        rank, world = distributed.rank_and_world()
+        item_ids = distributed.gather_with_grad(batch["item_pos"])  # (N,), N = world * B
+        log_q = self.logq(item_ids, distributed.gather_with_grad(batch["log_q"]))
+        b = len(batch["item_pos"])
+        # This rank's rows are the candidate columns rank * B ... (rank + 1) * B - 1.
+        positive = None if world == 1 else rank * b + torch.arange(b, device=item_ids.device)
+        gathered: dict[int, torch.Tensor] = {}  # a unified head gives every task one tensor: gather once
+        losses = {}
+        for task in self.active_tasks:
+            if id(item[task]) not in gathered:
+                gathered[id(item[task])] = distributed.gather_with_grad(item[task])
+            weight = batch["weights"][task]
+            loss = sampled_softmax_loss(
                 user[task],
-                item[task],
-                batch["item_pos"],
+                gathered[id(item[task])],
+                item_ids,
                 log_q,
-                weights[task] > 0,
+                weight > 0,
                 self.temperature,
-                weight=weights[task],
+                weight=weight,
+                positive=positive,
                 hard_items=None if hard is None else hard[task],
                 hard_ids=None if hard is None else batch["hard_pos"],
             )
-            for task in self.active_tasks
-        }
+            losses[task] = distributed.mean_over_ranks(loss, torch.where(weight > 0, weight, 0.0).sum())
+        return losses
 
     def forward(
         self,
@@ -293,12 +316,14 @@ class MultiTaskSampledSoftmax(nn.Module):
             losses = self.task_losses(user, item, batch, hard)
         if self.balancer is None:
             effective = {t: torch.tensor(self.task_weights[t]) for t in losses}
-            total = sum(self.task_weights[t] * loss for t, loss in losses.items())
+            total = torch.stack([self.task_weights[t] * loss for t, loss in losses.items()]).sum()
         else:
             total, effective = self.balancer(losses, shared)
         logs = {f"{t}/loss": v.detach() for t, v in losses.items()}
         logs.update({f"task_weight/{t}": torch.as_tensor(w).detach() for t, w in effective.items()})
-        logs["weighted_loss"] = sum(self.task_weights[t] * v.detach() for t, v in losses.items())
+        logs["weighted_loss"] = torch.stack(
+            [self.task_weights[t] * v.detach() for t, v in losses.items()]
+        ).sum()
         if self.advertiser_weight > 0:
             adv = advertiser_softmax_loss(
                 user[PRIMARY_TASK],

@@ -7,7 +7,7 @@ losses.py; recall is computed by convcg_cli.metrics. This class only connects th
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -85,10 +85,8 @@ class RetrievalModule(L.LightningModule):
 
     def last_shared_layers(self) -> list[torch.nn.Parameter]:
         """GradNorm's W: the output Linear of each tower's interaction block."""
-        return [
-            last_linear_weight(self.user_tower.interaction),
-            last_linear_weight(self.item_tower.interaction),
-        ]
+        towers = (self.user_tower, self.item_tower)
+        return [last_linear_weight(cast(torch.nn.Module, t.interaction)) for t in towers]
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         user = self.user_tower(batch["user"])
@@ -129,7 +127,7 @@ class RetrievalModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         from convcg_cli.metrics.suite import recall_report
 
-        dm = self.trainer.datamodule
+        dm = self.trainer.datamodule  # type: ignore[attr-defined]
         query_emb = torch.cat(self._val_query_emb).numpy()
         self._val_query_emb.clear()
         item_emb = self.embed_items(dm.item_features)
@@ -149,6 +147,6 @@ class RetrievalModule(L.LightningModule):
         if own:
             groups.append({"params": own, "weight_decay": 0.0})
         optimizer = self.optimizer_factory(groups)
-        if own:
+        if balancer is not None and own:
             optimizer.param_groups[-1]["lr"] *= balancer.lr_scale
         return optimizer

@@ -1,0 +1,264 @@
+"""Non-trained baselines scored by the same harness as the two-tower model (``convcg eval``).
+
+One class per baseline, chosen by name in ``conf/eval.yaml`` (``baselines: [popularity, itemcf]``):
+
+* ``MostPopular``: one list for everyone, by training-window conversions (then clicks, impressions).
+* ``ItemCF``: item-to-item cosine similarity of training-window engagements (scipy.sparse);
+  score(u, j) = sum over u's engaged items i of sim(i, j). Scales to large sparse corpora.
+* ``EASE``: Steck's closed-form linear autoencoder, B = I - P diag(1/diag P), P = (X^T X + l2 I)^-1;
+  score(u, .) = X_u B. Dense N x N inverse: for corpora up to ~10k items.
+
+All of them ``fit(history)`` on the users' *training-window* engagements only (:func:`training_history`
+re-reads and re-splits the logs, so val/held-out days can never leak into a profile), and
+``score_topk(user_pos, k)`` returns ranked item positions, best first. Ties (e.g. a user with no
+history, whose scores are all 0) are broken by popularity, so a cold user gets the popularity list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from convcg_cli.errors import ConfigError
+from convcg_cli.metrics.retrieval import popularity_topk
+
+# Users scored at a time: bounds the dense (users x items) score block to about 4M cells.
+_SCORE_CHUNK_CELLS = 1 << 22
+
+
+@dataclass(frozen=True)
+class TrainHistory:
+    """What the baselines may learn from: the training window only.
+
+    Attributes:
+        user_pos, item_pos: (E,) row positions (sorted-id order, as in the datamodule) of every
+            training-window impression positive for at least one task (click, save or conversion).
+        n_users, n_items: sizes of the user table and the item corpus.
+        popularity: (N,) most-popular score per item (training conversions, then clicks, impressions).
+    """
+
+    user_pos: np.ndarray
+    item_pos: np.ndarray
+    n_users: int
+    n_items: int
+    popularity: np.ndarray
+
+    def matrix(self) -> sp.csr_matrix:
+        """Binary (n_users, n_items) engagement matrix; repeated engagements count once."""
+        x = sp.csr_matrix(
+            (np.ones(len(self.user_pos)), (self.user_pos, self.item_pos)), shape=(self.n_users, self.n_items)
+        )
+        x.data[:] = 1.0  # duplicates were summed on construction
+        return x
+
+
+def training_history(dm) -> TrainHistory:
+    """Training-window engagements of a set-up ``ImpressionDataModule`` (re-read from its tables).
+
+    The logs are split again with the datamodule's own ``val_days`` / ``heldout_days``, so the profile
+    window is exactly the window the two-tower model trained on.
+    """
+    from convcg_cli.data import features as F
+    from convcg_cli.data.schema import load_tables
+
+    tables = load_tables(dm.dir)
+    split = F.split_by_time(tables["impressions"], dm.val_days, dm.heldout_days)
+    engaged = F.engaged_rows(split.train, dm.tasks)
+    return TrainHistory(
+        user_pos=F.positions(dm.users.user_ids, engaged["user_id"].to_numpy()),
+        item_pos=F.positions(dm.items.item_ids, engaged["item_id"].to_numpy()),
+        n_users=len(dm.users.user_ids),
+        n_items=len(dm.items.item_ids),
+        popularity=F.popularity_scores(dm.items),
+    )
+
+
+def topk_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column ids of each row's top k by descending score, ties by lower column id (exact, vectorised).
+
+    Args:
+        scores: (C, N) real scores, no NaN.
+        k: list length, >= 1.
+
+    Returns:
+        (C, min(k, N)) int64 column ids, best first.
+
+    Example:
+        >>> topk_rows(np.array([[0.0, 2.0, 1.0, 2.0]]), k=3).tolist()
+        [[1, 3, 2]]
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be 2-D (rows x items), got shape {scores.shape}.")
+    if np.isnan(scores).any():
+        raise ValueError("scores contains NaN; cannot rank the items.")
+    n_rows, n = scores.shape
+    k = min(int(k), n)
+    if k < 1 or n_rows == 0:
+        return np.zeros((n_rows, max(k, 0)), dtype=np.int64)
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]  # (C,) k-th largest score per row
+    above = scores > kth[:, None]
+    tied = scores == kth[:, None]
+    need = k - above.sum(axis=1)  # (C,) members of the tie group that make the cut: the lowest ids
+    take = above | (tied & (np.cumsum(tied, axis=1) <= need[:, None]))  # exactly k per row
+    cols = np.nonzero(take)[1].reshape(n_rows, k)  # (C, k), ascending ids
+    order = np.lexsort((cols, -np.take_along_axis(scores, cols, axis=1)), axis=-1)
+    return np.take_along_axis(cols, order, axis=1)
+
+
+class Baseline:
+    """Common interface: ``fit(history)`` then ``score_topk(user_pos, k)`` / ``query_topk``."""
+
+    name = "baseline"
+
+    def fit(self, history: TrainHistory) -> Baseline:  # pragma: no cover - interface
+        """Learn from the training window; returns self."""
+        raise NotImplementedError
+
+    def score_topk(self, user_pos: np.ndarray, k: int) -> np.ndarray:  # pragma: no cover - interface
+        """(n,) user positions -> (n, min(k, N)) ranked item positions, best first."""
+        raise NotImplementedError
+
+    def query_topk(self, user_pos: np.ndarray, k: int) -> np.ndarray:
+        """Ranked lists of evaluation queries given each query's user: each distinct user scored once."""
+        users, inverse = np.unique(np.asarray(user_pos, dtype=np.int64), return_inverse=True)
+        # int32 halves the (queries x k) copy; the recall code accepts any integer dtype.
+        return self.score_topk(users, k).astype(np.int32)[inverse.ravel()]
+
+
+class MostPopular(Baseline):
+    """The same list for every query: items by training-window conversions, then clicks, impressions."""
+
+    name = "popularity"
+
+    def fit(self, history: TrainHistory) -> MostPopular:
+        """Keep the popularity scores of the training window."""
+        self.popularity = np.asarray(history.popularity)
+        return self
+
+    def score_topk(self, user_pos: np.ndarray, k: int) -> np.ndarray:
+        """The popularity list for every user, as a read-only broadcast view (no copy)."""
+        ranked = popularity_topk(self.popularity, k)
+        return np.broadcast_to(ranked[None, :], (len(user_pos), len(ranked)))
+
+    def query_topk(self, user_pos: np.ndarray, k: int) -> np.ndarray:
+        """Non-personalised: a broadcast view, not one copied row per query."""
+        return self.score_topk(user_pos, k)
+
+
+class _ItemToItem(Baseline):
+    """Personalised scores X_u W from an item-item weight matrix W, popularity as tie-breaker."""
+
+    def _weights(self, x: sp.csr_matrix) -> Any:
+        """The (N, N) item-item matrix (dense ndarray or scipy.sparse)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def fit(self, history: TrainHistory) -> _ItemToItem:
+        """Build the user profiles and the item-item weights from the training window."""
+        self.profiles = history.matrix()  # (U, N) binary
+        self.weights = self._weights(self.profiles)
+        # Ranking in popularity order, then mapping back, breaks score ties by popularity.
+        self.by_popularity = popularity_topk(history.popularity, history.n_items)  # (N,)
+        return self
+
+    def score_topk(self, user_pos: np.ndarray, k: int) -> np.ndarray:
+        """Top k of X_u W per user, computed in chunks of users to bound memory."""
+        user_pos = np.asarray(user_pos, dtype=np.int64)
+        n_items = self.profiles.shape[1]
+        out = np.empty((len(user_pos), min(k, n_items)), dtype=np.int64)
+        chunk = max(1, _SCORE_CHUNK_CELLS // n_items)
+        for start in range(0, len(user_pos), chunk):
+            rows = user_pos[start : start + chunk]
+            scores = self.profiles[rows] @ self.weights  # (C, N), sparse or dense
+            scores = scores.toarray() if sp.issparse(scores) else np.asarray(scores)
+            ranked = topk_rows(scores[:, self.by_popularity], k)  # ids in popularity order
+            out[start : start + len(rows)] = self.by_popularity[ranked]
+        return out
+
+
+class ItemCF(_ItemToItem):
+    """Item-based collaborative filtering with cosine similarity of engagement columns.
+
+    sim(i, j) = |users engaging i and j| / sqrt(|users engaging i| * |users engaging j|).
+
+    Args:
+        include_self: keep sim(i, i) = 1, so the items a user already engaged with score high. Held-out
+            conversions repeat a training-window engagement often (about half of them in the synthetic
+            logs), and the two-tower model is not stopped from retrieving them either.
+
+    Example:
+        >>> hist = TrainHistory(np.array([0, 0, 1]), np.array([0, 1, 1]), 2, 3, np.zeros(3))
+        >>> ItemCF().fit(hist).score_topk(np.array([1]), k=3).tolist()
+        [[1, 0, 2]]
+    """
+
+    name = "itemcf"
+
+    def __init__(self, include_self: bool = True) -> None:
+        self.include_self = include_self
+
+    def _weights(self, x: sp.csr_matrix) -> sp.csr_matrix:
+        norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel())  # (N,)
+        inv = sp.diags(np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0))
+        xn = (x @ inv).tocsc()
+        sim = (xn.T @ xn).tocsr()  # (N, N) sparse cosine
+        if not self.include_self:
+            sim.setdiag(0.0)
+            sim.eliminate_zeros()
+        return sim
+
+
+class EASE(_ItemToItem):
+    """Embarrassingly Shallow Autoencoder (Steck 2019): closed-form item-item weights with diag 0.
+
+    Args:
+        l2: ridge penalty lambda added to the diagonal of the Gram matrix X^T X.
+        max_items: refuse corpora larger than this (the dense N x N inverse costs O(N^3) time and
+            2 N^2 floats of memory); use ``itemcf`` there.
+
+    Example:
+        >>> hist = TrainHistory(np.array([0, 0, 1]), np.array([0, 1, 1]), 2, 3, np.zeros(3))
+        >>> EASE(l2=1.0).fit(hist).score_topk(np.array([1]), k=3).tolist()
+        [[0, 1, 2]]
+    """
+
+    name = "ease"
+
+    def __init__(self, l2: float = 500.0, max_items: int = 10_000) -> None:
+        if l2 <= 0:
+            raise ConfigError(f"ease: l2 must be > 0, got {l2}.")
+        self.l2, self.max_items = float(l2), int(max_items)
+
+    def _weights(self, x: sp.csr_matrix) -> np.ndarray:
+        import scipy.linalg
+
+        n = x.shape[1]
+        if n > self.max_items:
+            raise ConfigError(
+                f"ease needs a dense {n} x {n} inverse ({n} items > baseline_options.ease.max_items="
+                f"{self.max_items}); use the itemcf baseline on this corpus, or raise max_items."
+            )
+        gram = (x.T @ x).toarray()  # (N, N)
+        gram[np.diag_indices(n)] += self.l2
+        # Cholesky: the regularised Gram matrix is symmetric positive definite.
+        p = scipy.linalg.cho_solve(scipy.linalg.cho_factor(gram, check_finite=False), np.eye(n))
+        b = -p / np.diag(p)[None, :]  # B_ij = -P_ij / P_jj
+        np.fill_diagonal(b, 0.0)
+        return b
+
+
+BASELINES: dict[str, type[Baseline]] = {cls.name: cls for cls in (MostPopular, ItemCF, EASE)}
+
+
+def make_baseline(name: str, options: Mapping[str, Any] | None = None) -> Baseline:
+    """The baseline called ``name`` built with ``options`` (from ``baseline_options.<name>``)."""
+    if name not in BASELINES:
+        raise ConfigError(f"Unknown baseline '{name}'; known: {sorted(BASELINES)}.")
+    try:
+        return BASELINES[name](**dict(options or {}))
+    except TypeError as exc:
+        raise ConfigError(f"baseline_options.{name} was rejected: {exc}") from None

@@ -1,0 +1,136 @@
+"""Bootstrap CIs over users against slow brute-force loops, plus coverage on simulated data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from convcg_cli.metrics import bootstrap
+from convcg_cli.metrics.bootstrap import (
+    bootstrap_recall_ci,
+    ci_names,
+    positive_hits,
+    resampled_recall,
+)
+from convcg_cli.metrics.retrieval import recall_at_k
+
+
+def _clustered(rng, n_users: int, ks=(1, 5)):
+    """Hit flags whose rate differs a lot between users (the reason to resample users)."""
+    per_user = rng.integers(1, 6, size=n_users)
+    users = np.repeat(np.arange(n_users) * 7 + 3, per_user)  # non-contiguous user ids
+    rate = np.repeat(rng.beta(0.5, 0.5, size=n_users), per_user)
+    u = rng.random(len(users))
+    hits = np.stack([u < rate * (0.4 + 0.6 * j / (len(ks) - 1)) for j in range(len(ks))], axis=1)
+    return hits, users
+
+
+def test_positive_hits_match_recall_at_k_and_a_loop():
+    rng = np.random.default_rng(0)
+    topk = rng.integers(0, 30, size=(12, 8))
+    query = rng.integers(0, 12, size=60)
+    item = rng.integers(0, 30, size=60)
+    query, item = np.r_[query, query[:5]], np.r_[item, item[:5]]  # duplicate pairs count once
+    ks = [1, 3, 8, 20]
+    pair_query, hits = positive_hits(topk, query, item, ks)
+    expected = recall_at_k(topk, query, item, ks)
+    np.testing.assert_allclose(hits.mean(axis=0), [expected[k] for k in ks])
+    pairs = sorted(set(zip(query.tolist(), item.tolist(), strict=True)))
+    assert pair_query.tolist() == [q for q, _ in pairs]
+    for p, (q, i) in enumerate(pairs):
+        row = topk[q].tolist()
+        rank = row.index(i) if i in row else 10**9
+        assert hits[p].tolist() == [rank < k for k in ks]
+
+
+def test_resampled_recall_equals_repeating_positives():
+    rng = np.random.default_rng(1)
+    hits, users = _clustered(rng, 9)
+    weights = rng.integers(0, 4, size=(6, 9))
+    got = resampled_recall(hits, users, weights)
+    codes = np.unique(users, return_inverse=True)[1]
+    for b in range(6):
+        rows = [np.flatnonzero(codes == u) for u in range(9) for _ in range(weights[b, u])]
+        np.testing.assert_allclose(got[b], hits[np.concatenate(rows)].mean(axis=0))
+
+
+def test_ci_matches_a_brute_force_bootstrap_loop():
+    rng = np.random.default_rng(2)
+    hits, users = _clustered(rng, 25)
+    ks = [1, 5]
+    fast = bootstrap_recall_ci(hits, users, ks, n_boot=4000, seed=3)
+    # Slow reference: draw users with replacement, gather their positives, recompute recall.
+    loop_rng = np.random.default_rng(4)
+    ids = np.unique(users)
+    reps = []
+    for _ in range(4000):
+        drawn = loop_rng.choice(ids, size=len(ids), replace=True)
+        rows = np.concatenate([np.flatnonzero(users == u) for u in drawn])
+        reps.append(hits[rows].mean(axis=0))
+    low, high = np.percentile(np.array(reps), [2.5, 97.5], axis=0)
+    for j, k in enumerate(ks):
+        assert fast[k][0] == pytest.approx(low[j], abs=0.03)
+        assert fast[k][1] == pytest.approx(high[j], abs=0.03)
+        assert fast[k][0] <= hits[:, j].mean() <= fast[k][1]
+
+
+def test_ci_is_seeded_and_independent_of_chunking(monkeypatch):
+    rng = np.random.default_rng(5)
+    hits, users = _clustered(rng, 40)
+    a = bootstrap_recall_ci(hits, users, [1, 5], n_boot=300, seed=7)
+    monkeypatch.setattr(bootstrap, "_WEIGHT_CHUNK_CELLS", 100)  # 2 replicates per chunk
+    assert bootstrap_recall_ci(hits, users, [1, 5], n_boot=300, seed=7) == a
+    assert bootstrap_recall_ci(hits, users, [1, 5], n_boot=300, seed=8) != a
+
+
+def test_user_resampling_is_wider_than_positive_resampling_when_users_cluster():
+    # Each user hits all or none of their 10 positives: 20 independent units, not 200.
+    users = np.repeat(np.arange(20), 10)
+    hits = np.repeat(np.arange(20) % 2 == 0, 10)[:, None]
+    by_user = bootstrap_recall_ci(hits, users, [10], n_boot=2000)[10]
+    by_positive = bootstrap_recall_ci(hits, np.arange(200), [10], n_boot=2000)[10]
+    assert by_user[1] - by_user[0] > 2 * (by_positive[1] - by_positive[0])
+
+
+def test_coverage_of_the_true_recall():
+    # A finite population of users; each evaluation samples 80 of them. The 95% CI should cover the
+    # population's micro recall in roughly 95% of evaluations.
+    rng = np.random.default_rng(6)
+    n_pop = 20_000
+    rate = rng.beta(0.6, 1.2, size=n_pop)
+    size = rng.integers(1, 8, size=n_pop)
+    truth = float((rate * size).sum() / size.sum())
+    covered = 0
+    trials = 200
+    for t in range(trials):
+        chosen = rng.choice(n_pop, size=80, replace=False)
+        users = np.repeat(chosen, size[chosen])
+        hits = (rng.random(len(users)) < np.repeat(rate[chosen], size[chosen]))[:, None]
+        low, high = bootstrap_recall_ci(hits, users, [10], n_boot=400, seed=t)[10]
+        covered += low <= truth <= high
+    assert 0.88 <= covered / trials <= 0.99
+
+
+def test_single_user_gives_a_point_interval_and_names():
+    hits = np.array([[True], [False], [True]])
+    assert bootstrap_recall_ci(hits, np.array([5, 5, 5]), [100], n_boot=50)[100] == (2 / 3, 2 / 3)
+    assert ci_names("heldout/conversion/recall_at_100") == (
+        "heldout/conversion/recall_at_100_ci_low",
+        "heldout/conversion/recall_at_100_ci_high",
+    )
+
+
+@pytest.mark.parametrize(
+    "hits, users, kwargs, message",
+    [
+        (np.zeros((0, 1), dtype=bool), np.zeros(0), {}, "No positives"),
+        (np.ones((2, 1)), np.zeros(2), {}, "bool"),
+        (np.ones((2, 1), dtype=bool), np.zeros(3), {}, "user_of_positive"),
+        (np.ones((2, 2), dtype=bool), np.zeros(2), {}, "2 columns"),
+        (np.ones((2, 1), dtype=bool), np.zeros(2), {"n_boot": 0}, "n_boot"),
+        (np.ones((2, 1), dtype=bool), np.zeros(2), {"level": 1.0}, "level"),
+    ],
+)
+def test_bad_inputs_are_rejected(hits, users, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bootstrap_recall_ci(hits, users, [10], **kwargs)

@@ -1,0 +1,168 @@
+"""Baselines: exact against brute force on toy matrices, training-window only, better than random on tiny."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from convcg_cli.baselines import (
+    EASE,
+    ItemCF,
+    MostPopular,
+    TrainHistory,
+    make_baseline,
+    topk_rows,
+    training_history,
+)
+from convcg_cli.config import compose
+from convcg_cli.errors import ConfigError
+from convcg_cli.metrics.retrieval import popularity_topk
+from convcg_cli.train import build_datamodule, check_served_embedding_is_trained
+
+TASKS = ["conversion", "engagement"]
+
+
+def _history(seed: int = 0, n_users: int = 12, n_items: int = 9, n_rows: int = 40) -> TrainHistory:
+    rng = np.random.default_rng(seed)
+    return TrainHistory(
+        user_pos=rng.integers(0, n_users - 1, size=n_rows),  # the last user has no history (cold)
+        item_pos=rng.integers(0, n_items, size=n_rows),
+        n_users=n_users,
+        n_items=n_items,
+        popularity=rng.integers(0, 4, size=n_items).astype(np.float32),  # ties on purpose
+    )
+
+
+def _brute_force_ranking(scores: np.ndarray, popularity: np.ndarray, k: int) -> list[list[int]]:
+    """Sort every row by (-score, -popularity, id) in plain Python."""
+    return [
+        sorted(range(len(row)), key=lambda j, row=row: (-row[j], -popularity[j], j))[:k] for row in scores
+    ]
+
+
+def test_topk_rows_matches_lexsort_with_ties_and_k_beyond_n():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(50, 13)).astype(np.float64)
+    for k in (1, 5, 13, 20):
+        expected = np.lexsort((np.broadcast_to(np.arange(13), scores.shape), -scores), axis=-1)[:, :k]
+        np.testing.assert_array_equal(topk_rows(scores, k), expected)
+    assert topk_rows(np.zeros((0, 4)), 3).shape == (0, 3)
+    with pytest.raises(ValueError, match="NaN"):
+        topk_rows(np.array([[np.nan, 1.0]]), 1)
+
+
+def test_itemcf_is_cosine_of_engagement_columns():
+    hist = _history()
+    x = np.zeros((hist.n_users, hist.n_items))
+    x[hist.user_pos, hist.item_pos] = 1.0
+    norms = np.sqrt(x.sum(axis=0))
+    norms[norms == 0] = np.inf
+    cosine = (x.T @ x) / np.outer(norms, norms)
+    for include_self in (True, False):
+        model = ItemCF(include_self=include_self).fit(hist)
+        expected = cosine if include_self else cosine - np.diag(np.diag(cosine))
+        np.testing.assert_allclose(model.weights.toarray(), expected, atol=1e-12)
+        # Ranking checked on the model's own scores: cosines equal in exact arithmetic may differ in
+        # the last bit between sparse and dense products, which would make the tie order ambiguous.
+        scores = (model.profiles @ model.weights).toarray()
+        users = np.arange(hist.n_users)
+        np.testing.assert_array_equal(
+            model.score_topk(users, 6), _brute_force_ranking(scores, hist.popularity, 6)
+        )
+
+
+def test_ease_is_the_closed_form_solution():
+    hist = _history(seed=1)
+    x = np.zeros((hist.n_users, hist.n_items))
+    x[hist.user_pos, hist.item_pos] = 1.0
+    p = np.linalg.inv(x.T @ x + 3.0 * np.eye(hist.n_items))
+    b = np.eye(hist.n_items) - p / np.diag(p)[None, :]
+    model = EASE(l2=3.0).fit(hist)
+    np.testing.assert_allclose(model.weights, b, atol=1e-10)
+    assert np.all(np.diag(model.weights) == 0)
+    users = np.arange(hist.n_users)
+    np.testing.assert_array_equal(model.score_topk(users, 9), _brute_force_ranking(x @ b, hist.popularity, 9))
+
+
+@pytest.mark.parametrize("name", ["popularity", "itemcf", "ease"])
+def test_cold_user_gets_the_popularity_list(name):
+    hist = _history(seed=2)
+    cold = np.array([hist.n_users - 1])
+    ranked = make_baseline(name).fit(hist).score_topk(cold, 5)
+    np.testing.assert_array_equal(ranked[0], popularity_topk(hist.popularity, 5))
+
+
+def test_query_topk_repeats_each_users_list():
+    hist = _history(seed=3)
+    model = ItemCF().fit(hist)
+    users = np.array([4, 1, 4, 0])
+    np.testing.assert_array_equal(model.query_topk(users, 3), model.score_topk(users, 3))
+    popular = MostPopular().fit(hist).query_topk(users, 3)
+    assert popular.shape == (4, 3) and not popular.flags.writeable  # a view, not 4 copies
+
+
+def test_bad_baseline_config_is_a_config_error():
+    with pytest.raises(ConfigError, match="Unknown baseline 'knn'"):
+        make_baseline("knn")
+    with pytest.raises(ConfigError, match="baseline_options.ease was rejected"):
+        make_baseline("ease", {"lambda": 3})
+    with pytest.raises(ConfigError, match="use the itemcf baseline"):
+        EASE(max_items=5).fit(_history())
+
+
+@pytest.fixture(scope="module")
+def tiny_dm(tiny_data):
+    return build_datamodule(compose("train", [f"data.dir={tiny_data}"]).cfg, TASKS)
+
+
+def test_history_holds_only_training_window_engagements(tiny_dm):
+    from convcg_cli.data import features as F
+    from convcg_cli.data.schema import load_tables
+
+    split = F.split_by_time(load_tables(tiny_dm.dir)["impressions"], tiny_dm.val_days, tiny_dm.heldout_days)
+    engaged = {
+        name: set(F.engaged_rows(getattr(split, name), TASKS)["item_id"].to_list())
+        for name in ("train", "heldout")
+    }
+    heldout_only = engaged["heldout"] - engaged["train"]
+    assert heldout_only, "the tiny logs should have items engaged in held-out days only"
+    hist = training_history(tiny_dm)
+    profiled = set(tiny_dm.items.item_ids[np.unique(hist.item_pos)].tolist())
+    assert profiled == engaged["train"]
+    assert not profiled & heldout_only
+    profiles = ItemCF().fit(hist).profiles
+    heldout_pos = np.searchsorted(tiny_dm.items.item_ids, sorted(heldout_only))
+    assert profiles[:, heldout_pos].nnz == 0  # in no user's profile
+
+
+def test_baselines_beat_random_on_tiny(tiny_dm):
+    from convcg_cli.evaluate import baseline_metrics
+
+    cfg = compose(
+        "eval", ["baselines=[popularity,itemcf,ease]", "bootstrap.n_boot=50", "by_surface=false"]
+    ).cfg
+    metrics = baseline_metrics(tiny_dm, tiny_dm.queries["heldout"], TASKS, cfg)
+    random_recall = 100 / len(tiny_dm.items.item_ids)
+    for name in ("itemcf", "ease"):
+        recall = metrics[f"heldout/baseline_{name}/conversion/recall_at_100"]
+        assert recall > 2 * random_recall
+        low = metrics[f"heldout/baseline_{name}/conversion/recall_at_100_ci_low"]
+        high = metrics[f"heldout/baseline_{name}/conversion/recall_at_100_ci_high"]
+        assert low <= recall <= high
+
+
+def test_single_task_baseline_configs():
+    engagement_only = compose("train", ["+experiment=baseline/engagement_only"]).cfg
+    assert dict(engagement_only.loss.task_weights) == {"conversion": 0.0, "engagement": 1.0}
+    assert engagement_only.callbacks.model_checkpoint.monitor == "val/engagement/recall_at_100"
+    check_served_embedding_is_trained(engagement_only)  # unified: the one embedding is trained
+    conversion_only = compose("train", ["+experiment=baseline/conversion_only"]).cfg
+    assert dict(conversion_only.loss.task_weights) == {"conversion": 1.0, "engagement": 0.0}
+    check_served_embedding_is_trained(conversion_only)
+    served_untrained = compose("train", ["+experiment=baseline/engagement_only", "model/head=multi_head"]).cfg
+    with pytest.raises(ConfigError, match="serving_task=conversion"):
+        check_served_embedding_is_trained(served_untrained)
+    with pytest.raises(ConfigError, match="At least one"):
+        check_served_embedding_is_trained(
+            compose("train", ["loss.task_weights.engagement=0", "loss.task_weights.conversion=0"]).cfg
+        )

@@ -1,0 +1,129 @@
+"""The benchmark harness: its measuring helpers against brute force, and `--quick` end to end.
+
+No timing is asserted anywhere: the machine is shared, only the report's shape is checked.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convcg_cli import bench
+from convcg_cli.config import instantiate
+from convcg_cli.metrics.retrieval import exact_topk
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = [
+    "## (a) Training throughput",
+    "## (b) Data path vs model consumption",
+    "## (c) Exact top-k evaluation vs torch vs an ANN index",
+    "## (d) Peak resident memory of each step",
+    "## (e) How costs grow",
+]
+
+
+def _unit(rows: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((rows, 16)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_growth_exponent_recovers_a_power_law():
+    sizes = [1e5, 4e5, 1.6e6]
+    assert bench.growth_exponent(sizes, [3e-6 * s**1.5 for s in sizes]) == pytest.approx(1.5)
+    assert bench.growth_exponent(sizes, [7.0, 7.0, 7.0]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_scale_exponents_fit_memory_above_the_import_baseline():
+    base = {"synth_mib": 100.0, "train_mib": 400.0}
+    points = [
+        {
+            "synth": {"impressions": n, "seconds": n / 1e5, "peak_rss_mib": 100 + n / 1e4},
+            "run": {"setup_s": 1.0, "peak_rss_mib": 400 + n / 1e4, "step_cpu_ms": 50.0, "topk_s": n**0.5},
+        }
+        for n in (1e5, 1e6, 1e7)
+    ]
+    exponents = bench.scale_exponents(points, base)
+    assert exponents["synth_s"] == pytest.approx(1.0) and exponents["topk_s"] == pytest.approx(0.5)
+    assert exponents["train_mib_above_baseline"] == pytest.approx(1.0)  # not diluted by the 400 MiB
+    assert exponents["step_cpu_ms"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_topk_overlap_matches_brute_force_and_ignores_padding():
+    rng = np.random.default_rng(0)
+    exact = np.stack([rng.permutation(50)[:10] for _ in range(30)])
+    approx = np.stack([rng.permutation(50)[:10] for _ in range(30)])
+    approx[:5, -3:] = -1  # IVF pads rows whose probed cells hold fewer than k items
+    brute = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
+    assert bench.topk_overlap(approx, exact) == pytest.approx(brute)
+    assert bench.topk_overlap(exact, exact) == 1.0
+
+
+def test_torch_topk_finds_the_exact_top_k():
+    queries, items = _unit(40, 1), _unit(300, 2)  # random floats: no ties
+    _, exact = exact_topk(queries, items, 25)
+    plain = bench.torch_topk(queries, items, 25, max_cells=1000)  # several chunks
+    assert np.array_equal(np.sort(plain, axis=1), np.sort(exact, axis=1))
+
+
+@pytest.mark.parametrize("name", ["ivf_flat", "hnsw"])
+def test_configured_ann_indexes_build_and_search(name):
+    cfg = bench.bench_config([], quick=False)
+    ann = instantiate(cfg.retrieval.ann_options[name])
+    queries, items = _unit(50, 3), _unit(2000, 4)
+    ann.build(items)
+    ids = ann.search(queries, 20, ann.efforts[0])
+    assert ids.shape == (50, 20) and ids.max() < len(items)
+    assert name in ann.description.lower().replace("-", "_")
+
+
+def test_ivf_probing_every_cell_is_exact():
+    queries, items = _unit(50, 5), _unit(2000, 6)
+    ann = bench.IVFFlat(nlist=16)
+    ann.build(items)
+    _, exact = exact_topk(queries, items, 20)
+    assert bench.topk_overlap(ann.search(queries, 20, effort=16), exact) == 1.0
+
+
+def test_quick_config_merges_over_the_full_one():
+    full, quick = bench.bench_config([], quick=False), bench.bench_config(["seed=3"], quick=True)
+    assert full.preset == "large" and quick.preset == "tiny" and quick.seed == 3
+    assert quick.report.endswith("bench-quick.md") and full.report.endswith("reports/bench/bench.md")
+    ivf, hnsw = quick.retrieval.ann_options.ivf_flat, quick.retrieval.ann_options.hnsw
+    assert ivf.nlist == 16 and list(ivf.efforts) == [2, 16] and hnsw.m == 32
+
+
+def test_peak_rss_is_read():
+    assert bench.peak_rss_mib() > 10
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_every_section_and_one_mlflow_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    env = {**os.environ, "CONVCG_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "convcg_cli.bench", "run", "--quick"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = (tmp_path / "reports" / "bench" / "bench-quick.md").read_text()
+    for section in SECTIONS:
+        assert section in report
+    assert "| baseline |" in report and "| scale_1 |" in report and "| step_cpu_ms |" in report
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve()}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("convcg-bench").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["quick"] == "True"
+    for name in (bench.LIGHTNING_VS_BARE, bench.DATA_VS_MODEL, "bench/retrieval/ann_nprobe_16/overlap"):
+        assert name in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "bench")} == {
+        "bench/bench.md",
+        "bench/results.json",
+    }
