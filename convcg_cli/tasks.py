@@ -32,3 +32,15 @@ def check_task_names(names) -> list[str]:
     if PRIMARY_TASK not in names:
         raise ConfigError(f"loss.task_weights must include the primary task '{PRIMARY_TASK}'.")
     return names
+
+
+def validate_task_weights(task_weights) -> dict[str, float]:
+    """``loss.task_weights`` as a plain dict, checked: known names, weights >= 0, at least one > 0."""
+    weights = {str(t): float(w) for t, w in dict(task_weights).items()}
+    check_task_names(weights)
+    negative = {t: w for t, w in weights.items() if w < 0}
+    if negative:
+        raise ValueError(f"Task weights must be >= 0, got {negative}.")
+    if not any(w > 0 for w in weights.values()):
+        raise ValueError(f"At least one task weight must be > 0, got {weights}.")
+    return weights

@@ -156,23 +156,13 @@ def lineage_tags(logger_cfg: Mapping[str, Any]) -> dict[str, str]:
 @contextmanager
 def parent_run(logger_cfg: Mapping[str, Any], run_name: str, tags: Mapping[str, str]) -> Iterator[TrackedRun]:
     """Open a run that groups child runs (``convcg ablate``); close it FINISHED, FAILED or KILLED."""
-    from mlflow.entities import RunStatus
-
     mlflow_client = client(logger_cfg)
     run = mlflow_client.create_run(
         experiment_id(mlflow_client, logger_cfg), tags=dict(tags), run_name=run_name
     )
     run_id = run.info.run_id
-    try:
+    with terminate_with_status(mlflow_client, run_id):
         yield TrackedRun(run_id, mlflow_client, None)
-    except (KeyboardInterrupt, SystemExit):
-        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
-        raise
-    except BaseException:
-        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-        raise
-    else:
-        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
 def child_runs(logger_cfg: Mapping[str, Any], parent_run_id: str) -> list:
@@ -194,10 +184,35 @@ def mark_failed(mlflow_client, run_id: str, error: str) -> None:
     mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
 
 
+def _terminate(mlflow_client, run_id: str, exc: BaseException | None) -> None:
+    """End a run FINISHED, KILLED (Ctrl-C: Lightning turns it into SystemExit(1)) or FAILED."""
+    from mlflow.entities import RunStatus
+
+    if exc is None:
+        status = RunStatus.FINISHED
+    elif isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        status = RunStatus.KILLED
+    else:
+        status = RunStatus.FAILED
+    mlflow_client.set_terminated(run_id, RunStatus.to_string(status))
+
+
+@contextmanager
+def terminate_with_status(mlflow_client, run_id: str) -> Iterator[None]:
+    """Whatever happens inside, the run ends with the matching status; what it logged stays."""
+    try:
+        yield
+    except BaseException as exc:
+        _terminate(mlflow_client, run_id, exc)
+        raise
+    else:
+        _terminate(mlflow_client, run_id, None)
+
+
 @contextmanager
 def tracked_run(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str]) -> Iterator[TrackedRun]:
     """Open a run with params, tags and the resolved config; close it with the right status."""
-    from mlflow.entities import Param, RunStatus
+    from mlflow.entities import Param
 
     mlflow_client = client(cfg.logger)
     exp = experiment_id(mlflow_client, cfg.logger)
@@ -207,7 +222,7 @@ def tracked_run(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str
         exp, tags=tags, run_name=cfg.logger.get("run_name") or tags.get("experiment")
     )
     run_id = run.info.run_id
-    try:
+    with terminate_with_status(mlflow_client, run_id):
         container = OmegaConf.to_container(cfg, resolve=True)
         assert isinstance(container, dict)
         params = [Param(k, v) for k, v in flatten(cast(dict[str, Any], container)).items()]
@@ -221,15 +236,6 @@ def tracked_run(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str
             OVERRIDES_ARTIFACT,
         )
         yield TrackedRun(run_id, mlflow_client, _lightning_logger(cfg.logger, run_id))
-    except (KeyboardInterrupt, SystemExit):
-        # Lightning turns Ctrl-C into SystemExit(1) after a graceful shutdown.
-        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
-        raise
-    except BaseException:
-        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-        raise
-    else:
-        mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
 def resolve_run(logger_cfg: Mapping[str, Any], run: str) -> str:

@@ -27,7 +27,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from convcg_cli.tasks import PRIMARY_TASK, check_task_names
+from convcg_cli.tasks import PRIMARY_TASK, validate_task_weights
 
 # Logged metric names, filled in with ``.format(task=...)`` / ``.format(pair=...)``.
 TASK_WEIGHT_METRIC = "train/task_weight/{task}"
@@ -76,13 +76,7 @@ class TaskBalancer(nn.Module):
 
     def __init__(self, task_weights: Mapping[str, float]) -> None:
         super().__init__()
-        weights = {str(t): float(w) for t, w in dict(task_weights).items()}
-        check_task_names(weights)
-        negative = {t: w for t, w in weights.items() if w < 0}
-        if negative:
-            raise ValueError(f"Task weights must be >= 0, got {negative}.")
-        if not any(w > 0 for w in weights.values()):
-            raise ValueError(f"At least one task weight must be > 0, got {weights}.")
+        weights = validate_task_weights(task_weights)
         self.task_weights = weights
         self.tasks = tuple(t for t, w in weights.items() if w > 0)
 

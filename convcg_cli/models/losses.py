@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convcg_cli.tasks import PRIMARY_TASK, check_task_names
+from convcg_cli.tasks import PRIMARY_TASK, validate_task_weights
 
 
 def sampled_softmax_loss(
@@ -221,13 +221,7 @@ class MultiTaskSampledSoftmax(nn.Module):
         advertiser_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        weights = {str(t): float(w) for t, w in dict(task_weights).items()}
-        check_task_names(weights)
-        negative = {t: w for t, w in weights.items() if w < 0}
-        if negative:
-            raise ValueError(f"Task weights must be >= 0, got {negative}.")
-        if not any(w > 0 for w in weights.values()):
-            raise ValueError(f"At least one task weight must be > 0, got {weights}.")
+        weights = validate_task_weights(task_weights)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
         if advertiser_weight < 0:
