@@ -27,7 +27,7 @@ data_app = typer.Typer(help="Make and check log tables in the data_schemas/ cont
 app.add_typer(data_app, name="data")
 
 out = Console(soft_wrap=True)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 OVERRIDES_HELP = (
     "Hydra overrides, e.g. +experiment=unified_parallel trainer.max_epochs=2 loss.task_weights.engagement=0.3"

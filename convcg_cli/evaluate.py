@@ -181,7 +181,15 @@ def evaluate(
     state = torch.load(
         tracking.download_checkpoint(cfg.logger, run_id), map_location="cpu", weights_only=False
     )
-    model.load_state_dict(state["state_dict"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as exc:  # shapes differ: the code or the data changed since training
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise ConvcgError(
+            f"The checkpoint of run {run_id} does not fit the model rebuilt from its saved config and "
+            f"{dm.dir} ({first}). The data (feature columns, corpus) or convcg changed since it was "
+            "trained; evaluate it on the logs it was trained on, or retrain."
+        ) from None
     model.eval()
     _, topk = exact_topk(embed_split(model, dm, cfg.split), model.embed_items(dm.item_features), max(cfg.ks))
     metrics.update(score_ranking(topk, queries, cfg.split, tasks, cfg))

@@ -133,3 +133,16 @@ def test_override_typo_and_missing_plus(home):
     assert typo.exit_code == 2 and "max_epoch" in typo.output and "Traceback" not in typo.output
     plus = invoke("train", "experiment=unified_parallel")
     assert plus.exit_code == 2 and "+experiment=NAME" in plus.output
+
+
+def test_eval_on_logs_with_another_corpus_is_a_clear_error(home, tiny_data, tmp_path, tiny_overrides):
+    assert invoke("train", *tiny_overrides).exit_code == 0
+    other = _copy(tiny_data, tmp_path)
+    items = pl.read_parquet(other / "items.parquet")
+    extra = items.head(1).with_columns(
+        item_id=pl.lit(items["item_id"].max() + 1, dtype=items["item_id"].dtype)
+    )
+    pl.concat([items, extra]).write_parquet(other / "items.parquet")
+    result = invoke("eval", "--run", "latest", f"data_dir={other}")
+    assert result.exit_code == 2, result.output
+    assert "does not fit the model rebuilt" in result.output and "Traceback" not in result.output
