@@ -11,6 +11,8 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -97,7 +99,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A bounded rendezvous: a rank that cannot reach the other fails in a minute instead of hanging.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     result = {}
     for name in CASES:
         model, loss_fn, batch = _case(name)
@@ -115,16 +118,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Both ranks live on this host: gloo's pair sockets go over loopback, not over whatever interface the
+# host name resolves to (a sandbox may resolve it to an address the ranks cannot reach, and hang).
+LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+SPAWN_TIMEOUT_S = 240
+
+
+def run_bounded(
+    cmd: list[str] | Callable[[], list[str]], attempts: int = 2, timeout_s: int = SPAWN_TIMEOUT_S, **kwargs
+) -> subprocess.CompletedProcess:
+    """``subprocess.run`` with a wall-clock bound, tried again once (a fresh port) if it times out.
+
+    A multi-process test must fail with its output, never hang the suite. ``cmd`` may be a callable
+    that builds the command, so each attempt can pick a new free port.
+    """
+    for attempt in range(1, attempts + 1):
+        args = cmd() if callable(cmd) else cmd
+        try:
+            return subprocess.run(args, capture_output=True, text=True, timeout=timeout_s, **kwargs)
+        except subprocess.TimeoutExpired as e:
+            if attempt == attempts:
+                out = (e.stdout or b"")[-2000:], (e.stderr or b"")[-3000:]
+                pytest.fail(f"{args[:4]}... ran past {timeout_s} s {attempts} times; output: {out}")
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """What each of 2 gloo processes computed, run in a subprocess (never DDP inside pytest)."""
     out = tmp_path_factory.mktemp("ddp")
-    code = (
-        "import torch.multiprocessing as mp; from tests.test_ddp import _worker, WORLD; "
-        f"mp.spawn(_worker, args=({_free_port()}, {str(out)!r}), nprocs=WORLD)"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+
+    def cmd() -> list[str]:
+        code = (
+            "import torch.multiprocessing as mp; from tests.test_ddp import _worker, WORLD; "
+            f"mp.spawn(_worker, args=({_free_port()}, {str(out)!r}), nprocs=WORLD)"
+        )
+        return [sys.executable, "-c", code]
+
+    done = run_bounded(cmd, cwd=REPO, env={**os.environ, **LOOPBACK_ENV})
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
@@ -193,12 +224,12 @@ def test_train_trainer_ddp_end_to_end_logs_one_finished_run(tiny_data, tmp_path)
     """``convcg train trainer=ddp`` on 2 CPU processes: one FINISHED run, one value per step."""
     from mlflow.tracking import MlflowClient
 
-    env = {**os.environ, "CONVCG_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "CONVCG_HOME": str(tmp_path), **LOOPBACK_ENV}
     for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "convcg_cli", "train", "trainer=ddp", "trainer.accelerator=cpu"]
-    done = subprocess.run(
-        [*cmd, f"data.dir={tiny_data}", *TINY_TRAIN], cwd=tmp_path, env=env, capture_output=True, text=True
+    done = run_bounded(
+        [*cmd, f"data.dir={tiny_data}", *TINY_TRAIN], attempts=1, timeout_s=540, cwd=tmp_path, env=env
     )
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve()}/mlflow.db")
