@@ -28,7 +28,7 @@ EVAL_ARTIFACT_DIR = "eval"
 BASELINE_PREFIX = "baseline_"
 # Data options that only change how training batches are drawn, not the evaluation queries or the
 # training window; runs differing only in these share their baseline metrics (see ``baseline_cache``).
-_TRAINING_ONLY_DATA_KEYS = ("seed", "batch_size", "eval_batch_size", "hard_negatives")
+_TRAINING_ONLY_DATA_KEYS = ("seed", "batch_size", "eval_batch_size", "hard_negatives", "stream")
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def evaluate(
     if cfg.data_dir:
         train_cfg.data.dir = str(cfg.data_dir)
     tasks = list(train_cfg.loss.task_weights.keys())
-    dm = build_datamodule(train_cfg, tasks)
+    dm = build_datamodule(train_cfg, tasks, stage="validate")  # no training examples needed
     queries = dm.queries[cfg.split]
     if len(queries.positives[PRIMARY_TASK][0]) == 0:
         lo, hi = queries.days

@@ -23,10 +23,12 @@ class TrainResult:
     metrics: dict[str, float]
 
 
-def build_datamodule(cfg, tasks: list[str]):
-    """Instantiate and set up ``cfg.data``: loads, validates and splits the logs (raises on bad input)."""
+def build_datamodule(cfg, tasks: list[str], stage: str = "fit"):
+    """Instantiate and set up ``cfg.data``: loads, validates and splits the logs (raises on bad input).
+
+    ``stage="validate"`` may skip what only training needs (data.stream: the training shards)."""
     dm = instantiate(cfg.data, tasks=tasks)
-    dm.setup("fit")
+    dm.setup(stage)
     return dm
 
 

@@ -24,6 +24,7 @@ SECTIONS = [
     "## (c) Exact top-k evaluation vs torch vs an ANN index",
     "## (d) Peak resident memory of each step",
     "## (e) How costs grow",
+    "## (f) Bounded memory: streamed training as the log grows",
 ]
 
 
@@ -51,6 +52,27 @@ def test_scale_exponents_fit_memory_above_the_import_baseline():
     assert exponents["synth_s"] == pytest.approx(1.0) and exponents["topk_s"] == pytest.approx(0.5)
     assert exponents["train_mib_above_baseline"] == pytest.approx(1.0)  # not diluted by the 400 MiB
     assert exponents["step_cpu_ms"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_memory_exponents_and_verdict_of_the_bounded_memory_sweep():
+    results = {
+        "baseline": {"train_mib": 500.0},
+        "memory": [
+            {
+                "factor": f,
+                "synth": {"impressions": int(1e6 * f)},
+                "streamed": {"peak_rss_mib": 500 + 300.0},  # flat above the baseline
+                "in_memory": {"peak_rss_mib": 500 + 300.0 * f},  # linear
+            }
+            for f in (0.25, 1.0, 4.0)
+        ],
+    }
+    exps = bench.memory_exponents(results)
+    assert exps["streamed"] == pytest.approx(0.0, abs=1e-12) and exps["in_memory"] == pytest.approx(1.0)
+    assert "| 0.00 | < 0.1 | pass |" in bench._memory_verdict(results)[0]
+    results["memory"][2]["streamed"]["peak_rss_mib"] = 500 + 600.0
+    assert "**FAIL**" in bench._memory_verdict(results)[0]
+    assert bench.memory_exponents({"memory": []}) == {}
 
 
 def test_topk_overlap_matches_brute_force_and_ignores_padding():
@@ -121,7 +143,12 @@ def test_quick_bench_writes_every_section_and_one_mlflow_run(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve()}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("convcg-bench").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["quick"] == "True"
-    for name in (bench.LIGHTNING_VS_BARE, bench.DATA_VS_MODEL, "bench/retrieval/ann_nprobe_16/overlap"):
+    for name in (
+        bench.LIGHTNING_VS_BARE,
+        bench.DATA_VS_MODEL,
+        "bench/retrieval/ann_nprobe_16/overlap",
+        "bench/bounded_memory/streamed_peak_exponent",
+    ):
         assert name in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "bench")} == {
         "bench/bench.md",

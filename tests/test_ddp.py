@@ -220,14 +220,18 @@ def test_fewer_rows_than_a_global_batch_gives_every_rank_one_equal_batch(monkeyp
 
 
 @pytest.mark.slow
-def test_train_trainer_ddp_end_to_end_logs_one_finished_run(tiny_data, tmp_path):
-    """``convcg train trainer=ddp`` on 2 CPU processes: one FINISHED run, one value per step."""
+@pytest.mark.parametrize("streamed", [False, True], ids=["in_memory", "streamed"])
+def test_train_trainer_ddp_end_to_end_logs_one_finished_run(tiny_data, tmp_path, streamed):
+    """``convcg train trainer=ddp`` on 2 CPU processes: one FINISHED run, one value per step; streamed,
+    rank 0 writes the shards and each rank reads its own."""
     from mlflow.tracking import MlflowClient
 
     env = {**os.environ, "CONVCG_HOME": str(tmp_path), **LOOPBACK_ENV}
     for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "convcg_cli", "train", "trainer=ddp", "trainer.accelerator=cpu"]
+    if streamed:
+        cmd += ["data.stream.enabled=true", "data.stream.chunk_rows=5000"]
     done = run_bounded(
         [*cmd, f"data.dir={tiny_data}", *TINY_TRAIN], attempts=1, timeout_s=540, cwd=tmp_path, env=env
     )

@@ -87,3 +87,20 @@ def test_every_lever_trains_end_to_end(home, tiny_overrides, lever):
     metrics = _client(home).get_run(result.run_id).data.metrics
     assert 0.0 <= metrics["val/conversion/recall_at_100"] <= 1.0
     assert "train/task_weight/conversion" in metrics
+
+
+def test_streamed_training_and_evaluation_end_to_end(home, tiny_overrides):
+    """data.stream: shards under outputs/shards, a finished run, and eval on it writes no new shards."""
+    from convcg_cli.evaluate import evaluate
+
+    overrides = ["data.stream.enabled=true", "data.stream.chunk_rows=5000", "data.hard_negatives=2"]
+    result = train(compose("train", [*tiny_overrides, *overrides]))
+    run = _client(home).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["data.stream.enabled"] == "True"
+    assert 0.0 <= run.data.metrics["val/conversion/recall_at_100"] <= 1.0
+    (shards,) = (home / "outputs" / "shards").iterdir()
+    assert len(list(shards.glob("shard-*.npz"))) > 1
+    before = {p: p.stat().st_mtime_ns for p in shards.iterdir()}
+    out = evaluate(compose("eval", ["bootstrap.n_boot=0", "baselines=[]"]), run="latest")
+    assert 0.0 <= out.metrics["heldout/conversion/recall_at_100"] <= 1.0
+    assert {p: p.stat().st_mtime_ns for p in shards.iterdir()} == before

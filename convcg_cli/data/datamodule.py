@@ -7,13 +7,27 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import polars as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from convcg_cli.data import features as F
 from convcg_cli.data.history import engagement_events
 from convcg_cli.data.positives import LabelPositives
-from convcg_cli.data.schema import load_schemas, load_tables
+from convcg_cli.data.schema import MISSING_FILE, Violation, load_schemas, load_tables
+from convcg_cli.data.stream import (
+    INDEX_FILE,
+    ShardedBatches,
+    draw_hard_negatives,
+    fingerprint,
+    in_days,
+    read_index,
+    scan_impressions,
+    validate_chunks,
+    wait_for_index,
+    write_shards,
+)
+from convcg_cli.errors import ConfigError, DataValidationError
 from convcg_cli.tasks import TASK_LABELS
 
 
@@ -36,12 +50,9 @@ class HardNegativeSampler:
 
     def sample(self, user_pos: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(B,) user positions -> (B, H) item positions, -1 where the user has none."""
-        count = self.count[user_pos].unsqueeze(1)  # (B, 1)
-        u = torch.rand(len(user_pos), self.per_example, generator=generator)  # (B, H)
-        offset = (u * count).long().clamp_max((count - 1).clamp_min(0))  # (B, H)
-        idx = (self.start[user_pos].unsqueeze(1) + offset).clamp_max(max(len(self.items) - 1, 0))
-        picked = self.items[idx] if len(self.items) else torch.zeros_like(idx)
-        return torch.where(count > 0, picked, torch.full_like(picked, -1))
+        return draw_hard_negatives(
+            self.start[user_pos], self.count[user_pos], self.items, self.per_example, generator
+        )
 
 
 class ShuffledBatches(IterableDataset):
@@ -66,6 +77,11 @@ class ShuffledBatches(IterableDataset):
         self.item_features, self.item_log_q = item_features, item_log_q
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.hard_negatives = hard_negatives
+
+    @property
+    def n_examples(self) -> int:
+        """Training examples per epoch (all ranks together)."""
+        return len(self.item_pos)
 
     def __len__(self) -> int:
         """Batches per epoch in this process. Under DDP every rank gets ``1 / world_size`` of the full
@@ -155,6 +171,9 @@ class ImpressionDataModule(L.LightningDataModule):
         context: request-context features of the query tower (surface, subject_item_id, query_bucket).
         history: {"max_len": L}: the user's last L engaged items strictly before each request as a
             sequence feature (0 = off). Events come from every day, each request seeing only its past.
+        stream: {"enabled": bool, "chunk_rows": N, "cache_dir": DIR}: with enabled, impressions are
+            read N rows at a time and training examples served from shards cached in DIR, so peak
+            memory does not grow with the number of impressions (see ``convcg_cli.data.stream``).
     """
 
     def __init__(
@@ -172,6 +191,7 @@ class ImpressionDataModule(L.LightningDataModule):
         hard_negatives: int = 0,
         context: Sequence[str] = F.CONTEXT_FEATURES,
         history: Mapping[str, int] | None = None,
+        stream: Mapping | None = None,
     ) -> None:
         super().__init__()
         self.dir = Path(dir)
@@ -186,10 +206,24 @@ class ImpressionDataModule(L.LightningDataModule):
         features = features or {}
         self.item_columns = F.FeatureColumns(**{k: tuple(v) for k, v in features.get("item", {}).items()})
         self.user_columns = F.FeatureColumns(**{k: tuple(v) for k, v in features.get("user", {}).items()})
+        stream = dict(stream or {})
+        self.stream = bool(stream.get("enabled", False))
+        self.chunk_rows = int(stream.get("chunk_rows", 1 << 20))
+        self.cache_dir = Path(stream.get("cache_dir") or self.dir / ".convcg-shards")
+        if self.stream and self.chunk_rows < 1:
+            raise ConfigError(f"data.stream.chunk_rows must be >= 1, got {self.chunk_rows}.")
+        self.train_set: ShuffledBatches | ShardedBatches | None = None
         self._ready = False
 
     def setup(self, stage: str | None = None) -> None:
-        """Load, validate, split and build every tensor once (idempotent)."""
+        """Load, validate, split and build every tensor once (idempotent).
+
+        Streamed (``stream.enabled``), the training shards are only written or read for ``fit``:
+        evaluation needs the corpus and the evaluation days, not the training examples.
+        """
+        if self.stream:
+            self._setup_streamed(stage)
+            return
         if self._ready:
             return
         tables = load_tables(self.dir)
@@ -242,7 +276,144 @@ class ImpressionDataModule(L.LightningDataModule):
         }
         self._ready = True
 
+    # ----------------------------------------------------------------------------------------------
+    # Streamed: bounded memory (convcg_cli.data.stream)
+    # ----------------------------------------------------------------------------------------------
+
+    def _content_options(self) -> dict:
+        """Every option that changes the shards' content (part of their cache key)."""
+        return {
+            "val_days": self.val_days,
+            "heldout_days": self.heldout_days,
+            "tasks": self.tasks,
+            "positives": [type(self.positives).__name__, sorted(vars(self.positives).items())],
+            "hard_negatives": self.hard_negatives > 0,
+            "context": list(self.context),
+            "history_max_len": self.history_max_len,
+            "query_hash_buckets": self.query_hash_buckets,
+            "item_columns": repr(self.item_columns),
+            "user_columns": repr(self.user_columns),
+            "chunk_rows": self.chunk_rows,
+        }
+
+    def _setup_streamed(self, stage: str | None) -> None:
+        if not self._ready:
+            self._setup_streamed_eval()
+        if stage in ("fit", None) and self.train_set is None:
+            self._setup_streamed_train()
+
+    def _setup_streamed_eval(self) -> None:
+        """Everything but the training examples: the item corpus (with training-window performance),
+        the users, the split and the evaluation queries. Memory: O(items + users + evaluation days)."""
+        schemas = load_schemas()
+        small = load_tables(self.dir, {k: schemas[k] for k in ("items", "users")})
+        schema = schemas["impressions"]
+        self.impressions_path = self.dir / schema.file
+        if not self.impressions_path.is_file():
+            raise DataValidationError(
+                [
+                    Violation(
+                        "impressions",
+                        schema.file,
+                        None,
+                        0,
+                        f"a parquet file with columns {', '.join(schema.column_names)}",
+                        f"file is missing from {self.dir}",
+                        MISSING_FILE,
+                    )
+                ]
+            )
+        files = [self.dir / schemas[k].file for k in ("impressions", "items", "users")]
+        self.shard_dir = self.cache_dir / fingerprint(files, self._content_options())
+        if (self.shard_dir / INDEX_FILE).exists():  # validated when the shards were written
+            meta = read_index(self.shard_dir).meta
+            total, first, last = meta["rows"], meta["first_day"], meta["last_day"]
+        else:
+            total, first, last = validate_chunks(
+                self.impressions_path, self.chunk_rows, schemas, small["items"], small["users"]
+            )
+        self._file_meta = {"rows": total, "first_day": first, "last_day": last}
+        self.split_days = F.split_days(first, last, self.val_days, self.heldout_days)
+        lazy = scan_impressions(self.impressions_path, schema)
+        self.n_rows = {
+            k: int(v)
+            for k, v in lazy.select([in_days(d).sum().alias(k) for k, d in self.split_days.items()])
+            .collect(engine="streaming")
+            .row(0, named=True)
+            .items()
+        }
+        F.check_split_rows(self.n_rows, self.split_days)
+        train = lazy.filter(in_days(self.split_days["train"]))
+        engaged = pl.any_horizontal([TASK_LABELS[t] for t in self.tasks])
+        n_engaged = int(train.select(engaged.sum()).collect(engine="streaming").item())
+        if n_engaged == 0:
+            raise F.SplitError(
+                f"The train split (days {self.split_days['train']}) of {F.IMPRESSIONS_FILE} has no row "
+                f"positive for any task {self.tasks}; expected clicks, saves or conversions to learn from."
+            )
+        self.surfaces = list(schema.column("surface").allowed or ())
+        self.items = F.build_item_table(small["items"], train, self.item_columns)
+        self.users = F.build_user_table(small["users"], self.user_columns)
+        events = None
+        if self.history_max_len > 0:  # O(engagements): 4 integers per click, saves and conversions
+            cols = ["user_id", "timestamp", "item_id", "clicked", "saved", "converted"]
+            engaged_any = pl.col("clicked") | pl.col("saved") | pl.col("converted")
+            events = engagement_events(lazy.filter(engaged_any).select(cols).collect(engine="streaming"))
+        self.inputs = F.QueryInputs(
+            users=self.users,
+            items=self.items,
+            surfaces=self.surfaces,
+            query_hash_buckets=self.query_hash_buckets,
+            context=self.context,
+            events=events,
+            history_max_len=self.history_max_len,
+        )
+        frames = {  # only the engaged rows become evaluation queries
+            name: lazy.filter(in_days(self.split_days[name]) & engaged).collect(engine="streaming")
+            for name in ("val", "heldout")
+        }
+        self.user_spec = F.build_query_features(train.head(1).collect(), self.inputs).spec
+        self.item_spec = self.items.spec
+        self.item_features = _to_torch(self.items.features)
+        self.queries = {
+            name: F.build_query_set(frame, self.inputs, self.tasks, self.split_days[name])
+            for name, frame in frames.items()
+        }
+        self._ready = True
+
+    def _setup_streamed_train(self) -> None:
+        """The training shards: written once by local rank 0 (others wait), then read shard by shard."""
+        import os
+
+        if (self.shard_dir / INDEX_FILE).exists():
+            index = read_index(self.shard_dir)
+        elif int(os.environ.get("LOCAL_RANK") or 0) > 0:
+            index = wait_for_index(self.shard_dir)
+        else:
+            index = write_shards(
+                self.impressions_path,
+                self.shard_dir,
+                self.chunk_rows,
+                self.split_days["train"],
+                self.inputs,
+                self.tasks,
+                self.positives,
+                load_schemas()["impressions"],
+                hard_negatives=self.hard_negatives > 0,
+                meta=self._file_meta,
+            )
+        self.train_set = ShardedBatches(
+            index,
+            item_features=self.item_features,
+            item_log_q=torch.from_numpy(F.log_frequency_from_counts(index.item_counts)),
+            batch_size=self.batch_size,
+            seed=self.seed,
+            hard_negatives=self.hard_negatives,
+        )
+
     def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            raise RuntimeError("setup('fit') builds the training set; it was set up for evaluation only")
         return DataLoader(self.train_set, batch_size=None)
 
     def query_loader(self, split: str) -> DataLoader:

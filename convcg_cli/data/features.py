@@ -35,6 +35,35 @@ class TimeSplit:
     days: dict[str, tuple[int, int]]  # split -> (first day, last day), days since the unix epoch
 
 
+def split_days(first: int, last: int, val_days: int, heldout_days: int) -> dict[str, tuple[int, int]]:
+    """(first day, last day) of train | val | heldout, counting whole days back from ``last``."""
+    heldout_start = last - heldout_days + 1
+    val_start = heldout_start - val_days
+    n_days = last - first + 1
+    if val_days < 1 or heldout_days < 1 or val_start <= first:
+        raise SplitError(
+            f"{IMPRESSIONS_FILE} covers {n_days} day(s) (days {first}..{last} since 1970-01-01); "
+            f"data.val_days={val_days} and data.heldout_days={heldout_days} need at least "
+            f"{val_days + heldout_days + 1} days so that at least one day is left to train on."
+        )
+    return {
+        "train": (first, val_start - 1),
+        "val": (val_start, heldout_start - 1),
+        "heldout": (heldout_start, last),
+    }
+
+
+def check_split_rows(rows: dict[str, int], days: dict[str, tuple[int, int]]) -> None:
+    """Every split must have rows."""
+    for name, n in rows.items():
+        if n == 0:
+            lo, hi = days[name]
+            raise SplitError(
+                f"The {name} split (days {lo}..{hi} since 1970-01-01) of {IMPRESSIONS_FILE} has 0 rows; "
+                f"expected impressions on those days. Adjust data.val_days / data.heldout_days."
+            )
+
+
 def split_by_time(impressions: pl.DataFrame, val_days: int, heldout_days: int) -> TimeSplit:
     """Split by whole days counted back from the last logged day.
 
@@ -46,33 +75,13 @@ def split_by_time(impressions: pl.DataFrame, val_days: int, heldout_days: int) -
     first, last = (
         int(x) for x in impressions.select(day.min().alias("first"), day.max().alias("last")).row(0)
     )
-    heldout_start = last - heldout_days + 1
-    val_start = heldout_start - val_days
-    n_days = last - first + 1
-    if val_days < 1 or heldout_days < 1 or val_start <= first:
-        raise SplitError(
-            f"{IMPRESSIONS_FILE} covers {n_days} day(s) (days {first}..{last} since 1970-01-01); "
-            f"data.val_days={val_days} and data.heldout_days={heldout_days} need at least "
-            f"{val_days + heldout_days + 1} days so that at least one day is left to train on."
-        )
+    bounds = split_days(first, last, val_days, heldout_days)
     with_day = impressions.with_columns(day.alias("_day"))
     parts = {
-        "train": with_day.filter(pl.col("_day") < val_start),
-        "val": with_day.filter((pl.col("_day") >= val_start) & (pl.col("_day") < heldout_start)),
-        "heldout": with_day.filter(pl.col("_day") >= heldout_start),
+        name: with_day.filter((pl.col("_day") >= lo) & (pl.col("_day") <= hi))
+        for name, (lo, hi) in bounds.items()
     }
-    bounds = {
-        "train": (first, val_start - 1),
-        "val": (val_start, heldout_start - 1),
-        "heldout": (heldout_start, last),
-    }
-    for name, frame in parts.items():
-        if frame.height == 0:
-            lo, hi = bounds[name]
-            raise SplitError(
-                f"The {name} split (days {lo}..{hi} since 1970-01-01) of {IMPRESSIONS_FILE} has 0 rows; "
-                f"expected impressions on those days. Adjust data.val_days / data.heldout_days."
-            )
+    check_split_rows({name: frame.height for name, frame in parts.items()}, bounds)
     return TimeSplit(**{k: v.drop("_day") for k, v in parts.items()}, days=bounds)
 
 
@@ -126,19 +135,30 @@ def positions(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.searchsorted(sorted_ids, ids).astype(np.int64)
 
 
-def item_performance(items: pl.DataFrame, train: pl.DataFrame) -> pl.DataFrame:
+def item_performance(items: pl.DataFrame, train: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
     """Per-item impressions, clicks and conversions in the training window, with smoothed rates.
 
     Rates are shrunk towards the global rate (Beta prior worth ``prior`` impressions/clicks) so that
-    an item with 1 impression and 1 click does not look like the best item in the corpus.
+    an item with 1 impression and 1 click does not look like the best item in the corpus. ``train``
+    may be a lazy scan (data.stream): then only per-item counts are ever held in memory.
     """
-    counts = train.group_by("item_id").agg(
-        pl.len().alias("impressions"),
-        pl.col("clicked").sum().alias("clicks"),
-        pl.col("converted").sum().alias("conversions"),
+    lazy = train.lazy()
+    counts = (
+        lazy.group_by("item_id")
+        .agg(
+            pl.len().alias("impressions"),
+            pl.col("clicked").sum().alias("clicks"),
+            pl.col("converted").sum().alias("conversions"),
+        )
+        .collect(engine="streaming")
     )
-    ctr0 = float(train["clicked"].cast(pl.Float64).mean() or 0.0)  # type: ignore[arg-type]
-    cvr0 = float(train["converted"].sum()) / max(float(train["clicked"].sum()), 1.0)
+    n, clicks, conversions = (
+        lazy.select(pl.len(), pl.col("clicked").sum(), pl.col("converted").sum())
+        .collect(engine="streaming")
+        .row(0)
+    )
+    ctr0 = float(clicks) / max(float(n), 1.0)
+    cvr0 = float(conversions) / max(float(clicks), 1.0)
     prior = 20.0
     return (
         items.select("item_id")
@@ -161,7 +181,9 @@ class ItemTable:
     performance: pl.DataFrame  # training-window counts, for baselines and reports
 
 
-def build_item_table(items: pl.DataFrame, train: pl.DataFrame, columns: FeatureColumns) -> ItemTable:
+def build_item_table(
+    items: pl.DataFrame, train: pl.DataFrame | pl.LazyFrame, columns: FeatureColumns
+) -> ItemTable:
     """Item ID, advertiser, the configured item columns, and training-window performance features."""
     items = items.sort("item_id")
     perf = item_performance(items, train)
@@ -342,7 +364,12 @@ def impression_negatives(
 
 def item_log_frequency(item_pos: np.ndarray, n_items: int) -> np.ndarray:
     """log of each item's share of the training examples: the in-batch sampling probability for logQ."""
-    counts = np.bincount(item_pos, minlength=n_items).astype(np.float64) + 1.0
+    return log_frequency_from_counts(np.bincount(item_pos, minlength=n_items))
+
+
+def log_frequency_from_counts(counts: np.ndarray) -> np.ndarray:
+    """``item_log_frequency`` from per-item example counts (add-one smoothed)."""
+    counts = counts.astype(np.float64) + 1.0
     return np.log(counts / counts.sum()).astype(np.float32)
 
 

@@ -597,6 +597,19 @@ def _conform_and_check(
     return conformed, violations
 
 
+def conform_table(schema: TableSchema, df: pl.DataFrame) -> pl.DataFrame:
+    """``df`` cast to ``schema`` as ``load_tables`` returns it (no checks: validate first)."""
+    return _conform(schema, df)[0]
+
+
+def conform_frames(
+    frames: Mapping[str, pl.DataFrame], schemas: Mapping[str, TableSchema]
+) -> tuple[dict[str, pl.DataFrame], list[Violation]]:
+    """Conform frames that were read (cast to the schema dtypes, optional columns added) and check
+    them; return the conformed frames and every violation (used chunk by chunk by data.stream)."""
+    return _conform_and_check(frames, schemas)
+
+
 def validate_frames(
     frames: Mapping[str, pl.DataFrame], schemas: Mapping[str, TableSchema] | None = None
 ) -> list[Violation]:
