@@ -199,10 +199,12 @@ def write_shards(
         np.save(tmp / "item_counts.npy", counts)
         index = {"files": files, "rows": rows, "hard_negatives": hard_negatives, "version": FORMAT_VERSION}
         (tmp / INDEX_FILE).write_text(json.dumps({**index, "meta": dict(meta or {})}))
-        if out_dir.exists():  # another process finished first: keep its shards
-            shutil.rmtree(tmp)
-        else:
+        try:
             tmp.rename(out_dir)
+        except OSError:
+            if not (out_dir / INDEX_FILE).exists():
+                raise
+            shutil.rmtree(tmp)  # another process (another node's rank 0) finished first: keep its shards
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import polars as pl
 import pytest
@@ -10,6 +12,7 @@ import torch
 from convcg_cli.data import stream
 from convcg_cli.data.datamodule import ImpressionDataModule
 from convcg_cli.data.positives import DualPositives
+from convcg_cli.data.schema import load_schemas
 from convcg_cli.data.synth import write_tables
 from convcg_cli.errors import DataValidationError
 
@@ -176,6 +179,26 @@ def test_a_failed_write_leaves_no_cache_behind(tiny_data, tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         dm.setup("fit")
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_writer_that_loses_the_race_keeps_the_winners_shards(pair, tmp_path):
+    _, streamed = pair
+    winner = streamed.train_set.index.dir
+    target = tmp_path / "shards"
+    shutil.copytree(winner, target)
+    index = stream.write_shards(
+        streamed.impressions_path,
+        target,
+        CHUNK,
+        streamed.split_days["train"],
+        streamed.inputs,
+        TASKS,
+        streamed.positives,
+        load_schemas()["impressions"],
+        hard_negatives=False,
+    )
+    assert index.has_hard_negatives  # the winner's shards (written with hard negative pools) are kept
+    assert [p.name for p in tmp_path.iterdir()] == ["shards"]  # no temporary directory left
 
 
 def test_a_bad_chunk_is_a_clear_error_naming_column_rows_and_range(tiny_tables, tmp_path):
