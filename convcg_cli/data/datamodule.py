@@ -18,6 +18,7 @@ from convcg_cli.data.schema import MISSING_FILE, Violation, load_schemas, load_t
 from convcg_cli.data.stream import (
     INDEX_FILE,
     ShardedBatches,
+    assemble_batch,
     draw_hard_negatives,
     fingerprint,
     in_days,
@@ -93,21 +94,18 @@ class ShuffledBatches(IterableDataset):
 
     def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """Gather one batch; item features come from the corpus table by item position."""
-        pos = self.item_pos[idx]
-        out = {
-            "user": {k: v[idx] for k, v in self.user.items()},
-            "item": {k: v[pos] for k, v in self.item_features.items()},
-            "item_pos": pos,
-            "log_q": self.item_log_q[pos],
-            "weights": {k: v[idx] for k, v in self.weights.items()},
-        }
+        hard = None
         if self.hard_negatives is not None:
             generator = generator or torch.Generator().manual_seed(self.seed)
             hard = self.hard_negatives.sample(self.user["user_id"][idx] - 1, generator)  # (B, H)
-            flat = hard.clamp_min(0).reshape(-1)
-            out["hard_pos"] = hard
-            out["hard_item"] = {k: v[flat] for k, v in self.item_features.items()}
-        return out
+        return assemble_batch(
+            {k: v[idx] for k, v in self.user.items()},
+            {k: v[idx] for k, v in self.weights.items()},
+            self.item_pos[idx],
+            self.item_features,
+            self.item_log_q,
+            hard,
+        )
 
     def __iter__(self) -> Iterator[dict]:
         """This process's batches of the next epoch.

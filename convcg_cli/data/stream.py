@@ -299,19 +299,14 @@ class ShardedBatches(IterableDataset):
         return cols
 
     def batch(self, cols: Mapping[str, torch.Tensor], idx: torch.Tensor) -> dict:
-        pos = cols["item_pos"][idx]
-        out = {
-            "user": {k[2:]: v[idx] for k, v in cols.items() if k.startswith("q/")},
-            "item": {k: v[pos] for k, v in self.item_features.items()},
-            "item_pos": pos,
-            "log_q": self.item_log_q[pos],
-            "weights": {k[2:]: v[idx] for k, v in cols.items() if k.startswith("w/")},
-        }
-        if "hard_pos" in cols:
-            hard = cols["hard_pos"][idx]
-            out["hard_pos"] = hard
-            out["hard_item"] = {k: v[hard.clamp_min(0).reshape(-1)] for k, v in self.item_features.items()}
-        return out
+        return assemble_batch(
+            {k[2:]: v[idx] for k, v in cols.items() if k.startswith("q/")},
+            {k[2:]: v[idx] for k, v in cols.items() if k.startswith("w/")},
+            cols["item_pos"][idx],
+            self.item_features,
+            self.item_log_q,
+            cols["hard_pos"][idx] if "hard_pos" in cols else None,
+        )
 
     def __iter__(self) -> Iterator[dict]:
         from convcg_cli.models.distributed import rank_and_world
@@ -338,6 +333,29 @@ class ShardedBatches(IterableDataset):
             rest = {k: v[left] for k, v in cols.items()}
         if n_batches == 0 and rest is not None and min_rows > 0:  # fewer rows than one batch per rank
             yield self.batch(rest, torch.arange(min_rows))
+
+
+def assemble_batch(
+    user: dict[str, torch.Tensor],
+    weights: dict[str, torch.Tensor],
+    item_pos: torch.Tensor,
+    item_features: Mapping[str, torch.Tensor],
+    item_log_q: torch.Tensor,
+    hard_pos: torch.Tensor | None = None,
+) -> dict:
+    """One training batch from its rows' query features, task weights and item positions (and hard
+    negative positions, -1 = padding): item features and logQ come from the corpus by position."""
+    out = {
+        "user": user,
+        "item": {k: v[item_pos] for k, v in item_features.items()},
+        "item_pos": item_pos,
+        "log_q": item_log_q[item_pos],
+        "weights": weights,
+    }
+    if hard_pos is not None:
+        out["hard_pos"] = hard_pos
+        out["hard_item"] = {k: v[hard_pos.clamp_min(0).reshape(-1)] for k, v in item_features.items()}
+    return out
 
 
 def draw_hard_negatives(
