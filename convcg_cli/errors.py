@@ -10,10 +10,12 @@ class ConvcgError(Exception):
 class DataValidationError(ConvcgError):
     """Input tables broke their contract in ``data_schemas/``; carries every violation found."""
 
-    def __init__(self, violations: list) -> None:
+    def __init__(self, violations: list, note: str = "") -> None:
         self.violations = list(violations)
         lines = "\n".join(f"  - {v}" for v in self.violations)
-        super().__init__(f"{len(self.violations)} data contract violation(s):\n{lines}")
+        super().__init__(
+            f"{len(self.violations)} data contract violation(s):\n{lines}" + (f"\n{note}" if note else "")
+        )
 
 
 class ConfigError(ConvcgError):

@@ -14,14 +14,13 @@ from torch.utils.data import DataLoader, IterableDataset
 from convcg_cli.data import features as F
 from convcg_cli.data.history import engagement_events
 from convcg_cli.data.positives import LabelPositives
-from convcg_cli.data.schema import MISSING_FILE, Violation, load_schemas, load_tables
+from convcg_cli.data.schema import load_schemas, load_tables, missing_file
 from convcg_cli.data.stream import (
     INDEX_FILE,
     ShardedBatches,
     assemble_batch,
     draw_hard_negatives,
     fingerprint,
-    in_days,
     read_index,
     scan_impressions,
     validate_chunks,
@@ -308,19 +307,7 @@ class ImpressionDataModule(L.LightningDataModule):
         schema = schemas["impressions"]
         self.impressions_path = self.dir / schema.file
         if not self.impressions_path.is_file():
-            raise DataValidationError(
-                [
-                    Violation(
-                        "impressions",
-                        schema.file,
-                        None,
-                        0,
-                        f"a parquet file with columns {', '.join(schema.column_names)}",
-                        f"file is missing from {self.dir}",
-                        MISSING_FILE,
-                    )
-                ]
-            )
+            raise DataValidationError([missing_file(schema, self.dir)])
         files = [self.dir / schemas[k].file for k in ("impressions", "items", "users")]
         self.shard_dir = self.cache_dir / fingerprint(files, self._content_options())
         if (self.shard_dir / INDEX_FILE).exists():  # validated when the shards were written
@@ -335,13 +322,13 @@ class ImpressionDataModule(L.LightningDataModule):
         lazy = scan_impressions(self.impressions_path, schema)
         self.n_rows = {
             k: int(v)
-            for k, v in lazy.select([in_days(d).sum().alias(k) for k, d in self.split_days.items()])
+            for k, v in lazy.select([F.in_days(d).sum().alias(k) for k, d in self.split_days.items()])
             .collect(engine="streaming")
             .row(0, named=True)
             .items()
         }
         F.check_split_rows(self.n_rows, self.split_days)
-        train = lazy.filter(in_days(self.split_days["train"]))
+        train = lazy.filter(F.in_days(self.split_days["train"]))
         engaged = pl.any_horizontal([TASK_LABELS[t] for t in self.tasks])
         n_engaged = int(train.select(engaged.sum()).collect(engine="streaming").item())
         if n_engaged == 0:
@@ -367,7 +354,7 @@ class ImpressionDataModule(L.LightningDataModule):
             history_max_len=self.history_max_len,
         )
         frames = {  # only the engaged rows become evaluation queries
-            name: lazy.filter(in_days(self.split_days[name]) & engaged).collect(engine="streaming")
+            name: lazy.filter(F.in_days(self.split_days[name]) & engaged).collect(engine="streaming")
             for name in ("val", "heldout")
         }
         self.user_spec = F.build_query_features(train.head(1).collect(), self.inputs).spec

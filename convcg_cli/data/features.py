@@ -35,6 +35,12 @@ class TimeSplit:
     days: dict[str, tuple[int, int]]  # split -> (first day, last day), days since the unix epoch
 
 
+def in_days(days: tuple[int, int]) -> pl.Expr:
+    """Rows whose UTC day lies in ``days`` (first and last day, inclusive)."""
+    day = pl.col("timestamp") // SECONDS_PER_DAY
+    return (day >= days[0]) & (day <= days[1])
+
+
 def split_days(first: int, last: int, val_days: int, heldout_days: int) -> dict[str, tuple[int, int]]:
     """(first day, last day) of train | val | heldout, counting whole days back from ``last``."""
     heldout_start = last - heldout_days + 1
@@ -76,13 +82,9 @@ def split_by_time(impressions: pl.DataFrame, val_days: int, heldout_days: int) -
         int(x) for x in impressions.select(day.min().alias("first"), day.max().alias("last")).row(0)
     )
     bounds = split_days(first, last, val_days, heldout_days)
-    with_day = impressions.with_columns(day.alias("_day"))
-    parts = {
-        name: with_day.filter((pl.col("_day") >= lo) & (pl.col("_day") <= hi))
-        for name, (lo, hi) in bounds.items()
-    }
+    parts = {name: impressions.filter(in_days(days)) for name, days in bounds.items()}
     check_split_rows({name: frame.height for name, frame in parts.items()}, bounds)
-    return TimeSplit(**{k: v.drop("_day") for k, v in parts.items()}, days=bounds)
+    return TimeSplit(**parts, days=bounds)
 
 
 def dense_codes(column: pl.Series) -> np.ndarray:

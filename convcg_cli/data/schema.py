@@ -639,6 +639,19 @@ def _missing_dir(data_dir: Path, schemas: Mapping[str, TableSchema]) -> Violatio
     )
 
 
+def missing_file(schema: TableSchema, data_dir: Path) -> Violation:
+    """The violation of a table whose parquet file is not in ``data_dir``."""
+    return Violation(
+        schema.name,
+        schema.file,
+        None,
+        0,
+        f"a parquet file with columns {', '.join(schema.column_names)}",
+        f"file is missing from {data_dir}",
+        MISSING_FILE,
+    )
+
+
 def _read(
     data_dir: Path, schemas: Mapping[str, TableSchema]
 ) -> tuple[dict[str, pl.DataFrame], list[Violation]]:
@@ -648,17 +661,7 @@ def _read(
     for name, schema in schemas.items():
         path = data_dir / schema.file
         if not path.is_file():
-            violations.append(
-                Violation(
-                    name,
-                    schema.file,
-                    None,
-                    0,
-                    f"a parquet file with columns {', '.join(schema.column_names)}",
-                    f"file is missing from {data_dir}",
-                    MISSING_FILE,
-                )
-            )
+            violations.append(missing_file(schema, data_dir))
             continue
         try:
             lazy = pl.scan_parquet(path)

@@ -54,7 +54,7 @@ FORMAT_VERSION = 1
 WAIT_FOR_SHARDS_S = 3600
 
 
-def iter_chunks(path: Path, chunk_rows: int, columns: Sequence[str] | None = None) -> Iterator[pl.DataFrame]:
+def iter_chunks(path: Path, chunk_rows: int) -> Iterator[pl.DataFrame]:
     """The parquet file in consecutive frames of at most ``chunk_rows`` rows (one in memory at a time).
 
     Each chunk is its own polars scan with the slice pushed down to the reader, so only the row groups
@@ -62,9 +62,7 @@ def iter_chunks(path: Path, chunk_rows: int, columns: Sequence[str] | None = Non
     growing its buffer pool here, by ~40% of a chunk per chunk before levelling off).
     """
     lazy = pl.scan_parquet(path)
-    if columns is not None:
-        lazy = lazy.select([c for c in lazy.collect_schema().names() if c in columns])
-    n = int(pl.scan_parquet(path).select(pl.len()).collect().item())
+    n = int(lazy.select(pl.len()).collect().item())
     for offset in range(0, n, chunk_rows):
         yield lazy.slice(offset, chunk_rows).collect()
 
@@ -84,12 +82,10 @@ def validate_chunks(
         )
         if violations:
             raise DataValidationError(
-                [
-                    *violations,
-                    f"(impressions.parquet rows {rows:,}..{rows + chunk.height - 1:,}: "
-                    f"with data.stream.enabled the file is checked {chunk_rows:,} rows at a time and the "
-                    "first chunk with violations is reported; `convcg data validate` checks it whole)",
-                ]
+                violations,
+                note=f"In impressions.parquet rows {rows:,}..{rows + chunk.height - 1:,}: with "
+                f"data.stream.enabled the file is checked {chunk_rows:,} rows at a time and the first chunk "
+                "with violations is reported; `convcg data validate` checks it whole.",
             )
         day = conformed["impressions"]["timestamp"] // F.SECONDS_PER_DAY
         lo, hi = int(day.min()), int(day.max())  # type: ignore[arg-type]
@@ -99,12 +95,6 @@ def validate_chunks(
     if first is None or last is None:
         raise F.SplitError(f"{F.IMPRESSIONS_FILE} has 0 rows; expected impressions over several days.")
     return rows, first, last
-
-
-def in_days(days: tuple[int, int]) -> pl.Expr:
-    """Rows whose UTC day lies in ``days`` (inclusive)."""
-    day = pl.col("timestamp") // F.SECONDS_PER_DAY
-    return (day >= days[0]) & (day <= days[1])
 
 
 def scan_impressions(path: Path, schema: TableSchema) -> pl.LazyFrame:
@@ -179,7 +169,7 @@ def write_shards(
     counts = np.zeros(len(inputs.items.item_ids), dtype=np.int64)
     try:
         for chunk in iter_chunks(path, chunk_rows):
-            chunk = conform_table(impressions_schema, chunk).filter(in_days(train_days))
+            chunk = conform_table(impressions_schema, chunk).filter(F.in_days(train_days))
             train = F.engaged_rows(chunk, tasks)
             if train.height == 0:
                 continue

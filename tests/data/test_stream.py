@@ -126,8 +126,8 @@ def test_the_file_is_read_in_chunks_never_whole(tiny_data, tmp_path, monkeypatch
     seen = []
     real = stream.iter_chunks
 
-    def spy(path, chunk_rows, columns=None):
-        for chunk in real(path, chunk_rows, columns):
+    def spy(path, chunk_rows):
+        for chunk in real(path, chunk_rows):
             seen.append(chunk.height)
             yield chunk
 
