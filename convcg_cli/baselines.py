@@ -7,6 +7,13 @@ One class per baseline, chosen by name in ``conf/eval.yaml`` (``baselines: [popu
   score(u, j) = sum over u's engaged items i of sim(i, j). Scales to large sparse corpora.
 * ``EASE``: Steck's closed-form linear autoencoder, B = I - P diag(1/diag P), P = (X^T X + l2 I)^-1;
   score(u, .) = X_u B. Dense N x N inverse: for corpora up to ~10k items.
+* ``EASEPopularity``: EASE's per-user scores (scaled to max 1) plus ``w`` times the log popularity
+  (scaled to max 1), ``w`` chosen on the validation split's conversions from a grid.
+
+When the run reads the ``user_history`` table (``data.use_user_history``), every baseline sees it too:
+its events before the training cut-off join the engagement profiles (ItemCF, EASE), and
+``popularity`` can count its conversions too (``use_history``), so a model that uses the history is
+measured against baselines that use it as well.
 
 All of them ``fit(history)`` on the users' *training-window* engagements only (:func:`training_history`
 re-reads and re-splits the logs, so val/held-out days can never leak into a profile), and
@@ -21,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import polars as pl
 import scipy.sparse as sp
 
 from convcg_cli.errors import ConfigError
@@ -36,9 +44,16 @@ class TrainHistory:
 
     Attributes:
         user_pos, item_pos: (E,) row positions (sorted-id order, as in the datamodule) of every
-            training-window impression positive for at least one task (click, save or conversion).
+            training-window impression positive for at least one task (click, save or conversion),
+            plus the user history's events before the cut-off when the run reads it.
         n_users, n_items: sizes of the user table and the item corpus.
         popularity: (N,) most-popular score per item (training conversions, then clicks, impressions).
+        history_popularity: (N,) the same with the user history's conversions added to the counts.
+        conversions: (N,) training-window conversions per item (the blend's and the prior's counts).
+        repeat_share: share of the last training day's conversions whose (user, item) was engaged
+            before that day (NaN if that day has none): how often conversions repeat an engagement.
+        validation: (user positions, item positions) of the validation split's conversions, for
+            baselines that tune a hyper-parameter (never the held-out split).
     """
 
     user_pos: np.ndarray
@@ -46,6 +61,10 @@ class TrainHistory:
     n_users: int
     n_items: int
     popularity: np.ndarray
+    history_popularity: np.ndarray | None = None
+    conversions: np.ndarray | None = None
+    repeat_share: float = float("nan")
+    validation: tuple[np.ndarray, np.ndarray] | None = None
 
     def matrix(self) -> sp.csr_matrix:
         """Binary (n_users, n_items) engagement matrix; repeated engagements count once."""
@@ -57,24 +76,68 @@ class TrainHistory:
 
 
 def training_history(dm) -> TrainHistory:
-    """Training-window engagements of a set-up ``ImpressionDataModule`` (re-read from its tables).
+    """Training-window engagements of a set-up datamodule (re-read from its tables), plus the user
+    history before the cut-off that the datamodule kept (``dm.history_pairs``; empty unless the run
+    reads it).
 
-    The logs are split again with the datamodule's own ``val_days`` / ``heldout_days``, so the profile
-    window is exactly the window the two-tower model trained on.
+    The logs are split again with the datamodule's own split options, so the profile window is
+    exactly the window the two-tower model trained on.
     """
     from convcg_cli.data import features as F
+    from convcg_cli.data.history import ACTION_CONVERSION
     from convcg_cli.data.schema import load_tables
+    from convcg_cli.tasks import PRIMARY_TASK
 
     tables = load_tables(dm.dir)
     split = F.split_by_time(tables["impressions"], dm.val_days, dm.heldout_days)
     engaged = F.engaged_rows(split.train, dm.tasks)
+    user_pos = F.positions(dm.users.user_ids, engaged["user_id"].to_numpy())
+    item_pos = F.positions(dm.items.item_ids, engaged["item_id"].to_numpy())
+    hist_user, hist_item, hist_action = getattr(dm, "history_pairs", (np.zeros(0, np.int64),) * 3)
+    extra_conversions = np.bincount(
+        hist_item[hist_action == ACTION_CONVERSION], minlength=len(dm.items.item_ids)
+    )
+    day = engaged["timestamp"].to_numpy() // F.SECONDS_PER_DAY
+    val = F.task_labels(split.val, [PRIMARY_TASK])[PRIMARY_TASK]
+    val_rows = split.val.filter(pl.Series(val))
     return TrainHistory(
-        user_pos=F.positions(dm.users.user_ids, engaged["user_id"].to_numpy()),
-        item_pos=F.positions(dm.items.item_ids, engaged["item_id"].to_numpy()),
+        user_pos=np.concatenate([user_pos, hist_user]),
+        item_pos=np.concatenate([item_pos, hist_item]),
         n_users=len(dm.users.user_ids),
         n_items=len(dm.items.item_ids),
         popularity=F.popularity_scores(dm.items),
+        history_popularity=F.popularity_scores(dm.items, extra_conversions),
+        conversions=dm.items.performance["conversions"].to_numpy(),
+        repeat_share=repeat_share(
+            np.concatenate([user_pos, hist_user]),
+            np.concatenate([item_pos, hist_item]),
+            np.concatenate([day, np.full(len(hist_user), -1)]),
+            F.task_labels(engaged, [PRIMARY_TASK])[PRIMARY_TASK].tolist() + [False] * len(hist_user),
+        ),
+        validation=(
+            F.positions(dm.users.user_ids, val_rows["user_id"].to_numpy()),
+            F.positions(dm.items.item_ids, val_rows["item_id"].to_numpy()),
+        ),
     )
+
+
+def repeat_share(user_pos: np.ndarray, item_pos: np.ndarray, day: np.ndarray, converted) -> float:
+    """Share of the last day's conversions whose (user, item) pair was engaged on an earlier day.
+
+    Example:
+        >>> repeat_share(np.array([0, 0, 1]), np.array([5, 5, 6]), np.array([0, 1, 1]), [False, True, True])
+        0.5
+    """
+    converted = np.asarray(converted, dtype=bool)
+    if len(day) == 0 or not converted.any():
+        return float("nan")
+    last = day.max()
+    target = converted & (day == last)
+    if not target.any():
+        return float("nan")
+    n_items = int(item_pos.max()) + 1
+    earlier = np.unique(user_pos[day < last] * n_items + item_pos[day < last])
+    return float(np.isin(user_pos[target] * n_items + item_pos[target], earlier).mean())
 
 
 def topk_rows(scores: np.ndarray, k: int) -> np.ndarray:
@@ -131,13 +194,22 @@ class Baseline:
 
 
 class MostPopular(Baseline):
-    """The same list for every query: items by training-window conversions, then clicks, impressions."""
+    """The same list for every query: items by training-window conversions, then clicks, impressions.
+
+    Args:
+        use_history: also count the user history's conversions before the cut-off (when the run
+            reads it). Off by default: on KuaiRand the pre-log likes lowered validation recall.
+    """
 
     name = "popularity"
 
+    def __init__(self, use_history: bool = False) -> None:
+        self.use_history = bool(use_history)
+
     def fit(self, history: TrainHistory) -> MostPopular:
         """Keep the popularity scores of the training window."""
-        self.popularity = np.asarray(history.popularity)
+        use = self.use_history and history.history_popularity is not None
+        self.popularity = np.asarray(history.history_popularity if use else history.popularity)
         return self
 
     def score_topk(self, user_pos: np.ndarray, k: int) -> np.ndarray:
@@ -186,9 +258,11 @@ class ItemCF(_ItemToItem):
     sim(i, j) = |users engaging i and j| / sqrt(|users engaging i| * |users engaging j|).
 
     Args:
-        include_self: keep sim(i, i) = 1, so the items a user already engaged with score high. Held-out
-            conversions repeat a training-window engagement often (about half of them in the synthetic
-            logs), and the two-tower model is not stopped from retrieving them either.
+        include_self: keep sim(i, i) = 1, so the items a user already engaged with score high. True
+            suits logs where conversions often repeat an engagement (about half of them in the
+            synthetic logs); False suits logs where they never do (KuaiRand: 0 of 697 held-out likes).
+            ``"auto"`` decides from the training window alone: True when at least
+            ``AUTO_REPEAT_SHARE`` of the last training day's conversions repeat an earlier engagement.
 
     Example:
         >>> hist = TrainHistory(np.array([0, 0, 1]), np.array([0, 1, 1]), 2, 3, np.zeros(3))
@@ -198,8 +272,20 @@ class ItemCF(_ItemToItem):
 
     name = "itemcf"
 
-    def __init__(self, include_self: bool = True) -> None:
+    AUTO_REPEAT_SHARE = 0.05
+
+    def __init__(self, include_self: bool | str = True) -> None:
+        if include_self not in (True, False, "auto"):
+            raise ConfigError(f"itemcf: include_self must be true, false or auto, got {include_self!r}.")
         self.include_self = include_self
+
+    def fit(self, history: TrainHistory) -> ItemCF:
+        """Decide ``include_self`` (when ``auto``) from the training window, then fit."""
+        if self.include_self == "auto":
+            share = history.repeat_share
+            self.include_self = bool(np.isnan(share) or share >= self.AUTO_REPEAT_SHARE)
+        super().fit(history)
+        return self
 
     def _weights(self, x: sp.csr_matrix) -> sp.csr_matrix:
         norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel())  # (N,)
@@ -251,7 +337,73 @@ class EASE(_ItemToItem):
         return b
 
 
-BASELINES: dict[str, type[Baseline]] = {cls.name: cls for cls in (MostPopular, ItemCF, EASE)}
+class EASEPopularity(EASE):
+    """EASE blended with popularity: ``ease_u / max|ease_u| + w * log1p(c) / max log1p(c)``, ``c`` the
+    training-window conversions per item.
+
+    ``w`` is chosen from ``weights`` by recall@``select_k`` of the validation split's conversions
+    (``TrainHistory.validation``), never the held-out split; ``chosen_weight`` records it. Without
+    validation data the first weight is used.
+
+    Example:
+        >>> hist = TrainHistory(np.array([0, 0, 1]), np.array([0, 1, 1]), 2, 3, np.array([0.0, 0.0, 9.0]),
+        ...                     validation=(np.array([1]), np.array([2])))
+        >>> b = EASEPopularity(l2=1.0, weights=[0.0, 10.0], select_k=1).fit(hist)
+        >>> b.chosen_weight, b.score_topk(np.array([1]), k=1).tolist()
+        (10.0, [[2]])
+    """
+
+    name = "ease_popularity"
+
+    def __init__(
+        self,
+        l2: float = 500.0,
+        max_items: int = 10_000,
+        weights=(0.0, 0.1, 0.3, 1.0, 3.0),
+        select_k: int = 100,
+    ) -> None:
+        super().__init__(l2=l2, max_items=max_items)
+        self.weights_grid = [float(w) for w in weights]
+        if not self.weights_grid or min(self.weights_grid) < 0:
+            raise ConfigError(
+                f"ease_popularity: weights must be a non-empty list of values >= 0, got {weights}."
+            )
+        self.select_k = int(select_k)
+
+    def fit(self, history: TrainHistory) -> EASEPopularity:
+        """Fit EASE, then choose the popularity weight on the validation conversions."""
+        super().fit(history)
+        counts = history.conversions if history.conversions is not None else history.popularity
+        log_pop = np.log1p(np.maximum(np.asarray(counts, dtype=np.float64), 0.0))
+        self.prior = log_pop / max(log_pop.max(), 1e-12)
+        self.chosen_weight = self.weights_grid[0]
+        if history.validation is not None and len(history.validation[0]):
+            users, items = history.validation
+            recall = []
+            for w in self.weights_grid:
+                self.chosen_weight = w
+                topk = self.query_topk(users, self.select_k)
+                recall.append(float((topk == items[:, None]).any(axis=1).mean()))
+            self.chosen_weight = self.weights_grid[int(np.argmax(recall))]  # first best on ties
+        return self
+
+    def score_topk(self, user_pos: np.ndarray, k: int) -> np.ndarray:
+        """Top k of the blended scores per user, in chunks of users."""
+        user_pos = np.asarray(user_pos, dtype=np.int64)
+        n_items = self.profiles.shape[1]
+        out = np.empty((len(user_pos), min(k, n_items)), dtype=np.int64)
+        chunk = max(1, _SCORE_CHUNK_CELLS // n_items)
+        for start in range(0, len(user_pos), chunk):
+            rows = user_pos[start : start + chunk]
+            scores = np.asarray(self.profiles[rows] @ self.weights)  # (C, N)
+            scale = np.abs(scores).max(axis=1, keepdims=True)
+            scores = scores / np.where(scale > 0, scale, 1.0) + self.chosen_weight * self.prior[None, :]
+            ranked = topk_rows(scores[:, self.by_popularity], k)
+            out[start : start + len(rows)] = self.by_popularity[ranked]
+        return out
+
+
+BASELINES: dict[str, type[Baseline]] = {cls.name: cls for cls in (MostPopular, ItemCF, EASE, EASEPopularity)}
 
 
 def make_baseline(name: str, options: Mapping[str, Any] | None = None) -> Baseline:

@@ -19,6 +19,7 @@ from convcg_cli.baselines import BASELINES, make_baseline, training_history
 from convcg_cli.config import Composed
 from convcg_cli.errors import ConfigError, ConvcgError
 from convcg_cli.metrics.bootstrap import bootstrap_recall_ci, ci_names, positive_hits
+from convcg_cli.metrics.prior import choose_prior_weight, log_prior, with_item_prior
 from convcg_cli.metrics.retrieval import exact_topk, metric_name
 from convcg_cli.metrics.suite import report_from_topk
 from convcg_cli.tasks import PRIMARY_TASK
@@ -26,6 +27,7 @@ from convcg_cli.tasks import PRIMARY_TASK
 SPLITS = ("val", "heldout")
 EVAL_ARTIFACT_DIR = "eval"
 BASELINE_PREFIX = "baseline_"
+PRIOR_WEIGHT_METRIC = "prior/beta"  # the popularity prior's weight chosen on validation
 # Data options that only change how training batches are drawn, not the evaluation queries or the
 # training window; runs differing only in these share their baseline metrics (see ``baseline_cache``).
 _TRAINING_ONLY_DATA_KEYS = ("seed", "batch_size", "eval_batch_size", "hard_negatives", "stream")
@@ -112,6 +114,26 @@ def baseline_metrics(dm, queries, tasks: Sequence[str], cfg) -> dict[str, float]
     return metrics
 
 
+def _apply_prior(model, dm, query_emb, item_emb, options) -> tuple[np.ndarray, np.ndarray, float]:
+    """Append the popularity prior coordinate, its weight chosen on the validation split.
+
+    The prior is ``log1p`` of each item's training-window conversions, scaled to max 1.
+    """
+    prior = log_prior(dm.items.performance["conversions"].to_numpy())
+    val_query, val_item = dm.queries["val"].positives[PRIMARY_TASK]
+    beta, _ = choose_prior_weight(
+        embed_split(model, dm, "val"),
+        item_emb,
+        prior,
+        list(options.betas),
+        val_query,
+        val_item,
+        options.select_k,
+    )
+    query_emb, item_emb = with_item_prior(query_emb, item_emb, prior, beta)
+    return query_emb, item_emb, beta
+
+
 def _as_dict(node) -> dict[str, Any]:
     """A config mapping as a plain, resolved dict."""
     return cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))
@@ -191,7 +213,11 @@ def evaluate(
             "trained; evaluate it on the logs it was trained on, or retrain."
         ) from None
     model.eval()
-    _, topk = exact_topk(embed_split(model, dm, cfg.split), model.embed_items(dm.item_features), max(cfg.ks))
+    query_emb, item_emb = embed_split(model, dm, cfg.split), model.embed_items(dm.item_features)
+    if cfg.popularity_prior.betas:
+        query_emb, item_emb, beta = _apply_prior(model, dm, query_emb, item_emb, cfg.popularity_prior)
+        metrics[f"{cfg.split}/{PRIOR_WEIGHT_METRIC}"] = beta
+    _, topk = exact_topk(query_emb, item_emb, max(cfg.ks))
     metrics.update(score_ranking(topk, queries, cfg.split, tasks, cfg))
 
     mlflow_client = tracking.client(cfg.logger)

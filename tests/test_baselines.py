@@ -166,3 +166,72 @@ def test_single_task_baseline_configs():
         check_served_embedding_is_trained(
             compose("train", ["loss.task_weights.engagement=0", "loss.task_weights.conversion=0"]).cfg
         )
+
+
+def test_ease_popularity_is_the_brute_force_blend_with_the_weight_chosen_on_validation():
+    hist = _history(seed=3)
+    counts = np.random.default_rng(3).integers(0, 9, size=hist.n_items)
+    x = np.zeros((hist.n_users, hist.n_items))
+    x[hist.user_pos, hist.item_pos] = 1.0
+    ease = EASE(l2=2.0).fit(hist)
+    prior = np.log1p(counts) / np.log1p(counts).max()
+    users = np.arange(hist.n_users)
+
+    def blend(w: float) -> np.ndarray:
+        s = x @ ease.weights
+        scale = np.abs(s).max(axis=1, keepdims=True)
+        return s / np.where(scale > 0, scale, 1.0) + w * prior[None, :]
+
+    # validation positives: each user's best item under a large weight, so the large weight wins
+    val_items = np.argmax(blend(5.0) + 1e-9 * np.arange(hist.n_items)[::-1], axis=1)
+    from dataclasses import replace
+
+    tuned = replace(hist, conversions=counts, validation=(users, val_items))
+    model = make_baseline("ease_popularity", {"l2": 2.0, "weights": [0.0, 5.0], "select_k": 1}).fit(tuned)
+    assert model.chosen_weight == 5.0
+    got = model.score_topk(users, k=4)
+    assert got.tolist() == _brute_force_ranking(blend(5.0), hist.popularity, 4)
+    untuned = make_baseline("ease_popularity", {"l2": 2.0, "weights": [0.0, 5.0]}).fit(
+        replace(tuned, validation=None)
+    )
+    assert untuned.chosen_weight == 0.0  # no validation data: the first weight
+    with pytest.raises(ConfigError, match="weights"):
+        make_baseline("ease_popularity", {"weights": []})
+
+
+def test_itemcf_auto_self_follows_the_training_window_repeats():
+    hist = _history()
+    repeats = ItemCF(include_self="auto").fit(_replace_share(hist, 0.4))
+    no_repeats = ItemCF(include_self="auto").fit(_replace_share(hist, 0.0))
+    assert repeats.include_self is True and no_repeats.include_self is False
+    with pytest.raises(ConfigError, match="include_self"):
+        ItemCF(include_self="sometimes")
+
+
+def _replace_share(hist: TrainHistory, share: float) -> TrainHistory:
+    from dataclasses import replace
+
+    return replace(hist, repeat_share=share)
+
+
+def test_repeat_share_counts_last_day_conversions_seen_before():
+    from convcg_cli.baselines import repeat_share
+
+    user = np.array([0, 0, 1, 1, 2])
+    item = np.array([5, 5, 6, 7, 8])
+    day = np.array([0, 3, 3, -1, 3])  # -1: a user-history event, before the window
+    converted = [False, True, True, False, True]
+    assert repeat_share(user, item, day, converted) == pytest.approx(1 / 3)
+    assert np.isnan(repeat_share(user, item, day, [False] * 5))
+
+
+def test_baselines_see_the_history_only_when_the_run_does(tiny_data):
+    cfg = compose("train", [f"data.dir={tiny_data}"]).cfg
+    plain = training_history(build_datamodule(cfg, TASKS, stage="validate"))
+    cfg = compose("train", [f"data.dir={tiny_data}", "data.use_user_history=true"]).cfg
+    dm = build_datamodule(cfg, TASKS, stage="validate")
+    with_history = training_history(dm)
+    assert len(with_history.user_pos) == len(plain.user_pos) + len(dm.history_pairs[0]) > len(plain.user_pos)
+    np.testing.assert_array_equal(plain.popularity, with_history.popularity)
+    assert not np.array_equal(with_history.history_popularity, with_history.popularity)
+    assert len(with_history.validation[0]) > 0

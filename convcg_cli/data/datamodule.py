@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from convcg_cli.data import features as F
+from convcg_cli.data.cofactors import engagement_matrix, fit_cofactors
 from convcg_cli.data.history import engagement_events
 from convcg_cli.data.positives import LabelPositives
 from convcg_cli.data.schema import load_schemas, load_tables, missing_file
@@ -27,6 +29,7 @@ from convcg_cli.data.stream import (
     wait_for_index,
     write_shards,
 )
+from convcg_cli.data.user_history import ACTION_CODES, as_training_rows, before_cutoff, history_positions
 from convcg_cli.errors import ConfigError, DataValidationError
 from convcg_cli.tasks import TASK_LABELS
 
@@ -171,6 +174,15 @@ class ImpressionDataModule(L.LightningDataModule):
         stream: {"enabled": bool, "chunk_rows": N, "cache_dir": DIR}: with enabled, impressions are
             read N rows at a time and training examples served from shards cached in DIR, so peak
             memory does not grow with the number of impressions (see ``convcg_cli.data.stream``).
+        use_user_history: read the optional ``user_history`` table (events before the log), up to the
+            training cut-off (the first validation day); the co-engagement factors and the baselines
+            then see it. Off: the table is ignored.
+        history_examples: {"max_per_user": N, "surface": S}: N > 0 adds each user's last N
+            ``user_history`` events before the cut-off as training examples (engaged rows on surface
+            S; conversions are conversion positives). Needs ``use_user_history``; in memory only.
+        cofactors: {"dim": d}: d > 0 adds a d-dimensional truncated SVD of the (user x item)
+            engagement matrix (training window + user history) as numeric item and user features
+            (``convcg_cli.data.cofactors``). 0 = off.
     """
 
     def __init__(
@@ -189,8 +201,25 @@ class ImpressionDataModule(L.LightningDataModule):
         context: Sequence[str] = F.CONTEXT_FEATURES,
         history: Mapping[str, int] | None = None,
         stream: Mapping | None = None,
+        use_user_history: bool = False,
+        cofactors: Mapping[str, int] | None = None,
+        history_examples: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        history_examples = dict(history_examples or {})
+        self.history_examples_per_user = int(history_examples.get("max_per_user", 0))
+        self.history_examples_surface = str(history_examples.get("surface", "home_feed"))
+        if self.history_examples_per_user < 0:
+            raise ConfigError(
+                "data.history_examples.max_per_user must be >= 0 (0 = off), got "
+                f"{self.history_examples_per_user}."
+            )
+        if self.history_examples_per_user > 0 and not use_user_history:
+            raise ConfigError("data.history_examples.max_per_user > 0 needs data.use_user_history=true.")
+        self.use_user_history = bool(use_user_history)
+        self.cofactor_dim = int((cofactors or {}).get("dim", 0))
+        if self.cofactor_dim < 0:
+            raise ConfigError(f"data.cofactors.dim must be >= 0 (0 = off), got {self.cofactor_dim}.")
         self.dir = Path(dir)
         self.val_days, self.heldout_days = val_days, heldout_days
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -236,13 +265,21 @@ class ImpressionDataModule(L.LightningDataModule):
                 f"The train split (days {split.days['train']}) of {F.IMPRESSIONS_FILE} has no row positive "
                 f"for any task {self.tasks}; expected clicks, saves or conversions to learn from."
             )
+        self._add_pre_cutoff_context(tables["user_history"], train.select("user_id", "item_id"))
+        if self.history_examples_per_user > 0:
+            extra = as_training_rows(
+                self.pre_cutoff_history, train, self.history_examples_surface, self.history_examples_per_user
+            )
+            train = pl.concat([train, extra])
         inputs = F.QueryInputs(
             users=self.users,
             items=self.items,
             surfaces=self.surfaces,
             query_hash_buckets=self.query_hash_buckets,
             context=self.context,
-            events=engagement_events(tables["impressions"]) if self.history_max_len > 0 else None,
+            events=self._with_pre_cutoff(engagement_events(tables["impressions"]))
+            if self.history_max_len > 0
+            else None,
             history_max_len=self.history_max_len,
         )
         q = F.build_query_features(train, inputs)
@@ -273,6 +310,43 @@ class ImpressionDataModule(L.LightningDataModule):
         }
         self._ready = True
 
+    def _add_pre_cutoff_context(self, user_history: pl.DataFrame, train_pairs: pl.DataFrame) -> None:
+        """Keep the user history before the training cut-off and add the co-engagement factors.
+
+        ``history_pairs``: (user position, item position, action code) of every ``user_history`` event
+        before the first validation day (empty unless ``use_user_history``), for the baselines.
+        """
+        cutoff = self.split_days["val"][0] * F.SECONDS_PER_DAY
+        history = before_cutoff(user_history, cutoff) if self.use_user_history else user_history.clear()
+        self.pre_cutoff_history = history
+        self.history_pairs = history_positions(history, self.users.user_ids, self.items.item_ids)
+        if self.cofactor_dim == 0:
+            return
+        user_pos = np.concatenate(
+            [F.positions(self.users.user_ids, train_pairs["user_id"].to_numpy()), self.history_pairs[0]]
+        )
+        item_pos = np.concatenate(
+            [F.positions(self.items.item_ids, train_pairs["item_id"].to_numpy()), self.history_pairs[1]]
+        )
+        matrix = engagement_matrix(user_pos, item_pos, len(self.users.user_ids), len(self.items.item_ids))
+        factors = fit_cofactors(matrix, self.cofactor_dim, seed=self.seed)
+        self.items.features.update(factors.item_features())
+        self.items.spec = F.spec_of(self.items.features)
+        self.users.features.update(factors.user_features())
+
+    def _with_pre_cutoff(self, events: pl.DataFrame) -> pl.DataFrame:
+        """The history sequence's events: engaged impressions (``engagement_events``), plus the user
+        history before the cut-off when the run reads it (so the sequence starts before the log)."""
+        if self.pre_cutoff_history.height == 0:
+            return events
+        before = self.pre_cutoff_history.select(
+            "user_id",
+            "timestamp",
+            "item_id",
+            pl.col("action").replace_strict(ACTION_CODES, return_dtype=pl.Int64),
+        )
+        return pl.concat([before, events]).sort("user_id", "timestamp", "item_id", "action")
+
     # ----------------------------------------------------------------------------------------------
     # Streamed: bounded memory (convcg_cli.data.stream)
     # ----------------------------------------------------------------------------------------------
@@ -291,9 +365,16 @@ class ImpressionDataModule(L.LightningDataModule):
             "item_columns": repr(self.item_columns),
             "user_columns": repr(self.user_columns),
             "chunk_rows": self.chunk_rows,
+            "use_user_history": self.use_user_history,
+            "cofactor_dim": self.cofactor_dim,
         }
 
     def _setup_streamed(self, stage: str | None) -> None:
+        if self.history_examples_per_user > 0:
+            raise ConfigError(
+                "data.history_examples is not available with data.stream.enabled yet: the history rows "
+                "are added in memory. Turn one of them off."
+            )
         if not self._ready:
             self._setup_streamed_eval()
         if stage in ("fit", None) and self.train_set is None:
@@ -303,7 +384,7 @@ class ImpressionDataModule(L.LightningDataModule):
         """Everything but the training examples: the item corpus (with training-window performance),
         the users, the split and the evaluation queries. Memory: O(items + users + evaluation days)."""
         schemas = load_schemas()
-        small = load_tables(self.dir, {k: schemas[k] for k in ("items", "users")})
+        small = load_tables(self.dir, {k: schemas[k] for k in ("items", "users", "user_history")})
         schema = schemas["impressions"]
         self.impressions_path = self.dir / schema.file
         if not self.impressions_path.is_file():
@@ -339,11 +420,15 @@ class ImpressionDataModule(L.LightningDataModule):
         self.surfaces = list(schema.column("surface").allowed or ())
         self.items = F.build_item_table(small["items"], train, self.item_columns)
         self.users = F.build_user_table(small["users"], self.user_columns)
+        pairs = train.filter(engaged).select("user_id", "item_id").unique().collect(engine="streaming")
+        self._add_pre_cutoff_context(small["user_history"], pairs)
         events = None
         if self.history_max_len > 0:  # O(engagements): 4 integers per click, saves and conversions
             cols = ["user_id", "timestamp", "item_id", "clicked", "saved", "converted"]
             engaged_any = pl.col("clicked") | pl.col("saved") | pl.col("converted")
-            events = engagement_events(lazy.filter(engaged_any).select(cols).collect(engine="streaming"))
+            events = self._with_pre_cutoff(
+                engagement_events(lazy.filter(engaged_any).select(cols).collect(engine="streaming"))
+            )
         self.inputs = F.QueryInputs(
             users=self.users,
             items=self.items,

@@ -375,16 +375,19 @@ def log_frequency_from_counts(counts: np.ndarray) -> np.ndarray:
     return np.log(counts / counts.sum()).astype(np.float32)
 
 
-def popularity_scores(items: ItemTable) -> np.ndarray:
+def popularity_scores(items: ItemTable, extra_conversions: np.ndarray | None = None) -> np.ndarray:
     """Most-popular baseline score: training-window conversions, ties broken by clicks then impressions.
 
-    Encoded as one float per item whose order is the lexicographic order of the three counts.
+    ``extra_conversions`` (N,) are added to the conversion counts (e.g. the user history's conversions
+    before the cut-off). Encoded as one float per item whose order is the lexicographic order of the
+    three counts.
     """
     perf = items.performance
-    order = np.lexsort(
-        (perf["impressions"].to_numpy(), perf["clicks"].to_numpy(), perf["conversions"].to_numpy())
-    )
-    keys = perf.select("conversions", "clicks", "impressions").to_numpy()[order]
+    conversions = perf["conversions"].to_numpy().astype(np.int64)
+    if extra_conversions is not None:
+        conversions = conversions + np.asarray(extra_conversions, dtype=np.int64)
+    order = np.lexsort((perf["impressions"].to_numpy(), perf["clicks"].to_numpy(), conversions))
+    keys = np.stack([conversions, perf["clicks"].to_numpy(), perf["impressions"].to_numpy()], axis=1)[order]
     # Equal count triples get equal scores, so ties stay ties (and break by item index downstream).
     new_group = np.concatenate([[True], np.any(keys[1:] != keys[:-1], axis=1)])
     scores = np.empty(len(order), dtype=np.float32)

@@ -39,6 +39,7 @@ import polars as pl
 from convcg_cli.config import CONF_DIR
 from convcg_cli.data.schema import TableSchema, load_schemas, validate_frames
 from convcg_cli.data.synth import write_tables
+from convcg_cli.data.user_history import events_from_lists
 from convcg_cli.errors import ConfigError, ConvcgError, DataValidationError
 
 IMPORTER_DIR = CONF_DIR / "importer"
@@ -567,9 +568,48 @@ def map_tables(
     else:
         wanted = {hist["user"]: "the user id (user_history.user)"}
         wanted |= {src: f"user_history.columns.{dst}" for dst, src in hist["columns"].items()}
-        history = read_table(in_dir, [hist["file"]], wanted, [], "the user history (user_history.file)")
+        events = _block(hist.get("events"))
+        lists = dict(events.get("lists") or {})
+        last_time = _block(events.get("last_time")).get("column")
+        wanted |= {src: f"user_history.events.lists.{src}" for src in lists}
+        history = read_table(
+            in_dir,
+            [hist["file"]],
+            wanted,
+            [last_time] if last_time else [],
+            "the user history (user_history.file)",
+        )
         tables["users"] = join_user_history(tables["users"], history, hist)
+        if lists:
+            tables["user_history"] = history_events(history, hist, tables, report)
     return tables
+
+
+def history_events(
+    history: pl.DataFrame, spec: Mapping[str, Any], tables: Mapping[str, pl.DataFrame], report: ImportReport
+) -> pl.DataFrame:
+    """The ``user_history`` contract table from per-user list columns (``user_history.events``).
+
+    Events of items outside the item table or of users outside the user table are dropped and
+    counted (``adjustments.user_history_dropped_*``). Events may overlap the first logged day; the
+    datamodule reads only those before the training cut-off.
+    """
+    events = _block(spec.get("events"))
+    time_spec = _block(events.get("last_time"))
+    unit = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}[time_spec.get("unit", "s")]
+    rows = events_from_lists(history, spec["user"], dict(events["lists"]), time_spec.get("column"), unit)
+    checks = {
+        "unknown_item": pl.col("item_id").is_in(tables["items"]["item_id"].implode()),
+        "unknown_user": pl.col("user_id").is_in(tables["users"]["user_id"].implode()),
+    }
+    for name, keep in checks.items():
+        dropped = rows.height
+        rows = rows.filter(keep)
+        dropped -= rows.height
+        if dropped:
+            report.adjustments[f"user_history_dropped_{name}"] = dropped
+            report.warnings.append(f"{dropped:,} user history event(s) dropped: {name.replace('_', ' ')}.")
+    return rows
 
 
 def import_logs(mapping: Mapping[str, Any], in_dir: str | Path, out_dir: str | Path) -> ImportReport:

@@ -53,7 +53,7 @@ RULE_BROKEN = "rule_broken"
 
 _MAX_EXAMPLES = 5
 _COLUMN_KEYS = {"name", "dtype", "nullable", "required", "min", "max", "allowed", "references", "description"}
-_TABLE_KEYS = {"table", "file", "primary_key", "columns", "rules", "description", "extra_columns"}
+_TABLE_KEYS = {"table", "file", "required", "primary_key", "columns", "rules", "description", "extra_columns"}
 _EXTRA_COLUMNS = ("drop", "keep")
 
 
@@ -193,6 +193,8 @@ class TableSchema:
     # "keep": columns beyond the contract (e.g. a data set's own feature columns) load unchanged, so
     # the data config can name them as features; "drop": they are ignored.
     extra_columns: str = "drop"
+    # False: the file may be absent from a data directory; it then loads as an empty table.
+    required: bool = True
 
     @property
     def column_names(self) -> list[str]:
@@ -291,6 +293,7 @@ def _table(raw: Mapping, where: str) -> TableSchema:
         rules=tuple(_rule(r, where) for r in raw.get("rules") or ()),
         description=raw.get("description", ""),
         extra_columns=raw.get("extra_columns", "drop"),
+        required=bool(raw.get("required", True)),
     )
     if table.extra_columns not in _EXTRA_COLUMNS:
         raise ConfigError(f"{where}: extra_columns must be one of {list(_EXTRA_COLUMNS)}.")
@@ -585,7 +588,7 @@ def _conform_and_check(
             continue
         df, structural, bad[name] = _conform(schema, frames[name])
         violations += structural
-        if df.height == 0:
+        if df.height == 0 and schema.required:
             violations.append(
                 Violation(name, schema.file, None, 0, "at least one row", "table has 0 rows", EMPTY_TABLE)
             )
@@ -661,7 +664,10 @@ def _read(
     for name, schema in schemas.items():
         path = data_dir / schema.file
         if not path.is_file():
-            violations.append(missing_file(schema, data_dir))
+            if schema.required:
+                violations.append(missing_file(schema, data_dir))
+            else:  # an optional table that is absent is an empty one
+                frames[name] = pl.DataFrame(schema=schema.polars_schema)
             continue
         try:
             lazy = pl.scan_parquet(path)

@@ -86,6 +86,9 @@ class SynthConfig:
     Behaviour:
         click_rates, conversions_per_click: targets per surface. save_rate: saves per impression.
         bounce_share: share of clicks that bounce (dwell < 5 s).
+    History:
+        history_days: days before start_date served and acted on like the log itself (same users,
+            items and rates); their engagements become the ``user_history`` table (0 = none).
     """
 
     n_users: int
@@ -119,6 +122,7 @@ class SynthConfig:
     conversions_per_click: tuple[float, float, float] = (0.020, 0.025, 0.045)
     save_rate: float = 0.03
     bounce_share: float = 0.25
+    history_days: int = 7
 
     def __post_init__(self) -> None:
         sizes = ("n_users", "n_items", "n_advertisers", "n_categories", "n_days", "n_impressions")
@@ -363,15 +367,40 @@ def generate(preset: str | SynthConfig, seed: int = 0) -> dict[str, pl.DataFrame
         150000
     """
     cfg = resolve_config(preset)
-    # One stream per stage, so changing one stage's draws does not reshuffle the others.
-    rng_items, rng_users, rng_serve, rng_act, rng_time, rng_ids = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(6)
+    # One stream per stage, so changing one stage's draws does not reshuffle the others (the history
+    # has the last stream: adding it left the impressions of a seed unchanged).
+    rng_items, rng_users, rng_serve, rng_act, rng_time, rng_ids, rng_history = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(7)
     )
     cat = _Catalogue(cfg, rng_items)
     pop = _Population(cfg, cat, rng_users)
     served = _serve(cfg, cat, pop, rng_serve)
     acts = _act(cfg, cat, pop, served, rng_act)
-    return _frames(cfg, cat, pop, served, acts, _timestamps(cfg, rng_time), rng_ids)
+    history = _pre_log_history(cfg, cat, pop, rng_history)
+    return _frames(cfg, cat, pop, served, acts, _timestamps(cfg, rng_time), rng_ids, history)
+
+
+def _pre_log_history(
+    cfg: SynthConfig, cat: _Catalogue, pop: _Population, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """``history_days`` of serving before the log, acted on the same way; the engaged rows as events
+    (user index, item index, unix seconds, action: 1 click, 2 save, 3 conversion)."""
+    n = int(round(cfg.n_impressions * cfg.history_days / cfg.n_days))
+    if n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return {"user": empty, "item": empty, "timestamp": empty, "action": empty}
+    pre = dataclasses.replace(cfg, n_impressions=n)
+    served = _serve(pre, cat, pop, rng)
+    acts = _act(pre, cat, pop, served, rng)
+    engaged = acts.clicked | acts.saved | acts.converted
+    action = np.where(acts.converted, 3, np.where(acts.saved, 2, 1))
+    timestamp = cfg.start_unix - rng.integers(1, cfg.history_days * _DAY + 1, n)
+    return {
+        "user": served.user[engaged],
+        "item": served.item[engaged],
+        "timestamp": timestamp[engaged],
+        "action": action[engaged],
+    }
 
 
 @dataclass
@@ -488,6 +517,7 @@ def _frames(
     acts: _Acts,
     timestamp: np.ndarray,
     rng: np.random.Generator,
+    history: Mapping[str, np.ndarray],
 ) -> dict[str, pl.DataFrame]:
     """Assemble the contract's frames, mapping internal indices to shuffled public ids."""
     item_ids = _shuffled_ids(cfg.n_items, 1_000_000, rng)
@@ -549,7 +579,15 @@ def _frames(
             pl.when(pl.col("surface_code") == SEARCH).then("query_id").alias("query_id"),
         )
     )
-    return {"items": items, "users": users, "impressions": impressions}
+    user_history = pl.DataFrame(
+        {
+            "user_id": user_ids[history["user"]],
+            "item_id": item_ids[history["item"]],
+            "timestamp": history["timestamp"].astype(np.int64),
+            "action": pl.Series(["click", "save", "conversion"]).gather(history["action"] - 1),
+        }
+    ).sort("user_id", "timestamp", "item_id")
+    return {"items": items, "users": users, "impressions": impressions, "user_history": user_history}
 
 
 def write_tables(
@@ -570,7 +608,7 @@ def write_tables(
         ``out_dir`` as a Path.
     """
     schemas = load_schemas()
-    missing = sorted(set(schemas) - set(tables))
+    missing = sorted(n for n, s in schemas.items() if s.required and n not in tables)
     if missing:
         raise ConvcgError(f"cannot write data: tables {missing} are missing.")
     out_dir = Path(out_dir)
@@ -588,10 +626,11 @@ def write_tables(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        for name, schema in schemas.items():
-            tables[name].write_parquet(tmp / schema.file)
+        written = [name for name in schemas if name in tables]
+        for name in written:
+            tables[name].write_parquet(tmp / schemas[name].file)
         info = dict(metadata or {})
-        info["rows"] = {name: tables[name].height for name in schemas}
+        info["rows"] = {name: tables[name].height for name in written}
         (tmp / "synth.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
         _replace_dir(tmp, out_dir)
     except BaseException:
