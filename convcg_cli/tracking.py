@@ -144,6 +144,20 @@ def log_metrics(mlflow_client, run_id: str, metrics: Mapping[str, float], step: 
         mlflow_client.log_batch(run_id, metrics=items[i : i + 1000])
 
 
+CHECKPOINT_TAG = "checkpoint"  # "yes" on runs whose checkpoint artifact is logged (what eval looks for)
+
+
+def log_checkpoint(run: TrackedRun, checkpoint: Path) -> None:
+    """Log ``checkpoint`` as the run's ``CHECKPOINT_ARTIFACT`` and tag the run as having one."""
+    import shutil
+
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / Path(CHECKPOINT_ARTIFACT).name  # the artifact's name, whatever the file's
+        shutil.copyfile(checkpoint, staged)
+        run.client.log_artifact(run.run_id, str(staged), CHECKPOINT_DIR)
+    run.client.set_tag(run.run_id, CHECKPOINT_TAG, "yes")
+
+
 def lineage_tags(logger_cfg: Mapping[str, Any]) -> dict[str, str]:
     """Tags a run inherits from its logger config: ``parent_run_id`` (nests it under that run in the
     MLflow UI) and any ``run_tags``. ``convcg ablate`` sets both on each child's config."""
@@ -251,7 +265,7 @@ def resolve_run(logger_cfg: Mapping[str, Any], run: str) -> str:
             if exp is None
             else mlflow_client.search_runs(
                 [exp.experiment_id],
-                filter_string="attributes.status = 'FINISHED' and tags.checkpoint = 'yes'",
+                filter_string=f"attributes.status = 'FINISHED' and tags.{CHECKPOINT_TAG} = 'yes'",
                 order_by=["attributes.start_time DESC"],
                 max_results=1,
             )
@@ -268,7 +282,7 @@ def resolve_run(logger_cfg: Mapping[str, Any], run: str) -> str:
             f"Run '{run}' was not found in {where}. Pass a run id shown by 'convcg train' or the MLflow UI, "
             f"or --run latest."
         ) from None
-    if info.data.tags.get("checkpoint") != "yes":
+    if info.data.tags.get(CHECKPOINT_TAG) != "yes":
         raise RunNotFoundError(
             f"Run '{run}' in {where} has no checkpoint (status {info.info.status}); it cannot be evaluated."
         )
