@@ -7,15 +7,13 @@ Heavy libraries (torch, lightning, mlflow, polars) are imported inside the comma
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from convcg_cli.errors import ConfigError, ConvcgError
+from convcg_cli.errors import ConfigError, user_errors
 
 app = typer.Typer(
     help="Train and evaluate conversion-optimised two-tower candidate generators.",
@@ -32,16 +30,6 @@ err = Console(stderr=True, soft_wrap=True)
 OVERRIDES_HELP = (
     "Hydra overrides, e.g. +experiment=unified_parallel trainer.max_epochs=2 loss.task_weights.engagement=0.3"
 )
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a ConvcgError into a one-paragraph message on stderr and a non-zero exit."""
-    try:
-        yield
-    except ConvcgError as exc:
-        err.print(f"[bold red]Error:[/bold red] {exc}", highlight=False)
-        raise typer.Exit(exc.exit_code) from None
 
 
 @data_app.command("synth")

@@ -168,8 +168,9 @@ def lineage_tags(logger_cfg: Mapping[str, Any]) -> dict[str, str]:
 
 
 @contextmanager
-def parent_run(logger_cfg: Mapping[str, Any], run_name: str, tags: Mapping[str, str]) -> Iterator[TrackedRun]:
-    """Open a run that groups child runs (``convcg ablate``); close it FINISHED, FAILED or KILLED."""
+def open_run(logger_cfg: Mapping[str, Any], run_name: str, tags: Mapping[str, str]) -> Iterator[TrackedRun]:
+    """Open a plain run (no Lightning logger) in ``logger.experiment_name``; close it FINISHED,
+    FAILED (an exception escaped, e.g. a benchmark step crashed) or KILLED (Ctrl-C)."""
     mlflow_client = client(logger_cfg)
     run = mlflow_client.create_run(
         experiment_id(mlflow_client, logger_cfg), tags=dict(tags), run_name=run_name
@@ -177,6 +178,29 @@ def parent_run(logger_cfg: Mapping[str, Any], run_name: str, tags: Mapping[str, 
     run_id = run.info.run_id
     with terminate_with_status(mlflow_client, run_id):
         yield TrackedRun(run_id, mlflow_client, None)
+
+
+@contextmanager
+def parent_run(logger_cfg: Mapping[str, Any], run_name: str, tags: Mapping[str, str]) -> Iterator[TrackedRun]:
+    """Open a run that groups child runs (``convcg ablate``); close it FINISHED, FAILED or KILLED."""
+    with open_run(logger_cfg, run_name, tags) as run:
+        yield run
+
+
+def log_config_params(run: TrackedRun, cfg: DictConfig, skip_prefixes: tuple[str, ...] = ()) -> None:
+    """The resolved config, flattened, as the run's params (MLflow takes 100 per batch); keys starting
+    with one of ``skip_prefixes`` are left out."""
+    from mlflow.entities import Param
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    params = [
+        Param(k, v)
+        for k, v in flatten(cast(dict[str, Any], container)).items()
+        if not k.startswith(skip_prefixes)
+    ]
+    for i in range(0, len(params), 100):
+        run.client.log_batch(run.run_id, params=params[i : i + 100])
 
 
 def child_runs(logger_cfg: Mapping[str, Any], parent_run_id: str) -> list:
@@ -226,8 +250,6 @@ def terminate_with_status(mlflow_client, run_id: str) -> Iterator[None]:
 @contextmanager
 def tracked_run(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str]) -> Iterator[TrackedRun]:
     """Open a run with params, tags and the resolved config; close it with the right status."""
-    from mlflow.entities import Param
-
     mlflow_client = client(cfg.logger)
     exp = experiment_id(mlflow_client, cfg.logger)
     tags = {**choice_tags(choices), "seed": str(cfg.seed), "mlflow.source.name": "convcg train"}
@@ -237,11 +259,8 @@ def tracked_run(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str
     )
     run_id = run.info.run_id
     with terminate_with_status(mlflow_client, run_id):
-        container = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(container, dict)
-        params = [Param(k, v) for k, v in flatten(cast(dict[str, Any], container)).items()]
-        for i in range(0, len(params), 100):
-            mlflow_client.log_batch(run_id, params=params[i : i + 100])
+        tracked = TrackedRun(run_id, mlflow_client, _lightning_logger(cfg.logger, run_id))
+        log_config_params(tracked, cfg)
         log_text(mlflow_client, run_id, OmegaConf.to_yaml(cfg, resolve=True), CONFIG_ARTIFACT)
         log_text(
             mlflow_client,
@@ -249,7 +268,7 @@ def tracked_run(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str
             OmegaConf.to_yaml(OmegaConf.create({"overrides": overrides, "choices": dict(choices)})),
             OVERRIDES_ARTIFACT,
         )
-        yield TrackedRun(run_id, mlflow_client, _lightning_logger(cfg.logger, run_id))
+        yield tracked
 
 
 def resolve_run(logger_cfg: Mapping[str, Any], run: str) -> str:
