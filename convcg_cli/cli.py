@@ -46,11 +46,10 @@ def data_synth(
 
         if preset not in synth.PRESETS:
             raise ConfigError(f"Unknown preset '{preset}'; choose one of {sorted(synth.PRESETS)}.")
-        tables = synth.generate(preset, seed=seed)
-        path = synth.write_tables(tables, out_dir)
+        tables = synth.synthesize(preset, out_dir, seed=seed)
         imp = tables["impressions"]
         out.print(
-            f"Wrote {path}: {tables['items'].height:,} items, {tables['users'].height:,} users, "
+            f"Wrote {out_dir}: {tables['items'].height:,} items, {tables['users'].height:,} users, "
             f"{imp.height:,} impressions, {int(imp['clicked'].sum()):,} clicks, "
             f"{int(imp['converted'].sum()):,} conversions."
         )

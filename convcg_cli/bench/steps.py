@@ -69,16 +69,17 @@ def step_synth(
 ) -> dict:
     """Generate and write the scaled preset; with ``reuse``, keep ``out_dir`` if it holds the same logs."""
     from convcg_cli.data import synth
+    from convcg_cli.data.tables import METADATA_FILE
 
     config = _synth_config(cfg, factor, days)
     wanted = json.loads(json.dumps(dataclasses.asdict(config)))
-    meta = Path(out_dir) / "synth.json"
+    meta = Path(out_dir) / METADATA_FILE
     if reuse and meta.exists():
         info = json.loads(meta.read_text())
         if info.get("config") == wanted and info.get("seed") == cfg.seed:
             return {"reused": True, "seconds": 0.0, "impressions": config.n_impressions}
     start = time.perf_counter()
-    synth.write_tables(synth.generate(config, seed=cfg.seed), out_dir, {"seed": cfg.seed, "config": wanted})
+    synth.synthesize(config, out_dir, seed=cfg.seed)
     return {"reused": False, "seconds": time.perf_counter() - start, "impressions": config.n_impressions}
 
 

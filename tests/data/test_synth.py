@@ -9,7 +9,8 @@ import polars as pl
 import pytest
 
 from convcg_cli.data.schema import load_tables, validate_frames
-from convcg_cli.data.synth import PRESETS, SURFACES, SynthConfig, generate, synthesize, write_tables
+from convcg_cli.data.synth import PRESETS, SURFACES, SynthConfig, generate, synthesize
+from convcg_cli.data.tables import write_tables
 from convcg_cli.errors import ConfigError, ConvcgError
 
 DAY = 86_400
@@ -229,7 +230,9 @@ def test_user_features_are_weakly_informative(tiny_tables):
 
 
 def test_synthesize_writes_loadable_tables_and_provenance(tmp_path, tiny_tables):
-    out = synthesize("tiny", tmp_path / "data", seed=0)
+    written = synthesize("tiny", tmp_path / "data", seed=0)
+    assert all(written[k].equals(tiny_tables[k]) for k in tiny_tables)
+    out = tmp_path / "data"
     assert sorted(p.name for p in out.iterdir()) == [
         "impressions.parquet",
         "items.parquet",
