@@ -144,6 +144,17 @@ def log_metrics(mlflow_client, run_id: str, metrics: Mapping[str, float], step: 
         mlflow_client.log_batch(run_id, metrics=items[i : i + 1000])
 
 
+def log_file(run: TrackedRun, path: str | Path, artifact_dir: str) -> None:
+    """Log the file at ``path`` as an artifact of the run, under ``artifact_dir``."""
+    run.client.log_artifact(run.run_id, str(path), artifact_dir)
+
+
+def set_tags(run: TrackedRun, tags: Mapping[str, str]) -> None:
+    """Set (or overwrite) tags of the run."""
+    for key, value in tags.items():
+        run.client.set_tag(run.run_id, key, str(value))
+
+
 CHECKPOINT_TAG = "checkpoint"  # "yes" on runs whose checkpoint artifact is logged (what eval looks for)
 
 
@@ -154,8 +165,8 @@ def log_checkpoint(run: TrackedRun, checkpoint: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / Path(CHECKPOINT_ARTIFACT).name  # the artifact's name, whatever the file's
         shutil.copyfile(checkpoint, staged)
-        run.client.log_artifact(run.run_id, str(staged), CHECKPOINT_DIR)
-    run.client.set_tag(run.run_id, CHECKPOINT_TAG, "yes")
+        log_file(run, staged, CHECKPOINT_DIR)
+    set_tags(run, {CHECKPOINT_TAG: "yes"})
 
 
 def lineage_tags(logger_cfg: Mapping[str, Any]) -> dict[str, str]:
