@@ -20,6 +20,7 @@ from convcg_cli.bench.measure import Clock, peak_rss_mib, time_data_path, topk_o
 
 
 def quiet() -> None:
+    """Keep library chatter and the warnings convcg train also silences out of a step's log."""
     from convcg_cli import tracking
 
     tracking.quiet()
