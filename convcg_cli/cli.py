@@ -7,15 +7,13 @@ Heavy libraries (torch, lightning, mlflow, polars) are imported inside the comma
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from convcg_cli.errors import ConfigError, ConvcgError
+from convcg_cli.errors import ConfigError, user_errors
 
 app = typer.Typer(
     help="Train and evaluate conversion-optimised two-tower candidate generators.",
@@ -34,16 +32,6 @@ OVERRIDES_HELP = (
 )
 
 
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a ConvcgError into a one-paragraph message on stderr and a non-zero exit."""
-    try:
-        yield
-    except ConvcgError as exc:
-        err.print(f"[bold red]Error:[/bold red] {exc}", highlight=False)
-        raise typer.Exit(exc.exit_code) from None
-
-
 @data_app.command("synth")
 def data_synth(
     out_dir: Path = typer.Option(
@@ -58,11 +46,10 @@ def data_synth(
 
         if preset not in synth.PRESETS:
             raise ConfigError(f"Unknown preset '{preset}'; choose one of {sorted(synth.PRESETS)}.")
-        tables = synth.generate(preset, seed=seed)
-        path = synth.write_tables(tables, out_dir)
+        tables = synth.synthesize(preset, out_dir, seed=seed)
         imp = tables["impressions"]
         out.print(
-            f"Wrote {path}: {tables['items'].height:,} items, {tables['users'].height:,} users, "
+            f"Wrote {out_dir}: {tables['items'].height:,} items, {tables['users'].height:,} users, "
             f"{imp.height:,} impressions, {int(imp['clicked'].sum()):,} clicks, "
             f"{int(imp['converted'].sum()):,} conversions."
         )

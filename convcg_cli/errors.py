@@ -1,5 +1,10 @@
 """User-facing errors. The CLI prints their message as one paragraph and exits non-zero."""
 
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class ConvcgError(Exception):
     """An error caused by the user's input (data, config, run id), not by a bug."""
@@ -24,3 +29,20 @@ class ConfigError(ConvcgError):
 
 class RunNotFoundError(ConvcgError):
     """The MLflow run asked for does not exist or has no checkpoint."""
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a ConvcgError into a one-paragraph message on stderr and a non-zero exit.
+
+    Wraps the body of every command line (``convcg``, ``python -m convcg_cli.bench``); typer and rich
+    are imported only when an error is reported, so this leaf module stays light.
+    """
+    try:
+        yield
+    except ConvcgError as exc:
+        import typer
+        from rich.console import Console
+
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]Error:[/bold red] {exc}", highlight=False)
+        raise typer.Exit(exc.exit_code) from None

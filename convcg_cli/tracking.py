@@ -144,6 +144,31 @@ def log_metrics(mlflow_client, run_id: str, metrics: Mapping[str, float], step: 
         mlflow_client.log_batch(run_id, metrics=items[i : i + 1000])
 
 
+def log_file(run: TrackedRun, path: str | Path, artifact_dir: str) -> None:
+    """Log the file at ``path`` as an artifact of the run, under ``artifact_dir``."""
+    run.client.log_artifact(run.run_id, str(path), artifact_dir)
+
+
+def set_tags(run: TrackedRun, tags: Mapping[str, str]) -> None:
+    """Set (or overwrite) tags of the run."""
+    for key, value in tags.items():
+        run.client.set_tag(run.run_id, key, str(value))
+
+
+CHECKPOINT_TAG = "checkpoint"  # "yes" on runs whose checkpoint artifact is logged (what eval looks for)
+
+
+def log_checkpoint(run: TrackedRun, checkpoint: Path) -> None:
+    """Log ``checkpoint`` as the run's ``CHECKPOINT_ARTIFACT`` and tag the run as having one."""
+    import shutil
+
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / Path(CHECKPOINT_ARTIFACT).name  # the artifact's name, whatever the file's
+        shutil.copyfile(checkpoint, staged)
+        log_file(run, staged, CHECKPOINT_DIR)
+    set_tags(run, {CHECKPOINT_TAG: "yes"})
+
+
 def lineage_tags(logger_cfg: Mapping[str, Any]) -> dict[str, str]:
     """Tags a run inherits from its logger config: ``parent_run_id`` (nests it under that run in the
     MLflow UI) and any ``run_tags``. ``convcg ablate`` sets both on each child's config."""
@@ -154,8 +179,9 @@ def lineage_tags(logger_cfg: Mapping[str, Any]) -> dict[str, str]:
 
 
 @contextmanager
-def parent_run(logger_cfg: Mapping[str, Any], run_name: str, tags: Mapping[str, str]) -> Iterator[TrackedRun]:
-    """Open a run that groups child runs (``convcg ablate``); close it FINISHED, FAILED or KILLED."""
+def open_run(logger_cfg: Mapping[str, Any], run_name: str, tags: Mapping[str, str]) -> Iterator[TrackedRun]:
+    """Open a plain run (no Lightning logger) in ``logger.experiment_name``; close it FINISHED,
+    FAILED (an exception escaped, e.g. a benchmark step crashed) or KILLED (Ctrl-C)."""
     mlflow_client = client(logger_cfg)
     run = mlflow_client.create_run(
         experiment_id(mlflow_client, logger_cfg), tags=dict(tags), run_name=run_name
@@ -163,6 +189,29 @@ def parent_run(logger_cfg: Mapping[str, Any], run_name: str, tags: Mapping[str, 
     run_id = run.info.run_id
     with terminate_with_status(mlflow_client, run_id):
         yield TrackedRun(run_id, mlflow_client, None)
+
+
+@contextmanager
+def parent_run(logger_cfg: Mapping[str, Any], run_name: str, tags: Mapping[str, str]) -> Iterator[TrackedRun]:
+    """Open a run that groups child runs (``convcg ablate``); close it FINISHED, FAILED or KILLED."""
+    with open_run(logger_cfg, run_name, tags) as run:
+        yield run
+
+
+def log_config_params(run: TrackedRun, cfg: DictConfig, skip_prefixes: tuple[str, ...] = ()) -> None:
+    """The resolved config, flattened, as the run's params (MLflow takes 100 per batch); keys starting
+    with one of ``skip_prefixes`` are left out."""
+    from mlflow.entities import Param
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    params = [
+        Param(k, v)
+        for k, v in flatten(cast(dict[str, Any], container)).items()
+        if not k.startswith(skip_prefixes)
+    ]
+    for i in range(0, len(params), 100):
+        run.client.log_batch(run.run_id, params=params[i : i + 100])
 
 
 def child_runs(logger_cfg: Mapping[str, Any], parent_run_id: str) -> list:
@@ -212,8 +261,6 @@ def terminate_with_status(mlflow_client, run_id: str) -> Iterator[None]:
 @contextmanager
 def tracked_run(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str]) -> Iterator[TrackedRun]:
     """Open a run with params, tags and the resolved config; close it with the right status."""
-    from mlflow.entities import Param
-
     mlflow_client = client(cfg.logger)
     exp = experiment_id(mlflow_client, cfg.logger)
     tags = {**choice_tags(choices), "seed": str(cfg.seed), "mlflow.source.name": "convcg train"}
@@ -223,11 +270,8 @@ def tracked_run(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str
     )
     run_id = run.info.run_id
     with terminate_with_status(mlflow_client, run_id):
-        container = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(container, dict)
-        params = [Param(k, v) for k, v in flatten(cast(dict[str, Any], container)).items()]
-        for i in range(0, len(params), 100):
-            mlflow_client.log_batch(run_id, params=params[i : i + 100])
+        tracked = TrackedRun(run_id, mlflow_client, _lightning_logger(cfg.logger, run_id))
+        log_config_params(tracked, cfg)
         log_text(mlflow_client, run_id, OmegaConf.to_yaml(cfg, resolve=True), CONFIG_ARTIFACT)
         log_text(
             mlflow_client,
@@ -235,7 +279,7 @@ def tracked_run(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str
             OmegaConf.to_yaml(OmegaConf.create({"overrides": overrides, "choices": dict(choices)})),
             OVERRIDES_ARTIFACT,
         )
-        yield TrackedRun(run_id, mlflow_client, _lightning_logger(cfg.logger, run_id))
+        yield tracked
 
 
 def resolve_run(logger_cfg: Mapping[str, Any], run: str) -> str:
@@ -251,7 +295,7 @@ def resolve_run(logger_cfg: Mapping[str, Any], run: str) -> str:
             if exp is None
             else mlflow_client.search_runs(
                 [exp.experiment_id],
-                filter_string="attributes.status = 'FINISHED' and tags.checkpoint = 'yes'",
+                filter_string=f"attributes.status = 'FINISHED' and tags.{CHECKPOINT_TAG} = 'yes'",
                 order_by=["attributes.start_time DESC"],
                 max_results=1,
             )
@@ -268,7 +312,7 @@ def resolve_run(logger_cfg: Mapping[str, Any], run: str) -> str:
             f"Run '{run}' was not found in {where}. Pass a run id shown by 'convcg train' or the MLflow UI, "
             f"or --run latest."
         ) from None
-    if info.data.tags.get("checkpoint") != "yes":
+    if info.data.tags.get(CHECKPOINT_TAG) != "yes":
         raise RunNotFoundError(
             f"Run '{run}' in {where} has no checkpoint (status {info.info.status}); it cannot be evaluated."
         )

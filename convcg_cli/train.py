@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,15 +30,34 @@ def build_datamodule(cfg, tasks: list[str], stage: str = "fit"):
     return dm
 
 
-def build_model(cfg, dm):
-    """Instantiate ``cfg.model`` with the feature specs the data defines and the configured loss."""
+# Sizes the cross block and the head read through interpolation (``out_dim: ${model.hidden_dim}``,
+# ``embedding_dim: ${model.embedding_dim}``): config keys for one override to resize both towers,
+# not arguments of RetrievalModule.
+MODEL_SIZE_KEYS = ("hidden_dim", "embedding_dim")
+
+
+def model_from_config(cfg, user_features, item_features):
+    """Instantiate ``cfg.model`` for these feature specs with the configured loss.
+
+    ``cfg.model`` is resolved first, then its ``MODEL_SIZE_KEYS`` are left out of the arguments.
+    """
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(node, dict)
+    arguments = OmegaConf.create({k: v for k, v in node.items() if k not in MODEL_SIZE_KEYS})
     return instantiate(
-        cfg.model,
-        user_features=dm.user_spec,
-        item_features=dm.item_spec,
+        arguments,
+        user_features=user_features,
+        item_features=item_features,
         loss=instantiate(cfg.loss),
         val_ks=list(cfg.val_ks),
     )
+
+
+def build_model(cfg, dm):
+    """Instantiate ``cfg.model`` with the feature specs the data defines and the configured loss."""
+    return model_from_config(cfg, dm.user_spec, dm.item_spec)
 
 
 def check_served_embedding_is_trained(cfg) -> None:
@@ -97,11 +114,7 @@ def train(composed: Composed) -> TrainResult:
     with tracking.tracked_run(cfg, composed.choices, composed.overrides) as run:
         tracking.log_metrics(run.client, run.run_id, {f"data/{k}_rows": v for k, v in dm.n_rows.items()})
         result = _fit(cfg, model, dm, logger=run.logger, run_id=run.run_id)
-        with tempfile.TemporaryDirectory() as tmp:
-            staged = Path(tmp) / Path(tracking.CHECKPOINT_ARTIFACT).name
-            shutil.copyfile(result.checkpoint, staged)
-            run.client.log_artifact(run.run_id, str(staged), tracking.CHECKPOINT_DIR)
-        run.client.set_tag(run.run_id, "checkpoint", "yes")
+        tracking.log_checkpoint(run, result.checkpoint)
     return result
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convcg_cli import bench
+from convcg_cli.bench import figures, measure, report
+from convcg_cli.bench.ann import IVFFlat
+from convcg_cli.bench.cli import bench_config
 from convcg_cli.config import instantiate
 from convcg_cli.metrics.retrieval import exact_topk
 
@@ -35,8 +37,8 @@ def _unit(rows: int, seed: int) -> np.ndarray:
 
 def test_growth_exponent_recovers_a_power_law():
     sizes = [1e5, 4e5, 1.6e6]
-    assert bench.growth_exponent(sizes, [3e-6 * s**1.5 for s in sizes]) == pytest.approx(1.5)
-    assert bench.growth_exponent(sizes, [7.0, 7.0, 7.0]) == pytest.approx(0.0, abs=1e-12)
+    assert measure.growth_exponent(sizes, [3e-6 * s**1.5 for s in sizes]) == pytest.approx(1.5)
+    assert measure.growth_exponent(sizes, [7.0, 7.0, 7.0]) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_scale_exponents_fit_memory_above_the_import_baseline():
@@ -48,7 +50,7 @@ def test_scale_exponents_fit_memory_above_the_import_baseline():
         }
         for n in (1e5, 1e6, 1e7)
     ]
-    exponents = bench.scale_exponents(points, base)
+    exponents = figures.scale_exponents(points, base)
     assert exponents["synth_s"] == pytest.approx(1.0) and exponents["topk_s"] == pytest.approx(0.5)
     assert exponents["train_mib_above_baseline"] == pytest.approx(1.0)  # not diluted by the 400 MiB
     assert exponents["step_cpu_ms"] == pytest.approx(0.0, abs=1e-12)
@@ -67,12 +69,12 @@ def test_memory_exponents_and_verdict_of_the_bounded_memory_sweep():
             for f in (0.25, 1.0, 4.0)
         ],
     }
-    exps = bench.memory_exponents(results)
+    exps = figures.memory_exponents(results)
     assert exps["streamed"] == pytest.approx(0.0, abs=1e-12) and exps["in_memory"] == pytest.approx(1.0)
-    assert "| 0.00 | < 0.1 | pass |" in bench._memory_verdict(results)[0]
+    assert report.memory_verdict(results)[0][1:] == ["0.00", "< 0.1", "pass"]
     results["memory"][2]["streamed"]["peak_rss_mib"] = 500 + 600.0
-    assert "**FAIL**" in bench._memory_verdict(results)[0]
-    assert bench.memory_exponents({"memory": []}) == {}
+    assert report.memory_verdict(results)[0][-1] == "**FAIL**"
+    assert figures.memory_exponents({"memory": []}) == {}
 
 
 def test_topk_overlap_matches_brute_force_and_ignores_padding():
@@ -81,20 +83,20 @@ def test_topk_overlap_matches_brute_force_and_ignores_padding():
     approx = np.stack([rng.permutation(50)[:10] for _ in range(30)])
     approx[:5, -3:] = -1  # IVF pads rows whose probed cells hold fewer than k items
     brute = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
-    assert bench.topk_overlap(approx, exact) == pytest.approx(brute)
-    assert bench.topk_overlap(exact, exact) == 1.0
+    assert measure.topk_overlap(approx, exact) == pytest.approx(brute)
+    assert measure.topk_overlap(exact, exact) == 1.0
 
 
 def test_torch_topk_finds_the_exact_top_k():
     queries, items = _unit(40, 1), _unit(300, 2)  # random floats: no ties
     _, exact = exact_topk(queries, items, 25)
-    plain = bench.torch_topk(queries, items, 25, max_cells=1000)  # several chunks
+    plain = measure.torch_topk(queries, items, 25, max_cells=1000)  # several chunks
     assert np.array_equal(np.sort(plain, axis=1), np.sort(exact, axis=1))
 
 
 @pytest.mark.parametrize("name", ["ivf_flat", "hnsw"])
 def test_configured_ann_indexes_build_and_search(name):
-    cfg = bench.bench_config([], quick=False)
+    cfg = bench_config([], quick=False)
     ann = instantiate(cfg.retrieval.ann_options[name])
     queries, items = _unit(50, 3), _unit(2000, 4)
     ann.build(items)
@@ -105,22 +107,111 @@ def test_configured_ann_indexes_build_and_search(name):
 
 def test_ivf_probing_every_cell_is_exact():
     queries, items = _unit(50, 5), _unit(2000, 6)
-    ann = bench.IVFFlat(nlist=16)
+    ann = IVFFlat(nlist=16)
     ann.build(items)
     _, exact = exact_topk(queries, items, 20)
-    assert bench.topk_overlap(ann.search(queries, 20, effort=16), exact) == 1.0
+    assert measure.topk_overlap(ann.search(queries, 20, effort=16), exact) == 1.0
 
 
 def test_quick_config_merges_over_the_full_one():
-    full, quick = bench.bench_config([], quick=False), bench.bench_config(["seed=3"], quick=True)
+    full, quick = bench_config([], quick=False), bench_config(["seed=3"], quick=True)
     assert full.preset == "large" and quick.preset == "tiny" and quick.seed == 3
     assert quick.report.endswith("bench-quick.md") and full.report.endswith("reports/bench/bench.md")
     ivf, hnsw = quick.retrieval.ann_options.ivf_flat, quick.retrieval.ann_options.hnsw
     assert ivf.nlist == 16 and list(ivf.efforts) == [2, 16] and hnsw.m == 32
 
 
+def _fake_results() -> dict:
+    """Results of every step, shaped as runner.run returns them (no step run)."""
+    step = {"wall_s": 1.0, "peak_rss_mib": 500.0}
+    rnd = {"ratio": 0.95, "bare_step_ms_median": 10.0, "lightning_step_ms_median": 11.0}
+    ann_run = {"effort": 2, "search_s": 0.05, "speedup": 2.0, "overlap": 0.9, "recall": {"conversion": 0.45}}
+    mode = {**step, "train_rows": 10, "train_examples": 5, "setup_s": 1.0, "setup_mib": 450.0, "step_ms": 3.0}
+    return {
+        "started": "2026-01-01 00:00:00",
+        "total_s": 60.0,
+        "load_before": (1.0,),
+        "load_after": (2.0,),
+        "baseline": {**step, "synth_mib": 100.0, "train_mib": 400.0},
+        "synth": {**step, "seconds": 0.0, "impressions": 100},
+        "data": {**step, "setup_s": 1.0, "train_examples": 1000, "batches_per_epoch": 4, "batch_size": 256}
+        | {"data_batches_per_s": 400.0},
+        "train": {**step, "batch_size": 256, "batches": 20, "warmup": 2, "rounds": [rnd, rnd]}
+        | {"bare_examples_per_s": 1000.0, "lightning_examples_per_s": 900.0, "lightning_vs_bare": 0.93}
+        | {"lightning_vs_bare_pooled": 0.92, "lightning_vs_bare_cpu": 0.91, "fit_overhead_s": 0.5}
+        | {"data_batches_per_s": 500.0, "model_batches_per_s": 5.0, "data_vs_model": 100.0}
+        | {"trainer": {"max_epochs": "3"}},
+        "retrieval": {
+            **step,
+            "queries": 100,
+            "items": 1000,
+            "dim": 16,
+            "k": 10,
+            "exact_s": 0.1,
+            "torch_s": 0.2,
+        }
+        | {"exact_recall": {"conversion": 0.5}, "ann": "IVF-Flat, nlist=16", "ann_effort_name": "nprobe"}
+        | {"ann_build_s": 0.3, "ann_runs": [ann_run]},
+        "scale": [
+            {
+                "factor": f,
+                "synth": {**step, "impressions": int(1000 * f), "seconds": f},
+                "run": {**step, "items": int(100 * f), "train_examples": 10, "params": 5, "setup_s": f}
+                | {"step_ms": 3.0, "step_cpu_ms": 2.0 + f, "topk_s": 0.1 * f},
+            }
+            for f in (0.5, 1.0)
+        ],
+        "memory": [
+            {
+                "factor": f,
+                "synth": {**step, "impressions": int(1000 * f), "seconds": f},
+                "streamed": {**mode, "peak_rss_mib": 500 + f, "shards": 2},
+                "in_memory": {**mode, "peak_rss_mib": 500 + 100 * f, "shards": 0},
+            }
+            for f in (0.5, 1.0)
+        ],
+    }
+
+
+def test_report_renders_every_section_and_target_from_the_results():
+    text = report.render_report(bench_config([], quick=True), _fake_results())
+    for section in SECTIONS:
+        assert section in text
+    assert "| Lightning `trainer.fit` / bare PyTorch loop, examples/s | 0.930 | >= 0.9 | pass |" in text
+    assert "| ANN, nprobe=2 | 0.05 | 2.00x | 0.900 | 0.4500 |" in text
+    assert "| baseline | 1.0 | 500 |" in text and "| scale_1 |" in text and "| step_cpu_ms |" in text
+    assert figures.LIGHTNING_VS_BARE in figures.metrics(_fake_results())
+
+
+def test_a_crashed_bench_run_is_marked_failed(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from convcg_cli.bench import cli, runner
+
+    def crash(cfg, workdir):
+        raise RuntimeError("bench step 'train' failed")
+
+    monkeypatch.setattr(runner, "run", crash)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["run", "--quick", f"logger.tracking_uri={uri}", f"report={tmp_path}/bench.md"]
+    result = CliRunner().invoke(cli.app, args)
+    assert isinstance(result.exception, RuntimeError)
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("convcg-bench").experiment_id])
+    assert run.info.status == "FAILED" and run.data.params["preset"] == "tiny"
+    assert not (tmp_path / "bench.md").exists()
+
+
+def test_bench_does_not_import_the_convcg_cli():
+    code = (
+        "import sys, convcg_cli.bench.cli, convcg_cli.bench.steps; assert 'convcg_cli.cli' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
 def test_peak_rss_is_read():
-    assert bench.peak_rss_mib() > 10
+    assert measure.peak_rss_mib() > 10
 
 
 @pytest.mark.slow
@@ -144,8 +235,8 @@ def test_quick_bench_writes_every_section_and_one_mlflow_run(tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("convcg-bench").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["quick"] == "True"
     for name in (
-        bench.LIGHTNING_VS_BARE,
-        bench.DATA_VS_MODEL,
+        figures.LIGHTNING_VS_BARE,
+        figures.DATA_VS_MODEL,
         "bench/retrieval/ann_nprobe_16/overlap",
         "bench/bounded_memory/streamed_peak_exponent",
     ):

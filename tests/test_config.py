@@ -10,6 +10,7 @@ import torch
 from convcg_cli.config import CONF_DIR, compose, instantiate
 from convcg_cli.errors import ConfigError
 from convcg_cli.models.towers import FeatureSpec
+from convcg_cli.train import model_from_config
 
 EXPERIMENTS = sorted(
     str(p.relative_to(CONF_DIR / "experiment").with_suffix(""))
@@ -21,7 +22,7 @@ ITEM = FeatureSpec(categorical={"item_id": 21, "advertiser_id": 5}, numeric=("ct
 
 def build(overrides: list[str]):
     cfg = compose("train", overrides).cfg
-    return instantiate(cfg.model, user_features=USER, item_features=ITEM, loss=instantiate(cfg.loss))
+    return model_from_config(cfg, USER, ITEM)
 
 
 def test_the_four_designs_ship():

@@ -18,6 +18,7 @@ from convcg_cli.models.cross import (
     SequentialCross,
 )
 from convcg_cli.models.towers import FeatureSpec
+from convcg_cli.train import model_from_config
 
 CROSS_NET_CLASSES = {"full": CrossNet, "low_rank": LowRankCrossNet, "mixture": LowRankMixtureCrossNet}
 STRUCTURE_CLASSES = {"sequential": SequentialCross, "parallel": ParallelCross}
@@ -92,7 +93,7 @@ def test_ablation_builds_a_model(ablation: str, cross_net: str, structure: str) 
     assert composed.choices["experiment"] == f"ablation/{ablation}"
     assert composed.choices["model/cross/cross_net"] == cross_net
     cfg = composed.cfg
-    model = instantiate(cfg.model, user_features=USER, item_features=ITEM, loss=instantiate(cfg.loss))
+    model = model_from_config(cfg, USER, ITEM)
     assert isinstance(model.user_tower.interaction.cross, CROSS_NET_CLASSES[cross_net])
     batch = {
         "user_id": torch.tensor([1, 2]),

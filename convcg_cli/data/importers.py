@@ -4,8 +4,8 @@ A mapping file (``conf/importer/<source>.yaml``, its header documents every key)
 column is the user, the item, the time, the surface, the click, the dwell, the save, the conversion,
 the advertiser-like group and the user history. :func:`import_logs` reads the files it names, maps
 them with vectorised polars expressions, checks the result with
-:func:`~convcg_cli.data.schema.validate_frames` and only then writes it atomically with
-:func:`~convcg_cli.data.synth.write_tables`: nothing is half-written on failure.
+:func:`~convcg_cli.data.checks.validate_frames` and only then writes it atomically with
+:func:`~convcg_cli.data.tables.write_tables`: nothing is half-written on failure.
 
 A signal the data set lacks (no dwell column, no save column, no surface, no non-engaged rows ...)
 does not stop the import: the contract columns are filled as the contract allows, a warning is
@@ -37,8 +37,9 @@ from typing import Any
 import polars as pl
 
 from convcg_cli.config import CONF_DIR
-from convcg_cli.data.schema import TableSchema, load_schemas, validate_frames
-from convcg_cli.data.synth import write_tables
+from convcg_cli.data.checks import validate_frames
+from convcg_cli.data.contract import TableSchema, load_schemas
+from convcg_cli.data.tables import write_tables
 from convcg_cli.data.user_history import events_from_lists
 from convcg_cli.errors import ConfigError, ConvcgError, DataValidationError
 

@@ -41,10 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +48,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from convcg_cli.data.schema import load_schemas
-from convcg_cli.errors import ConfigError, ConvcgError
+from convcg_cli.data.tables import write_tables
+from convcg_cli.errors import ConfigError
 
 SURFACES = ("home_feed", "related_items", "search")
 HOME_FEED, RELATED_ITEMS, SEARCH = range(3)
@@ -590,77 +586,15 @@ def _frames(
     return {"items": items, "users": users, "impressions": impressions, "user_history": user_history}
 
 
-def write_tables(
-    tables: Mapping[str, pl.DataFrame], out_dir: str | Path, metadata: Mapping | None = None
-) -> Path:
-    """Write ``<file>`` per schema table plus ``synth.json`` into ``out_dir``, atomically.
-
-    Files are written into a temporary directory next to ``out_dir`` which then replaces it, so a crash
-    never leaves a half-written directory and a failed write leaves an existing one untouched. An
-    existing ``out_dir`` is only replaced if it holds nothing but files this function writes.
-
-    Args:
-        tables: table name -> frame, for every table in the schemas.
-        out_dir: directory to (re)create.
-        metadata: extra entries for ``synth.json`` (e.g. preset, seed, config); row counts are added.
-
-    Returns:
-        ``out_dir`` as a Path.
-    """
-    schemas = load_schemas()
-    missing = sorted(n for n, s in schemas.items() if s.required and n not in tables)
-    if missing:
-        raise ConvcgError(f"cannot write data: tables {missing} are missing.")
-    out_dir = Path(out_dir)
-    ours = {s.file for s in schemas.values()} | {"synth.json"}
-    if out_dir.exists():
-        foreign = (
-            sorted(p.name for p in out_dir.iterdir() if p.name not in ours) if out_dir.is_dir() else [""]
-        )
-        if foreign:
-            raise ConvcgError(
-                f"refusing to replace {out_dir}: it is not a directory written by `convcg data synth` "
-                f"(it holds {', '.join(foreign[:5]) or 'a file'}); choose another --out."
-            )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        written = [name for name in schemas if name in tables]
-        for name in written:
-            tables[name].write_parquet(tmp / schemas[name].file)
-        info = dict(metadata or {})
-        info["rows"] = {name: tables[name].height for name in written}
-        (tmp / "synth.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is set aside first and restored on failure."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, aside / target.name)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(aside / target.name, target)  # put the good data back
-        aside.rmdir()
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def synthesize(preset: str | SynthConfig, out_dir: str | Path, seed: int = 0) -> Path:
-    """Generate a preset and write it to ``out_dir`` with its provenance in ``synth.json``."""
+def synthesize(preset: str | SynthConfig, out_dir: str | Path, seed: int = 0) -> dict[str, pl.DataFrame]:
+    """Generate a preset, write it to ``out_dir`` (atomically, see ``tables.write_tables``) with its
+    provenance (preset, seed, config) in ``METADATA_FILE``; return the frames written."""
     cfg = resolve_config(preset)
     metadata = {
         "preset": preset if isinstance(preset, str) else None,
         "seed": seed,
         "config": dataclasses.asdict(cfg),
     }
-    return write_tables(generate(cfg, seed=seed), out_dir, metadata)
+    tables = generate(cfg, seed=seed)
+    write_tables(tables, out_dir, metadata)
+    return tables

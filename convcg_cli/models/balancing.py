@@ -29,8 +29,7 @@ from torch import nn
 
 from convcg_cli.tasks import PRIMARY_TASK, validate_task_weights
 
-# Logged metric names, filled in with ``.format(task=...)`` / ``.format(pair=...)``.
-TASK_WEIGHT_METRIC = "train/task_weight/{task}"
+# Logged metric name, filled in with ``.format(pair=...)``.
 GRAD_COSINE_METRIC = "train/grad_cosine/{pair}"
 
 # GradNorm weights are floored here before renormalising, so a weight pushed below zero by a large
@@ -60,8 +59,8 @@ class TaskBalancer(nn.Module):
     * ``shared``: parameters shared by every task; balancers that measure gradients use them
       (GradNorm: the last shared layer), the others ignore them.
     * ``total``: the scalar to backpropagate.
-    * ``weights``: task -> effective weight on that task's loss, a detached scalar, for logging as
-      ``TASK_WEIGHT_METRIC``.
+    * ``weights``: task -> effective weight on that task's loss, a detached scalar, logged by the loss as
+      ``task_weight/<task>``.
 
     Args:
         task_weights: task name -> weight >= 0 (the config's ``loss.task_weights``); at least one > 0.

@@ -25,7 +25,8 @@ from torch import nn
 # A factory ``in_dim -> module`` mapping (B, in_dim) -> (B, in_dim), e.g. ``partial(CrossNet, num_layers=3)``.
 CrossNetFactory = Callable[[int], nn.Module]
 
-_DEFAULT_CROSS_LAYERS = 2
+# The cross network a block builds when no ``cross_net`` factory is given (tests, docstring examples).
+DEFAULT_CROSS_LAYERS = 2
 
 
 class CrossNet(nn.Module):
@@ -256,22 +257,9 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def _build_cross_net(
-    cls_name: str, in_dim: int, cross_layers: int | None, cross_net: CrossNetFactory | None
-) -> nn.Module:
-    """Return ``cross_net(in_dim)`` if a factory is given, else ``CrossNet(in_dim, cross_layers)``.
-
-    Both at once is rejected rather than silently ignoring ``cross_layers``: the factory carries its
-    own ``num_layers``.
-    """
-    if cross_net is None:
-        return CrossNet(in_dim, _DEFAULT_CROSS_LAYERS if cross_layers is None else cross_layers)
-    if cross_layers is not None:
-        raise ValueError(
-            f"{cls_name} got both cross_layers={cross_layers} and a cross_net; "
-            "set the number of layers on the cross_net (num_layers) instead."
-        )
-    return cross_net(in_dim)
+def _build_cross_net(in_dim: int, cross_net: CrossNetFactory | None) -> nn.Module:
+    """``cross_net(in_dim)``, or a ``CrossNet`` of ``DEFAULT_CROSS_LAYERS`` layers without a factory."""
+    return CrossNet(in_dim, DEFAULT_CROSS_LAYERS) if cross_net is None else cross_net(in_dim)
 
 
 def _check_num_dims(cls_name: str, mlp_dims: Sequence[int], expected: int) -> list[int]:
@@ -287,13 +275,11 @@ class SequentialCross(nn.Module):
     Args:
         in_dim: width of the input (the concatenated feature embeddings).
         out_dim: width of the output, read by the head.
-        cross_layers: number of layers of the default ``CrossNet`` (2 if unset); leave unset when
-            ``cross_net`` is given, which carries its own ``num_layers``.
         mlp_dims: widths of the first two MLP layers (2 entries); the third layer outputs ``out_dim``.
         dropout: dropout after each hidden ReLU of the MLP.
         cross_net: optional factory ``in_dim -> module`` building the cross network, which must map
             (B, in_dim) -> (B, in_dim), e.g. ``partial(LowRankCrossNet, num_layers=2, rank=16)``.
-            Defaults to ``CrossNet(in_dim, cross_layers)``.
+            Defaults to ``CrossNet(in_dim, DEFAULT_CROSS_LAYERS)``.
 
     Example:
         >>> block = SequentialCross(in_dim=8, out_dim=4, mlp_dims=(16, 8))
@@ -305,14 +291,13 @@ class SequentialCross(nn.Module):
         self,
         in_dim: int,
         out_dim: int,
-        cross_layers: int | None = None,
         mlp_dims: Sequence[int] = (256, 128),
         dropout: float = 0.0,
         cross_net: CrossNetFactory | None = None,
     ) -> None:
         super().__init__()
         dims = _check_num_dims("SequentialCross", mlp_dims, expected=2)
-        self.cross = _build_cross_net("SequentialCross", in_dim, cross_layers, cross_net)
+        self.cross = _build_cross_net(in_dim, cross_net)
         self.mlp = MLP(in_dim, [*dims, out_dim], dropout=dropout)
         self.in_dim = in_dim
         self.out_dim = out_dim
@@ -333,13 +318,11 @@ class ParallelCross(nn.Module):
     Args:
         in_dim: width of the input (the concatenated feature embeddings).
         out_dim: width of the output, read by the head.
-        cross_layers: number of layers of the default ``CrossNet`` (2 if unset); leave unset when
-            ``cross_net`` is given, which carries its own ``num_layers``.
         mlp_dims: widths of the three MLP layers (3 entries).
         dropout: dropout after each hidden ReLU of the MLP.
         cross_net: optional factory ``in_dim -> module`` building the cross network, which must map
             (B, in_dim) -> (B, in_dim), e.g. ``partial(LowRankCrossNet, num_layers=2, rank=16)``.
-            Defaults to ``CrossNet(in_dim, cross_layers)``.
+            Defaults to ``CrossNet(in_dim, DEFAULT_CROSS_LAYERS)``.
 
     Example:
         >>> block = ParallelCross(in_dim=8, out_dim=4, mlp_dims=(16, 8, 8))
@@ -351,14 +334,13 @@ class ParallelCross(nn.Module):
         self,
         in_dim: int,
         out_dim: int,
-        cross_layers: int | None = None,
         mlp_dims: Sequence[int] = (256, 128, 64),
         dropout: float = 0.0,
         cross_net: CrossNetFactory | None = None,
     ) -> None:
         super().__init__()
         dims = _check_num_dims("ParallelCross", mlp_dims, expected=3)
-        self.cross = _build_cross_net("ParallelCross", in_dim, cross_layers, cross_net)
+        self.cross = _build_cross_net(in_dim, cross_net)
         self.mlp = MLP(in_dim, dims, dropout=dropout)
         self.proj = nn.Linear(in_dim + dims[-1], out_dim)
         self.in_dim = in_dim

@@ -9,11 +9,13 @@ Recommendations") removes that bias.
 """
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convcg_cli.models.balancing import StaticWeights
 from convcg_cli.tasks import PRIMARY_TASK, validate_task_weights
 
 
@@ -198,7 +200,7 @@ class MultiTaskSampledSoftmax(nn.Module):
         temperature: softmax temperature shared by every task.
         logq: where log sampling probabilities come from (TableLogQ, StreamingLogQ, NoLogQ).
         balancer: turns per-task losses into the total (StaticWeights, UncertaintyWeighting, GradNorm);
-            default: the static weighted sum ``sum_t w_t * loss_t``.
+            default: ``StaticWeights(task_weights)``, the weighted sum ``sum_t w_t * loss_t``.
         advertiser_weight: weight of the advertiser-level softmax on the conversion embeddings (0 = off).
 
     Example:
@@ -229,7 +231,7 @@ class MultiTaskSampledSoftmax(nn.Module):
         self.task_weights = weights
         self.temperature = float(temperature)
         self.logq = logq if logq is not None else TableLogQ()
-        self.balancer = balancer
+        self.balancer = balancer if balancer is not None else StaticWeights(weights)
         self.advertiser_weight = float(advertiser_weight)
 
     @property
@@ -288,31 +290,25 @@ class MultiTaskSampledSoftmax(nn.Module):
             losses[task] = distributed.mean_over_ranks(loss, torch.where(weight > 0, weight, 0.0).sum())
         return losses
 
-    def forward(
+    def terms(
         self,
         user: Mapping[str, torch.Tensor],
         item: Mapping[str, torch.Tensor],
         batch: Mapping,
         hard: Mapping[str, torch.Tensor] | None = None,
         shared: Sequence[nn.Parameter] = (),
-        losses: Mapping[str, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return the total to backpropagate and the named scalars to log.
+    ) -> "LossTerms":
+        """The total to backpropagate, the named scalars to log and the per-task losses, in one pass.
 
-        ``losses``: per-task losses already computed by ``task_losses`` for this batch (computing
-        them twice would advance a streaming logQ estimate twice). ``shared``: the parameters a
-        gradient-based balancer (GradNorm) measures task gradients on.
+        Per-task losses are computed once per call (a second computation would advance a streaming
+        logQ estimate twice); the training step reuses them for the task-interference monitor.
+        ``shared``: the parameters a gradient-based balancer (GradNorm) measures task gradients on.
         Logged: ``<task>/loss`` (unweighted), ``task_weight/<task>`` (effective weight this step),
         ``weighted_loss`` (sum of weighted task losses, comparable across balancers),
         ``advertiser/loss`` when the advertiser loss is on.
         """
-        if losses is None:
-            losses = self.task_losses(user, item, batch, hard)
-        if self.balancer is None:
-            effective = {t: torch.tensor(self.task_weights[t]) for t in losses}
-            total = torch.stack([self.task_weights[t] * loss for t, loss in losses.items()]).sum()
-        else:
-            total, effective = self.balancer(losses, shared)
+        losses = self.task_losses(user, item, batch, hard)
+        total, effective = self.balancer(losses, shared)
         logs = {f"{t}/loss": v.detach() for t, v in losses.items()}
         logs.update({f"task_weight/{t}": torch.as_tensor(w).detach() for t, w in effective.items()})
         logs["weighted_loss"] = torch.stack(
@@ -328,4 +324,31 @@ class MultiTaskSampledSoftmax(nn.Module):
             )
             total = total + self.advertiser_weight * adv
             logs["advertiser/loss"] = adv.detach()
-        return total, logs
+        return LossTerms(total, logs, losses)
+
+    def forward(
+        self,
+        user: Mapping[str, torch.Tensor],
+        item: Mapping[str, torch.Tensor],
+        batch: Mapping,
+        hard: Mapping[str, torch.Tensor] | None = None,
+        shared: Sequence[nn.Parameter] = (),
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(total, logs)`` of :meth:`terms`."""
+        out = self.terms(user, item, batch, hard, shared)
+        return out.total, out.logs
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """One evaluation of the objective on a batch.
+
+    Attributes:
+        total: the scalar to backpropagate.
+        logs: named detached scalars to log (see ``MultiTaskSampledSoftmax.terms``).
+        task_losses: task -> unweighted loss, with its graph (the interference monitor's input).
+    """
+
+    total: torch.Tensor
+    logs: dict[str, torch.Tensor]
+    task_losses: dict[str, torch.Tensor]

@@ -29,7 +29,6 @@ class RetrievalModule(L.LightningModule):
         loss: the multi-task loss; its ``task_weights`` name the tasks.
         optimizer: factory ``optimizer(params)``.
         feature_embedding_dim: size of each categorical feature embedding.
-        hidden_dim, embedding_dim: consumed by the cross/head configs; kept for the record.
         val_ks: recall cut-offs computed on the validation days every epoch.
         interference_every_n_steps: log the cosine between the conversion and each auxiliary task's
             gradient on the shared parameters every N steps (0 = off); negative = the auxiliary
@@ -47,8 +46,6 @@ class RetrievalModule(L.LightningModule):
         loss: MultiTaskSampledSoftmax,
         optimizer: Callable[..., torch.optim.Optimizer],
         feature_embedding_dim: int = 16,
-        hidden_dim: int = 128,
-        embedding_dim: int = 64,
         val_ks: Sequence[int] = (100, 1000),
         interference_every_n_steps: int = 50,
         history_encoder: Callable[[int], torch.nn.Module] | None = None,
@@ -95,16 +92,16 @@ class RetrievalModule(L.LightningModule):
         if "hard_item" in batch:  # impression hard negatives: (B, H) items per example
             b, h = batch["hard_pos"].shape
             hard = {t: e.view(b, h, -1) for t, e in self.item_tower(batch["hard_item"]).items()}
-        losses = self.loss.task_losses(user, item, batch, hard)
-        total, logs = self.loss(user, item, batch, hard=hard, shared=self.last_shared_layers(), losses=losses)
+        terms = self.loss.terms(user, item, batch, hard=hard, shared=self.last_shared_layers())
         bs = len(batch["item_pos"])
         if self.interference_every_n_steps and self.global_step % self.interference_every_n_steps == 0:
             # Task-interference monitor: one extra backward per task, every N steps.
-            for pair, cos in task_gradient_cosine(losses, self.shared_parameters(), PRIMARY_TASK).items():
+            cosines = task_gradient_cosine(terms.task_losses, self.shared_parameters(), PRIMARY_TASK)
+            for pair, cos in cosines.items():
                 self.log(GRAD_COSINE_METRIC.format(pair=pair), cos, batch_size=bs)
-        self.log("train/loss", total, prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=bs)
-        return total
+        self.log("train/loss", terms.total, prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in terms.logs.items()}, batch_size=bs)
+        return terms.total
 
     @torch.no_grad()
     def embed_queries(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -141,12 +138,12 @@ class RetrievalModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # A learned balancer's own weights get their own group: no weight decay, lr scaled.
         balancer = self.loss.balancer
-        own = list(balancer.parameters()) if balancer is not None else []
+        own = list(balancer.parameters())
         ids = {id(p) for p in own}
         groups: list[dict] = [{"params": [p for p in self.parameters() if id(p) not in ids]}]
         if own:
             groups.append({"params": own, "weight_decay": 0.0})
         optimizer = self.optimizer_factory(groups)
-        if balancer is not None and own:
+        if own:
             optimizer.param_groups[-1]["lr"] *= balancer.lr_scale
         return optimizer

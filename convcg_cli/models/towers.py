@@ -4,7 +4,7 @@ The interaction block and the head are passed in as *factories* taking ``in_dim`
 positional argument, because their input width is only known once the feature embedder is built.
 With Hydra these are ``_partial_: true`` configs, e.g.::
 
-    interaction = functools.partial(ParallelCross, out_dim=128, cross_layers=2)
+    interaction = functools.partial(ParallelCross, out_dim=128, mlp_dims=(256, 128, 64))
     head = functools.partial(UnifiedHead, embedding_dim=64, tasks=["conversion", "engagement"])
     tower = Tower(spec, interaction=interaction, head=head)   # calls interaction(in_dim), head(out_dim)
 """
@@ -47,8 +47,8 @@ class FeatureSpec:
 
     Example:
         >>> spec = FeatureSpec(categorical={"country": 10}, numeric=("price",), sequences={"history": 21})
-        >>> FeatureSpec.from_dict(spec.to_dict()) == spec
-        True
+        >>> spec.sequences
+        {'history': 21}
     """
 
     categorical: dict[str, int]
@@ -81,26 +81,6 @@ class FeatureSpec:
         object.__setattr__(self, "categorical", categorical)
         object.__setattr__(self, "numeric", numeric)
         object.__setattr__(self, "sequences", sequences)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, YAML/JSON-friendly form: ``{"categorical": {...}, "numeric": [...]}``, plus
-        ``"sequences": {...}`` when there are any (so specs without them save as before)."""
-        d: dict[str, Any] = {
-            "categorical": dict(sorted(self.categorical.items())),
-            "numeric": list(self.numeric),
-        }
-        if self.sequences:
-            d["sequences"] = dict(sorted(self.sequences.items()))
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "FeatureSpec":
-        """Inverse of ``to_dict``; ``numeric`` and ``sequences`` may be omitted."""
-        return cls(
-            categorical=dict(d["categorical"]),
-            numeric=tuple(d.get("numeric", ())),
-            sequences=dict(d.get("sequences", {})),
-        )
 
 
 class FeatureEmbedder(nn.Module):

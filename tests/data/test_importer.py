@@ -93,7 +93,7 @@ def _invoke(*args: str):
 
 def test_sample_imports_into_the_contract(sample_dir, tmp_path):
     report, tables = _imported(sample_dir, tmp_path / "out")
-    assert report.rows == {"impressions": 29, "items": 10, "users": 7}
+    assert report.rows == {"impressions": 29, "items": 10, "users": 7, "user_history": 29}
     assert (report.clicks, report.conversions, report.saves) == (19, 6, 3)
     assert report.adjustments["conversions_counted_as_clicks"] == 2
     assert report.adjustments["duplicate_rows"] == 1
@@ -283,7 +283,7 @@ def test_a_mapping_file_path_works_as_source(sample_dir, tmp_path):
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"the KuaiRand data set is not at {REAL.resolve()}")
 def test_real_kuairand_imports_with_the_readme_counts(tmp_path):
     report, tables = _imported(REAL, tmp_path / "kuairand")
-    assert report.rows == {"impressions": 228_329, "items": 7_583, "users": 27_285}
+    assert report.rows == {"impressions": 228_329, "items": 7_583, "users": 27_285, "user_history": 1_230_650}
     assert report.conversions == 3_915  # likes
     assert report.clicks == 100_900 + report.adjustments["conversions_counted_as_clicks"]
     assert report.disabled_levers == {}

@@ -38,7 +38,8 @@ def _only(violations: list[Violation]) -> Violation:
 
 
 def test_schemas_load_in_dependency_order(schemas):
-    assert list(schemas) == ["items", "users", "impressions"]
+    assert list(schemas) == ["items", "users", "impressions", "user_history"]
+    assert [s.required for s in schemas.values()] == [True, True, True, False]
     imp = schemas["impressions"]
     assert imp.file == "impressions.parquet"
     assert imp.primary_key == ("impression_id",)
@@ -130,7 +131,7 @@ def test_load_tables_casts_and_fills_optional_columns(tmp_path, tiny_tables, sch
         df.write_parquet(data_dir / schemas[name].file)
 
     loaded = load_tables(data_dir)
-    assert list(loaded) == ["items", "users", "impressions"]
+    assert list(loaded) == ["items", "users", "impressions", "user_history"]
     out = loaded["impressions"]
     assert out.schema == schemas["impressions"].polars_schema  # Int64 again, extra column dropped
     assert out["query_id"].null_count() == imp.height
@@ -286,6 +287,7 @@ def test_empty_table_and_the_references_it_breaks(tiny_tables):
     assert [(v.kind, v.table, v.column, v.rows) for v in violations] == [
         (S.EMPTY_TABLE, "users", None, 0),
         (S.DANGLING_REFERENCE, "impressions", "user_id", 150_000),
+        (S.DANGLING_REFERENCE, "user_history", "user_id", tiny_tables["user_history"].height),
     ]
 
 

@@ -9,7 +9,8 @@ import polars as pl
 import pytest
 
 from convcg_cli.data.schema import load_tables, validate_frames
-from convcg_cli.data.synth import PRESETS, SURFACES, SynthConfig, generate, synthesize, write_tables
+from convcg_cli.data.synth import PRESETS, SURFACES, SynthConfig, generate, synthesize
+from convcg_cli.data.tables import write_tables
 from convcg_cli.errors import ConfigError, ConvcgError
 
 DAY = 86_400
@@ -29,6 +30,7 @@ def test_tiny_sizes_and_contract(tiny_tables):
         "items": 600,
         "users": 400,
         "impressions": 150_000,
+        "user_history": 10_474,  # the engaged rows of 7 pre-log days
     }
     assert validate_frames(tiny_tables) == []
 
@@ -229,17 +231,20 @@ def test_user_features_are_weakly_informative(tiny_tables):
 
 
 def test_synthesize_writes_loadable_tables_and_provenance(tmp_path, tiny_tables):
-    out = synthesize("tiny", tmp_path / "data", seed=0)
+    written = synthesize("tiny", tmp_path / "data", seed=0)
+    assert all(written[k].equals(tiny_tables[k]) for k in tiny_tables)
+    out = tmp_path / "data"
     assert sorted(p.name for p in out.iterdir()) == [
         "impressions.parquet",
         "items.parquet",
         "synth.json",
+        "user_history.parquet",
         "users.parquet",
     ]
     info = json.loads((out / "synth.json").read_text())
     assert (info["preset"], info["seed"]) == ("tiny", 0)
     assert info["config"]["n_impressions"] == 150_000
-    assert info["rows"] == {"items": 600, "users": 400, "impressions": 150_000}
+    assert info["rows"] == {"items": 600, "users": 400, "impressions": 150_000, "user_history": 10_474}
     loaded = load_tables(out)
     assert all(loaded[k].equals(tiny_tables[k]) for k in tiny_tables)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no temp dirs left behind

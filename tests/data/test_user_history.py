@@ -10,7 +10,7 @@ from convcg_cli.data.cofactors import ITEM_PREFIX, USER_PREFIX, engagement_matri
 from convcg_cli.data.datamodule import ImpressionDataModule
 from convcg_cli.data.features import SECONDS_PER_DAY, split_by_time
 from convcg_cli.data.schema import load_tables, validate_tables
-from convcg_cli.data.synth import write_tables
+from convcg_cli.data.tables import write_tables
 from convcg_cli.data.user_history import as_training_rows, before_cutoff, events_from_lists, history_positions
 
 TASKS = ["conversion", "engagement"]

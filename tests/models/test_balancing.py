@@ -15,7 +15,6 @@ from convcg_cli import config
 from convcg_cli.config import CONF_DIR, instantiate
 from convcg_cli.models.balancing import (
     GRAD_COSINE_METRIC,
-    TASK_WEIGHT_METRIC,
     GradNorm,
     StaticWeights,
     TaskBalancer,
@@ -313,10 +312,6 @@ def test_last_linear_weight_is_the_interaction_output_layer() -> None:
     assert last_linear_weight(sequential) is sequential.mlp.net[-1].weight
     with pytest.raises(ValueError, match="no nn.Linear"):
         last_linear_weight(nn.ReLU())
-
-
-def test_task_weight_metric_name() -> None:
-    assert TASK_WEIGHT_METRIC.format(task=ENGAGEMENT) == "train/task_weight/engagement"
 
 
 # --- configs -----------------------------------------------------------------------------------------

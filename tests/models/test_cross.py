@@ -268,11 +268,3 @@ def test_structures_with_low_rank_nets_pinned_outputs(
     torch.manual_seed(0)
     par = ParallelCross(in_dim=4, out_dim=2, mlp_dims=(8, 8, 8), cross_net=factory)
     torch.testing.assert_close(par(torch.randn(2, 4)), torch.tensor(par_expected), atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("cls", [SequentialCross, ParallelCross])
-def test_cross_layers_and_cross_net_together_is_rejected(cls: type[nn.Module]) -> None:
-    # The cross_net carries its own num_layers; a second, ignored layer count would be a silent trap.
-    with pytest.raises(ValueError, match="cross_layers=3 and a cross_net"):
-        cls(in_dim=6, out_dim=5, cross_layers=3, cross_net=CROSS_NETS["low_rank"])
-    assert len(cls(in_dim=6, out_dim=5, cross_layers=3).cross.layers) == 3

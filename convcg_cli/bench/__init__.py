@@ -1,0 +1,26 @@
+"""Speed and scale, measured: ``make bench`` (``python -m convcg_cli.bench run [--quick] [OVERRIDES]``).
+
+Every figure comes from one command on the machine at hand and goes to ``reports/bench/bench.md``
+and to an MLflow run (experiment ``convcg-bench``; the report and the raw figures as artifacts).
+Settings live in ``conf/bench.yaml``; the model, data and trainer under test are ``conf/train.yaml``'s.
+
+Each step runs in its own subprocess, so the peak resident memory (``VmHWM``) it reports is its own.
+Figures that are compared with each other are measured in *one* process, interleaved round by round,
+because a shared machine's speed drifts: Lightning vs a bare loop, the data path vs the model,
+faiss vs torch vs an ANN index.
+
+Steps:
+    baseline   peak memory of the imports alone (the floor the memory figures are measured above)
+    synth      generate (or reuse) the synthetic logs of the preset
+    data       datamodule setup; batches/s of the training data path alone
+    train      ``trainer.fit`` (convcg train's trainer, logger included) vs a bare PyTorch loop over
+               the same model, optimizer, clipping and batches; the data path again, for its ratio
+               to model consumption; saves embeddings for ``retrieval``
+    retrieval  exact top-k (``exact_topk``, faiss) vs torch matmul + topk vs an ANN index (config)
+    scale      synthesis, setup, a training step and exact top-k at several sizes; log-log slopes
+    memory     peak memory of a training process, streamed vs in memory, as the log grows
+
+Modules: ``measure`` (pure measuring helpers), ``ann`` (ANN index wrappers), ``steps`` (the measured
+steps, one per subprocess), ``runner`` (runs them in order), ``figures`` (headline metrics and growth
+exponents from the raw results), ``report`` (the markdown report), ``cli`` (the Typer app).
+"""

@@ -1,0 +1,107 @@
+"""The figures a benchmark run yields, from its raw results: MLflow metrics, targets, growth exponents.
+
+Pure functions of the results dict ``runner.run`` returns; the report and the MLflow run both read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from convcg_cli.bench.measure import growth_exponent
+
+# Metric names of the targets the issue sets (also used in the report's verdicts).
+LIGHTNING_VS_BARE = "bench/train/lightning_vs_bare"
+DATA_VS_MODEL = "bench/data/data_vs_model"
+TARGETS = {LIGHTNING_VS_BARE: 0.9, DATA_VS_MODEL: 5.0}
+
+
+def metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    """The headline figures as flat MLflow metrics (``bench/...``)."""
+    train, ret, data = results["train"], results["retrieval"], results["data"]
+    out = {
+        "bench/train/bare_examples_per_s": train["bare_examples_per_s"],
+        "bench/train/lightning_examples_per_s": train["lightning_examples_per_s"],
+        LIGHTNING_VS_BARE: train["lightning_vs_bare"],
+        "bench/train/lightning_vs_bare_pooled": train["lightning_vs_bare_pooled"],
+        "bench/train/lightning_vs_bare_cpu": train["lightning_vs_bare_cpu"],
+        "bench/train/fit_overhead_s": train["fit_overhead_s"],
+        "bench/data/setup_s": data["setup_s"],
+        "bench/data/batches_per_s": train["data_batches_per_s"],
+        DATA_VS_MODEL: train["data_vs_model"],
+        "bench/retrieval/exact_s": ret["exact_s"],
+        "bench/retrieval/torch_s": ret["torch_s"],
+        "bench/retrieval/torch_vs_exact": ret["exact_s"] / ret["torch_s"],
+        "bench/retrieval/ann_build_s": ret["ann_build_s"],
+        "bench/total_s": results["total_s"],
+    }
+    for task, value in ret["exact_recall"].items():
+        out[f"bench/retrieval/exact/{task}/recall"] = value
+    for r in ret["ann_runs"]:
+        prefix = f"bench/retrieval/ann_{ret['ann_effort_name']}_{r['effort']}"
+        out.update({f"{prefix}/{k}": r[k] for k in ("search_s", "speedup", "overlap")})
+        out.update({f"{prefix}/{task}/recall": value for task, value in r["recall"].items()})
+    for label, step in step_figures(results):
+        out[f"bench/memory/{label}_peak_mib"] = step["peak_rss_mib"]
+    for cost, exponent in scale_exponents(results["scale"], results["baseline"]).items():
+        out[f"bench/scale/{cost}_exponent"] = exponent
+    for mode, exponent in memory_exponents(results).items():
+        out[f"bench/bounded_memory/{mode}_peak_exponent"] = exponent
+    for point in results.get("memory", []):
+        for mode in MEMORY_MODES:
+            out[f"bench/bounded_memory/days_{point['factor']:g}_{mode}_peak_mib"] = point[mode][
+                "peak_rss_mib"
+            ]
+    return out
+
+
+MEMORY_MODES = ("streamed", "in_memory")
+# The streamed peak (above the import baseline) may grow at most like impressions^this: "flat".
+FLAT_MEMORY_EXPONENT = 0.1
+
+
+def memory_exponents(results: Mapping[str, Any]) -> dict[str, float]:
+    """Growth exponent of each mode's training-process peak memory (above the import baseline) against
+    impressions, in the bounded-memory sweep (f)."""
+    points = results.get("memory", [])
+    if len(points) < 2:
+        return {}
+    sizes = [p["synth"]["impressions"] for p in points]
+    base = results["baseline"]["train_mib"]
+    return {
+        mode: growth_exponent(sizes, [max(p[mode]["peak_rss_mib"] - base, 1.0) for p in points])
+        for mode in MEMORY_MODES
+    }
+
+
+def step_figures(results: Mapping[str, Any]) -> list[tuple[str, dict]]:
+    """(label, figures) of every subprocess step, in run order."""
+    steps = [(name, results[name]) for name in ("baseline", "synth", "data", "train", "retrieval")]
+    for point in results["scale"]:
+        steps += [
+            (f"scale_{point['factor']:g}_synth", point["synth"]),
+            (f"scale_{point['factor']:g}", point["run"]),
+        ]
+    for point in results.get("memory", []):
+        steps += [(f"days_{point['factor']:g}_synth", point["synth"])]
+        steps += [(f"days_{point['factor']:g}_{mode}", point[mode]) for mode in MEMORY_MODES]
+    return steps
+
+
+SCALE_COSTS = {
+    "synth_s": lambda p, base: p["synth"]["seconds"],
+    "synth_mib_above_baseline": lambda p, base: p["synth"]["peak_rss_mib"] - base["synth_mib"],
+    "setup_s": lambda p, base: p["run"]["setup_s"],
+    "train_mib_above_baseline": lambda p, base: p["run"]["peak_rss_mib"] - base["train_mib"],
+    "step_cpu_ms": lambda p, base: p["run"]["step_cpu_ms"],
+    "topk_s": lambda p, base: p["run"]["topk_s"],
+}
+
+
+def scale_exponents(points: Sequence[Mapping[str, Any]], baseline: Mapping[str, float]) -> dict[str, float]:
+    """Growth exponent of every cost in ``SCALE_COSTS`` against the number of impressions."""
+    sizes = [p["synth"]["impressions"] for p in points]
+    return {
+        name: growth_exponent(sizes, [max(cost(p, baseline), 1e-3) for p in points])
+        for name, cost in SCALE_COSTS.items()
+    }

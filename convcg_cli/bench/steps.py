@@ -1,0 +1,414 @@
+"""The measured steps. Each runs in its own subprocess (``python -m convcg_cli.bench step NAME ...``,
+started by ``runner``), so the peak memory it reports is its own; each returns a dict of figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from convcg_cli.bench.measure import Clock, peak_rss_mib, time_data_path, topk_overlap, torch_topk
+
+
+def quiet() -> None:
+    """Keep library chatter and the warnings convcg train also silences out of a step's log."""
+    from convcg_cli import tracking
+
+    tracking.quiet()
+    # Expected here (see train.py): batches come from an in-process IterableDataset of known length.
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
+
+
+def _synth_config(cfg: DictConfig, factor: float, days: bool = False):
+    """The preset's SynthConfig with users, items, advertisers and impressions scaled by ``factor``;
+    with ``days``, days and impressions instead (a longer log of the same corpus and daily traffic)."""
+    from convcg_cli.data import synth
+
+    base = synth.resolve_config(str(cfg.preset))
+    if days:
+        return dataclasses.replace(
+            base,
+            n_days=max(1, round(base.n_days * factor)),
+            n_impressions=max(1, round(base.n_impressions * factor)),
+        )
+    return dataclasses.replace(
+        base,
+        n_users=max(1, round(base.n_users * factor)),
+        n_items=max(base.n_categories, round(base.n_items * factor)),
+        n_advertisers=max(1, round(base.n_advertisers * factor)),
+        n_impressions=max(1, round(base.n_impressions * factor)),
+    )
+
+
+def step_baseline(cfg: DictConfig, workdir: str) -> dict:
+    """Peak memory of the imports alone: of the synth step's libraries, then of every step's."""
+    from convcg_cli.data import synth  # noqa: F401  (polars, numpy)
+
+    synth_mib = peak_rss_mib()
+    import faiss  # noqa: F401
+    import lightning  # noqa: F401
+    import mlflow  # noqa: F401
+    import torch  # noqa: F401
+
+    from convcg_cli import train  # noqa: F401
+
+    return {"synth_mib": synth_mib, "train_mib": peak_rss_mib()}
+
+
+def step_synth(
+    cfg: DictConfig, workdir: str, factor: float, out_dir: str, reuse: bool, days: bool = False
+) -> dict:
+    """Generate and write the scaled preset; with ``reuse``, keep ``out_dir`` if it holds the same logs."""
+    from convcg_cli.data import synth
+    from convcg_cli.data.tables import METADATA_FILE
+
+    config = _synth_config(cfg, factor, days)
+    wanted = json.loads(json.dumps(dataclasses.asdict(config)))
+    meta = Path(out_dir) / METADATA_FILE
+    if reuse and meta.exists():
+        info = json.loads(meta.read_text())
+        if info.get("config") == wanted and info.get("seed") == cfg.seed:
+            return {"reused": True, "seconds": 0.0, "impressions": config.n_impressions}
+    start = time.perf_counter()
+    synth.synthesize(config, out_dir, seed=cfg.seed)
+    return {"reused": False, "seconds": time.perf_counter() - start, "impressions": config.n_impressions}
+
+
+def _train_overrides(cfg: DictConfig, data_dir: str, workdir: str) -> list[str]:
+    return [
+        f"data.dir={data_dir}",
+        f"logger.tracking_uri=sqlite:///{workdir}/timing-mlflow.db",
+        f"logger.artifact_location={workdir}/timing-artifacts",
+        f"seed={cfg.seed}",
+        *cfg.train_overrides,
+    ]
+
+
+def _train_config(cfg: DictConfig, data_dir: str, workdir: str) -> DictConfig:
+    """conf/train.yaml on ``data_dir``, tracking into a throwaway store in ``workdir``."""
+    from convcg_cli.config import compose
+
+    return compose("train", _train_overrides(cfg, data_dir, workdir)).cfg
+
+
+def _setup(train_cfg: DictConfig):
+    """Seed, then build the datamodule (timed) and the model exactly as ``convcg train`` does."""
+    import lightning as L
+
+    from convcg_cli.tasks import check_task_names
+    from convcg_cli.train import build_datamodule, build_model
+
+    L.seed_everything(train_cfg.seed, workers=True, verbose=False)
+    start = time.perf_counter()
+    dm = build_datamodule(train_cfg, check_task_names(train_cfg.loss.task_weights.keys()))
+    seconds = time.perf_counter() - start
+    return dm, build_model(train_cfg, dm), seconds
+
+
+@contextmanager
+def _without_logging(model) -> Iterator[None]:
+    """``self.log`` as a no-op: the bare loop has no logger, as a hand-written loop would not."""
+    model.log = model.log_dict = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del model.log, model.log_dict
+
+
+def _epochs(dm) -> Iterator[dict]:
+    """Training batches, epoch after epoch (a small dataset may have fewer batches than asked for)."""
+    while True:
+        yield from dm.train_dataloader()
+
+
+def bare_loop(model, dm, warmup: int, batches: int, clip: float | None) -> Clock:
+    """``batches`` training steps after ``warmup`` by hand: the module's own ``training_step``, then
+    zero_grad, backward, gradient clipping and the optimizer step, as Lightning does them."""
+    import torch
+
+    optimizer = model.configure_optimizers()
+    model.train()
+    clock = Clock()
+    with _without_logging(model):
+        for i, batch in enumerate(_epochs(dm)):
+            if i >= warmup:
+                clock.tick()
+            if i == warmup + batches:
+                break
+            loss = model.training_step(batch, i)
+            optimizer.zero_grad()
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+    return clock
+
+
+def lightning_loop(train_cfg: DictConfig, model, dm, logger, warmup: int, batches: int, root: str):
+    """``(Clock of the timed steps, seconds of the whole fit)`` of ``trainer.fit`` with convcg train's
+    trainer config and logger on ``warmup + batches + 1`` batches, no validation, no checkpoint."""
+    import lightning as L
+
+    from convcg_cli.config import instantiate
+
+    clock = Clock()
+
+    class Ticks(L.Callback):
+        """Ticks the clock when a timed batch is in hand, as the bare loop does."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: D102
+            if batch_idx >= warmup:
+                clock.tick()
+
+    trainer = instantiate(
+        train_cfg.trainer,
+        logger=logger,
+        callbacks=[Ticks()],
+        max_epochs=1,
+        limit_train_batches=warmup + batches + 1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        default_root_dir=root,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    return clock, time.perf_counter() - start
+
+
+def step_data(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
+    """Datamodule setup time and the training data path's batches/s."""
+    dm, _, setup_s = _setup(_train_config(cfg, data_dir, workdir))
+    seconds, n = time_data_path(dm, int(cfg.data_path.batches))
+    return {
+        "setup_s": setup_s,
+        "batch_size": dm.batch_size,
+        "train_examples": dm.train_set.n_examples,
+        "batches_per_epoch": len(dm.train_set),
+        "data_batches_per_s": n / seconds,
+    }
+
+
+def step_train(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
+    """Lightning vs bare loop (and the data path), in rounds; then embeddings for ``retrieval``.
+
+    Rounds alternate the order of the two paths (bare first, then Lightning first, ...) so that a
+    slow-down of the machine hits both alike; the verdict is the median of the per-round ratios,
+    which a burst of load in one round cannot swing.
+    """
+    from convcg_cli import tracking
+
+    train_cfg = _train_config(cfg, data_dir, workdir)
+    dm, model, setup_s = _setup(train_cfg)
+    t = cfg.throughput
+    warmup, n = int(t.warmup), int(t.batches)
+    clip = train_cfg.trainer.get("gradient_clip_val")
+    rounds = []
+    # The run and logger convcg train uses (in a throwaway store), so logging costs what it costs.
+    with tracking.tracked_run(train_cfg, {}, []) as run:
+        for r in range(int(t.rounds)):
+            dm.train_set.epoch = 0  # the same batches for every path and round
+            data_s, data_n = time_data_path(dm, int(cfg.data_path.batches))
+            clocks: dict[str, Clock] = {}
+            for path in ("bare", "lightning") if r % 2 == 0 else ("lightning", "bare"):
+                dm.train_set.epoch = 0
+                if path == "bare":
+                    clocks[path] = bare_loop(model, dm, warmup, n, clip)
+                else:
+                    clocks[path], fit_s = lightning_loop(train_cfg, model, dm, run.logger, warmup, n, workdir)
+            bare, light = clocks["bare"], clocks["lightning"]
+            rounds.append(
+                {
+                    "bare_s": bare.seconds,
+                    "lightning_s": light.seconds,
+                    "bare_cpu_s": bare.cpu_seconds,
+                    "lightning_cpu_s": light.cpu_seconds,
+                    "bare_step_ms_median": 1e3 * float(np.median(bare.step_seconds)),
+                    "lightning_step_ms_median": 1e3 * float(np.median(light.step_seconds)),
+                    "ratio": bare.seconds / light.seconds,
+                    "fit_overhead_s": fit_s - light.seconds,
+                    "data_s": data_s,
+                    "data_n": data_n,
+                }
+            )
+    b = dm.batch_size
+    total = {k: sum(r[k] for r in rounds) for k in ("bare_s", "lightning_s", "bare_cpu_s", "lightning_cpu_s")}
+    data_rate = sum(r["data_n"] for r in rounds) / sum(r["data_s"] for r in rounds)
+    model_rate = n * len(rounds) / total["lightning_s"]  # batches/s the Lightning path consumes
+    _save_embeddings(cfg, dm, model, Path(workdir) / "embeddings.npz")
+    return {
+        "setup_s": setup_s,
+        "batch_size": b,
+        "batches": n,
+        "warmup": warmup,
+        "rounds": rounds,
+        "bare_examples_per_s": n * len(rounds) * b / total["bare_s"],
+        "lightning_examples_per_s": n * len(rounds) * b / total["lightning_s"],
+        "lightning_vs_bare": float(np.median([r["ratio"] for r in rounds])),
+        "lightning_vs_bare_pooled": total["bare_s"] / total["lightning_s"],
+        "lightning_vs_bare_cpu": total["bare_cpu_s"] / total["lightning_cpu_s"],
+        "fit_overhead_s": float(np.mean([r["fit_overhead_s"] for r in rounds])),
+        "data_batches_per_s": data_rate,
+        "model_batches_per_s": model_rate,
+        "data_vs_model": data_rate / model_rate,
+        "trainer": {k: str(v) for k, v in train_cfg.trainer.items() if k != "_target_"},
+    }
+
+
+def _save_embeddings(cfg: DictConfig, dm, model, path: Path) -> None:
+    """Served item embeddings, the first ``retrieval.max_queries`` validation queries' embeddings and
+    their positives per task, for the retrieval step."""
+    import torch
+
+    model.eval()
+    queries = dm.queries["val"]
+    q = int(cfg.retrieval.max_queries)
+    features = {k: torch.from_numpy(np.ascontiguousarray(v[:q])) for k, v in queries.features.items()}
+    n_q = len(next(iter(features.values())))
+    step = int(dm.eval_batch_size)
+    query_emb = torch.cat(
+        [model.embed_queries({k: v[s : s + step] for k, v in features.items()}) for s in range(0, n_q, step)]
+    )
+    positives = {}
+    for task, (qi, item) in queries.positives.items():
+        keep = qi < n_q
+        positives[f"{task}_query"], positives[f"{task}_item"] = qi[keep], item[keep]
+    np.savez(path, queries=query_emb.float().numpy(), items=model.embed_items(dm.item_features), **positives)
+
+
+def step_retrieval(cfg: DictConfig, workdir: str) -> dict:
+    """Exact top-k by faiss (``exact_topk``) vs torch vs the configured ANN index, same sizes."""
+    from convcg_cli.config import instantiate
+    from convcg_cli.metrics.retrieval import exact_topk, recall_at_k
+
+    saved = np.load(Path(workdir) / "embeddings.npz")
+    queries, items = saved["queries"], saved["items"]
+    k = min(int(cfg.retrieval.k), len(items))
+    exact_topk(queries[:8], items, k)  # warm-up: first-call costs (thread pools, lazy imports) are not search
+    torch_topk(queries[:8], items, k)
+    exact_s, torch_s = [], []
+    for _ in range(int(cfg.retrieval.repeats)):  # interleaved, so drift hits both alike
+        start = time.perf_counter()
+        _, exact = exact_topk(queries, items, k)
+        exact_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        torch_topk(queries, items, k)
+        torch_s.append(time.perf_counter() - start)
+    ann = instantiate(cfg.retrieval.ann_options[cfg.retrieval.ann])
+    start = time.perf_counter()
+    ann.build(items)
+    build_s = time.perf_counter() - start
+
+    def recall(ids: np.ndarray) -> dict[str, float]:
+        out = {}
+        for task in ("conversion", "engagement"):
+            qi, item = saved[f"{task}_query"], saved[f"{task}_item"]
+            if len(qi):
+                out[task] = recall_at_k(ids, qi, item, [k])[k]
+        return out
+
+    runs = []
+    for effort in ann.efforts:  # the speed / overlap trade-off along the index's search knob
+        start = time.perf_counter()
+        approx = ann.search(queries, k, effort)
+        seconds = time.perf_counter() - start
+        runs.append(
+            {
+                "effort": effort,
+                "search_s": seconds,
+                "speedup": min(exact_s) / seconds,
+                "overlap": topk_overlap(approx, exact),
+                "recall": recall(approx),
+            }
+        )
+    return {
+        "queries": len(queries),
+        "items": len(items),
+        "dim": items.shape[1],
+        "k": k,
+        "exact_s": min(exact_s),
+        "torch_s": min(torch_s),
+        "exact_recall": recall(exact),
+        "ann": ann.description,
+        "ann_effort_name": ann.effort_name,
+        "ann_build_s": build_s,
+        "ann_runs": runs,
+    }
+
+
+def step_scale(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
+    """At one size: setup, ms per training step (bare loop) and exact top-k of a fixed query count."""
+    from convcg_cli.metrics.retrieval import exact_topk
+
+    train_cfg = _train_config(cfg, data_dir, workdir)
+    dm, model, setup_s = _setup(train_cfg)
+    s = cfg.scale
+    clip = train_cfg.trainer.get("gradient_clip_val")
+    # Medians and minima: a burst of load from another process must not bend the growth curve.
+    clock = bare_loop(model, dm, int(s.warmup), int(s.steps), clip)
+    model.eval()
+    items = model.embed_items(dm.item_features)
+    rng = np.random.default_rng(cfg.seed)
+    queries = rng.standard_normal((int(s.queries), items.shape[1])).astype(np.float32)
+    topk_s = []
+    for _ in range(int(s.repeats)):
+        start = time.perf_counter()
+        exact_topk(queries, items, min(int(cfg.retrieval.k), len(items)))
+        topk_s.append(time.perf_counter() - start)
+    return {
+        "setup_s": setup_s,
+        "train_examples": dm.train_set.n_examples,
+        "items": len(items),
+        "params": sum(p.numel() for p in model.parameters()),
+        "step_ms": 1e3 * float(np.median(clock.step_seconds)),
+        "step_cpu_ms": 1e3 * float(np.median(np.diff(clock.cpu))),
+        "topk_s": min(topk_s),
+    }
+
+
+def step_memory(cfg: DictConfig, workdir: str, data_dir: str, streamed: bool) -> dict:
+    """Set up the data (in memory, or streamed into shards) and take training steps: the peak memory of
+    a training process on these logs. The shards go to a fresh directory, so they are written here."""
+    m = cfg.memory
+    cache = Path(workdir) / f"shards-{Path(data_dir).name}"
+    shutil.rmtree(cache, ignore_errors=True)
+    overrides = [f"data.stream.enabled={streamed}", f"data.stream.chunk_rows={int(m.chunk_rows)}"]
+    from convcg_cli.config import compose
+
+    train_cfg = compose("train", [*_train_overrides(cfg, data_dir, workdir), *overrides]).cfg
+    train_cfg.data.stream.cache_dir = str(cache)
+    dm, model, setup_s = _setup(train_cfg)
+    setup_mib = peak_rss_mib()
+    clock = bare_loop(model, dm, int(m.warmup), int(m.steps), train_cfg.trainer.get("gradient_clip_val"))
+    out = {
+        "streamed": streamed,
+        "setup_s": setup_s,
+        "setup_mib": setup_mib,
+        "train_examples": dm.train_set.n_examples,
+        "train_rows": dm.n_rows["train"],
+        "step_ms": 1e3 * float(np.median(clock.step_seconds)),
+        "shards": len(dm.train_set.index.files) if streamed else 0,
+    }
+    shutil.rmtree(cache, ignore_errors=True)
+    return out
+
+
+STEPS: dict[str, Callable[..., dict]] = {
+    "baseline": step_baseline,
+    "synth": step_synth,
+    "data": step_data,
+    "train": step_train,
+    "retrieval": step_retrieval,
+    "scale": step_scale,
+    "memory": step_memory,
+}
