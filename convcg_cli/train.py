@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convcg_cli import tracking
+from convcg_cli.builders import build_datamodule, build_model  # also imported from here (bench, tests)
 from convcg_cli.config import Composed, instantiate
 from convcg_cli.errors import ConfigError
 from convcg_cli.tasks import check_task_names
@@ -21,26 +22,6 @@ class TrainResult:
     run_id: str
     checkpoint: Path
     metrics: dict[str, float]
-
-
-def build_datamodule(cfg, tasks: list[str], stage: str = "fit"):
-    """Instantiate and set up ``cfg.data``: loads, validates and splits the logs (raises on bad input).
-
-    ``stage="validate"`` may skip what only training needs (data.stream: the training shards)."""
-    dm = instantiate(cfg.data, tasks=tasks)
-    dm.setup(stage)
-    return dm
-
-
-def build_model(cfg, dm):
-    """Instantiate ``cfg.model`` with the feature specs the data defines and the configured loss."""
-    return instantiate(
-        cfg.model,
-        user_features=dm.user_spec,
-        item_features=dm.item_spec,
-        loss=instantiate(cfg.loss),
-        val_ks=list(cfg.val_ks),
-    )
 
 
 def check_served_embedding_is_trained(cfg) -> None:
