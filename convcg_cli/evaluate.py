@@ -252,14 +252,7 @@ def evaluate(
     tasks = list(train_cfg.loss.task_weights.keys())
     dm = build_datamodule(train_cfg, tasks, stage="validate")  # no training examples needed
     queries = dm.queries[cfg.split]
-    if len(queries.positives[PRIMARY_TASK][0]) == 0:
-        lo, hi = queries.days
-        raise ConvcgError(
-            f"The {cfg.split} split of {dm.dir}/impressions.parquet (days {lo}..{hi} since 1970-01-01, "
-            f"{dm.n_rows[cfg.split]} impressions) has 0 conversions (converted = true); expected at "
-            "least one held-out conversion to measure recall. Use more days (data.heldout_days) "
-            "or other logs."
-        )
+    _check_has_conversions(dm, cfg.split)
 
     # Baselines first: a baseline that cannot run on this corpus (EASE on 100k items) fails fast.
     baselines: dict[str, RankingScores] = {}
@@ -290,6 +283,19 @@ def evaluate(
         mlflow_client, run_id, hits_arrays(hits), f"{EVAL_ARTIFACT_DIR}/{HITS_FILE.format(split=cfg.split)}"
     )
     return EvalResult(run_id, cfg.split, metrics, hits)
+
+
+def _check_has_conversions(dm, split: str) -> None:
+    """ConvcgError when ``split`` holds no conversion: recall of the primary task is undefined."""
+    queries = dm.queries[split]
+    if len(queries.positives[PRIMARY_TASK][0]) == 0:
+        lo, hi = queries.days
+        raise ConvcgError(
+            f"The {split} split of {dm.dir}/impressions.parquet (days {lo}..{hi} since 1970-01-01, "
+            f"{dm.n_rows[split]} impressions) has 0 conversions (converted = true); expected at "
+            "least one held-out conversion to measure recall. Use more days (data.heldout_days) "
+            "or other logs."
+        )
 
 
 def _load_trained_model(train_cfg, dm, logger_cfg, run_id: str):
