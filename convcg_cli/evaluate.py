@@ -2,13 +2,17 @@
 
 The trained model and every baseline go through the same harness: a ranked list per query, then
 :func:`score_ranking` (recall@k per task and surface, plus bootstrap confidence intervals over users).
+Besides the metrics, the run gets ``eval/<split>_hits.npz``: which held-out positive each ranking
+(the model and every baseline) retrieved at each k, so that two rankings can be compared on the same
+resampled users later (``convcg ablate``; :func:`load_hits` reads it back).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import MutableMapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -16,30 +20,63 @@ from omegaconf import OmegaConf
 
 from convcg_cli import tracking
 from convcg_cli.baselines import BASELINES, make_baseline, training_history
+from convcg_cli.builders import build_datamodule, build_model
 from convcg_cli.config import Composed
 from convcg_cli.errors import ConfigError, ConvcgError
-from convcg_cli.metrics.bootstrap import bootstrap_recall_ci, ci_names, positive_hits
+from convcg_cli.metrics.bootstrap import bootstrap_recall_ci, ci_names
 from convcg_cli.metrics.prior import choose_prior_weight, log_prior, with_item_prior
-from convcg_cli.metrics.retrieval import exact_topk, metric_name
+from convcg_cli.metrics.retrieval import exact_topk, metric_name, positive_hits
 from convcg_cli.metrics.suite import report_from_topk
 from convcg_cli.tasks import PRIMARY_TASK
 
 SPLITS = ("val", "heldout")
 EVAL_ARTIFACT_DIR = "eval"
+HITS_FILE = "{split}_hits.npz"
 BASELINE_PREFIX = "baseline_"
+MODEL_RANKING = "model"
 PRIOR_WEIGHT_METRIC = "prior/beta"  # the popularity prior's weight chosen on validation
 # Data options that only change how training batches are drawn, not the evaluation queries or the
 # training window; runs differing only in these share their baseline metrics (see ``baseline_cache``).
+# The data layer is getting its own declaration of the options that leave the data unchanged; this
+# list is to be replaced by it.
 _TRAINING_ONLY_DATA_KEYS = ("seed", "batch_size", "eval_batch_size", "hard_negatives", "stream")
 
 
 @dataclass(frozen=True)
+class PositiveHits:
+    """Which ranking retrieved which unique held-out positive of one task, at every cutoff.
+
+    Attributes:
+        ks: the cutoff of each column of the hit flags.
+        query: (P,) query index of each unique (query, item) positive, deduplicated as recall does.
+        user: (P,) user position of each positive: the unit a bootstrap resamples.
+        rankings: ranking name (``model``, ``baseline_popularity``, ...) -> (P, len(ks)) bool flags;
+            ``rankings[name].mean(axis=0)`` is that ranking's recall at ``ks``.
+    """
+
+    ks: tuple[int, ...]
+    query: np.ndarray
+    user: np.ndarray
+    rankings: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class RankingScores:
+    """One ranking's metrics and, per task, its ``(pair_query, hits)`` from :func:`positive_hits`."""
+
+    metrics: dict[str, float]
+    hits: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
 class EvalResult:
-    """Metrics of one evaluation, keyed by metric name (e.g. ``heldout/conversion/recall_at_100``)."""
+    """Metrics of one evaluation, keyed by metric name (e.g. ``heldout/conversion/recall_at_100``),
+    and the per-positive hit flags of every ranking, by task."""
 
     run_id: str
     split: str
     metrics: dict[str, float]
+    hits: dict[str, PositiveHits] = field(default_factory=dict)
 
 
 def embed_split(model, dm, split: str) -> np.ndarray:
@@ -55,12 +92,25 @@ def query_users(queries) -> np.ndarray:
     return np.asarray(queries.features["user_id"], dtype=np.int64) - 1
 
 
+def task_hits(
+    topk_ids: np.ndarray, queries, ks: Sequence[int], tasks: Sequence[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``(pair_query, hits)`` of :func:`positive_hits` for every task with a positive among the ranked
+    queries (the rows of ``topk_ids``); other tasks are left out, as recall leaves them out."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for task in tasks:
+        q, items = queries.positives[task]
+        keep = q < len(topk_ids)
+        if keep.any():
+            out[task] = positive_hits(topk_ids, q[keep], items[keep], ks)  # (P,), (P, len(ks))
+    return out
+
+
 def confidence_intervals(
-    topk_ids: np.ndarray,
+    hits_by_task: Mapping[str, tuple[np.ndarray, np.ndarray]],
     queries,
     ks: Sequence[int],
     split: str,
-    tasks: Sequence[str],
     by_surface: bool,
     n_boot: int,
     seed: int = 0,
@@ -69,12 +119,7 @@ def confidence_intervals(
     """Bootstrap-over-users CI bounds of every recall metric :func:`report_from_topk` reports."""
     users = query_users(queries)
     out: dict[str, float] = {}
-    for task in tasks:
-        q, items = queries.positives[task]
-        keep = q < len(topk_ids)
-        if not keep.any():
-            continue
-        pair_query, hits = positive_hits(topk_ids, q[keep], items[keep], ks)  # (P,), (P, len(ks))
+    for task, (pair_query, hits) in hits_by_task.items():
         groups = [(split, np.ones(len(pair_query), dtype=bool))]
         if by_surface:
             surface = queries.surface[pair_query]
@@ -87,30 +132,41 @@ def confidence_intervals(
     return out
 
 
-def score_ranking(topk_ids: np.ndarray, queries, split: str, tasks: Sequence[str], cfg) -> dict[str, float]:
+def score_ranking(topk_ids: np.ndarray, queries, split: str, tasks: Sequence[str], cfg) -> RankingScores:
     """Recall@k per task (and surface) of ranked lists, with CI bounds when ``cfg.bootstrap.n_boot > 0``."""
     ks = list(cfg.ks)
     metrics = report_from_topk(topk_ids, queries, ks, split, tasks, cfg.by_surface)
+    hits = task_hits(topk_ids, queries, ks, tasks)
     boot = cfg.bootstrap
     if boot.n_boot > 0:
         metrics.update(
             confidence_intervals(
-                topk_ids, queries, ks, split, tasks, cfg.by_surface, int(boot.n_boot), boot.seed, boot.level
+                hits, queries, ks, split, cfg.by_surface, int(boot.n_boot), boot.seed, boot.level
             )
         )
-    return metrics
+    return RankingScores(metrics, hits)
 
 
-def baseline_metrics(dm, queries, tasks: Sequence[str], cfg) -> dict[str, float]:
-    """Fit every baseline of ``cfg.baselines`` on ``dm``'s training window and score it on ``queries``."""
+def score_baselines(dm, queries, tasks: Sequence[str], cfg) -> dict[str, RankingScores]:
+    """Fit every baseline of ``cfg.baselines`` on ``dm``'s training window and score it on ``queries``;
+    keyed by ranking name (``baseline_<name>``)."""
     history = training_history(dm)
     users = query_users(queries)
-    metrics: dict[str, float] = {}
+    scores: dict[str, RankingScores] = {}
     for name in cfg.baselines:
         options = cfg.baseline_options.get(name)
         baseline = make_baseline(name, _as_dict(options) if options else {}).fit(history)
         topk = baseline.query_topk(users, max(cfg.ks))
-        metrics.update(score_ranking(topk, queries, f"{cfg.split}/{BASELINE_PREFIX}{name}", tasks, cfg))
+        ranking = f"{BASELINE_PREFIX}{name}"
+        scores[ranking] = score_ranking(topk, queries, f"{cfg.split}/{ranking}", tasks, cfg)
+    return scores
+
+
+def baseline_metrics(dm, queries, tasks: Sequence[str], cfg) -> dict[str, float]:
+    """The metrics of every baseline of :func:`score_baselines`, in one dict (as they are logged)."""
+    metrics: dict[str, float] = {}
+    for scores in score_baselines(dm, queries, tasks, cfg).values():
+        metrics.update(scores.metrics)
     return metrics
 
 
@@ -134,6 +190,48 @@ def _apply_prior(model, dm, query_emb, item_emb, options) -> tuple[np.ndarray, n
     return query_emb, item_emb, beta
 
 
+def collect_hits(
+    rankings: Mapping[str, RankingScores], users: np.ndarray, ks: Sequence[int]
+) -> dict[str, PositiveHits]:
+    """Per task, the hit flags of every ranking on the same positives (``users``: user per query)."""
+    out: dict[str, PositiveHits] = {}
+    for name, scores in rankings.items():
+        for task, (pair_query, hits) in scores.hits.items():
+            if task not in out:
+                out[task] = PositiveHits(tuple(int(k) for k in ks), pair_query, users[pair_query], {})
+            elif not np.array_equal(out[task].query, pair_query):
+                raise ConvcgError(f"Ranking {name} was scored on other {task} positives than the model.")
+            out[task].rankings[name] = hits
+    return out
+
+
+def hits_arrays(hits: Mapping[str, PositiveHits]) -> dict[str, np.ndarray]:
+    """The ``.npz`` layout of per-task hits: ``ks``, then ``<task>/query``, ``<task>/user`` and
+    ``<task>/<ranking>`` per task."""
+    arrays: dict[str, np.ndarray] = {}
+    for task, h in hits.items():
+        arrays["ks"] = np.asarray(h.ks, dtype=np.int64)
+        arrays[f"{task}/query"], arrays[f"{task}/user"] = h.query, h.user
+        arrays.update({f"{task}/{name}": flags for name, flags in h.rankings.items()})
+    return arrays
+
+
+def load_hits(path: Path) -> dict[str, PositiveHits]:
+    """Read an ``eval/<split>_hits.npz`` artifact (see :func:`hits_arrays`) back into per-task hits."""
+    with np.load(path) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    ks = tuple(int(k) for k in arrays.pop("ks", ()))
+    out: dict[str, PositiveHits] = {}
+    for task in sorted({name.split("/")[0] for name in arrays}):
+        rankings = {
+            name.split("/", 1)[1]: flags
+            for name, flags in arrays.items()
+            if name.startswith(f"{task}/") and name.split("/", 1)[1] not in ("query", "user")
+        }
+        out[task] = PositiveHits(ks, arrays[f"{task}/query"], arrays[f"{task}/user"], rankings)
+    return out
+
+
 def _as_dict(node) -> dict[str, Any]:
     """A config mapping as a plain, resolved dict."""
     return cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))
@@ -152,20 +250,17 @@ def _baseline_key(train_cfg, tasks: Sequence[str], cfg) -> str:
 
 
 def evaluate(
-    composed: Composed, run: str, baseline_cache: MutableMapping[str, dict[str, float]] | None = None
+    composed: Composed, run: str, baseline_cache: MutableMapping[str, dict[str, RankingScores]] | None = None
 ) -> EvalResult:
-    """Rebuild the run's model from its saved config and checkpoint, score ``split``, log the metrics.
+    """Rebuild the run's model from its saved config and checkpoint, score ``split``, log the metrics
+    and the per-positive hit flags (``eval/<split>_hits.npz``) into the run.
 
     Args:
         composed: the composed ``eval`` config.
         run: an MLflow run id, or ``latest``.
         baseline_cache: optional dict shared across calls (``convcg ablate``): baselines do not depend
-            on the trained model, so runs on the same data and evaluation options reuse their metrics.
+            on the trained model, so runs on the same data and evaluation options reuse their scores.
     """
-    import torch
-
-    from convcg_cli.train import build_datamodule, build_model
-
     cfg = composed.cfg
     if cfg.split not in SPLITS:
         raise ConfigError(f"split={cfg.split!r} is not one of {list(SPLITS)}.")
@@ -179,29 +274,63 @@ def evaluate(
     tasks = list(train_cfg.loss.task_weights.keys())
     dm = build_datamodule(train_cfg, tasks, stage="validate")  # no training examples needed
     queries = dm.queries[cfg.split]
+    _check_has_conversions(dm, cfg.split)
+
+    # Baselines first: a baseline that cannot run on this corpus (EASE on 100k items) fails fast.
+    baselines: dict[str, RankingScores] = {}
+    if cfg.baselines:
+        key = _baseline_key(train_cfg, tasks, cfg)
+        cached = baseline_cache.get(key) if baseline_cache is not None else None
+        baselines = cached if cached is not None else score_baselines(dm, queries, tasks, cfg)
+        if baseline_cache is not None:
+            baseline_cache[key] = baselines
+
+    model = _load_trained_model(train_cfg, dm, cfg.logger, run_id)
+    query_emb, item_emb = embed_split(model, dm, cfg.split), model.embed_items(dm.item_features)
+    metrics: dict[str, float] = {}
+    if cfg.popularity_prior.betas:
+        query_emb, item_emb, beta = _apply_prior(model, dm, query_emb, item_emb, cfg.popularity_prior)
+        metrics[f"{cfg.split}/{PRIOR_WEIGHT_METRIC}"] = beta
+    _, topk = exact_topk(query_emb, item_emb, max(cfg.ks))
+    rankings = {**baselines, MODEL_RANKING: score_ranking(topk, queries, cfg.split, tasks, cfg)}
+    for scores in rankings.values():  # baselines first, then the model, as logged before
+        metrics.update(scores.metrics)
+    hits = collect_hits(rankings, query_users(queries), list(cfg.ks))
+
+    mlflow_client = tracking.client(cfg.logger)
+    tracking.log_metrics(mlflow_client, run_id, metrics)
+    tracking.log_text(
+        mlflow_client,
+        run_id,
+        json.dumps(metrics, indent=2, sort_keys=True),
+        f"{EVAL_ARTIFACT_DIR}/{cfg.split}_metrics.json",
+    )
+    tracking.log_arrays(
+        mlflow_client, run_id, hits_arrays(hits), f"{EVAL_ARTIFACT_DIR}/{HITS_FILE.format(split=cfg.split)}"
+    )
+    return EvalResult(run_id, cfg.split, metrics, hits)
+
+
+def _check_has_conversions(dm, split: str) -> None:
+    """ConvcgError when ``split`` holds no conversion: recall of the primary task is undefined."""
+    queries = dm.queries[split]
     if len(queries.positives[PRIMARY_TASK][0]) == 0:
         lo, hi = queries.days
         raise ConvcgError(
-            f"The {cfg.split} split of {dm.dir}/impressions.parquet (days {lo}..{hi} since 1970-01-01, "
-            f"{dm.n_rows[cfg.split]} impressions) has 0 conversions (converted = true); expected at "
+            f"The {split} split of {dm.dir}/impressions.parquet (days {lo}..{hi} since 1970-01-01, "
+            f"{dm.n_rows[split]} impressions) has 0 conversions (converted = true); expected at "
             "least one held-out conversion to measure recall. Use more days (data.heldout_days) "
             "or other logs."
         )
 
-    # Baselines first: a baseline that cannot run on this corpus (EASE on 100k items) fails fast.
-    metrics: dict[str, float] = {}
-    if cfg.baselines:
-        key = _baseline_key(train_cfg, tasks, cfg)
-        cached = baseline_cache.get(key) if baseline_cache is not None else None
-        if cached is None:
-            cached = baseline_metrics(dm, queries, tasks, cfg)
-            if baseline_cache is not None:
-                baseline_cache[key] = cached
-        metrics.update(cached)
+
+def _load_trained_model(train_cfg, dm, logger_cfg, run_id: str):
+    """The run's model rebuilt from its config, with its checkpoint's weights, in eval mode."""
+    import torch
 
     model = build_model(train_cfg, dm)
     state = torch.load(
-        tracking.download_checkpoint(cfg.logger, run_id), map_location="cpu", weights_only=False
+        tracking.download_checkpoint(logger_cfg, run_id), map_location="cpu", weights_only=False
     )
     try:
         model.load_state_dict(state["state_dict"])
@@ -213,19 +342,4 @@ def evaluate(
             "trained; evaluate it on the logs it was trained on, or retrain."
         ) from None
     model.eval()
-    query_emb, item_emb = embed_split(model, dm, cfg.split), model.embed_items(dm.item_features)
-    if cfg.popularity_prior.betas:
-        query_emb, item_emb, beta = _apply_prior(model, dm, query_emb, item_emb, cfg.popularity_prior)
-        metrics[f"{cfg.split}/{PRIOR_WEIGHT_METRIC}"] = beta
-    _, topk = exact_topk(query_emb, item_emb, max(cfg.ks))
-    metrics.update(score_ranking(topk, queries, cfg.split, tasks, cfg))
-
-    mlflow_client = tracking.client(cfg.logger)
-    tracking.log_metrics(mlflow_client, run_id, metrics)
-    tracking.log_text(
-        mlflow_client,
-        run_id,
-        json.dumps(metrics, indent=2, sort_keys=True),
-        f"{EVAL_ARTIFACT_DIR}/{cfg.split}_metrics.json",
-    )
-    return EvalResult(run_id, cfg.split, metrics)
+    return model

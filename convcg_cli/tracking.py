@@ -340,3 +340,31 @@ def download_checkpoint(logger_cfg: Mapping[str, Any], run_id: str) -> Path:
             run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, tracking_uri=str(logger_cfg["tracking_uri"])
         )
     )
+
+
+def log_arrays(mlflow_client, run_id: str, arrays: Mapping[str, Any], artifact_file: str) -> None:
+    """Write named numpy arrays as one compressed ``.npz`` artifact ``artifact_file`` of the run."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        with path.open("wb") as f:  # a file object: np.savez would append ".npz" to a bare name
+            np.savez_compressed(f, **arrays)
+        mlflow_client.log_artifact(run_id, str(path), str(Path(artifact_file).parent))
+
+
+def download_artifact(logger_cfg: Mapping[str, Any], run_id: str, artifact_path: str) -> Path:
+    """Local path of artifact ``artifact_path`` of the run (e.g. ``eval/heldout_hits.npz``)."""
+    from mlflow.artifacts import download_artifacts
+
+    return Path(
+        download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, tracking_uri=str(logger_cfg["tracking_uri"])
+        )
+    )
+
+
+def metric_history(logger_cfg: Mapping[str, Any], run_id: str, name: str) -> list[tuple[int, float]]:
+    """Every logged value of metric ``name`` in the run as ``(step, value)``, in logging order."""
+    history = client(logger_cfg).get_metric_history(run_id, name)
+    return [(int(m.step), float(m.value)) for m in history]

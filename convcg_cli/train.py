@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convcg_cli import tracking
+from convcg_cli.builders import build_datamodule, build_model  # also imported from here (bench, tests)
 from convcg_cli.config import Composed, instantiate
 from convcg_cli.errors import ConfigError
 from convcg_cli.tasks import check_task_names
@@ -19,45 +20,6 @@ class TrainResult:
     run_id: str
     checkpoint: Path
     metrics: dict[str, float]
-
-
-def build_datamodule(cfg, tasks: list[str], stage: str = "fit"):
-    """Instantiate and set up ``cfg.data``: loads, validates and splits the logs (raises on bad input).
-
-    ``stage="validate"`` may skip what only training needs (data.stream: the training shards)."""
-    dm = instantiate(cfg.data, tasks=tasks)
-    dm.setup(stage)
-    return dm
-
-
-# Sizes the cross block and the head read through interpolation (``out_dim: ${model.hidden_dim}``,
-# ``embedding_dim: ${model.embedding_dim}``): config keys for one override to resize both towers,
-# not arguments of RetrievalModule.
-MODEL_SIZE_KEYS = ("hidden_dim", "embedding_dim")
-
-
-def model_from_config(cfg, user_features, item_features):
-    """Instantiate ``cfg.model`` for these feature specs with the configured loss.
-
-    ``cfg.model`` is resolved first, then its ``MODEL_SIZE_KEYS`` are left out of the arguments.
-    """
-    from omegaconf import OmegaConf
-
-    node = OmegaConf.to_container(cfg.model, resolve=True)
-    assert isinstance(node, dict)
-    arguments = OmegaConf.create({k: v for k, v in node.items() if k not in MODEL_SIZE_KEYS})
-    return instantiate(
-        arguments,
-        user_features=user_features,
-        item_features=item_features,
-        loss=instantiate(cfg.loss),
-        val_ks=list(cfg.val_ks),
-    )
-
-
-def build_model(cfg, dm):
-    """Instantiate ``cfg.model`` with the feature specs the data defines and the configured loss."""
-    return model_from_config(cfg, dm.user_spec, dm.item_spec)
 
 
 def check_served_embedding_is_trained(cfg) -> None:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from convcg_cli import ablate, tracking
 from convcg_cli.ablate import ChildResult, Variant
+from convcg_cli.ablate import report as ablate_report
+from convcg_cli.ablate.figure import plot_recall
+from convcg_cli.ablate.grid import fold_overrides, reproduce_command
+from convcg_cli.ablate.run import Cell, cells, child_overrides, value_at_best_epoch
 from convcg_cli.cli import app
 from convcg_cli.config import compose
 from convcg_cli.errors import ConfigError
+from convcg_cli.evaluate import EvalResult, PositiveHits, load_hits
 from convcg_cli.train import TrainResult
 
 runner = CliRunner()
@@ -40,6 +45,7 @@ def test_designs_grid_crosses_designs_with_engagement_weights():
     unified = next(v for v in designs if v.name == "unified_parallel/engagement=0.3")
     assert unified.overrides == ("+experiment=unified_parallel", "loss.task_weights.engagement=0.3")
     assert {v.name for v in grid.variants if v.baseline} == {"engagement_only", "conversion_only"}
+    assert grid.folds == 1 and grid.select_k == 100
 
 
 def test_select_seeds_and_variants():
@@ -52,22 +58,24 @@ def test_select_seeds_and_variants():
     assert ablate.parse_seeds("0, 1,2") == [0, 1, 2]
     with pytest.raises(ConfigError, match="comma-separated integers"):
         ablate.parse_seeds("0,x")
-    cmd = ablate.reproduce_command(chosen, ["data.dir=/a b"], ["*/engagement=0.3"])
+    cmd = reproduce_command(chosen, ["data.dir=/a b"], ["*/engagement=0.3"])
     assert cmd == "convcg ablate designs 'data.dir=/a b' --seeds 5 --variants '*/engagement=0.3'"
 
 
-def test_t_interval():
-    mean, low, high = ablate.t_interval([0.1, 0.2, 0.3])
-    assert mean == pytest.approx(0.2)
-    assert high - mean == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-6)
-    assert low == pytest.approx(2 * mean - high)
-    one = ablate.t_interval([0.4])
-    assert one[0] == 0.4 and math.isnan(one[1]) and math.isnan(one[2])
+def _hits(rng, model_rate: float, n_users: int = 60) -> PositiveHits:
+    """Hit flags on 3 positives per user at k = 10, 100: the model's and popularity's."""
+    users = np.repeat(np.arange(n_users), 3)
+    popular = rng.random((len(users), 1)) < 0.2
+    model = popular | (rng.random((len(users), 1)) < model_rate)
+    rankings = {"model": np.hstack([model, model]), "baseline_popularity": np.hstack([popular, popular])}
+    return PositiveHits((10, 100), np.arange(len(users)), users, rankings)
 
 
 def _fake_children() -> list[ChildResult]:
-    def metrics(base: float) -> dict[str, float]:
-        out = {}
+    rng = np.random.default_rng(0)
+
+    def metrics(base: float, val: float) -> dict[str, float]:
+        out = {"val/conversion/recall_at_100": val}
         for task in ("conversion", "engagement"):
             for k in (10, 100):
                 out[f"heldout/{task}/recall_at_{k}"] = base * k / 100
@@ -76,35 +84,101 @@ def _fake_children() -> list[ChildResult]:
                 out[f"heldout/baseline_popularity/{task}/recall_at_{k}_ci_high"] = 0.12 * k / 100
         return out
 
+    # "c" has the best held-out recall but the worse validation figure: "a" must be selected.
     return [
-        ChildResult("a", 0, "r1", "FINISHED", metrics(0.30)),
-        ChildResult("a", 1, "r2", "FINISHED", metrics(0.34)),
-        ChildResult("b", 0, "r3", "FINISHED", metrics(0.20)),
+        ChildResult("a", 0, "r1", "FINISHED", metrics(0.30, 0.5), hits=_hits(rng, 0.4)),
+        ChildResult("c", 0, "r5", "FINISHED", metrics(0.60, 0.2), hits=_hits(rng, 0.0)),
+        ChildResult("a", 1, "r2", "FINISHED", metrics(0.34, 0.6), hits=_hits(rng, 0.4)),
+        ChildResult("c", 1, "r6", "FINISHED", metrics(0.62, 0.3), hits=_hits(rng, 0.0)),
+        ChildResult("b", 0, "r3", "FINISHED", metrics(0.20, 0.1)),
         ChildResult("b", 1, None, "FAILED", error="ConfigError: boom | bad"),
     ]
 
 
 def test_summary_report_and_figure_without_training(tmp_path):
-    grid = ablate.Grid("toy", (Variant("a", ()), Variant("b", (), baseline=True)), (0, 1))
+    variants = (Variant("a", ()), Variant("c", ()), Variant("b", (), baseline=True))
+    grid = ablate.Grid("toy", variants, (0, 1))
     children = _fake_children()
-    rows = ablate.summarize(grid, children, "heldout", [10, 100])
+    pairing = ablate_report.Pairing(n_boot=300)
+    summary = ablate_report.build_summary(grid, children, "heldout", [10, 100], pairing)
+    rows = summary.rows[0]
     assert [(r.name, r.kind, r.n, r.n_failed) for r in rows] == [
-        ("a", ablate.DESIGN, 2, 0),
-        ("b", ablate.TRAINED_BASELINE, 1, 1),
-        ("popularity", ablate.FIXED_BASELINE, 1, 0),
+        ("a", ablate_report.DESIGN, 2, 0),
+        ("c", ablate_report.DESIGN, 2, 0),
+        ("b", ablate_report.TRAINED_BASELINE, 1, 1),
+        ("popularity", ablate_report.FIXED_BASELINE, 1, 0),
     ]
     assert rows[0].mean[("conversion", 100)] == pytest.approx(0.32)
+    assert rows[0].validation == pytest.approx(0.55)
+    assert ablate_report.selected_variant(rows).name == "a"  # by validation, not by held-out recall
+    by_pair = {(c.variant, c.baseline, c.seed): c.difference for c in summary.comparisons}
+    assert set(by_pair) == {(v, "popularity", s) for v in "ac" for s in (0, 1)}  # b has no hits
+    assert by_pair[("a", "popularity", 0)].above_zero and by_pair[("a", "popularity", 1)].above_zero
+    assert by_pair[("c", "popularity", 0)].difference == 0.0  # c ranks exactly like popularity
+
     context = {"command": "convcg ablate toy", "parent_run_id": "p", "tracking_uri": "x", "split": "heldout"}
-    report = ablate.render_report(grid, rows, children, {**context, "data_dirs": ["/d"]})
+    report = ablate_report.render_report(grid, summary, {**context, "data_dirs": ["/d"]})
     lines = report.splitlines()
     assert lines[0] == "# Ablation `toy`" and "convcg ablate toy" in lines[:8]
-    assert "| a | design | 2 | 0.0320 ± 0.0254 | 0.3200 ± 0.2541 |" in report
-    assert "| b | baseline (two-tower) | 1 (**1 failed**) | 0.0200 | 0.2000 |" in report
-    assert "| popularity | baseline (no training) | – | 0.0100 [0.0080, 0.0120] |" in report
-    assert "Best variant: **a**" in report and "Best baseline: **b**" in report
+    assert "| a | design | 2 | 0.5500 | 0.0320 ± 0.0254 | 0.3200 ± 0.2541 |" in report
+    assert "| b | baseline (two-tower) | 1 (**1 failed**) | 0.1000 | 0.0200 | 0.2000 |" in report
+    assert "| popularity | baseline (no training) | – | – | 0.0100 [0.0080, 0.0120] |" in report
+    assert "Selected on the **validation** split: **a**" in report
+    assert "- vs popularity: **beats**" in report
+    assert "| c | 0.2500 | +0.0000 (CI > 0 on 0 of 2 seeds) |" in report
     assert "## Failed runs" in report and "ConfigError: boom \\| bad" in report
-    png = ablate.plot_recall(rows, [10, 100], tmp_path / "recall.png")
+    json_summary = ablate_report.summary_json(grid, summary)
+    assert json_summary["selection"] == {"split": "val", "metric": "val/conversion/recall_at_100"}
+    assert json_summary["folds"][0]["selected"] == "a" and len(json_summary["comparisons"]) == 4
+    png = plot_recall(rows, [10, 100], tmp_path / "recall.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paired_comparison_with_a_trained_baseline_and_the_verdict():
+    rng = np.random.default_rng(1)
+    grid = ablate.Grid("toy", (Variant("a", ()), Variant("b", (), baseline=True)), (0, 1), select_k=10)
+    trained = [ChildResult("b", s, f"b{s}", "FINISHED", hits=_hits(rng, 0.0)) for s in (0, 1)]
+    design = [ChildResult("a", s, f"a{s}", "FINISHED", hits=_hits(rng, 0.5)) for s in (0, 1)]
+    comparisons = ablate_report.paired_comparisons(grid, design + trained, ablate_report.Pairing(200))
+    assert {(c.baseline, c.seed) for c in comparisons} == {
+        (b, s) for b in ("popularity", "b") for s in (0, 1)
+    }
+    assert all(c.difference.k == 10 and c.difference.above_zero for c in comparisons)
+    mine = [c for c in comparisons if c.baseline == "b"]
+    assert ablate_report.verdict(mine, grid.seeds) == "beats"
+    assert ablate_report.verdict(mine[:1], grid.seeds) == "CI > 0 on 1 of 2 seeds"
+    assert ablate_report.paired_comparisons(grid, design + trained, ablate_report.Pairing(0)) == []
+
+
+def test_folds_add_the_end_offset_override_and_are_reported():
+    assert fold_overrides(0, 2) == () and fold_overrides(2, 2) == ("data.end_offset_days=4",)
+    cell = Cell(Variant("a", ("+experiment=unified_parallel",)), seed=3, fold=1)
+    assert child_overrides(cell, ["data.dir=/d"], heldout_days=2) == [
+        "+experiment=unified_parallel",
+        "data.dir=/d",
+        "data.end_offset_days=2",
+        "seed=3",
+    ]
+    assert cell.run_name == "a/seed=3/fold=1"
+    grid = ablate.Grid("toy", (Variant("a", ()),), (0,), folds=2)
+    assert [(c.fold, c.seed) for c in cells(grid)] == [(0, 0), (1, 0)]
+    children = _fake_children()[:1] + [replace(_fake_children()[0], fold=1, run_id="r9")]
+    summary = ablate_report.build_summary(grid, children, "heldout", [10, 100], ablate_report.Pairing(100))
+    report = ablate_report.render_report(
+        grid,
+        summary,
+        {"command": "c", "parent_run_id": "p", "tracking_uri": "x", "split": "heldout", "data_dirs": []},
+    )
+    assert "## Fold 0 (the latest held-out days)" in report and "## Fold 1 (data.end_offset_days" in report
+    assert {c.fold for c in summary.comparisons} == {0, 1}
+
+
+def test_validation_figure_is_the_kept_checkpoints():
+    monitor = [(10, 0.2), (20, 0.5), (30, 0.5), (40, 0.4)]
+    assert value_at_best_epoch(monitor, [(10, 0.1), (20, 0.3), (30, 0.9), (40, 0.2)], "max") == 0.3
+    assert value_at_best_epoch(monitor, [(10, 0.1), (20, 0.3)], "min") == 0.1
+    assert value_at_best_epoch([], [(1, 0.7), (2, 0.8)], "max") == 0.8
+    assert np.isnan(value_at_best_epoch(monitor, [], "max"))
 
 
 def test_failed_evaluation_marks_the_child_failed_and_the_grid_goes_on(home):
@@ -119,7 +193,7 @@ def test_failed_evaluation_marks_the_child_failed_and_the_grid_goes_on(home):
         variant = _client(home).get_run(run_id).data.tags["variant"]
         if variant == "engagement_only":
             raise RuntimeError("evaluation exploded")
-        return type("R", (), {"metrics": {"heldout/conversion/recall_at_100": 0.5}})()
+        return EvalResult(run_id, "heldout", {"heldout/conversion/recall_at_100": 0.5})
 
     grid = ablate.select(ablate.load_grid("smoke"), [0])
     result = ablate.run_ablation(grid, [], train_fn=fake_train, evaluate_fn=fake_evaluate)
@@ -152,7 +226,22 @@ def test_smoke_grid_end_to_end(home, tiny_overrides):
         assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"]
     assert "heldout/by_surface/search/conversion/recall_at_100_ci_low" in metrics
 
+    hits_file = tracking.download_artifact(
+        compose("eval").cfg.logger, done.info.run_id, "eval/heldout_hits.npz"
+    )
+    hits = load_hits(hits_file)["conversion"]
+    assert set(hits.rankings) == {"model", "baseline_popularity", "baseline_itemcf"} and hits.ks == (
+        10,
+        50,
+        100,
+        1000,
+    )
+    assert hits.rankings["model"].mean(axis=0)[2] == pytest.approx(
+        metrics["heldout/conversion/recall_at_100"]
+    )
+
     report = (result.report_dir / "report.md").read_text()
+    assert "Selected on the **validation** split: **unified_parallel**" in report
     assert report.splitlines()[5].startswith("convcg ablate smoke data.dir=")
     assert "| broken | design | 0 (**1 failed**) |" in report and "## Failed runs" in report
     assert "| itemcf | baseline (no training) |" in report

@@ -7,10 +7,10 @@ import functools
 import pytest
 import torch
 
+from convcg_cli.builders import model_from_config
 from convcg_cli.config import CONF_DIR, compose, instantiate
 from convcg_cli.errors import ConfigError
 from convcg_cli.models.towers import FeatureSpec
-from convcg_cli.train import model_from_config
 
 EXPERIMENTS = sorted(
     str(p.relative_to(CONF_DIR / "experiment").with_suffix(""))

@@ -8,6 +8,7 @@ import functools
 import pytest
 import torch
 
+from convcg_cli.builders import model_from_config
 from convcg_cli.config import CONF_DIR, compose, instantiate
 from convcg_cli.errors import ConfigError
 from convcg_cli.models.cross import (
@@ -18,7 +19,6 @@ from convcg_cli.models.cross import (
     SequentialCross,
 )
 from convcg_cli.models.towers import FeatureSpec
-from convcg_cli.train import model_from_config
 
 CROSS_NET_CLASSES = {"full": CrossNet, "low_rank": LowRankCrossNet, "mixture": LowRankMixtureCrossNet}
 STRUCTURE_CLASSES = {"sequential": SequentialCross, "parallel": ParallelCross}

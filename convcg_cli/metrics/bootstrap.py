@@ -2,7 +2,8 @@
 
 A user's held-out positives are correlated (same tastes, same session), so resampling positives one by
 one would give intervals that are too narrow. Here each bootstrap replicate draws the evaluated users
-with replacement and keeps all positives of every drawn user, then recomputes micro recall.
+with replacement and keeps all positives of every drawn user, then recomputes micro recall. Two
+rankings of the same positives are compared on the SAME resamples (:func:`paired_bootstrap_diff`).
 
 Every function takes and returns numpy arrays; nothing here knows about torch, MLflow or the config.
 Metric names of the bounds are the recall metric's name plus :data:`CI_LOW` / :data:`CI_HIGH`, e.g.
@@ -11,11 +12,12 @@ Metric names of the bounds are the recall metric's name plus :data:`CI_LOW` / :d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from convcg_cli.metrics.retrieval import _check_k, _check_recall_inputs, _first_hit_rank
+from convcg_cli.metrics.retrieval import check_k
 
 CI_LOW = "_ci_low"
 CI_HIGH = "_ci_high"
@@ -34,42 +36,11 @@ def ci_names(metric: str) -> tuple[str, str]:
     return f"{metric}{CI_LOW}", f"{metric}{CI_HIGH}"
 
 
-def positive_hits(
-    topk_ids: np.ndarray, query_index: np.ndarray, positive_item: np.ndarray, ks: Sequence[int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-positive hit flags: was each held-out positive in its query's top k, for every k.
-
-    Positives are deduplicated exactly as :func:`~convcg_cli.metrics.retrieval.recall_at_k` does
-    (each unique (query, item) pair counts once), so ``hits.mean(axis=0)`` equals its recall values.
-
-    Args:
-        topk_ids: (Q, K) ranked item ids per query (best first); ``-1`` padding is never a hit.
-        query_index: (P,) row of ``topk_ids`` each positive belongs to.
-        positive_item: (P,) item id of each positive, >= 0.
-        ks: cutoffs.
-
-    Returns:
-        ``(pair_query, hits)``: (P',) query index of each unique positive and (P', len(ks)) bool,
-        ``hits[p, j]`` true when positive ``p`` is ranked within the first ``ks[j]``.
-
-    Example:
-        >>> topk = np.array([[3, 1], [0, 2]])
-        >>> q, hits = positive_hits(topk, np.array([0, 0, 1]), np.array([1, 4, 0]), ks=[1, 2])
-        >>> q.tolist(), hits.tolist()
-        ([0, 0, 1], [[False, True], [False, False], [True, True]])
-    """
-    ks = [_check_k(k) for k in ks]
-    topk_ids, query_index, positive_item = _check_recall_inputs(topk_ids, query_index, positive_item)
-    pairs = np.unique(np.stack([query_index, positive_item], axis=1), axis=0)  # (P', 2)
-    rank = _first_hit_rank(topk_ids, pairs[:, 0], pairs[:, 1])  # (P',)
-    return pairs[:, 0], rank[:, None] < np.asarray(ks)[None, :]
-
-
 def resampled_recall(hits: np.ndarray, user_of_positive: np.ndarray, user_weights: np.ndarray) -> np.ndarray:
     """Micro recall of weighted user resamples: row b counts user u ``user_weights[b, u]`` times.
 
     Args:
-        hits: (P, K) bool hit flags per positive (e.g. from :func:`positive_hits`).
+        hits: (P, K) bool hit flags per positive (e.g. from ``retrieval.positive_hits``).
         user_of_positive: (P,) user of each positive; any values ``np.unique`` can sort.
         user_weights: (B, U) non-negative counts per resample, users in ``np.unique`` order.
 
@@ -117,29 +88,152 @@ def bootstrap_recall_ci(
         True
     """
     hits, users = _check_bootstrap_inputs(hits, user_of_positive)
-    ks = [_check_k(k) for k in ks]
+    ks = _check_ks_match(ks, hits)
+    _check_resampling(n_boot, level)
+    hit_count, pos_count = _per_user_counts(hits, users)
+    recalls = np.concatenate(
+        [_weighted_recall(hit_count, pos_count, w) for w in resample_weights(len(pos_count), n_boot, seed)]
+    )  # (n_boot, K); never NaN: every user has >= 1 positive and every replicate draws U users
+    low, high = _percentile_interval(recalls, level)
+    return {k: (float(lo), float(hi)) for k, lo, hi in zip(ks, low, high, strict=True)}
+
+
+def resample_weights(n_users: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """The bootstrap draws of users: ``n_boot`` rows of multinomial counts, yielded in chunks.
+
+    Row b says how many times each of the ``n_users`` users (``np.unique`` order) is drawn in
+    replicate b; every row sums to ``n_users``. The chunks come from one generator seeded with
+    ``seed`` and bound the (chunk x users) matrix to about 4M cells, so the draws depend only on
+    ``(n_users, n_boot, seed)``: every ranking scored on the same positives gets the same resamples.
+
+    Example:
+        >>> w = np.concatenate(list(resample_weights(3, n_boot=4, seed=0)))
+        >>> w.shape, w.sum(axis=1).tolist()
+        ((4, 3), [3, 3, 3, 3])
+    """
+    rng = np.random.default_rng(seed)
+    uniform = np.full(n_users, 1.0 / n_users)
+    chunk = max(1, _WEIGHT_CHUNK_CELLS // n_users)
+    for start in range(0, int(n_boot), chunk):
+        yield rng.multinomial(n_users, uniform, size=min(chunk, n_boot - start))
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Micro recall difference ``a - b`` at one cutoff, with its paired-bootstrap interval."""
+
+    k: int
+    difference: float
+    low: float
+    high: float
+
+    @property
+    def above_zero(self) -> bool:
+        """Whether the whole interval lies above 0: ``a`` retrieves more positives than ``b``."""
+        return self.low > 0.0
+
+
+def paired_difference_replicates(
+    hits_a: np.ndarray, hits_b: np.ndarray, user_of_positive: np.ndarray, user_weights: np.ndarray
+) -> np.ndarray:
+    """Recall of ``a`` minus recall of ``b`` on the same weighted user resamples.
+
+    Args:
+        hits_a, hits_b: (P, K) bool hit flags of two rankings on the same positives.
+        user_of_positive: (P,) user of each positive.
+        user_weights: (B, U) draws per user, users in ``np.unique`` order (see
+            :func:`resample_weights`).
+
+    Returns:
+        (B, K) float64 differences, one row per resample.
+    """
+    count_a, count_b, pos_count = _paired_counts(hits_a, hits_b, user_of_positive)
+    weights = np.asarray(user_weights, dtype=np.float64)
+    return _weighted_recall(count_a, pos_count, weights) - _weighted_recall(count_b, pos_count, weights)
+
+
+def paired_bootstrap_diff(
+    hits_a: np.ndarray,
+    hits_b: np.ndarray,
+    user_of_positive: np.ndarray,
+    ks: Sequence[int],
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[int, PairedDifference]:
+    """Paired bootstrap of the recall difference ``a - b`` of two rankings of the same positives.
+
+    Each replicate draws the users with replacement (all positives of a drawn user together, as
+    :func:`bootstrap_recall_ci` does) and computes micro recall of BOTH rankings on that same
+    resample, so what the two share (which users happen to be evaluated) cancels out of the
+    difference. The interval is the percentile interval of the replicate differences.
+
+    Args:
+        hits_a, hits_b: (P, len(ks)) bool hit flags of the two rankings on the same positives.
+        user_of_positive: (P,) user of each positive.
+        ks: the cutoff of each column (keys of the result).
+        n_boot, seed, level: replicates, seed of the draws, coverage of the interval.
+
+    Returns:
+        ``{k: PairedDifference}``; ``difference`` is the observed recall difference.
+
+    Example:
+        >>> a = np.array([[True], [True], [False], [True]])
+        >>> b = np.array([[False], [True], [False], [False]])
+        >>> d = paired_bootstrap_diff(a, b, np.array([0, 0, 1, 2]), ks=[10], n_boot=200)[10]
+        >>> d.difference, bool(d.low <= 0.5 <= d.high)
+        (0.5, True)
+    """
+    count_a, count_b, pos_count = _paired_counts(hits_a, hits_b, user_of_positive)
+    ks = _check_ks_match(ks, count_a)
+    _check_resampling(n_boot, level)
+    diffs = np.concatenate(
+        [
+            _weighted_recall(count_a, pos_count, w) - _weighted_recall(count_b, pos_count, w)
+            for w in resample_weights(len(pos_count), n_boot, seed)
+        ]
+    )  # (n_boot, K)
+    observed = (count_a.sum(axis=0) - count_b.sum(axis=0)) / pos_count.sum()
+    low, high = _percentile_interval(diffs, level)
+    return {
+        k: PairedDifference(k, float(observed[j]), float(low[j]), float(high[j])) for j, k in enumerate(ks)
+    }
+
+
+def _paired_counts(
+    hits_a: np.ndarray, hits_b: np.ndarray, user_of_positive: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(U, K) hits of ``a`` and of ``b`` and (U,) positives per user, after checking both rankings."""
+    a, users = _check_bootstrap_inputs(hits_a, user_of_positive)
+    b, _ = _check_bootstrap_inputs(hits_b, user_of_positive)
+    if a.shape != b.shape:
+        raise ValueError(f"hits_a has shape {a.shape} but hits_b {b.shape}: not the same positives.")
+    count_a, pos_count = _per_user_counts(a, users)
+    count_b, _ = _per_user_counts(b, users)
+    return count_a, count_b, pos_count
+
+
+def _check_ks_match(ks: Sequence[int], hits: np.ndarray) -> list[int]:
+    """``ks`` as ints, one per column of ``hits``, or ValueError."""
+    ks = [check_k(k) for k in ks]
     if len(ks) != hits.shape[1]:
         raise ValueError(f"hits has {hits.shape[1]} columns but {len(ks)} ks were given.")
+    return ks
+
+
+def _check_resampling(n_boot: int, level: float) -> None:
+    """ValueError unless ``n_boot`` is a positive integer and ``level`` lies in (0, 1)."""
     if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
         raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}.")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie in (0, 1), got {level}.")
-    hit_count, pos_count = _per_user_counts(hits, users)
-    n_users = len(pos_count)
-    rng = np.random.default_rng(seed)
-    uniform = np.full(n_users, 1.0 / n_users)
-    chunk = max(1, _WEIGHT_CHUNK_CELLS // n_users)
-    recalls = np.concatenate(
-        [
-            _weighted_recall(
-                hit_count, pos_count, rng.multinomial(n_users, uniform, size=min(chunk, n_boot - start))
-            )
-            for start in range(0, int(n_boot), chunk)
-        ]
-    )  # (n_boot, K); never NaN: every user has >= 1 positive and every replicate draws U users
+
+
+def _percentile_interval(replicates: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided percentile interval of (B, K) replicates: ((K,) low, (K,) high)."""
     tail = 100.0 * (1.0 - level) / 2.0
-    low, high = np.percentile(recalls, [tail, 100.0 - tail], axis=0)
-    return {k: (float(lo), float(hi)) for k, lo, hi in zip(ks, low, high, strict=True)}
+    low, high = np.percentile(replicates, [tail, 100.0 - tail], axis=0)
+    return low, high
 
 
 def _check_bootstrap_inputs(hits: np.ndarray, user_of_positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

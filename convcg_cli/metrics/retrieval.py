@@ -59,7 +59,7 @@ def metric_name(split: str, task: str, k: int) -> str:
         raise ValueError(f"Unknown split '{split}'; expected one of {SPLITS}, optionally with a sub-path.")
     if not task or "/" in task:
         raise ValueError(f"Task name {task!r} must be a single non-empty path segment.")
-    name = f"{split}/{task}/{RECALL.format(k=_check_k(k))}"
+    name = f"{split}/{task}/{RECALL.format(k=check_k(k))}"
     # Fail here, where the name is built, rather than when MLflow refuses it at logging time.
     if not _MLFLOW_NAME.fullmatch(name) or "" in name.split("/"):
         raise ValueError(
@@ -102,7 +102,7 @@ def exact_topk(
         >>> ids.tolist(), scores.tolist()
         ([[0, 2, 1]], [[1.0, 1.0, 0.0]])
     """
-    k = _check_k(k)
+    k = check_k(k)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     query_emb = _as_float32_matrix(query_emb, "query_emb")
@@ -183,11 +183,41 @@ def recall_at_k(
         >>> recall_at_k(topk, np.array([0, 0, 1]), np.array([1, 4, 0]), ks=[1, 2])
         {1: 0.3333333333333333, 2: 0.6666666666666666}
     """
-    ks = [_check_k(k) for k in ks]
+    ks = [check_k(k) for k in ks]
+    _, hits = positive_hits(topk_ids, query_index, positive_item, ks)  # (P_unique, len(ks))
+    return {k: float(np.mean(hits[:, j])) for j, k in enumerate(ks)}
+
+
+def positive_hits(
+    topk_ids: np.ndarray, query_index: np.ndarray, positive_item: np.ndarray, ks: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-positive hit flags: was each held-out positive in its query's top k, for every k.
+
+    Positives are deduplicated as :func:`recall_at_k` counts them (each unique (query, item) pair
+    once), so ``hits.mean(axis=0)`` equals its recall values. The flags are what the bootstrap
+    intervals and paired comparisons resample (:mod:`convcg_cli.metrics.bootstrap`).
+
+    Args:
+        topk_ids: (Q, K) ranked item ids per query (best first); ``-1`` padding is never a hit.
+        query_index: (P,) row of ``topk_ids`` each positive belongs to.
+        positive_item: (P,) item id of each positive, >= 0.
+        ks: cutoffs.
+
+    Returns:
+        ``(pair_query, hits)``: (P',) query index of each unique positive, sorted by (query, item),
+        and (P', len(ks)) bool, ``hits[p, j]`` true when positive ``p`` is ranked within ``ks[j]``.
+
+    Example:
+        >>> topk = np.array([[3, 1], [0, 2]])
+        >>> q, hits = positive_hits(topk, np.array([0, 0, 1]), np.array([1, 4, 0]), ks=[1, 2])
+        >>> q.tolist(), hits.tolist()
+        ([0, 0, 1], [[False, True], [False, False], [True, True]])
+    """
+    ks = [check_k(k) for k in ks]
     topk_ids, query_index, positive_item = _check_recall_inputs(topk_ids, query_index, positive_item)
-    pairs = np.unique(np.stack([query_index, positive_item], axis=1), axis=0)  # (P_unique, 2)
-    rank = _first_hit_rank(topk_ids, pairs[:, 0], pairs[:, 1])
-    return {k: float(np.mean(rank < k)) for k in ks}
+    pairs = np.unique(np.stack([query_index, positive_item], axis=1), axis=0)  # (P', 2)
+    rank = _first_hit_rank(topk_ids, pairs[:, 0], pairs[:, 1])  # (P',)
+    return pairs[:, 0], rank[:, None] < np.asarray(ks)[None, :]
 
 
 def recall_at_k_by_group(
@@ -212,7 +242,7 @@ def recall_at_k_by_group(
         >>> recall_at_k_by_group(topk, np.array([0, 1]), np.array([3, 2]), np.array(["a", "b"]), [1])
         {'a': {1: 1.0}, 'b': {1: 0.0}}
     """
-    ks = [_check_k(k) for k in ks]
+    ks = [check_k(k) for k in ks]
     topk_ids, query_index, positive_item = _check_recall_inputs(topk_ids, query_index, positive_item)
     group = np.asarray(group)
     if group.shape != query_index.shape:
@@ -241,7 +271,7 @@ def popularity_topk(item_scores: np.ndarray, k: int) -> np.ndarray:
         >>> popularity_topk(np.array([1, 5, 5, 0]), k=3).tolist()
         [1, 2, 0]
     """
-    k = _check_k(k)
+    k = check_k(k)
     item_scores = np.asarray(item_scores)
     if item_scores.ndim != 1:
         raise ValueError(f"item_scores must be 1-D, got shape {item_scores.shape}.")
@@ -252,18 +282,6 @@ def popularity_topk(item_scores: np.ndarray, k: int) -> np.ndarray:
     # lower ids first among ties; unlike sorting -scores it also works for unsigned and bool dtypes.
     descending = (n - 1) - np.argsort(item_scores[::-1], kind="stable")[::-1]
     return descending[:k].astype(np.int64)
-
-
-def popularity_topk_for_queries(item_scores: np.ndarray, n_queries: int, k: int) -> np.ndarray:
-    """The :func:`popularity_topk` list repeated for ``n_queries`` queries, shape (n_queries, k').
-
-    A read-only ``np.broadcast_to`` view: no (n_queries x k') copy is made, so it is cheap to feed
-    to :func:`recall_at_k` for millions of queries.
-    """
-    if n_queries < 0:
-        raise ValueError(f"n_queries must be >= 0, got {n_queries}.")
-    ranked = popularity_topk(item_scores, k)
-    return np.broadcast_to(ranked[None, :], (n_queries, ranked.shape[0]))
 
 
 def _first_hit_rank(topk_ids: np.ndarray, query_index: np.ndarray, item: np.ndarray) -> np.ndarray:
@@ -317,8 +335,13 @@ def _as_float32_matrix(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
-def _check_k(k: int) -> int:
-    """``k`` as a positive Python int, or ValueError."""
+def check_k(k: int) -> int:
+    """``k`` as a positive Python int, or ValueError: the one check of a cutoff, for every metric.
+
+    Example:
+        >>> check_k(np.int64(10))
+        10
+    """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}.")
     return int(k)

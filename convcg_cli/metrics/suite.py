@@ -9,7 +9,6 @@ import numpy as np
 from convcg_cli.metrics.retrieval import (
     exact_topk,
     metric_name,
-    popularity_topk_for_queries,
     recall_at_k,
     recall_at_k_by_group,
 )
@@ -62,17 +61,4 @@ def recall_report(
     """Exact inner-product search of the whole corpus (faiss), then recall per task."""
     n = len(query_emb) if n_queries is None else n_queries
     _, ids = exact_topk(query_emb[:n], item_emb, max(ks))
-    return report_from_topk(ids, queries, ks, split, tasks, by_surface)
-
-
-def popularity_report(
-    item_scores: np.ndarray,
-    queries,
-    ks: Sequence[int],
-    split: str,
-    tasks: Sequence[str],
-    by_surface: bool = False,
-) -> dict[str, float]:
-    """The same recall report for a non-personalised ranking (e.g. most-converted items)."""
-    ids = popularity_topk_for_queries(item_scores, len(queries), max(ks))
     return report_from_topk(ids, queries, ks, split, tasks, by_surface)

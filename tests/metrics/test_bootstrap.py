@@ -1,4 +1,4 @@
-"""Bootstrap CIs over users against slow brute-force loops, plus coverage on simulated data."""
+"""Bootstrap CIs and paired differences over users against slow brute-force loops, plus coverage."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from convcg_cli.metrics import bootstrap
 from convcg_cli.metrics.bootstrap import (
     bootstrap_recall_ci,
     ci_names,
-    positive_hits,
+    paired_bootstrap_diff,
+    paired_difference_replicates,
+    resample_weights,
     resampled_recall,
 )
-from convcg_cli.metrics.retrieval import recall_at_k
+from convcg_cli.metrics.retrieval import positive_hits, recall_at_k
 
 
 def _clustered(rng, n_users: int, ks=(1, 5)):
@@ -134,3 +136,72 @@ def test_single_user_gives_a_point_interval_and_names():
 def test_bad_inputs_are_rejected(hits, users, kwargs, message):
     with pytest.raises(ValueError, match=message):
         bootstrap_recall_ci(hits, users, [10], **kwargs)
+
+
+def test_paired_replicates_equal_a_brute_force_loop_on_the_same_draws():
+    rng = np.random.default_rng(9)
+    hits_a, users = _clustered(rng, 7)
+    hits_b = rng.random(hits_a.shape) < 0.4
+    weights = np.concatenate(list(resample_weights(7, n_boot=50, seed=11)))  # (50, 7)
+    got = paired_difference_replicates(hits_a, hits_b, users, weights)
+    ids = np.unique(users)
+    for b in range(50):
+        # Draw user ids[u] weights[b, u] times; every drawn user brings all of its positives.
+        drawn = np.repeat(ids, weights[b])
+        rows = np.concatenate([np.flatnonzero(users == u) for u in drawn])
+        expected = hits_a[rows].mean(axis=0) - hits_b[rows].mean(axis=0)
+        assert got[b].tolist() == expected.tolist()  # exact: the same draws, the same counts
+
+
+def test_paired_bootstrap_uses_the_draws_of_the_seed():
+    rng = np.random.default_rng(12)
+    hits_a, users = _clustered(rng, 30)
+    hits_b = rng.random(hits_a.shape) < 0.5
+    result = paired_bootstrap_diff(hits_a, hits_b, users, [1, 5], n_boot=400, seed=3)
+    weights = np.concatenate(list(resample_weights(30, n_boot=400, seed=3)))
+    reps = paired_difference_replicates(hits_a, hits_b, users, weights)
+    low, high = np.percentile(reps, [2.5, 97.5], axis=0)
+    for j, k in enumerate([1, 5]):
+        d = result[k]
+        assert d.k == k and d.difference == pytest.approx(hits_a[:, j].mean() - hits_b[:, j].mean())
+        assert (d.low, d.high) == (pytest.approx(low[j]), pytest.approx(high[j]))
+
+
+def test_paired_ci_excludes_zero_for_a_consistent_gain_and_includes_it_for_noise():
+    rng = np.random.default_rng(13)
+    users = np.repeat(np.arange(200), 3)
+    base = rng.random((600, 1)) < 0.3
+    better = base | (rng.random((600, 1)) < 0.2)  # never worse on any positive, better on many
+    gain = paired_bootstrap_diff(better, base, users, [10], n_boot=500)[10]
+    assert gain.above_zero and gain.low > 0.05
+    twin = rng.permutation(base)  # same recall level, unrelated hits
+    same = paired_bootstrap_diff(base, base, users, [10], n_boot=200)[10]
+    assert (same.difference, same.low, same.high) == (0.0, 0.0, 0.0)
+    noise = paired_bootstrap_diff(twin, base, users, [10], n_boot=500)[10]
+    assert noise.low < 0 < noise.high and not noise.above_zero
+
+
+def test_pairing_narrows_the_interval_against_unpaired_bounds():
+    # Two rankings that succeed on the same users: the paired interval of their difference is much
+    # narrower than the gap between their own (unpaired) intervals would suggest.
+    rng = np.random.default_rng(14)
+    users = np.repeat(np.arange(100), 4)
+    a = np.repeat(rng.random(100) < 0.5, 4)[:, None]
+    b = a & (rng.random((400, 1)) < 0.9)
+    paired = paired_bootstrap_diff(a, b, users, [10], n_boot=500)[10]
+    low_a, high_a = bootstrap_recall_ci(a, users, [10], n_boot=500)[10]
+    assert paired.high - paired.low < (high_a - low_a) / 2
+
+
+def test_resample_weights_are_the_draws_of_the_ci():
+    hits = np.array([[True], [False], [True], [False], [True]])
+    users = np.array([0, 1, 2, 3, 4])
+    weights = np.concatenate(list(resample_weights(5, n_boot=300, seed=4)))
+    reps = resampled_recall(hits, users, weights)
+    low, high = np.percentile(reps, [2.5, 97.5], axis=0)
+    assert bootstrap_recall_ci(hits, users, [10], n_boot=300, seed=4)[10] == (low[0], high[0])
+
+
+def test_paired_inputs_must_be_the_same_positives():
+    with pytest.raises(ValueError, match="not the same positives"):
+        paired_bootstrap_diff(np.ones((3, 1), bool), np.ones((3, 2), bool), np.arange(3), [10])

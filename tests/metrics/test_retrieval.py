@@ -13,7 +13,6 @@ from convcg_cli.metrics.retrieval import (
     exact_topk,
     metric_name,
     popularity_topk,
-    popularity_topk_for_queries,
     recall_at_k,
     recall_at_k_by_group,
 )
@@ -291,14 +290,6 @@ def test_popularity_topk_orders_by_score_then_lower_index():
     float_scores = rng.integers(0, 4, size=50).astype(np.float64)
     expected = np.lexsort((np.arange(50), -float_scores))[:20]
     np.testing.assert_array_equal(popularity_topk(float_scores, 20), expected)
-
-
-def test_popularity_topk_for_queries_is_a_broadcast_view():
-    tiled = popularity_topk_for_queries(np.array([0.1, 0.5, 0.5]), n_queries=4, k=2)
-    assert tiled.shape == (4, 2)
-    assert tiled.strides[0] == 0 and not tiled.flags.writeable
-    np.testing.assert_array_equal(tiled, [[1, 2]] * 4)
-    assert recall_at_k(tiled, np.array([0, 3]), np.array([2, 0]), ks=[2]) == {2: 0.5}
 
 
 def test_popularity_topk_rejects_nan():

@@ -1,0 +1,188 @@
+"""An ablation grid (``conf/ablate/<GRID>.yaml``) and the outcome of its cells.
+
+Pure parsing and bookkeeping: composing the grid's config is the only side effect here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
+
+from omegaconf import OmegaConf
+
+from convcg_cli.config import CONF_DIR, compose
+from convcg_cli.errors import ConfigError
+from convcg_cli.evaluate import PositiveHits
+from convcg_cli.tasks import CONVERSION
+
+GRID_DIR = CONF_DIR / "ablate"
+FINISHED = "FINISHED"
+FAILED = "FAILED"
+# The train option that moves a fold's end back in time (its last N days are dropped before the split).
+END_OFFSET_KEY = "data.end_offset_days"
+_GRID_KEYS = {"seeds", "select", "eval_overrides", "variants", "sweep", "folds"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One cell of the grid: a name, the train overrides that make it, and whether it is a baseline."""
+
+    name: str
+    overrides: tuple[str, ...]
+    baseline: bool = False
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parsed ``conf/ablate/<name>.yaml``: variants (sweep already expanded), seeds, eval overrides.
+
+    ``select_task``/``select_k`` name the validation metric that picks the best variant; ``folds``
+    is the number of rolling-origin folds (fold f ends ``f * data.heldout_days`` days earlier).
+    """
+
+    name: str
+    variants: tuple[Variant, ...]
+    seeds: tuple[int, ...]
+    eval_overrides: tuple[str, ...] = ()
+    select_task: str = CONVERSION
+    select_k: int = 100
+    folds: int = 1
+
+
+@dataclass
+class ChildResult:
+    """Outcome of one (variant, seed, fold): its run id (None if it failed before a run existed),
+    its metrics (held-out ones and the validation figure that selects), and the held-out hit flags of
+    the selection task (the model's and every baseline's) for paired comparisons."""
+
+    variant: str
+    seed: int
+    run_id: str | None
+    status: str  # FINISHED or FAILED
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    data_dir: str | None = None
+    fold: int = 0
+    hits: PositiveHits | None = None
+
+
+def available_grids() -> list[str]:
+    """Names of the grids in ``conf/ablate/``."""
+    return sorted(p.stem for p in GRID_DIR.glob("*.yaml"))
+
+
+def _sweep_name(key: str, value) -> str:
+    return f"{key.split('.')[-1]}={value}"
+
+
+def _variants(name: str, spec: dict[str, Any]) -> list[Variant]:
+    """The grid's variants, every non-baseline one crossed with the sweep."""
+    sweep = [[(key, value) for value in values] for key, values in (spec.get("sweep") or {}).items()]
+    variants: list[Variant] = []
+    for item in spec["variants"]:
+        if not isinstance(item, dict) or set(item) - {"name", "overrides", "baseline"} or "name" not in item:
+            raise ConfigError(f"Grid '{name}': a variant needs a name and overrides, got {item}.")
+        base = Variant(str(item["name"]), tuple(item.get("overrides") or ()), bool(item.get("baseline")))
+        if base.baseline or not sweep:
+            variants.append(base)
+            continue
+        for combo in itertools.product(*sweep):
+            suffix = ",".join(_sweep_name(k, v) for k, v in combo)
+            extra = tuple(f"{k}={v}" for k, v in combo)
+            variants.append(Variant(f"{base.name}/{suffix}", base.overrides + extra))
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"Grid '{name}' has duplicate variant names: {names}.")
+    return variants
+
+
+def load_grid(name: str) -> Grid:
+    """Compose ``conf/ablate/<name>.yaml`` and expand its sweep; ConfigError for a bad or unknown grid."""
+    if name not in available_grids():
+        raise ConfigError(f"Unknown ablation grid '{name}'; choose one of {available_grids()} ({GRID_DIR}).")
+    spec = cast(dict[str, Any], OmegaConf.to_container(compose(f"ablate/{name}").cfg.ablate, resolve=True))
+    unknown = set(spec) - _GRID_KEYS
+    if unknown or not spec.get("variants") or not spec.get("seeds"):
+        raise ConfigError(
+            f"Grid {GRID_DIR / name}.yaml needs 'variants' and 'seeds' (optional: select, eval_overrides, "
+            f"sweep, folds); unknown keys: {sorted(unknown)}."
+        )
+    folds = spec.get("folds", 1)
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
+        raise ConfigError(f"Grid '{name}': folds must be an integer >= 1, got {folds!r}.")
+    select = spec.get("select") or {}
+    return Grid(
+        name=name,
+        variants=tuple(_variants(name, spec)),
+        seeds=tuple(int(s) for s in spec["seeds"]),
+        eval_overrides=tuple(spec.get("eval_overrides") or ()),
+        select_task=str(select.get("task", CONVERSION)),
+        select_k=int(select.get("k", 100)),
+        folds=folds,
+    )
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; ConfigError for anything else."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {text!r}.") from None
+    if not seeds:
+        raise ConfigError("--seeds is empty; give at least one seed, e.g. --seeds 0.")
+    return seeds
+
+
+def select(grid: Grid, seeds: Sequence[int] | None = None, patterns: Sequence[str] | None = None) -> Grid:
+    """The grid restricted to ``seeds`` and to variants whose name matches a glob in ``patterns``."""
+    variants = grid.variants
+    if patterns:
+        variants = tuple(v for v in variants if any(fnmatch.fnmatchcase(v.name, p) for p in patterns))
+        if not variants:
+            raise ConfigError(
+                f"--variants {','.join(patterns)} matches none of {[v.name for v in grid.variants]}."
+            )
+    return replace(grid, variants=variants, seeds=tuple(seeds) if seeds else grid.seeds)
+
+
+def reproduce_command(grid: Grid, train_overrides: Sequence[str], patterns: Sequence[str] | None) -> str:
+    """The shell command that runs this ablation again (seeds always spelled out)."""
+    args = ["convcg", "ablate", grid.name, *train_overrides, "--seeds", ",".join(map(str, grid.seeds))]
+    if patterns:
+        args += ["--variants", ",".join(patterns)]
+    return shlex.join(args)
+
+
+def fold_overrides(fold: int, heldout_days: int) -> tuple[str, ...]:
+    """Train overrides of rolling-origin fold ``fold``: its logs end ``fold * heldout_days`` days early.
+
+    Fold 0 is the grid as configured; fold f evaluates on the ``heldout_days`` days just before fold
+    f - 1's held-out days, so the folds' held-out windows do not overlap.
+
+    Example:
+        >>> fold_overrides(0, 3), fold_overrides(2, 3)
+        ((), ('data.end_offset_days=6',))
+    """
+    if fold < 0 or heldout_days < 1:
+        raise ValueError(f"fold must be >= 0 and heldout_days >= 1, got {fold} and {heldout_days}.")
+    return () if fold == 0 else (f"{END_OFFSET_KEY}={fold * heldout_days}",)
+
+
+def grid_yaml(grid: Grid, train_overrides: Sequence[str]) -> str:
+    """The grid as run (variants expanded, the train overrides added), as YAML for the parent run."""
+    spec = {
+        "name": grid.name,
+        "seeds": list(grid.seeds),
+        "folds": grid.folds,
+        "train_overrides": list(train_overrides),
+        "eval_overrides": list(grid.eval_overrides),
+        "select": {"task": grid.select_task, "k": grid.select_k, "split": "val"},
+        "variants": [
+            {"name": v.name, "baseline": v.baseline, "overrides": list(v.overrides)} for v in grid.variants
+        ],
+    }
+    return OmegaConf.to_yaml(OmegaConf.create(spec))

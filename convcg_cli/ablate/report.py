@@ -1,0 +1,453 @@
+"""What ``convcg ablate`` reports: statistics of the finished cells, the validation-selected variant,
+paired comparisons against every baseline, and the markdown report / JSON summary rendering them.
+
+Pure functions of the grid and its :class:`ChildResult` objects: no MLflow, no training, no files.
+Every table goes through :func:`convcg_cli.markdown.table`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import MutableMapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from convcg_cli.ablate.grid import END_OFFSET_KEY, FINISHED, ChildResult, Grid
+from convcg_cli.evaluate import BASELINE_PREFIX, MODEL_RANKING
+from convcg_cli.markdown import table
+from convcg_cli.metrics.bootstrap import PairedDifference, ci_names, paired_bootstrap_diff
+from convcg_cli.metrics.compare import t_interval, t_quantile
+from convcg_cli.metrics.retrieval import VAL, metric_name
+from convcg_cli.tasks import CONVERSION, ENGAGEMENT
+
+TASKS = (CONVERSION, ENGAGEMENT)
+DESIGN = "design"
+TRAINED_BASELINE = "baseline (two-tower)"
+FIXED_BASELINE = "baseline (no training)"
+BEATS = "beats"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the report: a variant's recall per (task, k) with its 95% interval.
+
+    ``values[(task, k)]`` are the finished seeds' figures, ``mean`` their mean, ``low``/``high`` the
+    interval: a t-interval across seeds for trained variants (NaN with one seed), the bootstrap-over-
+    users CI for a baseline that has no training randomness. ``validation`` is the mean over seeds of
+    the validation metric that selects (NaN where there is none, e.g. for untrained baselines).
+    """
+
+    name: str
+    kind: str
+    n: int
+    n_failed: int
+    values: dict[tuple[str, int], tuple[float, ...]]
+    mean: dict[tuple[str, int], float]
+    low: dict[tuple[str, int], float]
+    high: dict[tuple[str, int], float]
+    validation: float = math.nan
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Paired difference (variant - baseline) of held-out recall@k on one (seed, fold)."""
+
+    fold: int
+    variant: str
+    baseline: str
+    seed: int
+    difference: PairedDifference
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """How paired comparisons resample: ``eval.yaml``'s ``bootstrap`` options (n_boot 0: none)."""
+
+    n_boot: int
+    seed: int = 0
+    level: float = 0.95
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Everything the report shows: rows per fold, the paired comparisons, the cells."""
+
+    rows: dict[int, list[Row]]
+    comparisons: list[Comparison]
+    children: list[ChildResult]
+
+
+def selection_metric(grid: Grid) -> str:
+    """Name of the validation metric that selects the best variant, e.g. ``val/conversion/recall_at_100``."""
+    return metric_name(VAL, grid.select_task, grid.select_k)
+
+
+def summarize(
+    grid: Grid, children: list[ChildResult], split: str, ks: Sequence[int], fold: int = 0
+) -> list[Row]:
+    """One row per variant of ``fold`` (t-interval over its finished seeds), then one per untrained
+    baseline (the same for every seed)."""
+    children = [c for c in children if c.fold == fold]
+    rows = []
+    for variant in grid.variants:
+        done = [c for c in children if c.variant == variant.name and c.status == FINISHED]
+        failed = sum(c.variant == variant.name and c.status != FINISHED for c in children)
+        values, mean, low, high = {}, {}, {}, {}
+        for task in TASKS:
+            for k in ks:
+                name = metric_name(split, task, k)
+                values[(task, k)] = tuple(c.metrics[name] for c in done if name in c.metrics)
+                mean[(task, k)], low[(task, k)], high[(task, k)] = t_interval(values[(task, k)])
+        validation = [c.metrics[selection_metric(grid)] for c in done if selection_metric(grid) in c.metrics]
+        kind = TRAINED_BASELINE if variant.baseline else DESIGN
+        rows.append(
+            Row(variant.name, kind, len(done), failed, values, mean, low, high, t_interval(validation)[0])
+        )
+    first = next((c for c in children if c.status == FINISHED), None)
+    return rows + (_fixed_baseline_rows(first, split, ks) if first else [])
+
+
+def _fixed_baseline_rows(child: ChildResult, split: str, ks: Sequence[int]) -> list[Row]:
+    """Rows of the untrained baselines: they do not depend on the seed, every child has the same."""
+    prefix = f"{split}/{BASELINE_PREFIX}"
+    rows = []
+    for name in sorted({m[len(prefix) :].split("/")[0] for m in child.metrics if m.startswith(prefix)}):
+        values: dict[tuple[str, int], tuple[float, ...]] = {}
+        mean, low, high = {}, {}, {}
+        for task in TASKS:
+            for k in ks:
+                metric = metric_name(f"{prefix}{name}", task, k)
+                low_name, high_name = ci_names(metric)
+                mean[(task, k)] = child.metrics.get(metric, math.nan)
+                values[(task, k)] = (mean[(task, k)],)
+                low[(task, k)] = child.metrics.get(low_name, math.nan)
+                high[(task, k)] = child.metrics.get(high_name, math.nan)
+        rows.append(Row(name, FIXED_BASELINE, 1, 0, values, mean, low, high))
+    return rows
+
+
+def selected_variant(rows: list[Row]) -> Row | None:
+    """The design with the best mean validation figure (held-out figures play no part)."""
+    scored = [r for r in rows if r.kind == DESIGN and r.n > 0 and not math.isnan(r.validation)]
+    return max(scored, key=lambda r: r.validation, default=None)
+
+
+def paired_comparisons(
+    grid: Grid,
+    children: list[ChildResult],
+    pairing: Pairing,
+    cache: MutableMapping[tuple[int, str, str, int], PairedDifference] | None = None,
+) -> list[Comparison]:
+    """Every design vs every baseline, per (seed, fold), at ``grid.select_k``, paired on users.
+
+    Untrained baselines are the ``baseline_*`` rankings saved beside the design's own; a trained
+    baseline variant is compared with its child of the same seed and fold. ``cache`` keeps what was
+    computed when the report is rewritten after every cell.
+    """
+    if pairing.n_boot < 1:
+        return []
+    cache = {} if cache is None else cache
+    done = {(c.fold, c.variant, c.seed): c for c in children if c.status == FINISHED and c.hits is not None}
+    trained_baselines = [v.name for v in grid.variants if v.baseline]
+    out = []
+    for (fold, name, seed), child in done.items():
+        if name in trained_baselines or child.hits is None or grid.select_k not in child.hits.ks:
+            continue
+        column = child.hits.ks.index(grid.select_k)
+        model = child.hits.rankings[MODEL_RANKING][:, [column]]
+        against = {
+            ranking.removeprefix(BASELINE_PREFIX): flags[:, [column]]
+            for ranking, flags in child.hits.rankings.items()
+            if ranking != MODEL_RANKING
+        }
+        for baseline in trained_baselines:
+            other = done.get((fold, baseline, seed))
+            if other is not None and other.hits is not None and _same_positives(child, other):
+                against[baseline] = other.hits.rankings[MODEL_RANKING][:, [column]]
+        for baseline, flags in against.items():
+            key = (fold, name, baseline, seed)
+            if key not in cache:
+                cache[key] = paired_bootstrap_diff(
+                    model,
+                    flags,
+                    child.hits.user,
+                    [grid.select_k],
+                    pairing.n_boot,
+                    pairing.seed,
+                    pairing.level,
+                )[grid.select_k]
+            out.append(Comparison(fold, name, baseline, seed, cache[key]))
+    return out
+
+
+def _same_positives(a: ChildResult, b: ChildResult) -> bool:
+    """Whether two cells were scored on the same held-out positives (the pairing needs it)."""
+    assert a.hits is not None and b.hits is not None
+    return np.array_equal(a.hits.query, b.hits.query) and np.array_equal(a.hits.user, b.hits.user)
+
+
+def verdict(comparisons: Sequence[Comparison], seeds: Sequence[int]) -> str:
+    """``beats`` when the paired CI's lower bound is > 0 on every seed of the grid, else how many.
+
+    Example:
+        >>> verdict([], [0, 1])
+        'CI > 0 on 0 of 2 seeds'
+    """
+    above = {c.seed for c in comparisons if c.difference.above_zero}
+    if set(seeds) <= above:
+        return BEATS
+    return f"CI > 0 on {len(above & set(seeds))} of {len(seeds)} seeds"
+
+
+def build_summary(
+    grid: Grid,
+    children: list[ChildResult],
+    split: str,
+    ks: Sequence[int],
+    pairing: Pairing,
+    cache: MutableMapping[tuple[int, str, str, int], PairedDifference] | None = None,
+) -> Summary:
+    """Rows of every fold and the paired comparisons of the cells done so far."""
+    rows = {fold: summarize(grid, children, split, ks, fold) for fold in range(grid.folds)}
+    return Summary(rows, paired_comparisons(grid, children, pairing, cache), children)
+
+
+# --------------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------------
+
+
+def _cell(row: Row, task: str, k: int) -> str:
+    mean, low, high = row.mean[(task, k)], row.low[(task, k)], row.high[(task, k)]
+    if math.isnan(mean):
+        return "–"
+    if math.isnan(low):
+        return f"{mean:.4f}"
+    if row.kind == FIXED_BASELINE:
+        return f"{mean:.4f} [{low:.4f}, {high:.4f}]"
+    return f"{mean:.4f} ± {(high - low) / 2:.4f}"
+
+
+def _seeds_cell(row: Row) -> str:
+    if row.kind == FIXED_BASELINE:
+        return "–"
+    return f"{row.n}" + (f" (**{row.n_failed} failed**)" if row.n_failed else "")
+
+
+def _difference_cell(d: PairedDifference) -> str:
+    return f"{d.difference:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
+
+
+def _recall_tables(grid: Grid, rows: list[Row], split: str, heading: str) -> list[str]:
+    """One table per task: every variant's held-out recall and the validation figure that selects."""
+    ks = sorted({k for r in rows for (_, k) in r.mean})
+    headers = ["variant", "kind", "seeds", f"val {grid.select_task} recall@{grid.select_k} (selects)"]
+    headers += [f"recall@{k}" for k in ks]
+    lines = []
+    for task in TASKS:
+        body = [
+            [
+                r.name,
+                r.kind,
+                _seeds_cell(r),
+                "–" if math.isnan(r.validation) else f"{r.validation:.4f}",
+                *(_cell(r, task, k) for k in ks),
+            ]
+            for r in rows
+        ]
+        lines += [
+            f"{heading} {task.capitalize()} recall ({split})",
+            "",
+            table(headers, body, "lllr" + "r" * len(ks)),
+            "",
+        ]
+    return lines
+
+
+def _selected_section(grid: Grid, rows: list[Row], comparisons: list[Comparison], heading: str) -> list[str]:
+    """The validation-selected variant and its paired difference to every baseline on every seed."""
+    task, k = grid.select_task, grid.select_k
+    head = [f"{heading} Selected variant vs every baseline ({task} recall@{k}, paired on users)", ""]
+    chosen = selected_variant(rows)
+    if chosen is None:
+        return head + [f"No design has a validation figure (`{selection_metric(grid)}`) yet.", ""]
+    mine = [c for c in comparisons if c.variant == chosen.name]
+    lines = head + [
+        f"Selected on the **validation** split: **{chosen.name}** (mean `{selection_metric(grid)}` "
+        f"over seeds = {chosen.validation:.4f}); its held-out figures below were read after selecting.",
+        "",
+    ]
+    if not mine:
+        return lines + ["No paired comparison yet (per-positive hits or a baseline missing).", ""]
+    body = [
+        [c.baseline, c.seed, _difference_cell(c.difference), "yes" if c.difference.above_zero else "no"]
+        for c in sorted(mine, key=lambda c: (c.baseline, c.seed))
+    ]
+    lines += [table(["baseline", "seed", "difference [95% CI]", "CI > 0"], body, "lrrl"), ""]
+    for baseline in sorted({c.baseline for c in mine}):
+        outcome = verdict([c for c in mine if c.baseline == baseline], grid.seeds)
+        lines.append(f"- vs {baseline}: **{outcome}**")
+    return lines + [""]
+
+
+def _all_variants_section(
+    grid: Grid, rows: list[Row], comparisons: list[Comparison], heading: str
+) -> list[str]:
+    """Compact: every design's mean paired difference to every baseline, and its verdict."""
+    baselines = sorted({c.baseline for c in comparisons})
+    designs = [r for r in rows if r.kind == DESIGN]
+    if not baselines or not designs:
+        return []
+    body = []
+    for row in designs:
+        cells = []
+        for baseline in baselines:
+            mine = [c for c in comparisons if c.variant == row.name and c.baseline == baseline]
+            if not mine:
+                cells.append("–")
+                continue
+            mean = float(np.mean([c.difference.difference for c in mine]))
+            cells.append(f"{mean:+.4f} ({verdict(mine, grid.seeds)})")
+        body.append([row.name, "–" if math.isnan(row.validation) else f"{row.validation:.4f}", *cells])
+    headers = ["variant", "val (selects)", *(f"vs {b}" for b in baselines)]
+    metric = f"{grid.select_task} recall@{grid.select_k}"
+    title = f"{heading} Every design vs every baseline (mean paired difference of {metric} over seeds)"
+    return [title, "", table(headers, body, "lr" + "r" * len(baselines)), ""]
+
+
+def render_report(grid: Grid, summary: Summary, context: dict) -> str:
+    """The markdown report: reproduce command, per fold the recall tables, the validation-selected
+    variant vs every baseline and the compact all-variants comparison, then failures and notes."""
+    lines = [
+        f"# Ablation `{grid.name}`",
+        "",
+        "Reproduce:",
+        "",
+        "```bash",
+        context["command"],
+        "```",
+        "",
+        f"MLflow parent run `{context['parent_run_id']}` ({context['tracking_uri']}); every (variant, seed"
+        + (", fold" if grid.folds > 1 else "")
+        + ") is a child run. Data: "
+        + (", ".join(f"`{d}`" for d in context["data_dirs"]) or "–")
+        + f"; metrics on the `{context['split']}` split; the best variant is selected on the `val` split "
+        f"(`{selection_metric(grid)}`).",
+        "",
+    ]
+    heading = "###" if grid.folds > 1 else "##"
+    for fold, rows in summary.rows.items():
+        if grid.folds > 1:
+            lines += [_fold_title(fold), ""]
+        comparisons = [c for c in summary.comparisons if c.fold == fold]
+        lines += _recall_tables(grid, rows, context["split"], heading)
+        lines += _selected_section(grid, rows, comparisons, heading)
+        lines += _all_variants_section(grid, rows, comparisons, heading)
+    lines += _failures(summary.children)
+    lines += _notes(grid, summary.children)
+    return "\n".join(lines)
+
+
+def _fold_title(fold: int) -> str:
+    """``## Fold f`` and which days it holds out (fold 0: the grid as configured)."""
+    if fold == 0:
+        return "## Fold 0 (the latest held-out days)"
+    return f"## Fold {fold} ({END_OFFSET_KEY} = {fold} x data.heldout_days: {fold} held-out windows earlier)"
+
+
+def _failures(children: list[ChildResult]) -> list[str]:
+    failed = [c for c in children if c.status != FINISHED]
+    if not failed:
+        return []
+    body = [[c.variant, c.seed, c.fold, c.run_id or "(no run)", (c.error or "")[:300]] for c in failed]
+    return ["## Failed runs", "", table(["variant", "seed", "fold", "run", "error"], body), ""]
+
+
+def _notes(grid: Grid, children: list[ChildResult]) -> list[str]:
+    n_seeds = len(grid.seeds)
+    planned = n_seeds * len(grid.variants) * grid.folds
+    return [
+        "## Notes",
+        "",
+        f"- Selection: designs are ranked by the mean over seeds of `{selection_metric(grid)}`, the "
+        "validation figure of the checkpoint each child keeps (its best epoch); held-out figures play "
+        "no part in choosing.",
+        f"- Seeds: {n_seeds} per trained variant ({', '.join(map(str, grid.seeds))}); a recall cell is the "
+        "mean ± the half-width of the 95% t-interval across seeds (t with n-1 degrees of freedom"
+        + (f"; t = {t_quantile(n_seeds):.2f} for {n_seeds} seeds" if n_seeds > 1 else "")
+        + "). It measures training randomness only; with one seed no interval is shown.",
+        "- Baselines without training are deterministic: their bracket is the 95% bootstrap CI over "
+        "users (1 evaluation; users resampled with all their positives).",
+        "- Paired differences: variant minus baseline recall on the same bootstrap resamples of users "
+        "(all positives of a drawn user together), one per seed; the verdict is "
+        f"**{BEATS}** only when the 95% interval's lower bound is above 0 on every seed.",
+        "- Every child run also logs its own bootstrap-over-users CIs (`<metric>_ci_low/_ci_high`), per "
+        "surface too, and its per-positive hits (`eval/<split>_hits.npz`); recall counts each held-out "
+        "(query, item) positive once, exact search over the whole corpus.",
+        f"- {sum(c.status == FINISHED for c in children)} of {planned} planned runs finished, "
+        f"{sum(c.status != FINISHED for c in children)} failed.",
+        "",
+    ]
+
+
+def summary_json(grid: Grid, summary: Summary) -> dict:
+    """``summary.json``: rows per fold, the selected variant per fold, paired comparisons, children."""
+
+    def clean(x: float) -> float | None:
+        return None if math.isnan(x) else x
+
+    def row(r: Row) -> dict:
+        recall = {
+            f"{t}/recall_at_{k}": {
+                "mean": clean(r.mean[(t, k)]),
+                "low": clean(r.low[(t, k)]),
+                "high": clean(r.high[(t, k)]),
+            }
+            for (t, k) in r.mean
+        }
+        return {
+            "name": r.name,
+            "kind": r.kind,
+            "n": r.n,
+            "n_failed": r.n_failed,
+            "validation": clean(r.validation),
+            "recall": recall,
+        }
+
+    selected = {fold: getattr(selected_variant(rows), "name", None) for fold, rows in summary.rows.items()}
+    return {
+        "selection": {"split": VAL, "metric": selection_metric(grid)},
+        "folds": [
+            {
+                "fold": fold,
+                "selected": selected[fold],
+                "rows": [row(r) for r in rows],
+            }
+            for fold, rows in summary.rows.items()
+        ],
+        "comparisons": [
+            {
+                "fold": c.fold,
+                "variant": c.variant,
+                "baseline": c.baseline,
+                "seed": c.seed,
+                "k": c.difference.k,
+                "difference": c.difference.difference,
+                "low": c.difference.low,
+                "high": c.difference.high,
+            }
+            for c in summary.comparisons
+        ],
+        "children": [
+            {
+                "variant": c.variant,
+                "seed": c.seed,
+                "fold": c.fold,
+                "run_id": c.run_id,
+                "status": c.status,
+                "error": c.error,
+            }
+            for c in summary.children
+        ],
+    }

@@ -1,0 +1,300 @@
+"""``run_ablation``: train and evaluate every (variant, seed, fold) of a grid under one parent run.
+
+Everything runs under ONE MLflow parent run; each cell is a child run (tag ``mlflow.parentRunId``)
+trained by :func:`convcg_cli.train.train` and scored by :func:`convcg_cli.evaluate.evaluate`. A failing
+child is recorded as FAILED and the grid goes on. The report is rewritten after every cell.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import open_dict
+
+from convcg_cli import tracking
+from convcg_cli.ablate.figure import FIGURE_FILE, plot_recall
+from convcg_cli.ablate.grid import (
+    FAILED,
+    FINISHED,
+    ChildResult,
+    Grid,
+    Variant,
+    fold_overrides,
+    grid_yaml,
+    reproduce_command,
+)
+from convcg_cli.ablate.report import (
+    Pairing,
+    Row,
+    Summary,
+    build_summary,
+    render_report,
+    selection_metric,
+    summary_json,
+)
+from convcg_cli.config import compose
+from convcg_cli.errors import ConfigError
+
+REPORT_FILE = "report.md"
+SUMMARY_FILE = "summary.json"
+REPORT_ARTIFACT_DIR = "report"
+# Train overrides that also apply to the evaluation config (both configs share these groups).
+_SHARED_GROUPS = ("paths", "logger")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training of the grid: a variant, a seed and a rolling-origin fold."""
+
+    variant: Variant
+    seed: int
+    fold: int = 0
+
+    @property
+    def run_name(self) -> str:
+        """The child run's name, e.g. ``unified_parallel/seed=0`` or ``.../seed=0/fold=1``."""
+        return f"{self.variant.name}/seed={self.seed}" + (f"/fold={self.fold}" if self.fold else "")
+
+
+@dataclass(frozen=True)
+class AblationResult:
+    """What ``convcg ablate`` produced."""
+
+    parent_run_id: str
+    report_dir: Path
+    children: list[ChildResult]
+    summary: Summary
+
+    @property
+    def rows(self) -> list[Row]:
+        """The report's rows of fold 0 (the grid as configured)."""
+        return self.summary.rows[0]
+
+    @property
+    def n_failed(self) -> int:
+        """Children that did not finish training and evaluation."""
+        return sum(c.status != FINISHED for c in self.children)
+
+
+def cells(grid: Grid) -> Iterator[Cell]:
+    """Every cell, fold-major then seed-major: fold 0 first, and after one seed every variant has a
+    first result."""
+    for fold in range(grid.folds):
+        for seed in grid.seeds:
+            for variant in grid.variants:
+                yield Cell(variant, seed, fold)
+
+
+def child_overrides(cell: Cell, train_overrides: Sequence[str], heldout_days: int) -> list[str]:
+    """The train overrides of one cell: the variant's, the command line's, the fold's, the seed."""
+    return [
+        *cell.variant.overrides,
+        *train_overrides,
+        *fold_overrides(cell.fold, heldout_days),
+        f"seed={cell.seed}",
+    ]
+
+
+def _child_config(grid: Grid, cell: Cell, train_overrides: Sequence[str], heldout_days: int, parent: str):
+    composed = compose("train", child_overrides(cell, train_overrides, heldout_days))
+    with open_dict(composed.cfg):
+        composed.cfg.logger.parent_run_id = parent
+        composed.cfg.logger.run_name = cell.run_name
+        composed.cfg.logger.run_tags = {
+            "ablation": grid.name,
+            "variant": cell.variant.name,
+            "fold": cell.fold,
+        }
+    return composed
+
+
+def _preflight(grid: Grid, train_overrides: Sequence[str]) -> dict[str, int]:
+    """Compose and check every variant's config of every fold before any run exists, so a typo in the
+    grid fails at once; returns each variant's ``data.heldout_days`` (the fold length)."""
+    from convcg_cli.train import check_served_embedding_is_trained
+
+    heldout_days: dict[str, int] = {}
+    for variant in grid.variants:
+        cfg = compose("train", child_overrides(Cell(variant, grid.seeds[0]), train_overrides, 1)).cfg
+        check_served_embedding_is_trained(cfg)
+        if grid.select_k not in list(cfg.val_ks):
+            raise ConfigError(
+                f"Grid '{grid.name}' selects on {selection_metric(grid)}, but variant {variant.name} "
+                f"validates at val_ks={list(cfg.val_ks)}; set select.k to one of them."
+            )
+        heldout_days[variant.name] = int(cfg.data.heldout_days)
+        for fold in range(1, grid.folds):
+            compose(
+                "train",
+                child_overrides(
+                    Cell(variant, grid.seeds[0], fold), train_overrides, heldout_days[variant.name]
+                ),
+            )
+    return heldout_days
+
+
+def checkpoint_monitor(cfg) -> tuple[str, str] | None:
+    """``(monitor, mode)`` of the configured ModelCheckpoint (which epoch's weights a run keeps)."""
+    for callback in (cfg.get("callbacks") or {}).values():
+        if str(callback.get("_target_", "")).endswith("ModelCheckpoint") and callback.get("monitor"):
+            return str(callback.monitor), str(callback.get("mode", "min"))
+    return None
+
+
+def value_at_best_epoch(
+    monitor_history: Sequence[tuple[int, float]], history: Sequence[tuple[int, float]], mode: str
+) -> float:
+    """The value of a metric at the step where the monitor was best (its first best, as
+    ModelCheckpoint keeps it); the last value without a monitor history; NaN without any value.
+
+    Example:
+        >>> value_at_best_epoch([(1, 0.2), (2, 0.5), (3, 0.5)], [(1, 0.1), (2, 0.4), (3, 0.3)], "max")
+        0.4
+    """
+    if not history:
+        return math.nan
+    if not monitor_history:
+        return history[-1][1]
+    scores = np.array([v for _, v in monitor_history])
+    best = int(np.argmax(scores) if mode == "max" else np.argmin(scores))
+    step = monitor_history[best][0]
+    return next((v for s, v in reversed(history) if s == step), math.nan)
+
+
+def validation_figure(cfg, run_id: str, metric: str) -> float:
+    """``metric`` (a ``val/`` metric) of the checkpoint a training run kept, read from its history."""
+    history = tracking.metric_history(cfg.logger, run_id, metric)
+    monitor = checkpoint_monitor(cfg)
+    if monitor is None:
+        return value_at_best_epoch([], history, "max")
+    name, mode = monitor
+    monitor_history = history if name == metric else tracking.metric_history(cfg.logger, run_id, name)
+    return value_at_best_epoch(monitor_history, history, mode)
+
+
+class ReportWriter:
+    """Writes ``report.md`` and ``summary.json`` of the cells done so far; keeps the paired
+    comparisons already computed, since the report is rewritten after every cell."""
+
+    def __init__(self, grid: Grid, eval_cfg, out: Path, context: dict) -> None:
+        self.grid, self.out, self.context = grid, out, context
+        self.split, self.ks = str(eval_cfg.split), [int(k) for k in eval_cfg.ks]
+        boot = eval_cfg.bootstrap
+        self.pairing = Pairing(int(boot.n_boot), int(boot.seed), float(boot.level))
+        self._paired_cache: dict = {}
+
+    def write(self, children: list[ChildResult]) -> Summary:
+        """Summarise ``children`` into the report files; returns the summary."""
+        self.context["data_dirs"] = sorted({c.data_dir for c in children if c.data_dir})
+        summary = build_summary(self.grid, children, self.split, self.ks, self.pairing, self._paired_cache)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / REPORT_FILE).write_text(render_report(self.grid, summary, self.context))
+        (self.out / SUMMARY_FILE).write_text(json.dumps(summary_json(self.grid, summary), indent=2))
+        return summary
+
+
+def run_ablation(
+    grid: Grid,
+    train_overrides: Sequence[str] = (),
+    patterns: Sequence[str] | None = None,
+    train_fn: Callable | None = None,
+    evaluate_fn: Callable | None = None,
+) -> AblationResult:
+    """Train and evaluate every cell of ``grid`` under one parent run, then report.
+
+    Args:
+        grid: the grid (see :func:`.grid.load_grid`, :func:`.grid.select`).
+        train_overrides: appended to every variant's overrides (e.g. ``data.dir=...``); ``paths.`` and
+            ``logger.`` ones also apply to evaluation.
+        patterns: the ``--variants`` globs used to select the grid (only for the reproduce command).
+        train_fn, evaluate_fn: ``train(composed)`` and ``evaluate(composed, run_id, baseline_cache)``;
+            default :func:`convcg_cli.train.train` and :func:`convcg_cli.evaluate.evaluate`.
+
+    Every config is composed and checked before the parent run is created, so a typo in the grid
+    fails at once and leaves no half-run grid behind.
+    """
+    from convcg_cli.evaluate import evaluate
+    from convcg_cli.train import train
+
+    train_fn, evaluate_fn = train_fn or train, evaluate_fn or evaluate
+    train_overrides = list(train_overrides)
+    shared = [o for o in train_overrides if o.lstrip("+~").split(".")[0].split("=")[0] in _SHARED_GROUPS]
+    eval_composed = compose("eval", [*grid.eval_overrides, *shared])
+    heldout_days = _preflight(grid, train_overrides)
+
+    logger_cfg = eval_composed.cfg.logger
+    report_dir = Path(eval_composed.cfg.paths.root_dir) / "reports" / grid.name
+    command = reproduce_command(grid, train_overrides, patterns)
+    tags = {"mlflow.source.name": "convcg ablate", "ablation": grid.name, "command": command[:500]}
+    children: list[ChildResult] = []
+    baseline_cache: dict = {}
+    with tracking.parent_run(logger_cfg, f"ablate/{grid.name}", tags) as parent:
+        tracking.log_text(parent.client, parent.run_id, grid_yaml(grid, train_overrides), "config/grid.yaml")
+        context = {
+            "command": command,
+            "parent_run_id": parent.run_id,
+            "tracking_uri": str(logger_cfg.tracking_uri),
+            "split": str(eval_composed.cfg.split),
+        }
+        writer = ReportWriter(grid, eval_composed.cfg, report_dir, context)
+        summary = writer.write(children)
+        for cell in cells(grid):
+            composed = _child_config(
+                grid, cell, train_overrides, heldout_days[cell.variant.name], parent.run_id
+            )
+            children.append(
+                _run_child(grid, cell, composed, eval_composed, train_fn, evaluate_fn, baseline_cache)
+            )
+            _mark_lost_run(logger_cfg, parent.run_id, children[-1])
+            summary = writer.write(children)  # a long grid that is stopped still leaves a report
+        plot_recall(summary.rows[0], writer.ks, report_dir / FIGURE_FILE)
+        files = [report_dir / name for name in (REPORT_FILE, FIGURE_FILE, SUMMARY_FILE)]
+        for path in files:
+            tracking.log_file(parent, path, REPORT_ARTIFACT_DIR)
+        n_failed = sum(c.status != FINISHED for c in children)
+        tracking.set_tags(parent, {"failed_children": str(n_failed)})
+    return AblationResult(parent.run_id, report_dir, children, summary)
+
+
+def _run_child(grid: Grid, cell: Cell, composed, eval_composed, train_fn, evaluate_fn, cache) -> ChildResult:
+    """Train and evaluate one cell; any error is recorded, not raised (Ctrl-C still stops the grid)."""
+    run_id, data_dir = None, str(composed.cfg.data.dir)
+    name, seed, fold = cell.variant.name, cell.seed, cell.fold
+    try:
+        run_id = train_fn(composed).run_id
+        result = evaluate_fn(eval_composed, run_id, baseline_cache=cache)
+        metrics = dict(result.metrics)
+        selecting = validation_figure(composed.cfg, run_id, selection_metric(grid))
+        if not math.isnan(selecting):
+            metrics[selection_metric(grid)] = selecting
+        hits = result.hits.get(grid.select_task)
+        return ChildResult(name, seed, run_id, FINISHED, metrics, data_dir=data_dir, fold=fold, hits=hits)
+    except Exception as exc:  # one bad cell must not stop the grid
+        error = f"{type(exc).__name__}: {exc}"
+        # The traceback goes to stderr for debugging; the report and the run get the one-line error.
+        log.warning("ablation cell %s failed, continuing", cell.run_name, exc_info=True)
+        if run_id is not None:  # training finished, evaluation failed: the cell failed
+            tracking.mark_failed(tracking.client(eval_composed.cfg.logger), run_id, error)
+        return ChildResult(name, seed, run_id, FAILED, error=error, data_dir=data_dir, fold=fold)
+
+
+def _mark_lost_run(logger_cfg, parent_run_id: str, child: ChildResult) -> None:
+    """A child whose training raised has a FAILED run but no id in hand: find it by its tags."""
+    if child.status == FINISHED or child.run_id is not None:
+        return
+    for run in reversed(tracking.child_runs(logger_cfg, parent_run_id)):
+        tags = run.data.tags
+        if (tags.get("variant"), tags.get("seed"), tags.get("fold", "0")) == (
+            child.variant,
+            str(child.seed),
+            str(child.fold),
+        ):
+            child.run_id = run.info.run_id
+            return
