@@ -47,10 +47,10 @@ BENCH_ARGS ?=
 bench: $(STAMP) ## Speed/scale benchmarks -> reports/bench/bench.md + MLflow (~6 min; BENCH_ARGS=--quick)
 	$(BIN)/python -m convcg_cli.bench run $(BENCH_ARGS)
 
-test: $(STAMP) ## Run the fast test suite (what CI runs)
+test: $(STAMP) ## Run the fast test suite: -m "not slow", about 2.5 min on 2 cores (what CI runs)
 	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
-test-all: $(STAMP) ## Run every test, slow ones included
+test-all: $(STAMP) ## Run every test: the fast suite plus the slow ones (full trainings, DDP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff lint + format check

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,10 +28,36 @@ def tiny_data(tmp_path_factory) -> Path:
     return synth.write_tables(synth.generate("tiny", seed=0), tmp_path_factory.mktemp("tiny") / "logs")
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_store(tmp_path_factory) -> Path:
+    """An MLflow sqlite store with its tables created and no run, made once per session.
+
+    Creating the tables (MLflow's alembic migrations) costs 1 to 5 s, paid by every test that opens a
+    fresh store; a copy of this file is the same empty store for the price of a file copy.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from convcg_cli import tracking
+
+    tracking.quiet()
+    store = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{store}").search_experiments()
+    return store
+
+
+def runs_in(home: Path) -> list:
+    """Every MLflow run in ``home``'s store, of every experiment."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{home.resolve()}/mlflow.db")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
 @pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    """A fresh convcg home (MLflow store, artifacts, outputs) for one test."""
+def home(tmp_path, monkeypatch, empty_mlflow_store) -> Path:
+    """A fresh convcg home (MLflow store, artifacts, outputs) for one test; its store is empty."""
     monkeypatch.setenv("CONVCG_HOME", str(tmp_path))
+    shutil.copyfile(empty_mlflow_store, tmp_path / "mlflow.db")
     return tmp_path
 
 

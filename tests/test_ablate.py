@@ -20,6 +20,7 @@ from convcg_cli.config import compose
 from convcg_cli.errors import ConfigError
 from convcg_cli.evaluate import EvalResult, PositiveHits, load_hits
 from convcg_cli.train import TrainResult
+from tests.conftest import runs_in
 
 runner = CliRunner()
 
@@ -259,7 +260,30 @@ def test_cli_routing_and_errors(home):
     assert bad_seeds.exit_code == 2 and "comma-separated integers" in bad_seeds.output
     typo = runner.invoke(app, ["ablate", "smoke", "trainer.max_epoch=1"])
     assert typo.exit_code == 2 and "max_epoch" in typo.output and "Traceback" not in typo.output
-    assert not (home / "mlflow.db").exists()  # every config is checked before the parent run
+    assert runs_in(home) == []  # every config is checked before the parent run
+
+
+def test_cli_passes_grid_seeds_variants_and_overrides_to_run_ablation(home, monkeypatch):
+    calls = []
+
+    def fake_run_ablation(grid, overrides, patterns):
+        calls.append((grid, overrides, patterns))
+        failed = ChildResult("unified_parallel", 5, None, "FAILED", error="boom")
+        return ablate.AblationResult("parent123", home / "reports" / "smoke", [failed], [])
+
+    monkeypatch.setattr(ablate, "run_ablation", fake_run_ablation)
+    result = runner.invoke(
+        app, ["ablate", "smoke", "trainer.max_epochs=1", "--seeds", "5", "--variants", "unified_*"]
+    )
+    assert result.exit_code == 1, result.output  # a failed cell fails the command
+    ((grid, overrides, patterns),) = calls
+    assert (
+        grid.name == "smoke"
+        and grid.seeds == (5,)
+        and [v.name for v in grid.variants] == ["unified_parallel"]
+    )
+    assert overrides == ["trainer.max_epochs=1"] and patterns == ["unified_*"]
+    assert "MLflow parent run id: parent123" in result.output and "1 of 1 runs failed" in result.output
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""The CLI through Typer's CliRunner: routing, the four designs end to end, and error text."""
+"""The CLI through Typer's CliRunner: routing and arguments (train/evaluate mocked), one design end to
+end in the fast suite (the other three: ``slow``), and the error text for bad input."""
 
 from __future__ import annotations
 
@@ -6,19 +7,47 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
 from typer.testing import CliRunner
 
 from convcg_cli.cli import app
+from convcg_cli.errors import ConvcgError
+from convcg_cli.evaluate import EvalResult
+from convcg_cli.train import TrainResult
+from tests.conftest import TINY_TRAIN, runs_in
 
 runner = CliRunner()
 DESIGNS = ["multihead_sequential", "multihead_parallel", "unified_sequential", "unified_parallel"]
+# unified_parallel (the default design) end to end in the fast suite; every design composes and
+# instantiates in test_config.py and trains a few steps in test_train.py.
+DESIGN_CASES = [pytest.param(d, marks=[] if d == "unified_parallel" else [pytest.mark.slow]) for d in DESIGNS]
 
 
 def invoke(*args: str):
     return runner.invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def trained_home(tiny_data, empty_mlflow_store, tmp_path_factory) -> Path:
+    """A convcg home holding one tiny run trained through the CLI, shared by the tests that only
+    evaluate a trained run (they may log evaluation metrics into it, nothing else)."""
+    home = tmp_path_factory.mktemp("trained_home")
+    shutil.copyfile(empty_mlflow_store, home / "mlflow.db")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CONVCG_HOME", str(home))
+        result = invoke("train", f"data.dir={tiny_data}", *TINY_TRAIN)
+    assert result.exit_code == 0, result.output
+    return home
+
+
+@pytest.fixture
+def trained(trained_home, monkeypatch) -> Path:
+    """``trained_home`` as this test's convcg home."""
+    monkeypatch.setenv("CONVCG_HOME", str(trained_home))
+    return trained_home
 
 
 def test_help_lists_commands():
@@ -35,7 +64,7 @@ def test_importing_the_cli_does_not_import_heavy_libraries():
     assert out.strip() == "[]"
 
 
-@pytest.mark.parametrize("experiment", DESIGNS)
+@pytest.mark.parametrize("experiment", DESIGN_CASES)
 def test_design_trains_and_evaluates_from_the_cli(home, tiny_overrides, experiment):
     trained = invoke("train", f"+experiment={experiment}", *tiny_overrides)
     assert trained.exit_code == 0, trained.output
@@ -51,12 +80,67 @@ def test_design_trains_and_evaluates_from_the_cli(home, tiny_overrides, experime
     assert any("/by_surface/" in name for name in metrics)
 
 
-def test_eval_latest_prints_a_table(home, tiny_overrides):
-    assert invoke("train", *tiny_overrides).exit_code == 0
+def test_eval_latest_prints_a_table(trained):
     result = invoke("eval", "--run", "latest")
     assert result.exit_code == 0, result.output
     assert "recall@100" in result.output and "popularity" in result.output
     assert "Traceback" not in result.output
+
+
+def test_train_passes_overrides_to_train_and_prints_the_run(home, monkeypatch):
+    seen = []
+
+    def fake_train(composed):
+        seen.append(composed)
+        return TrainResult("run123", home / "model.ckpt", {"val/conversion/recall_at_100": 0.25})
+
+    monkeypatch.setattr("convcg_cli.train.train", fake_train)
+    overrides = ["+experiment=unified_sequential", "seed=5", "loss.task_weights.engagement=0.7"]
+    result = invoke("train", *overrides)
+    assert result.exit_code == 0, result.output
+    (composed,) = seen
+    assert composed.overrides == overrides and composed.choices["experiment"] == "unified_sequential"
+    assert composed.cfg.seed == 5 and composed.cfg.loss.task_weights.engagement == 0.7
+    assert "MLflow run id: run123" in result.output
+    assert "two-tower" in result.output and "0.2500" in result.output
+
+
+def test_eval_passes_run_and_overrides_and_prints_json_or_a_table(home, monkeypatch):
+    metrics = {
+        "heldout/conversion/recall_at_100": 0.5,
+        "heldout/conversion/recall_at_100_ci_low": 0.4,
+        "heldout/baseline_popularity/conversion/recall_at_100": 0.25,
+        "heldout/by_surface/search/conversion/recall_at_100": 0.9,
+    }
+    calls = []
+
+    def fake_evaluate(composed, run):
+        calls.append((run, composed.cfg.split, list(composed.cfg.ks)))
+        return EvalResult("run123", composed.cfg.split, metrics)
+
+    monkeypatch.setattr("convcg_cli.evaluate.evaluate", fake_evaluate)
+    as_json = invoke("eval", "--run", "abc", "--json", "split=val", "ks=[100]")
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.output) == {"run_id": "run123", **metrics}
+    table = invoke("eval")
+    assert table.exit_code == 0, table.output
+    assert calls == [("abc", "val", [100]), ("latest", "heldout", [10, 50, 100, 1000])]
+    assert "heldout evaluation of run run123" in table.output and "recall@100" in table.output
+    assert "two-tower" in table.output and "0.5000" in table.output
+    assert "popularity" in table.output and "0.2500" in table.output
+    assert "0.9000" not in table.output and "0.4000" not in table.output  # per surface, CI: MLflow only
+
+
+def test_an_error_in_train_or_eval_is_a_message_and_exit_code_not_a_traceback(home, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ConvcgError("the logs have no conversions")
+
+    monkeypatch.setattr("convcg_cli.train.train", refuse)
+    monkeypatch.setattr("convcg_cli.evaluate.evaluate", refuse)
+    for args in (("train",), ("eval", "--run", "abc")):
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        assert "Error: the logs have no conversions" in result.output and "Traceback" not in result.output
 
 
 def test_data_synth_and_validate(tmp_path):
@@ -86,7 +170,7 @@ def test_missing_table_is_a_clear_error(home, tiny_data, tmp_path):
         result = invoke(*args)
         assert result.exit_code == 2
         assert "items.parquet" in result.output and "Traceback" not in result.output
-    assert not (home / "mlflow.db").exists()  # data are checked before any MLflow run is created
+    assert runs_in(home) == []  # data are checked before any MLflow run is created
 
 
 def test_wrong_column_type_names_file_column_and_expectation(tiny_data, tmp_path):
@@ -100,9 +184,7 @@ def test_wrong_column_type_names_file_column_and_expectation(tiny_data, tmp_path
     )
 
 
-def test_empty_heldout_split_is_a_clear_error(home, tiny_data, tmp_path, tiny_overrides):
-    trained = invoke("train", *tiny_overrides)
-    assert trained.exit_code == 0, trained.output
+def test_empty_heldout_split_is_a_clear_error(trained, tiny_data, tmp_path):
     bad = _copy(tiny_data, tmp_path)
     imp = pl.read_parquet(bad / "impressions.parquet")
     last_day = imp["timestamp"].max() // 86_400
@@ -135,14 +217,13 @@ def test_override_typo_and_missing_plus(home):
     assert plus.exit_code == 2 and "+experiment=NAME" in plus.output
 
 
-def test_eval_on_logs_with_another_corpus_is_a_clear_error(home, tiny_data, tmp_path, tiny_overrides):
-    assert invoke("train", *tiny_overrides).exit_code == 0
+def test_eval_on_logs_with_another_corpus_is_a_clear_error(trained, tiny_data, tmp_path):
     other = _copy(tiny_data, tmp_path)
     items = pl.read_parquet(other / "items.parquet")
     extra = items.head(1).with_columns(
         item_id=pl.lit(items["item_id"].max() + 1, dtype=items["item_id"].dtype)
     )
     pl.concat([items, extra]).write_parquet(other / "items.parquet")
-    result = invoke("eval", "--run", "latest", f"data_dir={other}")
+    result = invoke("eval", "--run", "latest", f"data_dir={other}", "baselines=[]")
     assert result.exit_code == 2, result.output
     assert "does not fit the model rebuilt" in result.output and "Traceback" not in result.output

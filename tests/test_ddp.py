@@ -194,6 +194,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [torch.load(f) for f in files]
 
 
+@pytest.mark.slow  # ~6 s of waiting; it guards the multi-process tests, all of them slow
 def test_a_hung_subprocess_is_killed_with_its_children_and_fails(tmp_path):
     marker = tmp_path / "child-alive"
     grandchild = tmp_path / "grandchild.py"
@@ -214,6 +215,7 @@ def test_a_hung_subprocess_is_killed_with_its_children_and_fails(tmp_path):
     assert not marker.exists()  # the grandchild died with its process group
 
 
+@pytest.mark.slow  # the `ranks` fixture spawns 2 gloo processes: about a minute on 2 busy cores
 @pytest.mark.parametrize("name", list(CASES))
 def test_every_rank_loss_equals_the_single_process_global_batch_loss(ranks, name):
     model, loss_fn, batch = _case(name)
@@ -224,6 +226,7 @@ def test_every_rank_loss_equals_the_single_process_global_batch_loss(ranks, name
             torch.testing.assert_close(rank[name]["losses"][task], value, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_ddp_averaged_gradients_equal_the_single_process_gradients(ranks, name):
     model, loss_fn, batch = _case(name)
