@@ -576,11 +576,12 @@ def step_memory(cfg: DictConfig, workdir: str, data_dir: str, streamed: bool) ->
     m = cfg.memory
     cache = Path(workdir) / f"shards-{Path(data_dir).name}"
     shutil.rmtree(cache, ignore_errors=True)
-    overrides = [f"data.stream.enabled={streamed}", f"data.stream.chunk_rows={int(m.chunk_rows)}"]
+    overrides = ["data/stream=streamed", f"data.stream.chunk_rows={int(m.chunk_rows)}"] if streamed else []
     from convcg_cli.config import compose
 
     train_cfg = compose("train", [*_train_overrides(cfg, data_dir, workdir), *overrides]).cfg
-    train_cfg.data.stream.cache_dir = str(cache)
+    if streamed:
+        train_cfg.data.stream.cache_dir = str(cache)
     dm, model, setup_s = _setup(train_cfg)
     setup_mib = peak_rss_mib()
     clock = bare_loop(model, dm, int(m.warmup), int(m.steps), train_cfg.trainer.get("gradient_clip_val"))
@@ -976,7 +977,7 @@ def _memory_section(cfg: DictConfig, results: Mapping[str, Any]) -> list[str]:
         "days: the training window grows with the impressions while the evaluation days (the last "
         f"`val_days` + `heldout_days`) keep their size. Each cell is one process that sets up the data and "
         f"takes {int(m.warmup) + int(m.steps)} training steps; peak = its `VmHWM` (setup MiB: the peak "
-        "when setup ended). Streamed = `data.stream.enabled=true` with "
+        "when setup ended). Streamed = `data/stream=streamed` with "
         f"`chunk_rows={int(m.chunk_rows):,}`: the impressions are validated and encoded one chunk at a "
         "time into shards (written in this process: setup includes the encoding), and batches are read "
         "shard by shard. In memory = the default path, which loads the whole table and shuffles globally.",
