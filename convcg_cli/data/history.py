@@ -73,6 +73,9 @@ def history_before(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each request's last ``max_len`` engaged items with event timestamp strictly before the request.
 
+    One function on purpose (longer than usual): its steps (sort, CSR layout, one combined key, one
+    search, a chunked gather) share half a dozen aligned arrays; split up, each part would pass them all.
+
     Args:
         events: ``engagement_events`` output (any row order; user_id, timestamp, item_id, action).
         requests_user: (R,) user id of each request.
