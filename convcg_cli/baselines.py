@@ -89,7 +89,7 @@ def training_history(dm) -> TrainHistory:
     from convcg_cli.tasks import PRIMARY_TASK
 
     tables = load_tables(dm.dir)
-    split = F.split_by_time(tables["impressions"], dm.val_days, dm.heldout_days)
+    split = F.split_by_time(tables["impressions"], dm.val_days, dm.heldout_days, dm.end_offset_days)
     engaged = F.engaged_rows(split.train, dm.tasks)
     user_pos = F.positions(dm.users.user_ids, engaged["user_id"].to_numpy())
     item_pos = F.positions(dm.items.item_ids, engaged["item_id"].to_numpy())

@@ -56,6 +56,11 @@ def _hint(message: str, overrides: list[str], config_name: str) -> str:
     bad_key = re.search(r"Could not override '([^']+)'", message)
     if "No match in the defaults list" in message and any(o.startswith("experiment=") for o in overrides):
         hints.append("experiment is not in the defaults list: select one with '+experiment=NAME'.")
+    elif bad_key and bad_key.group(1).startswith("data.stream."):
+        hints.append(
+            "data.stream.* are options of the streamed data path: select it with 'data/stream=streamed' "
+            "(it replaced data.stream.enabled=true)."
+        )
     elif bad_key:
         close = _close_keys(config_name, bad_key.group(1))
         if close:

@@ -19,6 +19,12 @@ TASK_LABELS: dict[str, pl.Expr] = {
 }
 
 
+def engaged(tasks=None) -> pl.Expr:
+    """True for a row positive for at least one of ``tasks`` (every task by default): the rows that
+    are training examples, evaluation queries and history events; the rest are served-not-engaged."""
+    return pl.any_horizontal([TASK_LABELS[t] for t in (TASK_LABELS if tasks is None else tasks)])
+
+
 def check_task_names(names) -> list[str]:
     """Return ``names`` as a list, or raise ConfigError naming the unknown ones."""
     from convcg_cli.errors import ConfigError

@@ -252,7 +252,7 @@ def _batches(n_rows: int, batch_size: int, world: int, monkeypatch) -> list[list
     )
     out = []
     for rank in range(world):
-        monkeypatch.setattr("convcg_cli.models.distributed.rank_and_world", lambda r=rank: (r, world))
+        monkeypatch.setattr("convcg_cli.distributed_env.rank_and_world", lambda r=rank: (r, world))
         data.epoch = 0
         out.append([b["item_pos"] for b in data])
         assert len(out[-1]) == len(data)
@@ -288,7 +288,7 @@ def test_train_trainer_ddp_end_to_end_logs_one_finished_run(tiny_data, tmp_path,
         env.pop(name, None)
     cmd = [sys.executable, "-m", "convcg_cli", "train", "trainer=ddp", "trainer.accelerator=cpu"]
     if streamed:
-        cmd += ["data.stream.enabled=true", "data.stream.chunk_rows=5000"]
+        cmd += ["data/stream=streamed", "data.stream.chunk_rows=5000"]
     done = run_bounded(
         [*cmd, f"data.dir={tiny_data}", *TINY_TRAIN], attempts=1, timeout_s=540, cwd=tmp_path, env=env
     )

@@ -341,7 +341,7 @@ def _bounded_memory(cfg: DictConfig, results: Mapping[str, Any]) -> list[str]:
         "days: the training window grows with the impressions while the evaluation days (the last "
         f"`val_days` + `heldout_days`) keep their size. Each cell is one process that sets up the data and "
         f"takes {int(m.warmup) + int(m.steps)} training steps; peak = its `VmHWM` (setup MiB: the peak "
-        "when setup ended). Streamed = `data.stream.enabled=true` with "
+        "when setup ended). Streamed = `data/stream=streamed` with "
         f"`chunk_rows={int(m.chunk_rows):,}`: the impressions are validated and encoded one chunk at a "
         "time into shards (written in this process: setup includes the encoding), and batches are read "
         "shard by shard. In memory = the default path, which loads the whole table and shuffles globally.",

@@ -382,11 +382,12 @@ def step_memory(cfg: DictConfig, workdir: str, data_dir: str, streamed: bool) ->
     m = cfg.memory
     cache = Path(workdir) / f"shards-{Path(data_dir).name}"
     shutil.rmtree(cache, ignore_errors=True)
-    overrides = [f"data.stream.enabled={streamed}", f"data.stream.chunk_rows={int(m.chunk_rows)}"]
+    overrides = ["data/stream=streamed", f"data.stream.chunk_rows={int(m.chunk_rows)}"] if streamed else []
     from convcg_cli.config import compose
 
     train_cfg = compose("train", [*_train_overrides(cfg, data_dir, workdir), *overrides]).cfg
-    train_cfg.data.stream.cache_dir = str(cache)
+    if streamed:
+        train_cfg.data.stream.cache_dir = str(cache)
     dm, model, setup_s = _setup(train_cfg)
     setup_mib = peak_rss_mib()
     clock = bare_loop(model, dm, int(m.warmup), int(m.steps), train_cfg.trainer.get("gradient_clip_val"))

@@ -1,8 +1,18 @@
-"""LightningDataModule over the validated log tables: whole-batch tensor slicing, no per-row Python."""
+"""LightningDataModules over the validated log tables: one class per data path, chosen by config.
+
+``InMemoryDataModule`` (``data/stream=in_memory``, the default) loads the whole impressions table and
+shuffles globally; ``StreamedDataModule`` (``data/stream=streamed``) reads it in chunks and serves
+training examples from cached shards, so peak memory does not grow with the number of impressions.
+Both share ``DataModuleBase``: the options, the time split, the corpus, the query-tower inputs and the
+evaluation queries are built there once; they differ only in how the training examples are made.
+Batches come from ``convcg_cli.data.batches``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import inspect
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,18 +20,22 @@ import lightning as L
 import numpy as np
 import polars as pl
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from convcg_cli.data import features as F
+from convcg_cli.data.batches import (
+    HardNegativeSampler,
+    SequentialBatches,
+    ShardedBatches,
+    ShuffledBatches,
+    impression_negatives,
+)
 from convcg_cli.data.cofactors import engagement_matrix, fit_cofactors
 from convcg_cli.data.history import engagement_events
 from convcg_cli.data.positives import LabelPositives
 from convcg_cli.data.schema import load_schemas, load_tables, missing_file
 from convcg_cli.data.stream import (
     INDEX_FILE,
-    ShardedBatches,
-    assemble_batch,
-    draw_hard_negatives,
     fingerprint,
     read_index,
     scan_impressions,
@@ -31,128 +45,60 @@ from convcg_cli.data.stream import (
 )
 from convcg_cli.data.user_history import ACTION_CODES, as_training_rows, before_cutoff, history_positions
 from convcg_cli.errors import ConfigError, DataValidationError
-from convcg_cli.tasks import TASK_LABELS
+from convcg_cli.specs import FeatureSpec
+from convcg_cli.tasks import TASK_LABELS, engaged
+
+# Constructor options that cannot change what the data holds (training examples, features, splits,
+# queries): how batches are cut and ordered, and where the shard cache lives. Every other option,
+# including any added later, is part of the shard cache key (``content_options``). Dotted names
+# reach into a mapping option (``stream.cache_dir``).
+NON_CONTENT_OPTIONS = frozenset({"batch_size", "eval_batch_size", "seed", "stream.cache_dir"})
+
+# Columns the user history reads from the impressions (``history.engagement_events``).
+_HISTORY_COLUMNS = ["user_id", "timestamp", "item_id", "clicked", "saved", "converted"]
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready, repr-free form of an option: mappings, sequences, paths and option objects (e.g.
+    ``DualPositives``: their class and attributes) become dicts, lists and strings."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    kind = type(value)
+    return {"class": f"{kind.__module__}.{kind.__qualname__}", **_plain(vars(value))}
+
+
+def content_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` (a datamodule's ``constructor_options``) without ``NON_CONTENT_OPTIONS``, as plain data.
+
+    Example:
+        >>> content_options({"batch_size": 64, "val_days": 2, "stream": {"chunk_rows": 9, "cache_dir": "x"}})
+        {'val_days': 2, 'stream': {'chunk_rows': 9}}
+    """
+    out = _plain(options)
+    for name in NON_CONTENT_OPTIONS:
+        *parents, leaf = name.split(".")
+        node = out
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
 
 
 def _to_torch(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
 
-class HardNegativeSampler:
-    """Draws, per training example, ``per_example`` of its user's served-but-not-engaged items.
-
-    Sampling is uniform with replacement within the user's list, as one vectorised gather per batch;
-    users with no such impressions get padding (-1), which the loss masks.
-    """
-
-    def __init__(self, negatives: F.ImpressionNegatives, per_example: int) -> None:
-        self.start = torch.from_numpy(negatives.start)
-        self.count = torch.from_numpy(negatives.count)
-        self.items = torch.from_numpy(negatives.items)
-        self.per_example = per_example
-
-    def sample(self, user_pos: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """(B,) user positions -> (B, H) item positions, -1 where the user has none."""
-        return draw_hard_negatives(
-            self.start[user_pos], self.count[user_pos], self.items, self.per_example, generator
-        )
-
-
-class ShuffledBatches(IterableDataset):
-    """Yields whole training batches by fancy-indexing column tensors with a shuffled index.
-
-    A new permutation per epoch from ``seed + epoch``, so batch order is reproducible. The last partial
-    batch is dropped (it would bias in-batch negatives) unless it is the only one.
-    """
-
-    def __init__(
-        self,
-        user: dict[str, torch.Tensor],
-        item_pos: torch.Tensor,
-        weights: dict[str, torch.Tensor],
-        item_features: dict[str, torch.Tensor],
-        item_log_q: torch.Tensor,
-        batch_size: int,
-        seed: int,
-        hard_negatives: HardNegativeSampler | None = None,
-    ) -> None:
-        self.user, self.item_pos, self.weights = user, item_pos, weights
-        self.item_features, self.item_log_q = item_features, item_log_q
-        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
-        self.hard_negatives = hard_negatives
-
-    @property
-    def n_examples(self) -> int:
-        """Training examples per epoch (all ranks together)."""
-        return len(self.item_pos)
-
-    def __len__(self) -> int:
-        """Batches per epoch in this process. Under DDP every rank gets ``1 / world_size`` of the full
-        batches; the few that do not divide evenly are dropped, like the last partial batch."""
-        from convcg_cli.models.distributed import rank_and_world
-
-        _, world = rank_and_world()
-        return max(len(self.item_pos) // self.batch_size // world, 1)
-
-    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """Gather one batch; item features come from the corpus table by item position."""
-        hard = None
-        if self.hard_negatives is not None:
-            generator = generator or torch.Generator().manual_seed(self.seed)
-            hard = self.hard_negatives.sample(self.user["user_id"][idx] - 1, generator)  # (B, H)
-        return assemble_batch(
-            {k: v[idx] for k, v in self.user.items()},
-            {k: v[idx] for k, v in self.weights.items()},
-            self.item_pos[idx],
-            self.item_features,
-            self.item_log_q,
-            hard,
-        )
-
-    def __iter__(self) -> Iterator[dict]:
-        """This process's batches of the next epoch.
-
-        Under DDP every rank draws the same permutation (same seed and epoch) and takes every
-        ``world_size``-th batch starting at its rank: disjoint, equally many, equally large. So the
-        global batch of step i (the ranks' batches in rank order) is exactly batch i of one process
-        with a ``world_size`` times larger batch size.
-        """
-        from convcg_cli.models.distributed import rank_and_world
-
-        rank, world = rank_and_world()
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
-        perm = torch.randperm(len(self.item_pos), generator=g)
-        # Fewer rows than world * batch_size: one smaller batch per rank, equal on every rank.
-        size = min(self.batch_size, len(perm) // world)
-        if world > 1:  # hard negatives: a stream per rank, else every rank would make the same draws
-            g = torch.Generator().manual_seed(int(torch.randint(1 << 62, (1,), generator=g)) + rank)
-        for i in range(len(self)):
-            start = (i * world + rank) * size
-            yield self.batch(perm[start : start + size], g)
-
-
-class SequentialBatches(IterableDataset):
-    """Query features in order, in batches, with their query indices (for evaluation)."""
-
-    def __init__(self, features: dict[str, torch.Tensor], batch_size: int) -> None:
-        self.features, self.batch_size = features, batch_size
-        self.n = len(next(iter(features.values())))
-
-    def __len__(self) -> int:
-        return (self.n + self.batch_size - 1) // self.batch_size
-
-    def __iter__(self) -> Iterator[dict]:
-        for start in range(0, self.n, self.batch_size):
-            sl = slice(start, start + self.batch_size)
-            yield {
-                "user": {k: v[sl] for k, v in self.features.items()},
-                "query_index": torch.arange(start, min(start + self.batch_size, self.n)),
-            }
-
-
-class ImpressionDataModule(L.LightningDataModule):
+class DataModuleBase(L.LightningDataModule):
     """Loads ``dir`` (validated against data_schemas/), splits by time and serves tensors.
+
+    Subclasses make the training examples (``setup``); everything else is built here.
 
     Args:
         dir: directory with items/users/impressions parquet files.
@@ -170,20 +116,55 @@ class ImpressionDataModule(L.LightningDataModule):
             negatives (0 = in-batch negatives only).
         context: request-context features of the query tower (surface, subject_item_id, query_bucket).
         history: {"max_len": L}: the user's last L engaged items strictly before each request as a
-            sequence feature (0 = off). Events come from every day, each request seeing only its past.
-        stream: {"enabled": bool, "chunk_rows": N, "cache_dir": DIR}: with enabled, impressions are
-            read N rows at a time and training examples served from shards cached in DIR, so peak
-            memory does not grow with the number of impressions (see ``convcg_cli.data.stream``).
-        use_user_history: read the optional ``user_history`` table (events before the log), up to the
-            training cut-off (the first validation day); the co-engagement factors and the baselines
-            then see it. Off: the table is ignored.
-        history_examples: {"max_per_user": N, "surface": S}: N > 0 adds each user's last N
-            ``user_history`` events before the cut-off as training examples (engaged rows on surface
-            S; conversions are conversion positives). Needs ``use_user_history``; in memory only.
+            sequence feature (0 = off). Events come from every kept day, each request seeing only its past.
+        end_offset_days: the last N logged days are dropped before the split (rolling-origin
+            evaluation): train | val | heldout are counted back from ``last - N`` and nothing (features,
+            item performance, history) reads the dropped days.
+        use_user_history: read the optional ``user_history`` table (events outside the log, typically
+            before it) up to the training cut-off (the first validation day); the co-engagement
+            factors, the history sequence, the history examples and the baselines then see it.
         cofactors: {"dim": d}: d > 0 adds a d-dimensional truncated SVD of the (user x item)
             engagement matrix (training window + user history) as numeric item and user features
             (``convcg_cli.data.cofactors``). 0 = off.
+        history_examples: {"max_per_user": N, "surface": S}: N > 0 adds each user's last N
+            ``user_history`` events before the cut-off as training examples (engaged rows on surface
+            S; conversions are conversion positives). Needs ``use_user_history``; in memory only.
+
+    ``constructor_options`` holds every constructor argument by name, defaults included (see
+    ``__new__``); the shard cache key is derived from it.
     """
+
+    # What both data paths expose once set up (evaluation, baselines, training and bench read these).
+    constructor_options: dict[str, Any]
+    split_days: dict[str, tuple[int, int]]  # train | val | heldout -> (first day, last day)
+    n_rows: dict[str, int]  # impressions per split
+    items: F.ItemTable
+    users: F.UserTable
+    item_spec: FeatureSpec
+    user_spec: FeatureSpec
+    item_features: dict[str, torch.Tensor]
+    inputs: F.QueryInputs
+    queries: dict[str, F.QuerySet]  # val | heldout
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> DataModuleBase:
+        """Record every constructor argument in ``constructor_options``, so that anything derived
+        from the options (the shard cache key) sees an option added to any subclass without a hand
+        list: defaults of each ``__init__`` in the class hierarchy, then the arguments given."""
+        self = super().__new__(cls)
+        options: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            if issubclass(klass, DataModuleBase) and "__init__" in vars(klass):
+                for p in inspect.signature(klass.__init__).parameters.values():
+                    if p.default is not p.empty:
+                        options[p.name] = p.default
+        signature = inspect.signature(cls.__init__)
+        for name, value in signature.bind_partial(self, *args, **kwargs).arguments.items():
+            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                options.update(value)
+            elif name != "self":
+                options[name] = value
+        self.constructor_options = options
+        return self
 
     def __init__(
         self,
@@ -200,28 +181,29 @@ class ImpressionDataModule(L.LightningDataModule):
         hard_negatives: int = 0,
         context: Sequence[str] = F.CONTEXT_FEATURES,
         history: Mapping[str, int] | None = None,
-        stream: Mapping | None = None,
+        end_offset_days: int = 0,
         use_user_history: bool = False,
         cofactors: Mapping[str, int] | None = None,
         history_examples: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        history_examples = dict(history_examples or {})
-        self.history_examples_per_user = int(history_examples.get("max_per_user", 0))
-        self.history_examples_surface = str(history_examples.get("surface", "home_feed"))
+        self.use_user_history = bool(use_user_history)
+        self.cofactor_dim = int((cofactors or {}).get("dim", 0))
+        if self.cofactor_dim < 0:
+            raise ConfigError(f"data.cofactors.dim must be >= 0 (0 = off), got {self.cofactor_dim}.")
+        examples = dict(history_examples or {})
+        self.history_examples_per_user = int(examples.get("max_per_user", 0))
+        self.history_examples_surface = str(examples.get("surface", "home_feed"))
         if self.history_examples_per_user < 0:
             raise ConfigError(
                 "data.history_examples.max_per_user must be >= 0 (0 = off), got "
                 f"{self.history_examples_per_user}."
             )
-        if self.history_examples_per_user > 0 and not use_user_history:
+        if self.history_examples_per_user > 0 and not self.use_user_history:
             raise ConfigError("data.history_examples.max_per_user > 0 needs data.use_user_history=true.")
-        self.use_user_history = bool(use_user_history)
-        self.cofactor_dim = int((cofactors or {}).get("dim", 0))
-        if self.cofactor_dim < 0:
-            raise ConfigError(f"data.cofactors.dim must be >= 0 (0 = off), got {self.cofactor_dim}.")
         self.dir = Path(dir)
         self.val_days, self.heldout_days = val_days, heldout_days
+        self.end_offset_days = F.check_end_offset_days(end_offset_days)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.query_hash_buckets, self.seed = query_hash_buckets, seed
         self.tasks = list(tasks)
@@ -232,63 +214,138 @@ class ImpressionDataModule(L.LightningDataModule):
         features = features or {}
         self.item_columns = F.FeatureColumns(**{k: tuple(v) for k, v in features.get("item", {}).items()})
         self.user_columns = F.FeatureColumns(**{k: tuple(v) for k, v in features.get("user", {}).items()})
-        stream = dict(stream or {})
-        self.stream = bool(stream.get("enabled", False))
-        self.chunk_rows = int(stream.get("chunk_rows", 1 << 20))
-        self.cache_dir = Path(stream.get("cache_dir") or self.dir / ".convcg-shards")
-        if self.stream and self.chunk_rows < 1:
-            raise ConfigError(f"data.stream.chunk_rows must be >= 1, got {self.chunk_rows}.")
         self.train_set: ShuffledBatches | ShardedBatches | None = None
         self._ready = False
 
-    def setup(self, stage: str | None = None) -> None:
-        """Load, validate, split and build every tensor once (idempotent).
+    # Shared by both data paths: written once, here.
 
-        Streamed (``stream.enabled``), the training shards are only written or read for ``fit``:
-        evaluation needs the corpus and the evaluation days, not the training examples.
+    def _require_engaged_training_rows(self, n_engaged: int) -> None:
+        if n_engaged == 0:
+            raise F.SplitError(
+                f"The train split (days {self.split_days['train']}) of {F.IMPRESSIONS_FILE} has no row "
+                f"positive for any task {self.tasks}; expected clicks, saves or conversions to learn from."
+            )
+
+    def _build_corpus(
+        self, items: pl.DataFrame, users: pl.DataFrame, train: pl.DataFrame | pl.LazyFrame
+    ) -> None:
+        """The item corpus (performance features from the training window ``train``) and the users."""
+        self.items = F.build_item_table(items, train, self.item_columns)
+        self.users = F.build_user_table(users, self.user_columns)
+        self.item_spec = self.items.spec
+        self.item_features = _to_torch(self.items.features)
+
+    def _add_pre_cutoff_context(self, user_history: pl.DataFrame, train_pairs: pl.DataFrame) -> None:
+        """Keep the user history before the training cut-off and add the co-engagement factors.
+
+        ``pre_cutoff_history`` holds the ``user_history`` rows before the first validation day (empty
+        unless ``use_user_history``); ``history_pairs`` their (user position, item position, action
+        code), for the baselines. ``train_pairs``: the training window's engaged (user_id, item_id).
         """
-        if self.stream:
-            self._setup_streamed(stage)
+        cutoff = self.split_days["val"][0] * F.SECONDS_PER_DAY
+        history = before_cutoff(user_history, cutoff) if self.use_user_history else user_history.clear()
+        self.pre_cutoff_history = history
+        self.history_pairs = history_positions(history, self.users.user_ids, self.items.item_ids)
+        if self.cofactor_dim == 0:
             return
+        users, items = self.users.user_ids, self.items.item_ids
+        user_pos = np.concatenate(
+            [F.positions(users, train_pairs["user_id"].to_numpy()), self.history_pairs[0]]
+        )
+        item_pos = np.concatenate(
+            [F.positions(items, train_pairs["item_id"].to_numpy()), self.history_pairs[1]]
+        )
+        factors = fit_cofactors(
+            engagement_matrix(user_pos, item_pos, len(users), len(items)), self.cofactor_dim
+        )
+        self.items.features.update(factors.item_features())
+        self.items.spec = self.item_spec = F.spec_of(self.items.features)
+        self.item_features = _to_torch(self.items.features)
+        self.users.features.update(factors.user_features())
+
+    def _history_events(self, impressions: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame | None:
+        """The engagement events of the kept days (none after the held-out days), when history is on;
+        with ``use_user_history`` the user history before the cut-off comes first (the sequence then
+        starts before the log)."""
+        if self.history_max_len == 0:
+            return None
+        kept = F.in_days((self.split_days["train"][0], self.split_days["heldout"][1]))
+        rows = impressions.lazy().filter(engaged() & kept).select(_HISTORY_COLUMNS)
+        events = engagement_events(rows.collect(engine="streaming"))
+        if self.pre_cutoff_history.height == 0:
+            return events
+        before = self.pre_cutoff_history.select(
+            "user_id",
+            "timestamp",
+            "item_id",
+            pl.col("action").replace_strict(ACTION_CODES, return_dtype=pl.Int64),
+        )
+        return pl.concat([before, events]).sort("user_id", "timestamp", "item_id", "action")
+
+    def _build_query_inputs(self, events: pl.DataFrame | None) -> None:
+        """What the query tower's features are built from (users, corpus, surfaces, history events)."""
+        self.surfaces = list(load_schemas()["impressions"].column("surface").allowed or ())
+        self.inputs = F.QueryInputs(
+            users=self.users,
+            items=self.items,
+            surfaces=self.surfaces,
+            query_hash_buckets=self.query_hash_buckets,
+            context=self.context,
+            events=events,
+            history_max_len=self.history_max_len,
+        )
+
+    def _build_queries(self, frames: Mapping[str, pl.DataFrame]) -> None:
+        """Evaluation queries of the ``val`` and ``heldout`` rows (engaged rows become queries)."""
+        self.queries = {
+            name: F.build_query_set(frame, self.inputs, self.tasks, self.split_days[name])
+            for name, frame in frames.items()
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        """The training batches (``setup('fit')`` builds them)."""
+        if self.train_set is None:
+            raise RuntimeError("setup('fit') builds the training set; it was set up for evaluation only")
+        return DataLoader(self.train_set, batch_size=None)
+
+    def query_loader(self, split: str) -> DataLoader:
+        """Batches of one evaluation split's query features, in query-index order."""
+        return DataLoader(
+            SequentialBatches(_to_torch(self.queries[split].features), self.eval_batch_size), batch_size=None
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """The validation queries (recall@K every epoch)."""
+        return self.query_loader("val")
+
+
+class InMemoryDataModule(DataModuleBase):
+    """The whole impressions table in memory: training batches from a global shuffle (fastest while
+    the table fits). Options: see ``DataModuleBase``."""
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, validate, split and build every tensor once (idempotent)."""
         if self._ready:
             return
         tables = load_tables(self.dir)
-        self.surfaces = list(load_schemas()["impressions"].column("surface").allowed or ())
-        split = F.split_by_time(tables["impressions"], self.val_days, self.heldout_days)
+        split = F.split_by_time(tables["impressions"], self.val_days, self.heldout_days, self.end_offset_days)
         self.split_days = split.days
-        self.items = F.build_item_table(tables["items"], split.train, self.item_columns)
-        self.users = F.build_user_table(tables["users"], self.user_columns)
-
+        self._build_corpus(tables["items"], tables["users"], split.train)
         train = F.engaged_rows(split.train, self.tasks)
-        if train.height == 0:
-            raise F.SplitError(
-                f"The train split (days {split.days['train']}) of {F.IMPRESSIONS_FILE} has no row positive "
-                f"for any task {self.tasks}; expected clicks, saves or conversions to learn from."
-            )
+        self._require_engaged_training_rows(train.height)
         self._add_pre_cutoff_context(tables["user_history"], train.select("user_id", "item_id"))
         if self.history_examples_per_user > 0:
             extra = as_training_rows(
                 self.pre_cutoff_history, train, self.history_examples_surface, self.history_examples_per_user
             )
             train = pl.concat([train, extra])
-        inputs = F.QueryInputs(
-            users=self.users,
-            items=self.items,
-            surfaces=self.surfaces,
-            query_hash_buckets=self.query_hash_buckets,
-            context=self.context,
-            events=self._with_pre_cutoff(engagement_events(tables["impressions"]))
-            if self.history_max_len > 0
-            else None,
-            history_max_len=self.history_max_len,
-        )
-        q = F.build_query_features(train, inputs)
-        self.user_spec, self.item_spec = q.spec, self.items.spec
+        self._build_query_inputs(self._history_events(tables["impressions"]))
+        q = F.build_query_features(train, self.inputs)
+        self.user_spec = q.spec
         train_item_pos = F.positions(self.items.item_ids, train["item_id"].to_numpy())
-        self.item_features = _to_torch(self.items.features)
         sampler = None
         if self.hard_negatives > 0:
-            negatives = F.impression_negatives(split.train, self.users, self.items, self.tasks)
+            negatives = impression_negatives(split.train, self.users, self.items, self.tasks)
             sampler = HardNegativeSampler(negatives, self.hard_negatives)
         self.train_set = ShuffledBatches(
             user=_to_torch(q.features),
@@ -300,97 +357,61 @@ class ImpressionDataModule(L.LightningDataModule):
             seed=self.seed,
             hard_negatives=sampler,
         )
-        self.queries = {
-            name: F.build_query_set(frame, inputs, self.tasks, split.days[name])
-            for name, frame in (("val", split.val), ("heldout", split.heldout))
-        }
+        self._build_queries({"val": split.val, "heldout": split.heldout})
         self.n_rows = {
             name: frame.height
             for name, frame in (("train", split.train), ("val", split.val), ("heldout", split.heldout))
         }
         self._ready = True
 
-    def _add_pre_cutoff_context(self, user_history: pl.DataFrame, train_pairs: pl.DataFrame) -> None:
-        """Keep the user history before the training cut-off and add the co-engagement factors.
 
-        ``history_pairs``: (user position, item position, action code) of every ``user_history`` event
-        before the first validation day (empty unless ``use_user_history``), for the baselines.
-        """
-        cutoff = self.split_days["val"][0] * F.SECONDS_PER_DAY
-        history = before_cutoff(user_history, cutoff) if self.use_user_history else user_history.clear()
-        self.pre_cutoff_history = history
-        self.history_pairs = history_positions(history, self.users.user_ids, self.items.item_ids)
-        if self.cofactor_dim == 0:
-            return
-        user_pos = np.concatenate(
-            [F.positions(self.users.user_ids, train_pairs["user_id"].to_numpy()), self.history_pairs[0]]
-        )
-        item_pos = np.concatenate(
-            [F.positions(self.items.item_ids, train_pairs["item_id"].to_numpy()), self.history_pairs[1]]
-        )
-        matrix = engagement_matrix(user_pos, item_pos, len(self.users.user_ids), len(self.items.item_ids))
-        factors = fit_cofactors(matrix, self.cofactor_dim, seed=self.seed)
-        self.items.features.update(factors.item_features())
-        self.items.spec = F.spec_of(self.items.features)
-        self.users.features.update(factors.user_features())
+class StreamedDataModule(DataModuleBase):
+    """Bounded memory: impressions read ``chunk_rows`` at a time, training examples served from shards
+    cached under ``cache_dir`` (see ``convcg_cli.data.stream``).
 
-    def _with_pre_cutoff(self, events: pl.DataFrame) -> pl.DataFrame:
-        """The history sequence's events: engaged impressions (``engagement_events``), plus the user
-        history before the cut-off when the run reads it (so the sequence starts before the log)."""
-        if self.pre_cutoff_history.height == 0:
-            return events
-        before = self.pre_cutoff_history.select(
-            "user_id",
-            "timestamp",
-            "item_id",
-            pl.col("action").replace_strict(ACTION_CODES, return_dtype=pl.Int64),
-        )
-        return pl.concat([before, events]).sort("user_id", "timestamp", "item_id", "action")
+    Args:
+        stream: {"chunk_rows": N, "cache_dir": DIR}: rows per chunk, and where the shards are cached
+            (default ``<dir>/.convcg-shards``), keyed by the data files and ``content_options``.
+        **options: the options of ``DataModuleBase``.
+    """
 
-    # ----------------------------------------------------------------------------------------------
-    # Streamed: bounded memory (convcg_cli.data.stream)
-    # ----------------------------------------------------------------------------------------------
-
-    def _content_options(self) -> dict:
-        """Every option that changes the shards' content (part of their cache key)."""
-        return {
-            "val_days": self.val_days,
-            "heldout_days": self.heldout_days,
-            "tasks": self.tasks,
-            "positives": [type(self.positives).__name__, sorted(vars(self.positives).items())],
-            "hard_negatives": self.hard_negatives > 0,
-            "context": list(self.context),
-            "history_max_len": self.history_max_len,
-            "query_hash_buckets": self.query_hash_buckets,
-            "item_columns": repr(self.item_columns),
-            "user_columns": repr(self.user_columns),
-            "chunk_rows": self.chunk_rows,
-            "use_user_history": self.use_user_history,
-            "cofactor_dim": self.cofactor_dim,
-        }
-
-    def _setup_streamed(self, stage: str | None) -> None:
+    def __init__(self, dir: str, stream: Mapping[str, Any] | None = None, **options: Any) -> None:
+        super().__init__(dir, **options)
         if self.history_examples_per_user > 0:
             raise ConfigError(
-                "data.history_examples is not available with data.stream.enabled yet: the history rows "
-                "are added in memory. Turn one of them off."
+                "data.history_examples is not available with data/stream=streamed yet (the history rows "
+                "are added in memory); use data/stream=in_memory or data.history_examples.max_per_user=0."
             )
-        if not self._ready:
-            self._setup_streamed_eval()
-        if stage in ("fit", None) and self.train_set is None:
-            self._setup_streamed_train()
+        stream = dict(stream or {})
+        self.chunk_rows = int(stream.get("chunk_rows", 1 << 20))
+        self.cache_dir = Path(stream.get("cache_dir") or self.dir / ".convcg-shards")
+        if self.chunk_rows < 1:
+            raise ConfigError(f"data.stream.chunk_rows must be >= 1, got {self.chunk_rows}.")
 
-    def _setup_streamed_eval(self) -> None:
-        """Everything but the training examples: the item corpus (with training-window performance),
-        the users, the split and the evaluation queries. Memory: O(items + users + evaluation days)."""
+    def cache_key(self) -> str:
+        """The shard cache key: the data files (size, mtime) and every content-changing option."""
+        schemas = load_schemas()
+        files = [self.dir / s.file for s in schemas.values() if s.required or (self.dir / s.file).is_file()]
+        return fingerprint(files, content_options(self.constructor_options))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Everything but the training shards once; the shards only for ``fit`` (evaluation needs the
+        corpus and the evaluation days, not the training examples)."""
+        if not self._ready:
+            self._setup_evaluation()
+        if stage in ("fit", None) and self.train_set is None:
+            self._setup_training()
+
+    def _setup_evaluation(self) -> None:
+        """The item corpus (with training-window performance), the users, the split and the evaluation
+        queries, from lazy scans. Memory: O(items + users + evaluation days)."""
         schemas = load_schemas()
         small = load_tables(self.dir, {k: schemas[k] for k in ("items", "users", "user_history")})
         schema = schemas["impressions"]
         self.impressions_path = self.dir / schema.file
         if not self.impressions_path.is_file():
             raise DataValidationError([missing_file(schema, self.dir)])
-        files = [self.dir / schemas[k].file for k in ("impressions", "items", "users")]
-        self.shard_dir = self.cache_dir / fingerprint(files, self._content_options())
+        self.shard_dir = self.cache_dir / self.cache_key()
         if (self.shard_dir / INDEX_FILE).exists():  # validated when the shards were written
             meta = read_index(self.shard_dir).meta
             total, first, last = meta["rows"], meta["first_day"], meta["last_day"]
@@ -399,7 +420,7 @@ class ImpressionDataModule(L.LightningDataModule):
                 self.impressions_path, self.chunk_rows, schemas, small["items"], small["users"]
             )
         self._file_meta = {"rows": total, "first_day": first, "last_day": last}
-        self.split_days = F.split_days(first, last, self.val_days, self.heldout_days)
+        self.split_days = F.split_days(first, last, self.val_days, self.heldout_days, self.end_offset_days)
         lazy = scan_impressions(self.impressions_path, schema)
         self.n_rows = {
             k: int(v)
@@ -410,51 +431,25 @@ class ImpressionDataModule(L.LightningDataModule):
         }
         F.check_split_rows(self.n_rows, self.split_days)
         train = lazy.filter(F.in_days(self.split_days["train"]))
-        engaged = pl.any_horizontal([TASK_LABELS[t] for t in self.tasks])
-        n_engaged = int(train.select(engaged.sum()).collect(engine="streaming").item())
-        if n_engaged == 0:
-            raise F.SplitError(
-                f"The train split (days {self.split_days['train']}) of {F.IMPRESSIONS_FILE} has no row "
-                f"positive for any task {self.tasks}; expected clicks, saves or conversions to learn from."
-            )
-        self.surfaces = list(schema.column("surface").allowed or ())
-        self.items = F.build_item_table(small["items"], train, self.item_columns)
-        self.users = F.build_user_table(small["users"], self.user_columns)
-        pairs = train.filter(engaged).select("user_id", "item_id").unique().collect(engine="streaming")
-        self._add_pre_cutoff_context(small["user_history"], pairs)
-        events = None
-        if self.history_max_len > 0:  # O(engagements): 4 integers per click, saves and conversions
-            cols = ["user_id", "timestamp", "item_id", "clicked", "saved", "converted"]
-            engaged_any = pl.col("clicked") | pl.col("saved") | pl.col("converted")
-            events = self._with_pre_cutoff(
-                engagement_events(lazy.filter(engaged_any).select(cols).collect(engine="streaming"))
-            )
-        self.inputs = F.QueryInputs(
-            users=self.users,
-            items=self.items,
-            surfaces=self.surfaces,
-            query_hash_buckets=self.query_hash_buckets,
-            context=self.context,
-            events=events,
-            history_max_len=self.history_max_len,
+        self._build_corpus(small["items"], small["users"], train)
+        is_engaged = engaged(self.tasks)
+        self._require_engaged_training_rows(
+            int(train.select(is_engaged.sum()).collect(engine="streaming").item())
         )
-        frames = {  # only the engaged rows become evaluation queries
-            name: lazy.filter(F.in_days(self.split_days[name]) & engaged).collect(engine="streaming")
-            for name in ("val", "heldout")
-        }
+        pairs = train.filter(is_engaged).select("user_id", "item_id").unique().collect(engine="streaming")
+        self._add_pre_cutoff_context(small["user_history"], pairs)  # O(distinct engaged pairs)
+        self._build_query_inputs(self._history_events(lazy))  # O(engagements): 4 integers each
         self.user_spec = F.build_query_features(train.head(1).collect(), self.inputs).spec
-        self.item_spec = self.items.spec
-        self.item_features = _to_torch(self.items.features)
-        self.queries = {
-            name: F.build_query_set(frame, self.inputs, self.tasks, self.split_days[name])
-            for name, frame in frames.items()
-        }
+        self._build_queries(
+            {  # only the engaged rows become evaluation queries
+                name: lazy.filter(F.in_days(self.split_days[name]) & is_engaged).collect(engine="streaming")
+                for name in ("val", "heldout")
+            }
+        )
         self._ready = True
 
-    def _setup_streamed_train(self) -> None:
+    def _setup_training(self) -> None:
         """The training shards: written once by local rank 0 (others wait), then read shard by shard."""
-        import os
-
         if (self.shard_dir / INDEX_FILE).exists():
             index = read_index(self.shard_dir)
         elif int(os.environ.get("LOCAL_RANK") or 0) > 0:
@@ -481,16 +476,12 @@ class ImpressionDataModule(L.LightningDataModule):
             hard_negatives=self.hard_negatives,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            raise RuntimeError("setup('fit') builds the training set; it was set up for evaluation only")
-        return DataLoader(self.train_set, batch_size=None)
 
-    def query_loader(self, split: str) -> DataLoader:
-        """Batches of one evaluation split's query features, in query-index order."""
-        return DataLoader(
-            SequentialBatches(_to_torch(self.queries[split].features), self.eval_batch_size), batch_size=None
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return self.query_loader("val")
+def ImpressionDataModule(dir: str, stream: Mapping[str, Any] | None = None, **options: Any) -> DataModuleBase:
+    """The datamodule of a config saved before the two data paths were two classes (its ``_target_``):
+    ``stream.enabled`` picks ``StreamedDataModule``, else ``InMemoryDataModule``; new configs name
+    the class directly (``data/stream=in_memory|streamed``)."""
+    stream = dict(stream or {})
+    if stream.pop("enabled", False):
+        return StreamedDataModule(dir, stream=stream, **options)
+    return InMemoryDataModule(dir, **options)

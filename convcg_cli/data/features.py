@@ -13,9 +13,9 @@ import numpy as np
 import polars as pl
 
 from convcg_cli.data.history import history_before
-from convcg_cli.errors import ConvcgError
-from convcg_cli.models.towers import FeatureSpec
-from convcg_cli.tasks import TASK_LABELS
+from convcg_cli.errors import ConfigError, ConvcgError
+from convcg_cli.specs import FeatureSpec
+from convcg_cli.tasks import TASK_LABELS, engaged
 
 SECONDS_PER_DAY = 86_400
 IMPRESSIONS_FILE = "impressions.parquet"
@@ -41,21 +41,35 @@ def in_days(days: tuple[int, int]) -> pl.Expr:
     return (day >= days[0]) & (day <= days[1])
 
 
-def split_days(first: int, last: int, val_days: int, heldout_days: int) -> dict[str, tuple[int, int]]:
-    """(first day, last day) of train | val | heldout, counting whole days back from ``last``."""
-    heldout_start = last - heldout_days + 1
+def check_end_offset_days(days: int) -> int:
+    """``data.end_offset_days`` as an int, or a ConfigError when it is negative."""
+    if days < 0:
+        raise ConfigError(f"data.end_offset_days must be >= 0 (days to drop from the end), got {days}.")
+    return int(days)
+
+
+def split_days(
+    first: int, last: int, val_days: int, heldout_days: int, end_offset_days: int = 0
+) -> dict[str, tuple[int, int]]:
+    """(first day, last day) of train | val | heldout, counted back from ``last - end_offset_days``.
+
+    ``end_offset_days`` (rolling-origin evaluation) drops the last N logged days: no split holds them.
+    """
+    end = last - check_end_offset_days(end_offset_days)
+    heldout_start = end - heldout_days + 1
     val_start = heldout_start - val_days
-    n_days = last - first + 1
+    n_days = end - first + 1
     if val_days < 1 or heldout_days < 1 or val_start <= first:
+        dropped = f" once data.end_offset_days={end_offset_days} are dropped" if end_offset_days else ""
         raise SplitError(
-            f"{IMPRESSIONS_FILE} covers {n_days} day(s) (days {first}..{last} since 1970-01-01); "
-            f"data.val_days={val_days} and data.heldout_days={heldout_days} need at least "
+            f"{IMPRESSIONS_FILE} covers {max(n_days, 0)} day(s){dropped} (days {first}..{end} since "
+            f"1970-01-01); data.val_days={val_days} and data.heldout_days={heldout_days} need at least "
             f"{val_days + heldout_days + 1} days so that at least one day is left to train on."
         )
     return {
         "train": (first, val_start - 1),
         "val": (val_start, heldout_start - 1),
-        "heldout": (heldout_start, last),
+        "heldout": (heldout_start, end),
     }
 
 
@@ -70,10 +84,13 @@ def check_split_rows(rows: dict[str, int], days: dict[str, tuple[int, int]]) -> 
             )
 
 
-def split_by_time(impressions: pl.DataFrame, val_days: int, heldout_days: int) -> TimeSplit:
-    """Split by whole days counted back from the last logged day.
+def split_by_time(
+    impressions: pl.DataFrame, val_days: int, heldout_days: int, end_offset_days: int = 0
+) -> TimeSplit:
+    """Split by whole days counted back from the last logged day (minus ``end_offset_days``).
 
-    The last ``heldout_days`` days are held out, the ``val_days`` before them validate, the rest trains.
+    The last ``heldout_days`` days are held out, the ``val_days`` before them validate, the rest trains;
+    the ``end_offset_days`` after the held-out days are in no split.
     """
     if impressions.height == 0:
         raise SplitError(f"{IMPRESSIONS_FILE} has 0 rows; expected impressions over several days.")
@@ -81,7 +98,7 @@ def split_by_time(impressions: pl.DataFrame, val_days: int, heldout_days: int) -
     first, last = (
         int(x) for x in impressions.select(day.min().alias("first"), day.max().alias("last")).row(0)
     )
-    bounds = split_days(first, last, val_days, heldout_days)
+    bounds = split_days(first, last, val_days, heldout_days, end_offset_days)
     parts = {name: impressions.filter(in_days(days)) for name, days in bounds.items()}
     check_split_rows({name: frame.height for name, frame in parts.items()}, bounds)
     return TimeSplit(**parts, days=bounds)
@@ -310,7 +327,7 @@ def task_labels(rows: pl.DataFrame, tasks: list[str]) -> dict[str, np.ndarray]:
 
 def engaged_rows(rows: pl.DataFrame, tasks: list[str]) -> pl.DataFrame:
     """Rows positive for at least one task: the training examples and the evaluation queries."""
-    return rows.filter(pl.any_horizontal([TASK_LABELS[t] for t in tasks]))
+    return rows.filter(engaged(tasks))
 
 
 @dataclass
@@ -336,32 +353,6 @@ def build_query_set(
     labels = task_labels(rows, tasks)
     positives = {t: (np.flatnonzero(m), item_pos[m]) for t, m in labels.items()}
     return QuerySet(q.features, positives, rows["surface"].to_numpy(), days)
-
-
-@dataclass
-class ImpressionNegatives:
-    """Served-but-not-engaged impressions of each user in the training window, as CSR arrays.
-
-    ``items[start[u] : start[u] + count[u]]`` are the item positions user ``u`` was shown and did
-    not engage with; hard negatives for a training example of ``u`` are drawn from there.
-    """
-
-    start: np.ndarray  # (U,) int64
-    count: np.ndarray  # (U,) int64
-    items: np.ndarray  # (M,) int64
-
-
-def impression_negatives(
-    train: pl.DataFrame, users: UserTable, items: ItemTable, tasks: list[str]
-) -> ImpressionNegatives:
-    """Group the training window's non-engaged impressions by user (vectorised, one sort)."""
-    served = train.filter(~pl.any_horizontal([TASK_LABELS[t] for t in tasks]))
-    user_pos = positions(users.user_ids, served["user_id"].to_numpy())
-    item_pos = positions(items.item_ids, served["item_id"].to_numpy())
-    order = np.argsort(user_pos, kind="stable")
-    count = np.bincount(user_pos, minlength=len(users.user_ids)).astype(np.int64)
-    start = (np.cumsum(count) - count).astype(np.int64)
-    return ImpressionNegatives(start, count, item_pos[order])
 
 
 def item_log_frequency(item_pos: np.ndarray, n_items: int) -> np.ndarray:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from convcg_cli.tasks import engaged
+
 # Action codes; 0 is padding. Stronger actions have larger codes and an engagement takes its strongest.
 ACTION_PADDING = 0
 ACTION_CLICK = 1
@@ -28,7 +30,8 @@ _CHUNK = 1 << 16
 
 
 def engagement_events(impressions: pl.DataFrame) -> pl.DataFrame:
-    """Engaged impressions (clicked, saved or converted) as events ``user_id, timestamp, item_id, action``.
+    """Engaged impressions (positive for any task, ``tasks.engaged``) as events ``user_id, timestamp,
+    item_id, action``.
 
     ``action`` is the strongest thing the user did: 3 conversion > 2 save > 1 click. Rows come sorted
     by (user_id, timestamp, item_id, action) so the result does not depend on the input order.
@@ -50,7 +53,7 @@ def engagement_events(impressions: pl.DataFrame) -> pl.DataFrame:
         .alias("action")
     )
     return (
-        impressions.filter(pl.col("clicked") | pl.col("saved") | pl.col("converted"))
+        impressions.filter(engaged())
         .select(
             pl.col("user_id").cast(pl.Int64),
             pl.col("timestamp").cast(pl.Int64),
@@ -69,6 +72,9 @@ def history_before(
     max_len: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each request's last ``max_len`` engaged items with event timestamp strictly before the request.
+
+    One function on purpose (longer than usual): its steps (sort, CSR layout, one combined key, one
+    search, a chunked gather) share half a dozen aligned arrays; split up, each part would pass them all.
 
     Args:
         events: ``engagement_events`` output (any row order; user_id, timestamp, item_id, action).

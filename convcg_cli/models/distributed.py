@@ -25,12 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of this process; ``(0, 1)`` when not running distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from convcg_cli.distributed_env import rank_and_world  # re-exported: the helper lives in a leaf
 
 
 class _GatherWithGrad(torch.autograd.Function):

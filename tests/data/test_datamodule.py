@@ -7,10 +7,11 @@ import polars as pl
 import pytest
 import torch
 
-from convcg_cli.data.datamodule import ImpressionDataModule
+from convcg_cli.data.datamodule import ImpressionDataModule, InMemoryDataModule, StreamedDataModule
 from convcg_cli.data.features import SECONDS_PER_DAY, SplitError, split_by_time
 from convcg_cli.data.positives import DualPositives
 from convcg_cli.data.schema import load_tables
+from convcg_cli.errors import ConfigError
 from convcg_cli.models.losses import MultiTaskSampledSoftmax, sampled_softmax_loss
 
 TASKS = ["conversion", "engagement"]
@@ -105,3 +106,116 @@ def test_context_switch_drops_surface_features(tiny_data):
     dm = ImpressionDataModule(str(tiny_data), tasks=TASKS, context=[])
     dm.setup()
     assert not {"surface", "subject_item_id", "query_bucket"} & set(dm.user_spec.categorical)
+
+
+# --------------------------------------------------------------------------------------------------
+# One class per data path, chosen by config; data never imports models
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cls"),
+    [([], InMemoryDataModule), (["data/stream=streamed"], StreamedDataModule)],
+    ids=["in_memory", "streamed"],
+)
+def test_data_stream_option_selects_the_class(overrides, cls, tiny_data):
+    from hydra.utils import instantiate
+
+    from convcg_cli.config import compose
+
+    cfg = compose("train", [f"data.dir={tiny_data}", *overrides]).cfg
+    dm = instantiate(cfg.data, tasks=TASKS)
+    assert type(dm) is cls
+
+
+def test_configs_saved_before_the_split_still_build_their_datamodule(tiny_data, tmp_path):
+    old = {"enabled": True, "chunk_rows": 5000, "cache_dir": str(tmp_path)}
+    assert type(ImpressionDataModule(str(tiny_data), stream=old, tasks=TASKS)) is StreamedDataModule
+    assert type(ImpressionDataModule(str(tiny_data), tasks=TASKS)) is InMemoryDataModule
+
+
+def test_the_data_layer_imports_no_model_code():
+    import ast
+    from pathlib import Path
+
+    import convcg_cli.data
+
+    for path in Path(convcg_cli.data.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            assert not any(n.startswith("convcg_cli.models") for n in names), f"{path.name} imports {names}"
+
+
+# --------------------------------------------------------------------------------------------------
+# data.end_offset_days: rolling-origin evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def _without_last_days(tiny_data, out, n_days: int):
+    """The tiny logs with their last ``n_days`` logged days removed from impressions."""
+    tables = load_tables(tiny_data)
+    imp = tables["impressions"]
+    last = imp["timestamp"].max() // SECONDS_PER_DAY
+    out.mkdir()
+    kept = imp.filter(pl.col("timestamp") // SECONDS_PER_DAY <= last - n_days)
+    for name, frame in {**tables, "impressions": kept}.items():
+        frame.write_parquet(out / f"{name}.parquet")
+    return out
+
+
+def _assert_same_data(a, b) -> None:
+    assert a.split_days == b.split_days and a.n_rows == b.n_rows
+    for name in a.items.features:
+        np.testing.assert_array_equal(a.items.features[name], b.items.features[name], err_msg=name)
+    for split in ("val", "heldout"):
+        for name, values in a.queries[split].features.items():
+            np.testing.assert_array_equal(values, b.queries[split].features[name], err_msg=name)
+    for name, values in a.train_set.user.items():
+        torch.testing.assert_close(values, b.train_set.user[name])
+    torch.testing.assert_close(a.train_set.item_pos, b.train_set.item_pos)
+    torch.testing.assert_close(a.train_set.item_log_q, b.train_set.item_log_q)
+
+
+def test_end_offset_days_is_the_log_without_its_last_days(tiny_data, tmp_path):
+    """Dropping the last N days by option == training on logs that end N days earlier: the split,
+    item performance, queries, history and training examples never read the dropped days."""
+    options = {"tasks": TASKS, "history": {"max_len": 4}, "hard_negatives": 2}
+    offset = InMemoryDataModule(str(tiny_data), end_offset_days=2, **options)
+    cut = InMemoryDataModule(str(_without_last_days(tiny_data, tmp_path / "cut", 2)), **options)
+    full = InMemoryDataModule(str(tiny_data), **options)
+    offset.setup(), cut.setup(), full.setup()
+    _assert_same_data(offset, cut)
+    assert offset.split_days["heldout"][1] == full.split_days["heldout"][1] - 2
+    assert offset.split_days["train"][1] == full.split_days["train"][1] - 2
+    hard = offset.train_set.hard_negatives, cut.train_set.hard_negatives
+    for name in ("start", "count", "items"):
+        torch.testing.assert_close(getattr(hard[0], name), getattr(hard[1], name))
+
+
+def test_streamed_end_offset_days_equals_the_in_memory_one(tiny_data, tmp_path):
+    memory = InMemoryDataModule(str(tiny_data), tasks=TASKS, end_offset_days=3)
+    stream = {"chunk_rows": 5000, "cache_dir": str(tmp_path)}
+    streamed = StreamedDataModule(str(tiny_data), tasks=TASKS, end_offset_days=3, stream=stream)
+    memory.setup(), streamed.setup()
+    assert streamed.split_days == memory.split_days and streamed.n_rows == memory.n_rows
+    for name, values in memory.item_features.items():
+        torch.testing.assert_close(streamed.item_features[name], values)
+    assert streamed.train_set.n_examples == memory.train_set.n_examples
+    for split in ("val", "heldout"):
+        assert len(streamed.queries[split]) == len(memory.queries[split])
+
+
+def test_a_negative_or_too_large_end_offset_is_a_clear_error(tiny_data):
+    with pytest.raises(ConfigError, match=r"data.end_offset_days must be >= 0 .* got -1"):
+        InMemoryDataModule(str(tiny_data), tasks=TASKS, end_offset_days=-1)
+    dm = InMemoryDataModule(str(tiny_data), tasks=TASKS, end_offset_days=30)
+    with pytest.raises(SplitError, match="once data.end_offset_days=30 are dropped"):
+        dm.setup()
+
+
+def test_the_old_stream_switch_points_to_the_config_group():
+    from convcg_cli.config import compose
+
+    with pytest.raises(ConfigError, match="select it with 'data/stream=streamed'"):
+        compose("train", ["data.stream.enabled=true"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from convcg_cli.data import stream
-from convcg_cli.data.datamodule import ImpressionDataModule
+from convcg_cli.data.datamodule import DataModuleBase, InMemoryDataModule, StreamedDataModule
 from convcg_cli.data.positives import DualPositives
 from convcg_cli.data.schema import load_schemas
 from convcg_cli.data.synth import write_tables
@@ -20,10 +20,13 @@ TASKS = ["conversion", "engagement"]
 CHUNK = 4_000  # the tiny preset has ~30k impressions: ~8 chunks
 
 
-def _dm(data_dir, cache_dir, streamed: bool, **kwargs) -> ImpressionDataModule:
-    options = {"enabled": streamed, "chunk_rows": CHUNK, "cache_dir": str(cache_dir)}
+def _dm(data_dir, cache_dir, streamed: bool, **kwargs) -> DataModuleBase:
     kwargs = {"batch_size": 64, "tasks": TASKS, "positives": DualPositives(engagement_scale=0.3), **kwargs}
-    return ImpressionDataModule(str(data_dir), stream=options, **kwargs)
+    if not streamed:
+        return InMemoryDataModule(str(data_dir), **kwargs)
+    return StreamedDataModule(
+        str(data_dir), stream={"chunk_rows": CHUNK, "cache_dir": str(cache_dir)}, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +223,7 @@ def test_a_bad_chunk_is_a_clear_error_naming_column_rows_and_range(tiny_tables, 
 
 
 def _fake_world(monkeypatch, rank: int, world: int) -> None:
-    monkeypatch.setattr("convcg_cli.models.distributed.rank_and_world", lambda: (rank, world))
+    monkeypatch.setattr("convcg_cli.distributed_env.rank_and_world", lambda: (rank, world))
 
 
 def test_ranks_read_disjoint_shards_and_step_together(pair, monkeypatch):
@@ -244,3 +247,31 @@ def test_more_ranks_than_shards_is_a_clear_error(pair, monkeypatch):
     _fake_world(monkeypatch, 0, len(streamed.train_set.index.files) + 1)
     with pytest.raises(Exception, match="Lower data.stream.chunk_rows"):
         len(streamed.train_set)
+
+
+def test_the_cache_key_covers_every_option_but_the_batching_ones(tiny_data, tmp_path):
+    """The key is derived from the constructor options: a new option is in it by default; batch size,
+    seed and the cache location are not (they cannot change the shards)."""
+
+    class WithNewOption(StreamedDataModule):
+        def __init__(self, dir, new_option: int = 0, **options) -> None:
+            super().__init__(dir, **options)
+
+    new = WithNewOption(str(tiny_data), **_options(tmp_path)).cache_key()
+    assert WithNewOption(str(tiny_data), new_option=1, **_options(tmp_path)).cache_key() != new
+    base = _dm(tiny_data, tmp_path, True).cache_key()
+    assert _dm(tiny_data, tmp_path, True, batch_size=7, seed=3, eval_batch_size=5).cache_key() == base
+    assert _dm(tiny_data, tmp_path / "elsewhere", True).cache_key() == base
+    assert _dm(tiny_data, tmp_path, True, val_days=3).cache_key() != base
+    assert _dm(tiny_data, tmp_path, True, end_offset_days=1).cache_key() != base
+    bigger = StreamedDataModule(str(tiny_data), **{**_options(tmp_path), "stream": {"chunk_rows": CHUNK + 1}})
+    assert bigger.cache_key() != base
+
+
+def _options(cache_dir) -> dict:
+    return {
+        "batch_size": 64,
+        "tasks": TASKS,
+        "positives": DualPositives(engagement_scale=0.3),
+        "stream": {"chunk_rows": CHUNK, "cache_dir": str(cache_dir)},
+    }
