@@ -60,13 +60,16 @@ def _standardised(x: np.ndarray) -> np.ndarray:
     return ((x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)).astype(np.float32)
 
 
-def fit_cofactors(matrix: sp.csr_matrix, dim: int, seed: int = 0) -> CoFactors:
-    """Truncated SVD ``X ~ U S V^T`` with rows of X scaled to unit norm (heavy users do not dominate).
+def fit_cofactors(matrix: sp.csr_matrix, dim: int, item_exponent: float = 0.5, seed: int = 0) -> CoFactors:
+    """Truncated SVD ``X D^-a ~ U S V^T``, D the items' engagement counts, a = ``item_exponent``.
 
-    Item factors are ``V sqrt(S)``, user profiles ``U sqrt(S)`` (so their dot product approximates
-    the normalised X); both standardised per column. Users or items without any engagement get 0 (the
-    "no information" value of a standardised feature). ``dim`` is capped at ``min(X.shape) - 1``
-    (ARPACK's limit).
+    Dividing each item column by its count to the power a keeps the most popular items from taking
+    every factor (PureSVD's popularity debiasing); on KuaiRand's validation days a = 0.5 with 64
+    factors gave pure factor scores recall@100 0.339, against 0.24 with unit-norm user rows and 0.25
+    with the raw matrix (``reports/kuairand/report.md``). Item factors are ``V sqrt(S)``, user
+    profiles ``U sqrt(S)`` (their dot product approximates the normalised X), both standardised per
+    column. Users or items without any engagement get 0 (the "no information" value of a
+    standardised feature). ``dim`` is capped at ``min(X.shape) - 1`` (ARPACK's limit).
 
     Example:
         >>> x = engagement_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2]), 3, 3)
@@ -78,8 +81,9 @@ def fit_cofactors(matrix: sp.csr_matrix, dim: int, seed: int = 0) -> CoFactors:
     k = min(int(dim), min(n_users, n_items) - 1)
     if k < 1:
         raise ValueError(f"cannot fit {dim} factors to a {n_users} x {n_items} matrix.")
-    norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel())
-    x = sp.diags(1.0 / np.where(norms > 0, norms, 1.0)) @ matrix
+    counts = np.asarray(matrix.sum(axis=0)).ravel()
+    scale = np.where(counts > 0, np.maximum(counts, 1e-12) ** -float(item_exponent), 0.0)
+    x = (matrix @ sp.diags(scale)).tocsr()
     v0 = np.random.default_rng(seed).standard_normal(min(n_users, n_items))
     u, s, vt = svds(x.astype(np.float64), k=k, v0=v0, random_state=seed)
     order = np.argsort(-s)  # svds returns ascending singular values
@@ -89,6 +93,6 @@ def fit_cofactors(matrix: sp.csr_matrix, dim: int, seed: int = 0) -> CoFactors:
     u, vt = u * sign, vt * sign[:, None]
     root = np.sqrt(s)
     item, user = _standardised(vt.T * root), _standardised(u * root)
-    item[np.asarray(matrix.sum(axis=0)).ravel() == 0] = 0.0  # never engaged: "no information"
-    user[norms == 0] = 0.0
+    item[counts == 0] = 0.0  # never engaged: "no information"
+    user[np.asarray(matrix.sum(axis=1)).ravel() == 0] = 0.0
     return CoFactors(item=item, user=user)

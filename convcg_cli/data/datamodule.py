@@ -123,9 +123,10 @@ class DataModuleBase(L.LightningDataModule):
         use_user_history: read the optional ``user_history`` table (events outside the log, typically
             before it) up to the training cut-off (the first validation day); the co-engagement
             factors, the history sequence, the history examples and the baselines then see it.
-        cofactors: {"dim": d}: d > 0 adds a d-dimensional truncated SVD of the (user x item)
-            engagement matrix (training window + user history) as numeric item and user features
-            (``convcg_cli.data.cofactors``). 0 = off.
+        cofactors: {"dim": d, "item_exponent": a}: d > 0 adds a d-dimensional truncated SVD of the
+            (user x item) engagement matrix (training window + user history; item columns divided
+            by their count^a) as numeric item and user features (``convcg_cli.data.cofactors``).
+            0 = off.
         history_examples: {"max_per_user": N, "surface": S}: N > 0 adds each user's last N
             ``user_history`` events before the cut-off as training examples (engaged rows on surface
             S; conversions are conversion positives). Needs ``use_user_history``; in memory only.
@@ -189,6 +190,7 @@ class DataModuleBase(L.LightningDataModule):
         super().__init__()
         self.use_user_history = bool(use_user_history)
         self.cofactor_dim = int((cofactors or {}).get("dim", 0))
+        self.cofactor_item_exponent = float((cofactors or {}).get("item_exponent", 0.5))
         if self.cofactor_dim < 0:
             raise ConfigError(f"data.cofactors.dim must be >= 0 (0 = off), got {self.cofactor_dim}.")
         examples = dict(history_examples or {})
