@@ -7,6 +7,7 @@ the model from the run's saved config with exactly the code training used.
 from __future__ import annotations
 
 from convcg_cli.config import instantiate
+from convcg_cli.errors import ConfigError
 
 
 def build_datamodule(cfg, tasks: list[str], stage: str = "fit"):
@@ -22,6 +23,8 @@ def build_datamodule(cfg, tasks: list[str], stage: str = "fit"):
 # ``embedding_dim: ${model.embedding_dim}``): config keys for one override to resize both towers,
 # not arguments of RetrievalModule.
 MODEL_SIZE_KEYS = ("hidden_dim", "embedding_dim")
+# Read by ``build_model`` after instantiation (it needs the data), not an argument either.
+INIT_FROM_COFACTORS_KEY = "init_item_embeddings_from_cofactors"
 
 
 def model_from_config(cfg, user_features, item_features):
@@ -33,7 +36,8 @@ def model_from_config(cfg, user_features, item_features):
 
     node = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(node, dict)
-    arguments = OmegaConf.create({k: v for k, v in node.items() if k not in MODEL_SIZE_KEYS})
+    skip = (*MODEL_SIZE_KEYS, INIT_FROM_COFACTORS_KEY)
+    arguments = OmegaConf.create({k: v for k, v in node.items() if k not in skip})
     return instantiate(
         arguments,
         user_features=user_features,
@@ -44,5 +48,21 @@ def model_from_config(cfg, user_features, item_features):
 
 
 def build_model(cfg, dm):
-    """Instantiate ``cfg.model`` with the feature specs the data defines and the configured loss."""
-    return model_from_config(cfg, dm.user_spec, dm.item_spec)
+    """Instantiate ``cfg.model`` with the feature specs the data defines and the configured loss.
+
+    With ``model.init_item_embeddings_from_cofactors`` (and ``data.cofactors.dim > 0``) the item-id
+    tables start from the co-engagement factors instead of at random (training only: a checkpoint
+    overwrites them at evaluation).
+    """
+    from convcg_cli.data.cofactors import item_factor_matrix
+
+    model = model_from_config(cfg, dm.user_spec, dm.item_spec)
+    if cfg.model.get(INIT_FROM_COFACTORS_KEY, False):
+        factors = item_factor_matrix(dm.items.features)
+        if factors is None:
+            raise ConfigError(
+                f"model.{INIT_FROM_COFACTORS_KEY} needs the co-engagement factors: "
+                "set data.cofactors.dim > 0."
+            )
+        model.init_item_embeddings(factors)
+    return model

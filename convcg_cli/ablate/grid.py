@@ -24,7 +24,7 @@ FINISHED = "FINISHED"
 FAILED = "FAILED"
 # The train option that moves a fold's end back in time (its last N days are dropped before the split).
 END_OFFSET_KEY = "data.end_offset_days"
-_GRID_KEYS = {"seeds", "select", "eval_overrides", "variants", "sweep", "folds"}
+_GRID_KEYS = {"seeds", "select", "eval_overrides", "train_overrides", "variants", "sweep", "folds"}
 
 
 @dataclass(frozen=True)
@@ -109,15 +109,17 @@ def load_grid(name: str) -> Grid:
     if unknown or not spec.get("variants") or not spec.get("seeds"):
         raise ConfigError(
             f"Grid {GRID_DIR / name}.yaml needs 'variants' and 'seeds' (optional: select, eval_overrides, "
-            f"sweep, folds); unknown keys: {sorted(unknown)}."
+            f"train_overrides, sweep, folds); unknown keys: {sorted(unknown)}."
         )
     folds = spec.get("folds", 1)
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
         raise ConfigError(f"Grid '{name}': folds must be an integer >= 1, got {folds!r}.")
     select = spec.get("select") or {}
+    # Train overrides shared by every variant come first, so a variant can still override them.
+    common = tuple(str(o) for o in spec.get("train_overrides") or ())
     return Grid(
         name=name,
-        variants=tuple(_variants(name, spec)),
+        variants=tuple(replace(v, overrides=(*common, *v.overrides)) for v in _variants(name, spec)),
         seeds=tuple(int(s) for s in spec["seeds"]),
         eval_overrides=tuple(spec.get("eval_overrides") or ()),
         select_task=str(select.get("task", CONVERSION)),

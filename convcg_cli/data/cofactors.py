@@ -39,6 +39,14 @@ class CoFactors:
         return {f"{USER_PREFIX}{j}": self.user[:, j] for j in range(self.user.shape[1])}
 
 
+def item_factor_matrix(item_features: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The ``cofactor_item_*`` columns of an item feature dict as one (N, d) matrix, or None."""
+    names = sorted(
+        (n for n in item_features if n.startswith(ITEM_PREFIX)), key=lambda n: int(n[len(ITEM_PREFIX) :])
+    )
+    return np.stack([item_features[n] for n in names], axis=1) if names else None
+
+
 def engagement_matrix(
     user_pos: np.ndarray, item_pos: np.ndarray, n_users: int, n_items: int
 ) -> sp.csr_matrix:

@@ -104,6 +104,38 @@ class RetrievalModule(L.LightningModule):
         return terms.total
 
     @torch.no_grad()
+    def init_item_embeddings(self, factors: np.ndarray) -> int:
+        """Start every item-id table (the item tower's ``item_id``, the user tower's ``subject_item_id``
+        and the history encoder's items) from item factors (N, d), row i for item position i.
+
+        The first ``min(d, width)`` columns of rows 1..N (0 = missing/padding) get the factors scaled
+        to the table's own initial standard deviation, so the optimiser sees familiar magnitudes;
+        other columns keep their random start. Returns how many tables were initialised.
+        """
+        factors_t = torch.as_tensor(factors, dtype=torch.float32)
+        n, d = factors_t.shape
+        tables = [
+            e
+            for tower in (self.item_tower, self.user_tower)
+            for name, e in tower.embedder.embeddings.items()
+            if name in ("item_id", "subject_item_id")
+        ]
+        tables += [
+            m.item_embedding
+            for m in self.user_tower.embedder.sequence_encoders.values()
+            if hasattr(m, "item_embedding")
+        ]
+        for table in tables:
+            weight = table.weight
+            if weight.shape[0] != n + 1:
+                raise ValueError(f"an item table has {weight.shape[0]} rows for {n} items (+1 padding).")
+            width = min(d, weight.shape[1])
+            block = factors_t[:, :width]
+            scale = weight[1:, :width].std() / block.std().clamp_min(1e-12)
+            weight[1:, :width] = block * scale
+        return len(tables)
+
+    @torch.no_grad()
     def embed_queries(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Served query embedding (the conversion head for multi-head, the one head for unified)."""
         return self.user_tower.serve(features)
