@@ -75,6 +75,13 @@ class TrainHistory:
         return x
 
 
+# The datamodule options :func:`training_history` and the evaluation queries depend on (besides the
+# tasks): the logs, the split and whether the user history is read. Nothing else a run configures
+# (features, factors, batching, the model) changes a baseline, so runs differing only in those share
+# their baseline scores (``convcg_cli.evaluate``'s cache).
+BASELINE_DATA_OPTIONS = ("dir", "val_days", "heldout_days", "end_offset_days", "use_user_history")
+
+
 def training_history(dm) -> TrainHistory:
     """Training-window engagements of a set-up datamodule (re-read from its tables), plus the user
     history before the cut-off that the datamodule kept (``dm.history_pairs``; empty unless the run

@@ -19,7 +19,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from convcg_cli import tracking
-from convcg_cli.baselines import BASELINES, make_baseline, training_history
+from convcg_cli.baselines import BASELINE_DATA_OPTIONS, BASELINES, make_baseline, training_history
 from convcg_cli.builders import build_datamodule, build_model
 from convcg_cli.config import Composed
 from convcg_cli.errors import ConfigError, ConvcgError
@@ -35,11 +35,6 @@ HITS_FILE = "{split}_hits.npz"
 BASELINE_PREFIX = "baseline_"
 MODEL_RANKING = "model"
 PRIOR_WEIGHT_METRIC = "prior/beta"  # the popularity prior's weight chosen on validation
-# Data options that only change how training batches are drawn, not the evaluation queries or the
-# training window; runs differing only in these share their baseline metrics (see ``baseline_cache``).
-# The data layer is getting its own declaration of the options that leave the data unchanged; this
-# list is to be replaced by it.
-_TRAINING_ONLY_DATA_KEYS = ("seed", "batch_size", "eval_batch_size", "hard_negatives", "stream")
 
 
 @dataclass(frozen=True)
@@ -238,10 +233,9 @@ def _as_dict(node) -> dict[str, Any]:
 
 
 def _baseline_key(train_cfg, tasks: Sequence[str], cfg) -> str:
-    """What baseline metrics depend on: the data (minus batching options) and the evaluation options."""
-    data = _as_dict(train_cfg.data)
-    for key in _TRAINING_ONLY_DATA_KEYS:
-        data.pop(key, None)
+    """What baseline metrics depend on: the data options they read (``BASELINE_DATA_OPTIONS``), the
+    tasks and the evaluation options. Runs that differ only in model, loss or feature options share them."""
+    data = {k: v for k, v in _as_dict(train_cfg.data).items() if k in BASELINE_DATA_OPTIONS}
     options = _as_dict(cfg)
     evaluation = {
         k: options[k] for k in ("split", "ks", "by_surface", "baselines", "baseline_options", "bootstrap")
