@@ -252,11 +252,14 @@ class _ItemToItem(Baseline):
         chunk = max(1, _SCORE_CHUNK_CELLS // n_items)
         for start in range(0, len(user_pos), chunk):
             rows = user_pos[start : start + chunk]
-            scores = self.profiles[rows] @ self.weights  # (C, N), sparse or dense
-            scores = scores.toarray() if sp.issparse(scores) else np.asarray(scores)
-            ranked = topk_rows(scores[:, self.by_popularity], k)  # ids in popularity order
+            ranked = topk_rows(self._scores(rows)[:, self.by_popularity], k)  # ids in popularity order
             out[start : start + len(rows)] = self.by_popularity[ranked]
         return out
+
+    def _scores(self, rows: np.ndarray) -> np.ndarray:
+        """Dense (C, N) scores X_u W of a chunk of users."""
+        scores = self.profiles[rows] @ self.weights  # (C, N), sparse or dense
+        return scores.toarray() if sp.issparse(scores) else np.asarray(scores)
 
 
 class ItemCF(_ItemToItem):
@@ -394,20 +397,11 @@ class EASEPopularity(EASE):
             self.chosen_weight = self.weights_grid[int(np.argmax(recall))]  # first best on ties
         return self
 
-    def score_topk(self, user_pos: np.ndarray, k: int) -> np.ndarray:
-        """Top k of the blended scores per user, in chunks of users."""
-        user_pos = np.asarray(user_pos, dtype=np.int64)
-        n_items = self.profiles.shape[1]
-        out = np.empty((len(user_pos), min(k, n_items)), dtype=np.int64)
-        chunk = max(1, _SCORE_CHUNK_CELLS // n_items)
-        for start in range(0, len(user_pos), chunk):
-            rows = user_pos[start : start + chunk]
-            scores = np.asarray(self.profiles[rows] @ self.weights)  # (C, N)
-            scale = np.abs(scores).max(axis=1, keepdims=True)
-            scores = scores / np.where(scale > 0, scale, 1.0) + self.chosen_weight * self.prior[None, :]
-            ranked = topk_rows(scores[:, self.by_popularity], k)
-            out[start : start + len(rows)] = self.by_popularity[ranked]
-        return out
+    def _scores(self, rows: np.ndarray) -> np.ndarray:
+        """EASE's scores scaled to max |.| 1 per user, plus the weighted popularity prior."""
+        scores = super()._scores(rows)
+        scale = np.abs(scores).max(axis=1, keepdims=True)
+        return scores / np.where(scale > 0, scale, 1.0) + self.chosen_weight * self.prior[None, :]
 
 
 BASELINES: dict[str, type[Baseline]] = {cls.name: cls for cls in (MostPopular, ItemCF, EASE, EASEPopularity)}

@@ -219,6 +219,8 @@ def run_ablation(
 
     Every config is composed and checked before the parent run is created, so a typo in the grid
     fails at once and leaves no half-run grid behind.
+    Slightly over 60 lines: preflight, the parent run and the per-cell loop with its report rewrite
+    share the run's state; the per-cell work itself is ``_run_child``.
     """
     from convcg_cli.evaluate import evaluate
     from convcg_cli.train import train

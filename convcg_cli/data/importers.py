@@ -276,6 +276,9 @@ def map_impressions(frame: pl.DataFrame, spec: Mapping[str, Any], report: Import
     """The impressions table of the contract from a source log already read with the needed columns.
 
     Rows get deterministic ``impression_id`` s in time order (ties keep the source order).
+    One function on purpose (~120 lines): each signal's mapping (surface, clicks, conversions
+    without a click, saves, dwell, duplicates) reads and adjusts the same frame in a fixed order
+    and reports into the same ``ImportReport``; split up, the order would hide in the call sites.
     """
     allowed_surfaces = load_schemas()["impressions"].column("surface").allowed or ()
     n = frame.height

@@ -515,7 +515,11 @@ def _frames(
     rng: np.random.Generator,
     history: Mapping[str, np.ndarray],
 ) -> dict[str, pl.DataFrame]:
-    """Assemble the contract's frames, mapping internal indices to shuffled public ids."""
+    """Assemble the contract's frames, mapping internal indices to shuffled public ids.
+
+    One function (~80 lines) because every table must use the same id permutations, drawn here
+    first and in a fixed order (the draw order is what keeps a seed's tables unchanged).
+    """
     item_ids = _shuffled_ids(cfg.n_items, 1_000_000, rng)
     user_ids = _shuffled_ids(cfg.n_users, 50_000_000, rng)
     advertiser_ids = rng.permutation(cfg.n_advertisers).astype(np.int64)

@@ -64,6 +64,9 @@ def sampled_softmax_loss(
         >>> loss = sampled_softmax_loss(q, q, torch.arange(3), None, torch.ones(3, dtype=torch.bool), 1.0)
         >>> round(loss.item(), 4)
         0.5514
+
+    One function (~75 lines, most of it this docstring): the logits, the masks and the weighted
+    cross-entropy are one computation on the same (B, B + H) matrix.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
