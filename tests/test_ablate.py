@@ -295,3 +295,10 @@ def test_cli_runs_the_smoke_grid(home, tiny_overrides):
     assert (
         "| unified_parallel | design | 2 |" in report and "4 of 4 planned runs finished, 0 failed" in report
     )
+
+
+def test_grid_train_overrides_come_first_in_every_variant():
+    grid = ablate.load_grid("kuairand")
+    common = ("data.use_user_history=true", "data.cofactors.dim=64")
+    assert all(v.overrides[:2] == common for v in grid.variants)
+    assert {v.name for v in grid.variants} >= {"unified_parallel/engagement=1.0", "conversion_only"}
