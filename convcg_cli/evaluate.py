@@ -172,6 +172,13 @@ def _apply_prior(model, dm, query_emb, item_emb, options) -> tuple[np.ndarray, n
     """
     prior = log_prior(dm.items.performance["conversions"].to_numpy())
     val_query, val_item = dm.queries["val"].positives[PRIMARY_TASK]
+    if len(val_query) == 0:
+        lo, hi = dm.queries["val"].days
+        raise ConvcgError(
+            f"popularity_prior.betas needs validation conversions to choose beta, but the val split of "
+            f"{dm.dir}/impressions.parquet (days {lo}..{hi} since 1970-01-01) has 0; use "
+            "popularity_prior.betas=[] or more validation days (data.val_days)."
+        )
     beta, _ = choose_prior_weight(
         embed_split(model, dm, "val"),
         item_emb,
