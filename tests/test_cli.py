@@ -227,3 +227,23 @@ def test_eval_on_logs_with_another_corpus_is_a_clear_error(trained, tiny_data, t
     result = invoke("eval", "--run", "latest", f"data_dir={other}", "baselines=[]")
     assert result.exit_code == 2, result.output
     assert "does not fit the model rebuilt" in result.output and "Traceback" not in result.output
+
+
+def test_eval_with_the_popularity_prior_and_the_blend_baseline(trained):
+    import json
+
+    result = invoke(
+        "eval",
+        "--run",
+        "latest",
+        "--json",
+        "popularity_prior.betas=[0,0.1,0.5]",
+        "bootstrap.n_boot=0",
+        "baselines=[popularity,ease_popularity]",
+        "by_surface=false",
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output.strip().splitlines()[-1])
+    assert metrics["heldout/prior/beta"] in (0.0, 0.1, 0.5)
+    assert 0 <= metrics["heldout/baseline_ease_popularity/conversion/recall_at_100"] <= 1
+    assert 0 <= metrics["heldout/conversion/recall_at_100"] <= 1
