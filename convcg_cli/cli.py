@@ -141,6 +141,11 @@ def ablate(
     variants: str = typer.Option(
         None, "--variants", help="Comma-separated variant names or globs, e.g. 'unified_*,engagement_only'."
     ),
+    report_only: str = typer.Option(
+        None,
+        "--report-only",
+        help="A finished grid's MLflow parent run id: rewrite its report, train nothing.",
+    ),
 ) -> None:
     """Train + evaluate a grid of variants over seeds under one MLflow parent run; write reports/GRID/."""
     with user_errors():
@@ -152,7 +157,10 @@ def ablate(
         chosen = ablation.select(
             ablation.load_grid(grid), ablation.parse_seeds(seeds) if seeds else None, patterns
         )
-        result = ablation.run_ablation(chosen, overrides or [], patterns)
+        if report_only:
+            result = ablation.rewrite_report(chosen, report_only, overrides or [])
+        else:
+            result = ablation.run_ablation(chosen, overrides or [], patterns)
         out.print(f"Report: {result.report_dir / ablation.REPORT_FILE} (figure: {ablation.FIGURE_FILE})")
         out.print(f"MLflow parent run id: [bold]{result.parent_run_id}[/bold]")
         if result.n_failed:

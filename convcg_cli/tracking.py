@@ -225,11 +225,14 @@ def child_runs(logger_cfg: Mapping[str, Any], parent_run_id: str) -> list:
     )
 
 
+ERROR_TAG = "error"  # the one-line error of a FAILED run
+
+
 def mark_failed(mlflow_client, run_id: str, error: str) -> None:
     """Set a finished run to FAILED with the error text as a tag (e.g. its evaluation crashed)."""
     from mlflow.entities import RunStatus
 
-    mlflow_client.set_tag(run_id, "error", error[:MAX_PARAM_LENGTH])
+    mlflow_client.set_tag(run_id, ERROR_TAG, error[:MAX_PARAM_LENGTH])
     mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
 
 
@@ -243,6 +246,7 @@ def _terminate(mlflow_client, run_id: str, exc: BaseException | None) -> None:
         status = RunStatus.KILLED
     else:
         status = RunStatus.FAILED
+        mlflow_client.set_tag(run_id, ERROR_TAG, f"{type(exc).__name__}: {exc}"[:MAX_PARAM_LENGTH])
     mlflow_client.set_terminated(run_id, RunStatus.to_string(status))
 
 

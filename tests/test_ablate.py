@@ -250,6 +250,13 @@ def test_smoke_grid_end_to_end(home, tiny_overrides):
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
     assert {"report/report.md", "report/recall.png", "report/summary.json"} <= artifacts
 
+    # --report-only: the same report again from the runs alone, nothing trained
+    written = (result.report_dir / "report.md").read_text()
+    (result.report_dir / "report.md").unlink()
+    again = ablate.rewrite_report(grid, result.parent_run_id, tiny_overrides)
+    assert (again.report_dir / "report.md").read_text() == written
+    assert len(tracking.child_runs(compose("eval").cfg.logger, result.parent_run_id)) == 3
+
 
 def test_cli_routing_and_errors(home):
     help_text = runner.invoke(app, ["ablate", "--help"]).output

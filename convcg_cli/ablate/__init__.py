@@ -12,11 +12,12 @@ paired comparisons, markdown), :mod:`.figure` (``recall.png``).
 The parent run gets ``report.md`` (reproduce command, mean +- 95% t-interval across seeds per variant,
 the variant selected on validation and its paired bootstrap differences to every baseline per seed,
 failures), ``recall.png`` and ``summary.json``, also written to ``reports/<GRID>/``.
+``convcg ablate GRID --report-only PARENT_RUN_ID`` writes them again from the runs, training nothing.
 """
 
 from convcg_cli.ablate.figure import FIGURE_FILE
 from convcg_cli.ablate.grid import ChildResult, Grid, Variant, available_grids, load_grid, parse_seeds, select
-from convcg_cli.ablate.run import REPORT_FILE, AblationResult, run_ablation
+from convcg_cli.ablate.run import REPORT_FILE, AblationResult, rewrite_report, run_ablation
 
 __all__ = [
     "FIGURE_FILE",
@@ -28,6 +29,7 @@ __all__ = [
     "available_grids",
     "load_grid",
     "parse_seeds",
+    "rewrite_report",
     "run_ablation",
     "select",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -104,8 +104,24 @@ def summarize(
         rows.append(
             Row(variant.name, kind, len(done), failed, values, mean, low, high, t_interval(validation)[0])
         )
-    first = next((c for c in children if c.status == FINISHED), None)
-    return rows + (_fixed_baseline_rows(first, split, ks) if first else [])
+    return rows + _untrained_baseline_rows(children, split, ks)
+
+
+def _untrained_baseline_rows(children: list[ChildResult], split: str, ks: Sequence[int]) -> list[Row]:
+    """The untrained baselines' rows, once per distinct set of baseline figures: children that read
+    the same data share them; a grid whose variants read different data (with and without the user
+    history) gets one set per data, named after the first variant that saw it."""
+    prefix = f"{split}/{BASELINE_PREFIX}"
+    firsts: dict[tuple, ChildResult] = {}
+    for child in children:
+        if child.status == FINISHED:
+            signature = tuple(sorted((k, v) for k, v in child.metrics.items() if k.startswith(prefix)))
+            firsts.setdefault(signature, child)
+    rows = []
+    for child in firsts.values():
+        suffix = f" (data of {child.variant})" if len(firsts) > 1 else ""
+        rows += [replace(r, name=f"{r.name}{suffix}") for r in _fixed_baseline_rows(child, split, ks)]
+    return rows
 
 
 def _fixed_baseline_rows(child: ChildResult, split: str, ks: Sequence[int]) -> list[Row]:

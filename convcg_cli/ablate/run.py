@@ -265,6 +265,49 @@ def run_ablation(
     return AblationResult(parent.run_id, report_dir, children, summary)
 
 
+def rewrite_report(grid: Grid, parent_run_id: str, train_overrides: Sequence[str] = ()) -> AblationResult:
+    """Write ``reports/<GRID>/`` again from a finished grid's MLflow runs, training nothing.
+
+    Each child's figures, per-positive hits and kept-checkpoint validation figure are read back from
+    its run, so a report (e.g. after the report format changed, or from a grid stopped midway)
+    matches what the grid would have written; the parent run's command is kept.
+    """
+    from convcg_cli.evaluate import HITS_FILE, load_hits
+
+    shared = [o for o in train_overrides if o.lstrip("+~").split(".")[0].split("=")[0] in _SHARED_GROUPS]
+    eval_cfg = compose("eval", [*grid.eval_overrides, *shared]).cfg
+    logger_cfg, split = eval_cfg.logger, str(eval_cfg.split)
+    children = []
+    for run in tracking.child_runs(logger_cfg, parent_run_id):
+        tags, run_id = run.data.tags, run.info.run_id
+        name, seed, fold = tags.get("variant"), int(tags.get("seed", 0)), int(tags.get("fold", 0))
+        if run.info.status != FINISHED or f"{split}/conversion/recall_at_100" not in run.data.metrics:
+            children.append(
+                ChildResult(name, seed, run_id, FAILED, error=tags.get(tracking.ERROR_TAG), fold=fold)
+            )
+            continue
+        train_cfg = tracking.load_run_config(logger_cfg, run_id)
+        metrics = dict(run.data.metrics)
+        metrics[selection_metric(grid)] = validation_figure(train_cfg, run_id, selection_metric(grid))
+        hits_path = tracking.download_artifact(logger_cfg, run_id, f"eval/{HITS_FILE.format(split=split)}")
+        hits = load_hits(hits_path).get(grid.select_task)
+        data_dir = str(train_cfg.data.dir)
+        children.append(
+            ChildResult(name, seed, run_id, FINISHED, metrics, data_dir=data_dir, fold=fold, hits=hits)
+        )
+    parent = tracking.client(logger_cfg).get_run(parent_run_id)
+    context = {
+        "command": parent.data.tags.get("command", ""),
+        "parent_run_id": parent_run_id,
+        "tracking_uri": str(logger_cfg.tracking_uri),
+        "split": split,
+    }
+    report_dir = Path(eval_cfg.paths.root_dir) / "reports" / grid.name
+    summary = ReportWriter(grid, eval_cfg, report_dir, context).write(children)
+    plot_recall(summary.rows[0], [int(k) for k in eval_cfg.ks], report_dir / FIGURE_FILE)
+    return AblationResult(parent_run_id, report_dir, children, summary)
+
+
 def _run_child(grid: Grid, cell: Cell, composed, eval_composed, train_fn, evaluate_fn, cache) -> ChildResult:
     """Train and evaluate one cell; any error is recorded, not raised (Ctrl-C still stops the grid)."""
     run_id, data_dir = None, str(composed.cfg.data.dir)

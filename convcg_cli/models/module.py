@@ -114,19 +114,19 @@ class RetrievalModule(L.LightningModule):
         """
         factors_t = torch.as_tensor(factors, dtype=torch.float32)
         n, d = factors_t.shape
-        tables = [
+        tables: list[torch.nn.Module] = [
             e
             for tower in (self.item_tower, self.user_tower)
             for name, e in tower.embedder.embeddings.items()
             if name in ("item_id", "subject_item_id")
         ]
         tables += [
-            m.item_embedding
+            cast(torch.nn.Module, m.item_embedding)
             for m in self.user_tower.embedder.sequence_encoders.values()
             if hasattr(m, "item_embedding")
         ]
         for table in tables:
-            weight = table.weight
+            weight = cast(torch.Tensor, table.weight)
             if weight.shape[0] != n + 1:
                 raise ValueError(f"an item table has {weight.shape[0]} rows for {n} items (+1 padding).")
             width = min(d, weight.shape[1])
