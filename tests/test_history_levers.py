@@ -42,7 +42,9 @@ def test_init_needs_the_factors(tiny_data):
         _built(tiny_data, "model.init_item_embeddings_from_cofactors=true")
 
 
-@pytest.mark.parametrize("experiment", ["cofactors", "cofactor_init", "history_examples", "prelog_sequence"])
+@pytest.mark.parametrize(
+    "experiment", ["cofactors", "cofactor_init", "history_examples", "history_all", "prelog_sequence"]
+)
 def test_history_lever_experiments_take_a_training_step(tiny_data, experiment):
     cfg = compose("train", [f"data.dir={tiny_data}", *SMALL, f"+experiment=ablation/{experiment}"]).cfg
     dm = build_datamodule(cfg, TASKS, stage="fit")
