@@ -325,14 +325,29 @@ def _check_has_conversions(dm, split: str) -> None:
         )
 
 
-def _load_trained_model(train_cfg, dm, logger_cfg, run_id: str):
-    """The run's model rebuilt from its config, with its checkpoint's weights, in eval mode."""
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint as plain data: ``torch.load(weights_only=True)`` unpickles tensors,
+    containers and numbers only, so a tampered checkpoint cannot run code. Anything else in it is a
+    ConvcgError naming the file, not a traceback."""
+    import pickle
+
     import torch
 
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConvcgError(
+            f"The checkpoint {path} is not plain weights (tensors, numbers, containers): {first}. "
+            "convcg loads checkpoints as data only, so one that holds other objects is refused; "
+            "retrain the run."
+        ) from None
+
+
+def _load_trained_model(train_cfg, dm, logger_cfg, run_id: str):
+    """The run's model rebuilt from its config, with its checkpoint's weights, in eval mode."""
     model = build_model(train_cfg, dm)
-    state = torch.load(
-        tracking.download_checkpoint(logger_cfg, run_id), map_location="cpu", weights_only=False
-    )
+    state = read_checkpoint(tracking.download_checkpoint(logger_cfg, run_id))
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as exc:  # shapes differ: the code or the data changed since training
