@@ -9,8 +9,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from convcg_cli.errors import ConfigError, ConvcgError
+from convcg_cli.resources import resource_dir
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = resource_dir("conf")
 
 
 def _register_resolvers() -> None:

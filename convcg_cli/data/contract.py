@@ -20,8 +20,9 @@ import polars as pl
 import yaml
 
 from convcg_cli.errors import ConfigError
+from convcg_cli.resources import resource_dir
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "data_schemas"
+SCHEMA_DIR = resource_dir("data_schemas")
 
 # dtype names a schema may use; kept small on purpose so every check below knows how to handle them.
 DTYPES: dict[str, pl.DataType] = {
