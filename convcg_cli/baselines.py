@@ -32,6 +32,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from convcg_cli.errors import ConfigError
+from convcg_cli.metrics.prior import log_prior
 from convcg_cli.metrics.retrieval import popularity_topk
 
 # Users scored at a time: bounds the dense (users x items) score block to about 4M cells.
@@ -384,8 +385,7 @@ class EASEPopularity(EASE):
         """Fit EASE, then choose the popularity weight on the validation conversions."""
         super().fit(history)
         counts = history.conversions if history.conversions is not None else history.popularity
-        log_pop = np.log1p(np.maximum(np.asarray(counts, dtype=np.float64), 0.0))
-        self.prior = log_pop / max(log_pop.max(), 1e-12)
+        self.prior = log_prior(counts)  # the same prior as the model's (convcg eval popularity_prior)
         self.chosen_weight = self.weights_grid[0]
         if history.validation is not None and len(history.validation[0]):
             users, items = history.validation
@@ -393,6 +393,7 @@ class EASEPopularity(EASE):
             for w in self.weights_grid:
                 self.chosen_weight = w
                 topk = self.query_topk(users, self.select_k)
+                # share of validation conversion rows whose item is in the user's top k
                 recall.append(float((topk == items[:, None]).any(axis=1).mean()))
             self.chosen_weight = self.weights_grid[int(np.argmax(recall))]  # first best on ties
         return self

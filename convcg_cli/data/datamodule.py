@@ -229,11 +229,19 @@ class DataModuleBase(L.LightningDataModule):
             )
 
     def _build_corpus(
-        self, items: pl.DataFrame, users: pl.DataFrame, train: pl.DataFrame | pl.LazyFrame
+        self,
+        items: pl.DataFrame,
+        users: pl.DataFrame,
+        train: pl.DataFrame | pl.LazyFrame,
+        user_history: pl.DataFrame,
+        train_pairs: pl.DataFrame,
     ) -> None:
-        """The item corpus (performance features from the training window ``train``) and the users."""
+        """The item corpus (performance features from the training window ``train``) and the users,
+        with what the user history before the cut-off adds (``_add_pre_cutoff_context``); the item
+        spec and tensors are made once, from the finished table."""
         self.items = F.build_item_table(items, train, self.item_columns)
         self.users = F.build_user_table(users, self.user_columns)
+        self._add_pre_cutoff_context(user_history, train_pairs)
         self.item_spec = self.items.spec
         self.item_features = _to_torch(self.items.features)
 
@@ -261,8 +269,7 @@ class DataModuleBase(L.LightningDataModule):
             engagement_matrix(user_pos, item_pos, len(users), len(items)), self.cofactor_dim
         )
         self.items.features.update(factors.item_features())
-        self.items.spec = self.item_spec = F.spec_of(self.items.features)
-        self.item_features = _to_torch(self.items.features)
+        self.items.spec = F.spec_of(self.items.features)
         self.users.features.update(factors.user_features())
 
     def _history_events(self, impressions: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame | None:
@@ -332,10 +339,10 @@ class InMemoryDataModule(DataModuleBase):
         tables = load_tables(self.dir)
         split = F.split_by_time(tables["impressions"], self.val_days, self.heldout_days, self.end_offset_days)
         self.split_days = split.days
-        self._build_corpus(tables["items"], tables["users"], split.train)
         train = F.engaged_rows(split.train, self.tasks)
         self._require_engaged_training_rows(train.height)
-        self._add_pre_cutoff_context(tables["user_history"], train.select("user_id", "item_id"))
+        pairs = train.select("user_id", "item_id")
+        self._build_corpus(tables["items"], tables["users"], split.train, tables["user_history"], pairs)
         if self.history_examples_per_user > 0:
             extra = as_training_rows(
                 self.pre_cutoff_history, train, self.history_examples_surface, self.history_examples_per_user
@@ -433,13 +440,14 @@ class StreamedDataModule(DataModuleBase):
         }
         F.check_split_rows(self.n_rows, self.split_days)
         train = lazy.filter(F.in_days(self.split_days["train"]))
-        self._build_corpus(small["items"], small["users"], train)
         is_engaged = engaged(self.tasks)
         self._require_engaged_training_rows(
             int(train.select(is_engaged.sum()).collect(engine="streaming").item())
         )
-        pairs = train.filter(is_engaged).select("user_id", "item_id").unique().collect(engine="streaming")
-        self._add_pre_cutoff_context(small["user_history"], pairs)  # O(distinct engaged pairs)
+        # The co-engagement factors read the distinct engaged (user, item) pairs: O(pairs), only when on.
+        pairs = train.filter(is_engaged).select("user_id", "item_id").unique()
+        pairs = pairs.collect(engine="streaming") if self.cofactor_dim else pairs.head(0).collect()
+        self._build_corpus(small["items"], small["users"], train, small["user_history"], pairs)
         self._build_query_inputs(self._history_events(lazy))  # O(engagements): 4 integers each
         self.user_spec = F.build_query_features(train.head(1).collect(), self.inputs).spec
         self._build_queries(

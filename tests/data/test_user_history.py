@@ -162,3 +162,20 @@ def test_cofactors_recover_a_planted_block_structure():
     assert np.all(f.item[never] == 0)
     g = fit_cofactors(engagement_matrix(users, items, 40, 20), dim=2, seed=0)
     np.testing.assert_array_equal(f.item, g.item)  # deterministic for a seed
+
+
+def test_streamed_path_gets_the_same_history_features(tmp_path, tiny_dir):
+    from convcg_cli.data.datamodule import InMemoryDataModule, StreamedDataModule
+
+    kw = {"tasks": TASKS, "use_user_history": True, "cofactors": {"dim": 8}}
+    memory = InMemoryDataModule(str(tiny_dir), **kw)
+    memory.setup("validate")
+    streamed = StreamedDataModule(
+        str(tiny_dir), stream={"chunk_rows": 40_000, "cache_dir": str(tmp_path)}, **kw
+    )
+    streamed.setup("validate")
+    for name, values in memory.items.features.items():
+        np.testing.assert_allclose(streamed.items.features[name], values, atol=1e-5, err_msg=name)
+    assert memory.item_spec == streamed.item_spec and memory.user_spec == streamed.user_spec
+    for x, y in zip(memory.history_pairs, streamed.history_pairs, strict=True):
+        np.testing.assert_array_equal(x, y)
