@@ -16,7 +16,7 @@ from convcg_cli.metrics.retrieval import exact_topk, recall_at_k
 
 
 def log_prior(counts: np.ndarray) -> np.ndarray:
-    """``log1p(counts)`` scaled to a maximum of 1 (all zeros stay zeros), float32.
+    """``log1p(counts)`` scaled to a maximum of 1 (all zeros stay zeros), float64 (the index casts).
 
     Example:
         >>> log_prior(np.array([0, 1, 3])).round(3).tolist()
@@ -24,7 +24,7 @@ def log_prior(counts: np.ndarray) -> np.ndarray:
     """
     x = np.log1p(np.maximum(np.asarray(counts, dtype=np.float64), 0.0))
     top = x.max(initial=0.0)
-    return (x / top if top > 0 else x).astype(np.float32)
+    return x / top if top > 0 else x
 
 
 def with_item_prior(
