@@ -445,8 +445,8 @@ class StreamedDataModule(DataModuleBase):
             int(train.select(is_engaged.sum()).collect(engine="streaming").item())
         )
         # The co-engagement factors read the distinct engaged (user, item) pairs: O(pairs), only when on.
-        pairs = train.filter(is_engaged).select("user_id", "item_id").unique()
-        pairs = pairs.collect(engine="streaming") if self.cofactor_dim else pairs.head(0).collect()
+        lazy_pairs = train.filter(is_engaged).select("user_id", "item_id").unique()
+        pairs = lazy_pairs.collect(engine="streaming") if self.cofactor_dim else lazy_pairs.head(0).collect()
         self._build_corpus(small["items"], small["users"], train, small["user_history"], pairs)
         self._build_query_inputs(self._history_events(lazy))  # O(engagements): 4 integers each
         self.user_spec = F.build_query_features(train.head(1).collect(), self.inputs).spec
