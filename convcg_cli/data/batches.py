@@ -22,6 +22,7 @@ from torch.utils.data import IterableDataset
 
 from convcg_cli import distributed_env
 from convcg_cli.data import features as F
+from convcg_cli.data.cofactors import leave_target_out
 from convcg_cli.errors import ConfigError
 from convcg_cli.tasks import engaged
 
@@ -65,9 +66,13 @@ def assemble_batch(
     item_features: Mapping[str, torch.Tensor],
     item_log_q: torch.Tensor,
     hard_pos: torch.Tensor | None = None,
+    profile_shares: Mapping[str, torch.Tensor] | None = None,
 ) -> dict:
     """One training batch from its rows' query features, task weights and item positions (and hard
-    negative positions, -1 = padding): item features and logQ come from the corpus by position."""
+    negative positions, -1 = padding): item features and logQ come from the corpus by position.
+    With ``profile_shares`` the user profiles leave out each row's own item (``leave_target_out``)."""
+    if profile_shares is not None:
+        user = leave_target_out(user, item_pos, profile_shares)
     out = {
         "user": user,
         "item": {k: v[item_pos] for k, v in item_features.items()},
@@ -131,11 +136,12 @@ class ShuffledBatches(IterableDataset):
         batch_size: int,
         seed: int,
         hard_negatives: HardNegativeSampler | None = None,
+        profile_shares: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.user, self.item_pos, self.weights = user, item_pos, weights
         self.item_features, self.item_log_q = item_features, item_log_q
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
-        self.hard_negatives = hard_negatives
+        self.hard_negatives, self.profile_shares = hard_negatives, profile_shares
 
     @property
     def n_examples(self) -> int:
@@ -161,6 +167,7 @@ class ShuffledBatches(IterableDataset):
             self.item_features,
             self.item_log_q,
             hard,
+            self.profile_shares,
         )
 
     def __iter__(self) -> Iterator[dict]:
@@ -220,10 +227,11 @@ class ShardedBatches(IterableDataset):
         batch_size: int,
         seed: int,
         hard_negatives: int = 0,
+        profile_shares: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.index, self.item_features, self.item_log_q = index, item_features, item_log_q
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
-        self.hard_negatives = hard_negatives
+        self.hard_negatives, self.profile_shares = hard_negatives, profile_shares
         if hard_negatives and not index.has_hard_negatives:
             raise ConfigError("data.hard_negatives > 0 needs shards written with hard negative pools.")
 
@@ -272,6 +280,7 @@ class ShardedBatches(IterableDataset):
             self.item_features,
             self.item_log_q,
             cols["hard_pos"][idx] if "hard_pos" in cols else None,
+            self.profile_shares,
         )
 
     def __iter__(self) -> Iterator[dict]:

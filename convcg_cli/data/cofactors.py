@@ -13,10 +13,12 @@ The SVD is scipy's (``scipy.sparse.linalg.svds``, ARPACK with a seeded start vec
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 from scipy.sparse.linalg import svds
 
 ITEM_PREFIX = "cofactor_item_"
@@ -25,10 +27,14 @@ USER_PREFIX = "cofactor_user_"
 
 @dataclass(frozen=True)
 class CoFactors:
-    """Item factors (N, d) and user profiles (U, d), each column standardised over its rows."""
+    """Item factors (N, d) and user profiles (U, d), each column standardised over its rows, and each
+    item's share of a user profile (N, d): a profile is linear in the user's row of the matrix, so
+    ``user[u] - profile_share[i]`` is exactly the profile ``u`` would have without its engagement
+    with ``i`` (see ``leave_target_out``)."""
 
     item: np.ndarray
     user: np.ndarray
+    profile_share: np.ndarray
 
     def item_features(self) -> dict[str, np.ndarray]:
         """Numeric item-tower features ``cofactor_item_0..d-1`` (float32, corpus order)."""
@@ -37,6 +43,38 @@ class CoFactors:
     def user_features(self) -> dict[str, np.ndarray]:
         """Numeric user features ``cofactor_user_0..d-1`` (float32, user-table order)."""
         return {f"{USER_PREFIX}{j}": self.user[:, j] for j in range(self.user.shape[1])}
+
+    def profile_shares(self) -> dict[str, np.ndarray]:
+        """Per user feature ``cofactor_user_j``: each item's share of it (float32, corpus order)."""
+        return {f"{USER_PREFIX}{j}": self.profile_share[:, j] for j in range(self.profile_share.shape[1])}
+
+
+def leave_target_out(
+    user: Mapping[str, torch.Tensor], item_pos: torch.Tensor, shares: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The user profiles of training examples without the example's own item.
+
+    Every training example's (user, item) is in the matrix the factors are fitted to, so its user
+    profile holds a share of the very item it is trained to retrieve; a held-out positive never is in
+    it (the matrix ends at the training cut-off). Subtracting the share makes training see profiles as
+    evaluation does (EASE's zero diagonal and ItemCF without self-similarity avoid the same leak).
+
+    Args:
+        user: query features {name: (B,)}; the ``cofactor_user_*`` ones are adjusted, the rest kept.
+        item_pos: (B,) corpus positions of the examples' items.
+        shares: {``cofactor_user_j``: (N,)} from ``CoFactors.profile_shares``.
+
+    Example:
+        >>> out = leave_target_out(
+        ...     {"cofactor_user_0": torch.tensor([1.0, 1.0]), "age": torch.tensor([3.0, 4.0])},
+        ...     torch.tensor([0, 1]), {"cofactor_user_0": torch.tensor([0.25, 0.5])})
+        >>> out["cofactor_user_0"].tolist(), out["age"].tolist()
+        ([0.75, 0.5], [3.0, 4.0])
+    """
+    out = dict(user)
+    for name, share in shares.items():
+        out[name] = user[name] - share[item_pos]  # (B,)
+    return out
 
 
 def item_factor_matrix(item_features: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -63,9 +101,11 @@ def engagement_matrix(
     return x
 
 
-def _standardised(x: np.ndarray) -> np.ndarray:
+def _standardised(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` standardised per column (float32), and the divisor used (std, 1 where it is 0)."""
     std = x.std(axis=0)
-    return ((x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)).astype(np.float32)
+    divisor = np.where(std > 0, std, 1.0)
+    return ((x - x.mean(axis=0)) / divisor).astype(np.float32), divisor
 
 
 def fit_cofactors(matrix: sp.csr_matrix, dim: int, item_exponent: float = 0.5, seed: int = 0) -> CoFactors:
@@ -100,7 +140,10 @@ def fit_cofactors(matrix: sp.csr_matrix, dim: int, item_exponent: float = 0.5, s
     sign = np.sign(vt[np.arange(k), np.abs(vt).argmax(axis=1)])
     u, vt = u * sign, vt * sign[:, None]
     root = np.sqrt(s)
-    item, user = _standardised(vt.T * root), _standardised(u * root)
+    (item, _), (user, user_divisor) = _standardised(vt.T * root), _standardised(u * root)
     item[counts == 0] = 0.0  # never engaged: "no information"
     user[np.asarray(matrix.sum(axis=1)).ravel() == 0] = 0.0
-    return CoFactors(item=item, user=user)
+    # U sqrt(S) = X D^-a V S^-1/2: one engagement with item i adds scale_i V_i S^-1/2 to the profile
+    # (the matrix is binary), in standardised units divided by the column's divisor.
+    share = (scale[:, None] * vt.T / root / user_divisor).astype(np.float32)  # (N, k)
+    return CoFactors(item=item, user=user, profile_share=share)

@@ -123,10 +123,11 @@ class DataModuleBase(L.LightningDataModule):
         use_user_history: read the optional ``user_history`` table (events outside the log, typically
             before it) up to the training cut-off (the first validation day); the co-engagement
             factors, the history sequence, the history examples and the baselines then see it.
-        cofactors: {"dim": d, "item_exponent": a}: d > 0 adds a d-dimensional truncated SVD of the
-            (user x item) engagement matrix (training window + user history; item columns divided
-            by their count^a) as numeric item and user features (``convcg_cli.data.cofactors``).
-            0 = off.
+        cofactors: {"dim": d, "item_exponent": a, "leave_target_out": b}: d > 0 adds a d-dimensional
+            truncated SVD of the (user x item) engagement matrix (training window + user history;
+            item columns divided by their count^a) as numeric item and user features
+            (``convcg_cli.data.cofactors``). 0 = off. b: each training example's user profile leaves
+            out the example's own item (as a held-out positive is never in it).
         history_examples: {"max_per_user": N, "surface": S}: N > 0 adds each user's last N
             ``user_history`` events before the cut-off as training examples (engaged rows on surface
             S; conversions are conversion positives). Needs ``use_user_history``; in memory only.
@@ -191,6 +192,8 @@ class DataModuleBase(L.LightningDataModule):
         self.use_user_history = bool(use_user_history)
         self.cofactor_dim = int((cofactors or {}).get("dim", 0))
         self.cofactor_item_exponent = float((cofactors or {}).get("item_exponent", 0.5))
+        self.cofactor_leave_target_out = bool((cofactors or {}).get("leave_target_out", False))
+        self.profile_shares: dict[str, torch.Tensor] | None = None
         if self.cofactor_dim < 0:
             raise ConfigError(f"data.cofactors.dim must be >= 0 (0 = off), got {self.cofactor_dim}.")
         examples = dict(history_examples or {})
@@ -266,11 +269,15 @@ class DataModuleBase(L.LightningDataModule):
             [F.positions(items, train_pairs["item_id"].to_numpy()), self.history_pairs[1]]
         )
         factors = fit_cofactors(
-            engagement_matrix(user_pos, item_pos, len(users), len(items)), self.cofactor_dim
+            engagement_matrix(user_pos, item_pos, len(users), len(items)),
+            self.cofactor_dim,
+            item_exponent=self.cofactor_item_exponent,
         )
         self.items.features.update(factors.item_features())
         self.items.spec = F.spec_of(self.items.features)
         self.users.features.update(factors.user_features())
+        if self.cofactor_leave_target_out:
+            self.profile_shares = _to_torch(factors.profile_shares())
 
     def _history_events(self, impressions: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame | None:
         """The engagement events of the kept days (none after the held-out days), when history is on;
@@ -365,6 +372,7 @@ class InMemoryDataModule(DataModuleBase):
             batch_size=self.batch_size,
             seed=self.seed,
             hard_negatives=sampler,
+            profile_shares=self.profile_shares,
         )
         self._build_queries({"val": split.val, "heldout": split.heldout})
         self.n_rows = {
@@ -484,6 +492,7 @@ class StreamedDataModule(DataModuleBase):
             batch_size=self.batch_size,
             seed=self.seed,
             hard_negatives=self.hard_negatives,
+            profile_shares=self.profile_shares,
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from convcg_cli.data.cofactors import ITEM_PREFIX, USER_PREFIX, engagement_matrix, fit_cofactors
 from convcg_cli.data.datamodule import ImpressionDataModule
@@ -89,7 +90,8 @@ def test_history_as_training_rows_match_the_impression_columns(tiny_tables):
 
 
 def _dm(data_dir, **kw) -> ImpressionDataModule:
-    dm = ImpressionDataModule(str(data_dir), tasks=TASKS, use_user_history=True, cofactors={"dim": 8}, **kw)
+    kw.setdefault("cofactors", {"dim": 8})
+    dm = ImpressionDataModule(str(data_dir), tasks=TASKS, use_user_history=True, **kw)
     dm.setup()
     return dm
 
@@ -179,3 +181,39 @@ def test_streamed_path_gets_the_same_history_features(tmp_path, tiny_dir):
     assert memory.item_spec == streamed.item_spec and memory.user_spec == streamed.user_spec
     for x, y in zip(memory.history_pairs, streamed.history_pairs, strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_profile_share_is_exactly_the_items_part_of_a_profile():
+    """A profile minus an item's share equals the profile of the same row without that item,
+    projected with the fitted factors (the profile is linear in the user's row)."""
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(0, 30, 400), rng.integers(0, 25, 400)
+    x = engagement_matrix(users, items, 30, 25)
+    f = fit_cofactors(x, dim=4, seed=0)
+    dense = x.toarray()
+    u = int(np.argmax(dense.sum(axis=1)))
+    engaged = np.flatnonzero(dense[u])
+    i = int(engaged[0])
+    # project rows through the profile map p(row) = (row @ share - mean) with the same mean:
+    # share @ row reproduces every engaged user's profile up to one constant offset per column
+    offset = f.user[u] - dense[u] @ f.profile_share
+    other = int(np.flatnonzero(dense.sum(axis=1) > 0)[-1])
+    np.testing.assert_allclose(f.user[other] - dense[other] @ f.profile_share, offset, atol=1e-4)
+    without = dense[u].copy()
+    without[i] = 0.0
+    np.testing.assert_allclose(f.user[u] - f.profile_share[i], without @ f.profile_share + offset, atol=1e-4)
+    assert np.all(f.profile_share[dense.sum(axis=0) == 0] == 0)  # never-engaged items have no share
+
+
+def test_leave_target_out_removes_each_examples_item_from_its_profile(tiny_dir):
+    plain = _dm(tiny_dir)
+    loo = _dm(tiny_dir, cofactors={"dim": 8, "leave_target_out": True})
+    assert plain.profile_shares is None and loo.profile_shares is not None
+    idx = torch.arange(64)
+    a, b = plain.train_set.batch(idx), loo.train_set.batch(idx)
+    np.testing.assert_array_equal(a["item_pos"], b["item_pos"])
+    name = f"{USER_PREFIX}0"
+    expected = a["user"][name] - loo.profile_shares[name][a["item_pos"]]
+    torch.testing.assert_close(b["user"][name], expected)
+    assert not torch.equal(a["user"][name], b["user"][name])
+    torch.testing.assert_close(a["user"]["user_id"], b["user"]["user_id"])
