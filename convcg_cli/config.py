@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from convcg_cli.errors import ConfigError, ConvcgError
+from convcg_cli.options import check_numeric_options
 from convcg_cli.resources import resource_dir
 
 CONF_DIR = resource_dir("conf")
@@ -76,7 +77,8 @@ def compose(config_name: str, overrides: list[str] | None = None) -> Composed:
     """Compose ``conf/<config_name>.yaml`` with Hydra command-line style overrides and resolve it.
 
     Raises ConfigError with Hydra's message (plus a hint) for an unknown key, a missing group option,
-    ``experiment=`` without ``+``, or a value that does not resolve.
+    ``experiment=`` without ``+``, or a value that does not resolve; and for a numeric option outside
+    its range (``convcg_cli.options.NUMERIC_OPTIONS``).
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -104,6 +106,7 @@ def compose(config_name: str, overrides: list[str] | None = None) -> Composed:
                 f"{_hint(message, overrides, config_name)}"
             ) from None
     OmegaConf.set_struct(cfg, True)
+    check_numeric_options(cfg)
     return Composed(cfg=cfg, choices=choices, overrides=overrides)
 
 
