@@ -253,3 +253,105 @@ def test_eval_on_an_empty_home_creates_nothing(tmp_path, monkeypatch):
     result = runner.invoke(app, ["eval", "--run", "latest"])
     assert result.exit_code == 2 and "No MLflow store" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+# --- real processes: signals from outside, SIGKILL, concurrent first use ---------------------------
+
+OPEN_STORE = """
+from convcg_cli import tracking
+from convcg_cli.config import compose
+logger_cfg = compose("eval").cfg.logger
+with tracking.open_run(logger_cfg, "concurrent", {}) as run:
+    tracking.log_metrics(run.client, run.run_id, {"opened": 1.0})
+"""
+
+
+def _start_training(home: Path, overrides: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "CONVCG_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "convcg_cli", "train", *overrides],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for_first_epoch(home: Path, proc: subprocess.Popen, timeout: float = 120.0):
+    """The run once its first validation metric is logged (its last.ckpt is written just after)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        if (home / "mlflow.db").exists():
+            runs = runs_in(home)
+            if (
+                runs
+                and "val/conversion/recall_at_100" in store(home).get_run(runs[0].info.run_id).data.metrics
+            ):
+                time.sleep(1.0)
+                return runs[0]
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("training did not finish an epoch in time")
+
+
+ENDLESS = ["trainer.max_epochs=100000"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_from_outside_ends_the_process_with_its_code(home, tiny_overrides, signum, code):
+    proc = _start_training(home, [*tiny_overrides, *ENDLESS])
+    run = _wait_for_first_epoch(home, proc)
+    proc.send_signal(signum)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == code, output
+    info = store(home).get_run(run.info.run_id)
+    assert info.info.status == "KILLED"
+    assert "val/conversion/recall_at_100" in info.data.metrics
+    assert tracking.RESUME_CHECKPOINT_ARTIFACT in artifacts(home, run.info.run_id)
+
+
+@pytest.mark.slow
+def test_a_sigkilled_run_is_marked_killed_by_the_next_command_and_never_picked(home, tiny_overrides):
+    proc = _start_training(home, [*tiny_overrides, *ENDLESS])
+    run = _wait_for_first_epoch(home, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert store(home).get_run(run.info.run_id).info.status == "RUNNING"  # nobody closed it
+    result = runner.invoke(app, ["eval", "--run", "latest"])
+    assert result.exit_code == 2 and "No finished run" in result.output
+    info = store(home).get_run(run.info.run_id)
+    assert info.info.status == "KILLED"
+    assert f"pid {proc.pid}" in info.data.tags[tracking.ERROR_TAG]
+    last = home / "outputs" / "runs" / run.info.run_id / "last.ckpt"
+    assert last.exists()  # what `convcg train --resume` continues from on this host
+
+
+def _open_stores_at_once(home: Path, n: int) -> list[subprocess.CompletedProcess]:
+    env = {**os.environ, "CONVCG_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_STORE],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(n)
+    ]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), p.communicate()[0]) for p in procs]
+
+
+@pytest.mark.parametrize(
+    "trial", [pytest.param(t, marks=[] if t == 0 else [pytest.mark.slow]) for t in range(5)]
+)
+def test_processes_starting_together_on_a_fresh_home_share_one_intact_store(tmp_path, trial):
+    home = tmp_path / "home"
+    done = _open_stores_at_once(home, 4)
+    assert [p.returncode for p in done] == [0] * 4, "\n".join(p.stdout for p in done)
+    runs = runs_in(home)
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    assert all(r.data.metrics == {"opened": 1.0} for r in runs)
