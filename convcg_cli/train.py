@@ -95,10 +95,13 @@ def resume(composed: Composed, run_id: str) -> TrainResult:
     from its ``checkpoints/last.ckpt`` artifact (logged when it was interrupted) or, on the host
     that trained it, from ``outputs/runs/<run_id>/last.ckpt`` (a run whose process was killed).
     """
-    tracking.check_resumable(composed.cfg.logger, run_id)
+    if tracking.is_global_zero():  # ranks > 0 start once rank 0 has reopened the run (RUNNING)
+        tracking.check_resumable(composed.cfg.logger, run_id)
     cfg = tracking.load_run_config(composed.cfg.logger, run_id)
     checkpoint = _last_checkpoint(cfg, run_id)
     dm, model = _build(cfg)
+    if not tracking.is_global_zero():
+        return _fit(cfg, model, dm, logger=False, run_id=None, ckpt_path=checkpoint)
     with StopOnSignals() as stop, tracking.reopened_run(cfg, run_id) as run:
         stop.run_id = run_id
         result = _fit_and_log(cfg, model, dm, run, ckpt_path=checkpoint)
