@@ -53,6 +53,10 @@ test: $(STAMP) ## Run the fast test suite: -m "not slow", about 75 s on 2 idle c
 test-all: $(STAMP) ## Run every test: the fast suite plus the slow ones (full trainings, DDP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+.PHONY: faults
+faults: $(STAMP) ## Run the fault-injection tests (marker faults, slow ones included; ~5 min): README "Reliability"
+	$(BIN)/python -m pytest -m faults -q $(PYTEST_ARGS)
+
 lint: $(STAMP) ## ruff lint + format check
 	$(BIN)/ruff check convcg_cli tests
 	$(BIN)/ruff format --check convcg_cli tests

@@ -90,16 +90,34 @@ def data_import(
 
 
 @app.command(context_settings={"ignore_unknown_options": True})
-def train(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)) -> None:
-    """Train a model from conf/train.yaml plus OVERRIDES; prints the MLflow run id."""
+def train(
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+    resume: str = typer.Option(
+        None,
+        "--resume",
+        help="Continue this KILLED or FAILED run from its last finished epoch, with its saved config "
+        "(no overrides), in the same MLflow run.",
+    ),
+) -> None:
+    """Train a model from conf/train.yaml plus OVERRIDES; prints the MLflow run id.
+
+    SIGINT/SIGTERM end the run KILLED (exit 130/143) keeping its last finished epoch; continue it
+    with --resume RUN_ID.
+    """
     with user_errors():
         from convcg_cli import tracking
         from convcg_cli.config import compose
+        from convcg_cli.train import resume as resume_training
         from convcg_cli.train import train as run_training
 
         tracking.quiet()
+        if resume and overrides:
+            raise ConfigError(
+                f"--resume continues run {resume} with its own saved config; overrides {overrides} "
+                "would make it another run. Drop them, or start a new run without --resume."
+            )
         composed = compose("train", overrides)
-        result = run_training(composed)
+        result = resume_training(composed, resume) if resume else run_training(composed)
         if not tracking.is_global_zero():  # DDP ranks > 0: rank 0 reports the one run
             return
         _print_metrics(f"Validation (last epoch) of run {result.run_id}", result.metrics)

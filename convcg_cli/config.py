@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from convcg_cli.errors import ConfigError, ConvcgError
+from convcg_cli.options import check_numeric_options
 from convcg_cli.resources import resource_dir
 
 CONF_DIR = resource_dir("conf")
@@ -76,7 +77,8 @@ def compose(config_name: str, overrides: list[str] | None = None) -> Composed:
     """Compose ``conf/<config_name>.yaml`` with Hydra command-line style overrides and resolve it.
 
     Raises ConfigError with Hydra's message (plus a hint) for an unknown key, a missing group option,
-    ``experiment=`` without ``+``, or a value that does not resolve.
+    ``experiment=`` without ``+``, or a value that does not resolve; and for a numeric option outside
+    its range (``convcg_cli.options.NUMERIC_OPTIONS``).
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -104,6 +106,7 @@ def compose(config_name: str, overrides: list[str] | None = None) -> Composed:
                 f"{_hint(message, overrides, config_name)}"
             ) from None
     OmegaConf.set_struct(cfg, True)
+    check_numeric_options(cfg)
     return Composed(cfg=cfg, choices=choices, overrides=overrides)
 
 
@@ -126,3 +129,40 @@ def instantiate(node, **kwargs):
             target = node.get("_target_", "?") if hasattr(node, "get") else "?"
             raise ConfigError(f"The config for {target} was rejected: {cause}") from None
         raise
+
+
+# Modules whose classes a run's saved config may name as ``_target_``. A saved config is read back
+# from the tracking store (possibly a shared server), so it is data to check, not code to trust.
+TRUSTED_TARGET_PREFIXES = ("convcg_cli.", "torch.optim.", "torch.nn.", "lightning.")
+
+
+def _targets(node, path: str = "") -> list[tuple[str, str]]:
+    """``(dotted key, value)`` of every ``_target_`` in a config tree."""
+    from omegaconf import ListConfig
+
+    out: list[tuple[str, str]] = []
+    if isinstance(node, DictConfig):
+        for key, value in node.items():
+            where = f"{path}.{key!s}" if path else str(key)
+            out += [(where, str(value))] if key == "_target_" else _targets(value, where)
+    elif isinstance(node, ListConfig):
+        for i, value in enumerate(node):
+            out += _targets(value, f"{path}[{i}]")
+    return out
+
+
+def check_trusted_targets(cfg: DictConfig, source: str) -> None:
+    """ConfigError when a ``_target_`` in ``cfg`` is outside ``TRUSTED_TARGET_PREFIXES``.
+
+    Args:
+        cfg: a config read back from outside this process (a run's saved ``resolved.yaml``).
+        source: what it is, for the message (e.g. ``the saved config of run 3f2a...``).
+    """
+    bad = [(key, target) for key, target in _targets(cfg) if not target.startswith(TRUSTED_TARGET_PREFIXES)]
+    if bad:
+        listed = ", ".join(f"{key}={target!r}" for key, target in bad)
+        raise ConfigError(
+            f"Refusing {source}: {listed} is not a class convcg builds (allowed module prefixes: "
+            f"{', '.join(TRUSTED_TARGET_PREFIXES)}). The run's config was edited outside convcg; it is "
+            "not instantiated."
+        )

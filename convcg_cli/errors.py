@@ -46,3 +46,18 @@ def user_errors() -> Iterator[None]:
 
         Console(stderr=True, soft_wrap=True).print(f"[bold red]Error:[/bold red] {exc}", highlight=False)
         raise typer.Exit(exc.exit_code) from None
+
+
+class TrainingDivergedError(ConvcgError):
+    """The loss or a gradient went non-finite (NaN or inf): training stopped at that step."""
+
+    exit_code = 1
+
+
+class RunInterruptedError(ConvcgError):
+    """Training was stopped by a signal (SIGINT, SIGTERM); exits 128 + the signal number, as a shell
+    reports a process killed by it (130, 143)."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum

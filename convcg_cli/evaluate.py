@@ -269,6 +269,7 @@ def evaluate(
     if unknown:
         raise ConfigError(f"Unknown baseline(s) {unknown}; known: {sorted(BASELINES)}.")
     run_id = tracking.resolve_run(cfg.logger, run)
+    checkpoint = tracking.download_checkpoint(cfg.logger, run_id)  # before the baselines: fail fast
     train_cfg = tracking.load_run_config(cfg.logger, run_id)
     if cfg.data_dir:
         train_cfg.data.dir = str(cfg.data_dir)
@@ -286,7 +287,7 @@ def evaluate(
         if baseline_cache is not None:
             baseline_cache[key] = baselines
 
-    model = _load_trained_model(train_cfg, dm, cfg.logger, run_id)
+    model = _load_trained_model(train_cfg, dm, checkpoint, run_id)
     query_emb, item_emb = embed_split(model, dm, cfg.split), model.embed_items(dm.item_features)
     metrics: dict[str, float] = {}
     if cfg.popularity_prior.betas:
@@ -344,10 +345,10 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def _load_trained_model(train_cfg, dm, logger_cfg, run_id: str):
-    """The run's model rebuilt from its config, with its checkpoint's weights, in eval mode."""
+def _load_trained_model(train_cfg, dm, checkpoint: Path, run_id: str):
+    """The run's model rebuilt from its config, with the weights of ``checkpoint``, in eval mode."""
     model = build_model(train_cfg, dm)
-    state = read_checkpoint(tracking.download_checkpoint(logger_cfg, run_id))
+    state = read_checkpoint(checkpoint)
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as exc:  # shapes differ: the code or the data changed since training

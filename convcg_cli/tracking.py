@@ -6,8 +6,10 @@ FAILED on an exception, KILLED on Ctrl-C; whatever was logged before a crash sta
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -17,6 +19,7 @@ from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
+from convcg_cli.config import check_trusted_targets
 from convcg_cli.errors import RunNotFoundError
 
 CONFIG_ARTIFACT = "config/resolved.yaml"
@@ -48,11 +51,47 @@ def ui_command(tracking_uri: str) -> str:
     return f".venv/bin/mlflow ui --backend-store-uri {tracking_uri}"
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI; None for a server or another store."""
+    prefix = "sqlite:///"
+    return Path(tracking_uri[len(prefix) :]) if tracking_uri.startswith(prefix) else None
+
+
+@functools.cache
+def _prepare_store(tracking_uri: str) -> None:
+    """Create and migrate a sqlite store once, under an exclusive lock on ``<db>.lock`` beside it.
+
+    MLflow creates its tables on first use with alembic migrations that are not safe to run twice at
+    once: processes starting together on a fresh home would die mid-migration and could leave the
+    store half-migrated for good. Behind the lock the first process migrates and the others find
+    the tables made. Done once per process and URI.
+    """
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+
+
+def store_exists(logger_cfg: Mapping[str, Any]) -> bool:
+    """False when ``logger.tracking_uri`` is a sqlite file that does not exist yet (nothing trained)."""
+    db = sqlite_path(str(logger_cfg["tracking_uri"]))
+    return db is None or db.exists()
+
+
 def client(logger_cfg: Mapping[str, Any]):
-    """An MlflowClient for ``logger.tracking_uri``."""
+    """An MlflowClient for ``logger.tracking_uri``; a sqlite store is created and migrated first,
+    once, under a file lock (:func:`_prepare_store`)."""
     from mlflow.tracking import MlflowClient
 
     quiet()
+    _prepare_store(str(logger_cfg["tracking_uri"]))
     return MlflowClient(tracking_uri=str(logger_cfg["tracking_uri"]))
 
 
@@ -62,9 +101,17 @@ def experiment_id(mlflow_client, logger_cfg: Mapping[str, Any]) -> str:
     exp = mlflow_client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    from mlflow.exceptions import MlflowException
+
     location = logger_cfg.get("artifact_location")
     uri = Path(str(location)).resolve().as_uri() if location and "://" not in str(location) else location
-    return mlflow_client.create_experiment(name, artifact_location=uri)
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=uri)
+    except MlflowException:  # another process created it between the lookup and here
+        exp = mlflow_client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -169,6 +216,22 @@ def log_checkpoint(run: TrackedRun, checkpoint: Path) -> None:
     set_tags(run, {CHECKPOINT_TAG: "yes"})
 
 
+RESUME_CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/last.ckpt"  # a KILLED run's last epoch-end state
+
+
+@contextmanager
+def keep_resume_point(run: TrackedRun, last_checkpoint: Path) -> Iterator[None]:
+    """When the body is interrupted (Ctrl-C, SIGTERM), log ``last_checkpoint`` (Lightning's
+    ``save_last``: the state at the end of the last finished epoch) as the run's
+    ``RESUME_CHECKPOINT_ARTIFACT``, so ``convcg train --resume`` can continue it from any host."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        if last_checkpoint.exists():
+            log_file(run, last_checkpoint, CHECKPOINT_DIR)
+        raise
+
+
 def lineage_tags(logger_cfg: Mapping[str, Any]) -> dict[str, str]:
     """Tags a run inherits from its logger config: ``parent_run_id`` (nests it under that run in the
     MLflow UI) and any ``run_tags``. ``convcg ablate`` sets both on each child's config."""
@@ -178,13 +241,54 @@ def lineage_tags(logger_cfg: Mapping[str, Any]) -> dict[str, str]:
     return tags
 
 
+HOST_TAG, PID_TAG = "convcg.host", "convcg.pid"  # the process that holds a RUNNING run open
+
+
+def process_tags() -> dict[str, str]:
+    """Host and pid of this process, set on every run it opens, so that a later command on the same
+    host can tell a run whose process died (SIGKILL, out of memory, power loss) from a live one."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def mark_dead_runs(mlflow_client, experiment_ids: list[str]) -> list[str]:
+    """End KILLED, with an ``error`` tag, every RUNNING run opened on this host by a process that is
+    gone; returns their ids. Runs of other hosts cannot be checked from here and are left alone."""
+    from mlflow.entities import RunStatus
+
+    host = socket.gethostname()
+    running = mlflow_client.search_runs(
+        experiment_ids, filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
+    )
+    dead = [r for r in running if not _process_alive(int(r.data.tags.get(PID_TAG, "0") or 0))]
+    for run in dead:
+        pid = run.data.tags.get(PID_TAG)
+        mlflow_client.set_tag(
+            run.info.run_id,
+            ERROR_TAG,
+            f"Its process (pid {pid} on {host}) ended without closing the run (SIGKILL, out of memory "
+            "or power loss); marked KILLED by the next convcg command.",
+        )
+        mlflow_client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+    return [r.info.run_id for r in dead]
+
+
 @contextmanager
 def open_run(logger_cfg: Mapping[str, Any], run_name: str, tags: Mapping[str, str]) -> Iterator[TrackedRun]:
     """Open a plain run (no Lightning logger) in ``logger.experiment_name``; close it FINISHED,
     FAILED (an exception escaped, e.g. a benchmark step crashed) or KILLED (Ctrl-C)."""
     mlflow_client = client(logger_cfg)
     run = mlflow_client.create_run(
-        experiment_id(mlflow_client, logger_cfg), tags=dict(tags), run_name=run_name
+        experiment_id(mlflow_client, logger_cfg), tags={**tags, **process_tags()}, run_name=run_name
     )
     run_id = run.info.run_id
     with terminate_with_status(mlflow_client, run_id):
@@ -269,6 +373,8 @@ def tracked_run(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str
     exp = experiment_id(mlflow_client, cfg.logger)
     tags = {**choice_tags(choices), "seed": str(cfg.seed), "mlflow.source.name": "convcg train"}
     tags.update(lineage_tags(cfg.logger))
+    tags.update(process_tags())
+    mark_dead_runs(mlflow_client, [exp])
     run = mlflow_client.create_run(
         exp, tags=tags, run_name=cfg.logger.get("run_name") or tags.get("experiment")
     )
@@ -287,13 +393,24 @@ def tracked_run(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str
 
 
 def resolve_run(logger_cfg: Mapping[str, Any], run: str) -> str:
-    """A run id, or for ``latest`` the newest finished run of the experiment that has a checkpoint."""
+    """A run id, or for ``latest`` the newest finished run of the experiment that has a checkpoint.
+
+    RunNotFoundError when the store does not exist (it is not created by looking). RUNNING runs of
+    dead processes on this host are marked KILLED first (:func:`mark_dead_runs`).
+    """
     from mlflow.exceptions import MlflowException
 
-    mlflow_client = client(logger_cfg)
     where = f"experiment '{logger_cfg['experiment_name']}' at {logger_cfg['tracking_uri']}"
+    if not store_exists(logger_cfg):  # looking must not create an empty store
+        raise RunNotFoundError(
+            f"No MLflow store at {logger_cfg['tracking_uri']}: nothing was trained here "
+            "yet (set CONVCG_HOME to the home you trained in, or train with 'convcg train')."
+        )
+    mlflow_client = client(logger_cfg)
+    exp = mlflow_client.get_experiment_by_name(str(logger_cfg["experiment_name"]))
+    if exp is not None:
+        mark_dead_runs(mlflow_client, [exp.experiment_id])
     if run == "latest":
-        exp = mlflow_client.get_experiment_by_name(str(logger_cfg["experiment_name"]))
         runs = (
             []
             if exp is None
@@ -324,7 +441,8 @@ def resolve_run(logger_cfg: Mapping[str, Any], run: str) -> str:
 
 
 def load_run_config(logger_cfg: Mapping[str, Any], run_id: str) -> DictConfig:
-    """The resolved training config saved with the run."""
+    """The resolved training config saved with the run; its ``_target_`` values must be on the
+    allow-list (``config.check_trusted_targets``): a run's artifacts are data, not code."""
     from mlflow.artifacts import download_artifacts
 
     path = download_artifacts(
@@ -332,18 +450,74 @@ def load_run_config(logger_cfg: Mapping[str, Any], run_id: str) -> DictConfig:
     )
     cfg = OmegaConf.load(path)
     assert isinstance(cfg, DictConfig)
+    check_trusted_targets(cfg, f"the saved config of run {run_id}")
     return cfg
 
 
-def download_checkpoint(logger_cfg: Mapping[str, Any], run_id: str) -> Path:
-    """Local path of the run's checkpoint artifact."""
+def download_checkpoint(
+    logger_cfg: Mapping[str, Any], run_id: str, artifact: str = CHECKPOINT_ARTIFACT
+) -> Path:
+    """Local path of the run's checkpoint artifact; RunNotFoundError when it is gone."""
     from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
 
-    return Path(
-        download_artifacts(
-            run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, tracking_uri=str(logger_cfg["tracking_uri"])
+    try:
+        return Path(
+            download_artifacts(
+                run_id=run_id, artifact_path=artifact, tracking_uri=str(logger_cfg["tracking_uri"])
+            )
         )
-    )
+    except (MlflowException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunNotFoundError(
+            f"The checkpoint artifact '{artifact}' of run {run_id} could not be read ({first}); it was "
+            "deleted or moved. Retrain the run."
+        ) from None
+
+
+def has_artifact(logger_cfg: Mapping[str, Any], run_id: str, artifact: str) -> bool:
+    """Whether the run lists the artifact file ``artifact`` (e.g. ``checkpoints/last.ckpt``)."""
+    listed = client(logger_cfg).list_artifacts(run_id, str(Path(artifact).parent))
+    return any(f.path == artifact for f in listed)
+
+
+RESUMABLE = ("KILLED", "FAILED")
+
+
+def check_resumable(logger_cfg: Mapping[str, Any], run_id: str) -> None:
+    """RunNotFoundError unless the run exists and ended KILLED or FAILED (RUNNING runs of dead
+    processes on this host are marked KILLED first, so a run is never resumed twice at once)."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(logger_cfg)
+    try:
+        info = mlflow_client.get_run(run_id).info
+    except MlflowException:
+        raise RunNotFoundError(f"Run '{run_id}' was not found at {logger_cfg['tracking_uri']}.") from None
+    if info.status == "RUNNING":
+        mark_dead_runs(mlflow_client, [info.experiment_id])
+        info = mlflow_client.get_run(run_id).info
+    if info.status not in RESUMABLE:
+        raise RunNotFoundError(
+            f"Run {run_id} is {info.status}; only a {' or '.join(RESUMABLE)} run can be resumed"
+            + (" (it is still open in a live process)." if info.status == "RUNNING" else ".")
+        )
+
+
+@contextmanager
+def reopened_run(cfg: DictConfig, run_id: str) -> Iterator[TrackedRun]:
+    """Reopen a KILLED or FAILED run (``check_resumable``) as RUNNING in this process; close it
+    with the right status as :func:`tracked_run` does. Its params and config stay as logged."""
+    from mlflow.entities import RunStatus
+
+    mlflow_client = client(cfg.logger)
+    mlflow_client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    for key, value in process_tags().items():
+        mlflow_client.set_tag(run_id, key, value)
+    if ERROR_TAG in mlflow_client.get_run(run_id).data.tags:
+        mlflow_client.delete_tag(run_id, ERROR_TAG)
+    with terminate_with_status(mlflow_client, run_id):
+        yield TrackedRun(run_id, mlflow_client, _lightning_logger(cfg.logger, run_id))
 
 
 def log_arrays(mlflow_client, run_id: str, arrays: Mapping[str, Any], artifact_file: str) -> None:

@@ -9,8 +9,11 @@ from pathlib import Path
 from convcg_cli import tracking
 from convcg_cli.builders import build_datamodule, build_model  # also imported from here (bench, tests)
 from convcg_cli.config import Composed, instantiate
-from convcg_cli.errors import ConfigError
+from convcg_cli.errors import ConfigError, RunNotFoundError
+from convcg_cli.interrupts import StopOnSignals
 from convcg_cli.tasks import check_task_names
+
+LAST_CHECKPOINT = "last.ckpt"  # Lightning's save_last file: the state after the last finished epoch
 
 
 @dataclass(frozen=True)
@@ -50,22 +53,27 @@ def _callbacks(cfg, checkpoint_dir: Path) -> list:
     return callbacks
 
 
-def train(composed: Composed) -> TrainResult:
-    """Train one model as ``composed.cfg`` says and return its MLflow run id and checkpoint.
-
-    Data are validated before any MLflow run is created, so bad input leaves no empty run behind.
-    """
+def _build(cfg):
+    """Check the tasks, seed everything and build ``(datamodule, model)`` as ``cfg`` says."""
     import lightning as L
 
     # Expected here: our batches come from an in-process IterableDataset of known length.
     warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
-    cfg = composed.cfg
     tasks = check_task_names(cfg.loss.task_weights.keys())
     check_served_embedding_is_trained(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg, tasks)
-    model = build_model(cfg, dm)
+    return dm, build_model(cfg, dm)
+
+
+def train(composed: Composed) -> TrainResult:
+    """Train one model as ``composed.cfg`` says and return its MLflow run id and checkpoint.
+
+    Data are validated before any MLflow run is created, so bad input leaves no empty run behind.
+    """
+    cfg = composed.cfg
+    dm, model = _build(cfg)
 
     if not tracking.is_global_zero():
         # Rank > 0 of a multi-process launch (Lightning's DDP launcher re-runs this very command;
@@ -73,30 +81,81 @@ def train(composed: Composed) -> TrainResult:
         # only trains its shard and learns the run id from rank 0.
         return _fit(cfg, model, dm, logger=False, run_id=None)
 
-    with tracking.tracked_run(cfg, composed.choices, composed.overrides) as run:
+    with StopOnSignals() as stop, tracking.tracked_run(cfg, composed.choices, composed.overrides) as run:
+        stop.run_id = run.run_id
         tracking.log_metrics(run.client, run.run_id, {f"data/{k}_rows": v for k, v in dm.n_rows.items()})
-        result = _fit(cfg, model, dm, logger=run.logger, run_id=run.run_id)
-        tracking.log_checkpoint(run, result.checkpoint)
+        result = _fit_and_log(cfg, model, dm, run)
     return result
 
 
-def _fit(cfg, model, dm, logger, run_id: str | None) -> TrainResult:
-    """``trainer.fit`` and the checkpoint to keep; every rank of a DDP launch runs this.
+def resume(composed: Composed, run_id: str) -> TrainResult:
+    """Continue a KILLED or FAILED run from its last finished epoch, in the same MLflow run.
+
+    The run's own saved config is used (``composed`` only says where the store is); the state comes
+    from its ``checkpoints/last.ckpt`` artifact (logged when it was interrupted) or, on the host
+    that trained it, from ``outputs/runs/<run_id>/last.ckpt`` (a run whose process was killed).
+    """
+    if tracking.is_global_zero():  # ranks > 0 start once rank 0 has reopened the run (RUNNING)
+        tracking.check_resumable(composed.cfg.logger, run_id)
+    cfg = tracking.load_run_config(composed.cfg.logger, run_id)
+    checkpoint = _last_checkpoint(cfg, run_id)
+    dm, model = _build(cfg)
+    if not tracking.is_global_zero():
+        return _fit(cfg, model, dm, logger=False, run_id=None, ckpt_path=checkpoint)
+    with StopOnSignals() as stop, tracking.reopened_run(cfg, run_id) as run:
+        stop.run_id = run_id
+        result = _fit_and_log(cfg, model, dm, run, ckpt_path=checkpoint)
+    return result
+
+
+def _last_checkpoint(cfg, run_id: str) -> Path:
+    """The state ``resume`` continues from: the logged resume artifact, else the local ``last.ckpt``."""
+    if tracking.has_artifact(cfg.logger, run_id, tracking.RESUME_CHECKPOINT_ARTIFACT):
+        return tracking.download_checkpoint(cfg.logger, run_id, tracking.RESUME_CHECKPOINT_ARTIFACT)
+    local = _checkpoint_dir(cfg, run_id) / LAST_CHECKPOINT
+    if local.exists():
+        return local
+    raise RunNotFoundError(
+        f"Run {run_id} has no last-epoch checkpoint (no {tracking.RESUME_CHECKPOINT_ARTIFACT} artifact, "
+        f"no {local}): it stopped before its first epoch ended. Train it anew with 'convcg train'."
+    )
+
+
+def _fit_and_log(cfg, model, dm, run: tracking.TrackedRun, ckpt_path: Path | None = None) -> TrainResult:
+    """Fit in ``run`` (from ``ckpt_path`` when resuming) and log the checkpoint to serve; an
+    interrupted fit logs its last finished epoch's state instead, to resume from."""
+    with tracking.keep_resume_point(run, _checkpoint_dir(cfg, run.run_id) / LAST_CHECKPOINT):
+        result = _fit(cfg, model, dm, logger=run.logger, run_id=run.run_id, ckpt_path=ckpt_path)
+    tracking.log_checkpoint(run, result.checkpoint)
+    return result
+
+
+def _checkpoint_dir(cfg, run_id: str | None) -> Path:
+    """``outputs/runs/<run_id>``: where a run's checkpoints are written (``outputs/runs`` before the
+    run id is known, on DDP ranks > 0)."""
+    runs_dir = Path(cfg.paths.output_dir) / "runs"
+    return runs_dir / run_id if run_id else runs_dir
+
+
+def _fit(cfg, model, dm, logger, run_id: str | None, ckpt_path: Path | None = None) -> TrainResult:
+    """``trainer.fit`` (from ``ckpt_path`` when resuming) and the checkpoint to keep; every rank of a
+    DDP launch runs this.
 
     ``run_id`` is None on ranks > 0: they get rank 0's once ``fit`` has set up the process group
     (ModelCheckpoint likewise takes rank 0's directory). Only rank 0 writes checkpoints.
     """
     runs_dir = Path(cfg.paths.output_dir) / "runs"
-    checkpoint_dir = runs_dir / run_id if run_id else runs_dir
+    checkpoint_dir = _checkpoint_dir(cfg, run_id)
     callbacks = _callbacks(cfg, checkpoint_dir)
     trainer = instantiate(
         cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(checkpoint_dir)
     )
-    trainer.fit(model, datamodule=dm)
+    resume_from = {"ckpt_path": str(ckpt_path), "weights_only": True} if ckpt_path else {}
+    trainer.fit(model, datamodule=dm, **resume_from)
     run_id = trainer.strategy.broadcast(run_id)
     best = next((Path(cb.best_model_path) for cb in trainer.checkpoint_callbacks if cb.best_model_path), None)
     if best is None:  # no validation epoch ran (e.g. limit_val_batches=0): keep the final weights
-        best = runs_dir / run_id / "last.ckpt"
+        best = runs_dir / run_id / LAST_CHECKPOINT
         trainer.save_checkpoint(best)  # a barrier: every rank calls it, rank 0 writes
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     return TrainResult(run_id, best, metrics)

@@ -318,6 +318,16 @@ class DataModuleBase(L.LightningDataModule):
             for name, frame in frames.items()
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs besides the weights: the training batches' epoch counter, so the
+        epoch after a checkpoint draws its own batch order (``seed + epoch``), not the first epoch's."""
+        return {"train_epoch": self.train_set.epoch} if self.train_set is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (Lightning calls it after ``setup`` when fit resumes)."""
+        if self.train_set is not None and "train_epoch" in state_dict:
+            self.train_set.epoch = int(state_dict["train_epoch"])
+
     def train_dataloader(self) -> DataLoader:
         """The training batches (``setup('fit')`` builds them)."""
         if self.train_set is None:

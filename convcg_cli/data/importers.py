@@ -240,6 +240,47 @@ def read_table(
 # --------------------------------------------------------------------------------------------------
 
 
+def _sample(values: pl.Series, n: int = 5) -> str:
+    """Up to ``n`` distinct values of ``values``, for an error message."""
+    return repr(values.unique(maintain_order=True).head(n).to_list())
+
+
+def check_signal_columns(
+    frame: pl.DataFrame, flags: Mapping[str, str], ids: Mapping[str, str], what: str
+) -> None:
+    """ConvcgError unless every flag column is Boolean or 0/1 (nulls allowed: they count as false)
+    and every id column holds integers; the message names each column with a sample of bad values.
+
+    Args:
+        frame: a source table as read (``read_table``).
+        flags, ids: column -> what it was mapped as (e.g. ``a 0/1 clicked flag (impressions.clicked)``);
+            columns absent from ``frame`` are skipped (optional signals).
+        what: the table, for the message (e.g. ``the impressions log``).
+    """
+    problems = []
+    for column, meaning in flags.items():
+        if column not in frame.columns or frame[column].dtype == pl.Boolean:
+            continue
+        values = frame[column].drop_nulls()
+        bad = values if not values.dtype.is_numeric() else values.filter(~values.is_in([0, 1]))
+        if len(bad):
+            problems.append(
+                f"column '{column}' ({meaning}) must be Boolean or 0/1, but {len(bad):,} of "
+                f"{frame.height:,} rows hold other values, e.g. {_sample(bad)}"
+            )
+    for column, meaning in ids.items():
+        if column in frame.columns and not frame[column].dtype.is_integer():
+            problems.append(
+                f"column '{column}' ({meaning}) must hold integers, but it is {frame[column].dtype}, "
+                f"e.g. {_sample(frame[column].drop_nulls())}; map the ids to integers before importing"
+            )
+    if problems:
+        raise ConvcgError(
+            f"{what[0].upper()}{what[1:]} breaks the importer's signal rules: {'; '.join(problems)}. "
+            "Fix the source columns or the importer mapping."
+        )
+
+
 def _any_true(columns: Sequence[str]) -> pl.Expr:
     """OR of 0/1 or Boolean columns; nulls count as false."""
     if not columns:
@@ -543,6 +584,9 @@ def _signal_columns(imp: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
     return required, optional
 
 
+SIGNALS = ("clicked", "converted", "saved")  # flag columns of the impressions log, OR-ed per signal
+
+
 def map_tables(
     mapping: Mapping[str, Any], in_dir: str | Path, report: ImportReport
 ) -> dict[str, pl.DataFrame]:
@@ -552,6 +596,9 @@ def map_tables(
     imp, items, users = mapping["impressions"], mapping["items"], mapping["users"]
     required, optional = _signal_columns(imp)
     log = read_table(in_dir, _columns(imp["files"]), required, optional, "the impressions log")
+    flags = {c: f"a 0/1 {sig} flag (impressions.{sig})" for sig in SIGNALS for c in _columns(imp.get(sig))}
+    ids = {imp["user"]: "the user id (impressions.user)", imp["item"]: "the item id (impressions.item)"}
+    check_signal_columns(log, flags, ids, "the impressions log")
     tables = {"impressions": map_impressions(log, imp, report)}
 
     for table, spec, key in (("items", items, "item"), ("users", users, "user")):
@@ -562,6 +609,7 @@ def map_tables(
         frame = read_table(
             in_dir, [spec["file"]], wanted, [adv] if adv else [], f"the {table} table ({table}.file)"
         )
+        check_signal_columns(frame, {}, {spec[key]: f"the {key} id ({table}.{key})"}, f"the {table} table")
         tables[table] = map_entities(frame, spec, table, key, report)
 
     hist = mapping.get("user_history")
@@ -582,6 +630,9 @@ def map_tables(
             wanted,
             [last_time] if last_time else [],
             "the user history (user_history.file)",
+        )
+        check_signal_columns(
+            history, {}, {hist["user"]: "the user id (user_history.user)"}, "the user history"
         )
         tables["users"] = join_user_history(tables["users"], history, hist)
         if lists:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from convcg_cli.models.balancing import GRAD_COSINE_METRIC, last_linear_weight, task_gradient_cosine
+from convcg_cli.models.guards import check_finite_gradients, check_finite_loss
 from convcg_cli.models.losses import MultiTaskSampledSoftmax
 from convcg_cli.models.towers import FeatureSpec, Tower
 from convcg_cli.tasks import PRIMARY_TASK
@@ -93,6 +94,7 @@ class RetrievalModule(L.LightningModule):
             b, h = batch["hard_pos"].shape
             hard = {t: e.view(b, h, -1) for t, e in self.item_tower(batch["hard_item"]).items()}
         terms = self.loss.terms(user, item, batch, hard=hard, shared=self.last_shared_layers())
+        check_finite_loss(self.global_step, terms.total, terms.logs)
         bs = len(batch["item_pos"])
         if self.interference_every_n_steps and self.global_step % self.interference_every_n_steps == 0:
             # Task-interference monitor: one extra backward per task, every N steps.
@@ -166,6 +168,10 @@ class RetrievalModule(L.LightningModule):
             query_emb, item_emb, queries, self.val_ks, split="val", tasks=self.tasks, n_queries=len(query_emb)
         )
         self.log_dict(report, prog_bar=False)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop at a non-finite gradient before the optimiser spreads it into every weight."""
+        check_finite_gradients(self.global_step, self.named_parameters())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # A learned balancer's own weights get their own group: no weight decay, lr scaled.

@@ -274,6 +274,30 @@ def test_a_mapping_file_path_works_as_source(sample_dir, tmp_path):
     assert "Disabled levers: user_history." in text
 
 
+@pytest.mark.faults
+def test_a_count_column_mapped_as_clicked_is_refused_with_a_sample(sample_dir, tmp_path):
+    mapping = load_mapping("kuairand")
+    mapping["impressions"]["clicked"] = ["play_time_ms"]
+    path = tmp_path / "counts.yaml"
+    path.write_text(yaml.safe_dump(mapping))
+    result, text = _invoke("--source", str(path), "--in", str(sample_dir), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    assert "column 'play_time_ms' (a 0/1 clicked flag (impressions.clicked)) must be Boolean or 0/1" in text
+    assert "e.g. [35000," in text
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.faults
+def test_a_string_item_id_is_refused_with_a_sample(sample_dir, tmp_path):
+    path = sample_dir / "processed" / "splits_val.parquet"
+    frame = pl.read_parquet(path)
+    frame.with_columns(("v" + pl.col("video_id").cast(pl.String)).alias("video_id")).write_parquet(path)
+    result, text = _invoke("--source", "kuairand", "--in", str(sample_dir), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    assert "column 'video_id' (the item id (impressions.item)) must hold integers, but it is String" in text
+    assert "e.g. ['v" in text and "Traceback" not in text
+
+
 # --------------------------------------------------------------------------------------------------
 # The real data set
 # --------------------------------------------------------------------------------------------------
