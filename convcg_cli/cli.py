@@ -27,6 +27,22 @@ app.add_typer(data_app, name="data")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
+
+@app.callback()
+def main_options(
+    config_dir: Path = typer.Option(
+        None,
+        "--config-dir",
+        help="Compose configs from this copy of conf/ instead of the shipped one (or set CONVCG_CONFIG_DIR).",
+    ),
+) -> None:
+    """Options shared by every command."""
+    if config_dir is not None:
+        import os
+
+        os.environ["CONVCG_CONFIG_DIR"] = str(config_dir.expanduser().resolve())
+
+
 OVERRIDES_HELP = (
     "Hydra overrides, e.g. +experiment=unified_parallel trainer.max_epochs=2 loss.task_weights.engagement=0.3"
 )
