@@ -147,6 +147,53 @@ def eval_(
         out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
 
 
+LOGGER_OVERRIDES_HELP = "Overrides of conf/eval.yaml's logger/paths, e.g. logger.tracking_uri=sqlite:///x.db"
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def export(
+    run: str = typer.Option("latest", "--run", help="MLflow run id to export, or 'latest'."),
+    index: str = typer.Option(None, "--index", help="exact or ivf (default: the run's serve.index)."),
+    nlist: int = typer.Option(None, "--nlist", help="IVF cells (default: the run's serve.nlist)."),
+    nprobe: int = typer.Option(None, "--nprobe", help="IVF cells probed per query (serve.nprobe)."),
+    overrides: list[str] = typer.Argument(None, help=LOGGER_OVERRIDES_HELP),
+) -> None:
+    """Log a trained run's servable MLflow model (runs:/ID/model); convcg train does it for new runs."""
+    with user_errors():
+        from convcg_cli import tracking
+        from convcg_cli.config import compose
+        from convcg_cli.serve.export import export_run
+
+        tracking.quiet()
+        composed = compose("eval", overrides)
+        result = export_run(composed.cfg.logger, run, {"index": index, "nlist": nlist, "nprobe": nprobe})
+        for name, value in result.overlap.items():
+            out.print(f"{name}: {value:.4f}")
+        out.print(f"Logged model: [bold]{result.model_uri}[/bold] (index: {result.index})")
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def register(
+    run: str = typer.Option(..., "--run", help="MLflow run id whose model (runs:/ID/model) to register."),
+    name: str = typer.Option(..., "--name", help="Registered model name, e.g. convcg-candidates."),
+    alias: str = typer.Option(None, "--alias", help="Point this alias (e.g. champion) at the new version."),
+    overrides: list[str] = typer.Argument(None, help=LOGGER_OVERRIDES_HELP),
+) -> None:
+    """Register a run's model as a new version of NAME in the MLflow model registry."""
+    with user_errors():
+        from convcg_cli import tracking
+        from convcg_cli.config import compose
+        from convcg_cli.serve.export import register as register_model
+
+        tracking.quiet()
+        composed = compose("eval", overrides)
+        version = register_model(
+            composed.cfg.logger, f"runs:/{run}/{tracking.SERVED_MODEL_NAME}", name, alias
+        )
+        target = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
+        out.print(f"Registered {name} version {version}: [bold]{target}[/bold]")
+
+
 @app.command(context_settings={"ignore_unknown_options": True})
 def ablate(
     grid: str = typer.Argument(..., help="Grid to run: conf/ablate/GRID.yaml, e.g. designs or smoke."),

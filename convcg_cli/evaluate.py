@@ -285,7 +285,7 @@ def evaluate(
         if baseline_cache is not None:
             baseline_cache[key] = baselines
 
-    model = _load_trained_model(train_cfg, dm, cfg.logger, run_id)
+    model = load_trained_model(train_cfg, dm, cfg.logger, run_id)
     query_emb, item_emb = embed_split(model, dm, cfg.split), model.embed_items(dm.item_features)
     metrics: dict[str, float] = {}
     if cfg.popularity_prior.betas:
@@ -343,7 +343,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def _load_trained_model(train_cfg, dm, logger_cfg, run_id: str):
+def load_trained_model(train_cfg, dm, logger_cfg, run_id: str):
     """The run's model rebuilt from its config, with its checkpoint's weights, in eval mode."""
     model = build_model(train_cfg, dm)
     state = read_checkpoint(tracking.download_checkpoint(logger_cfg, run_id))

@@ -10,6 +10,7 @@ from convcg_cli import tracking
 from convcg_cli.builders import build_datamodule, build_model  # also imported from here (bench, tests)
 from convcg_cli.config import Composed, instantiate
 from convcg_cli.errors import ConfigError
+from convcg_cli.serve.export import log_trained_model
 from convcg_cli.tasks import check_task_names
 
 
@@ -77,6 +78,7 @@ def train(composed: Composed) -> TrainResult:
         tracking.log_metrics(run.client, run.run_id, {f"data/{k}_rows": v for k, v in dm.n_rows.items()})
         result = _fit(cfg, model, dm, logger=run.logger, run_id=run.run_id)
         tracking.log_checkpoint(run, result.checkpoint)
+        log_trained_model(cfg, dm, model, run.run_id, result.checkpoint)  # runs:/<run id>/model
     return result
 
 

@@ -335,7 +335,8 @@ def test_exact_index_searches_like_exact_topk_and_ivf_with_every_cell_is_exact()
     index = ExactIndex(items)
     for k in (1, 17, 400, 1000):
         assert all(
-            np.array_equal(a, b) for a, b in zip(index.search(queries, k), exact_topk(queries, items, k))
+            np.array_equal(a, b)
+            for a, b in zip(index.search(queries, k), exact_topk(queries, items, k), strict=True)
         )
     ivf = IVFIndex(items, nlist=4, nprobe=4)  # every cell probed: the exact result
     _, exact = index.search(queries, 20)
