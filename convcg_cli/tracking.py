@@ -395,11 +395,18 @@ def served_model_signature(
     input_columns: Mapping[str, tuple[str, bool]], output_columns: Mapping[str, str], k: int
 ):
     """The pyfunc signature: request columns ``{name: (type, required)}``, the candidate columns
-    ``{name: type}`` and the ``k`` param (default ``k``); types are MLflow's (``long``, ``string``...)."""
+    ``{name: type}`` and the ``k`` param (default ``k``); types are MLflow's (``long``, ``string``...)
+    or ``any`` (MLflow leaves the column's values to the model to check)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType
 
-    inputs = Schema([ColSpec(t, name, required=required) for name, (t, required) in input_columns.items()])
+    inputs = Schema(
+        [
+            ColSpec(AnyType() if t == "any" else t, name, required=required)
+            for name, (t, required) in input_columns.items()
+        ]
+    )
     outputs = Schema([ColSpec(t, name) for name, t in output_columns.items()])
     return ModelSignature(inputs=inputs, outputs=outputs, params=ParamSchema([ParamSpec("k", "long", k)]))
 

@@ -28,14 +28,15 @@ from convcg_cli.serve.bundle import ServingBundle
 from convcg_cli.serve.model import DEFAULT_K
 
 # Request and candidate columns as the signature declares them: {name: (MLflow type, required)}.
-# The optional ids are doubles: pandas writes an integer column with missing values as float64, which
-# MLflow's schema check refuses for a long column; whole doubles become ids again (exact below 2**53).
+# The optional ids are "any": pandas writes an integer column with missing values as float64, which
+# MLflow refuses for a long column, and it refuses int64 for a double one; the model checks them
+# itself (request_rows: integers, or whole floats with NaN for "not given").
 INPUT_COLUMNS = {
     "user_id": ("long", True),
     "surface": ("string", True),
-    "subject_item_id": ("double", False),
-    "query_id": ("double", False),
-    "timestamp": ("double", False),
+    "subject_item_id": ("any", False),
+    "query_id": ("any", False),
+    "timestamp": ("any", False),
 }
 OUTPUT_COLUMNS = {"request": "long", "rank": "long", "item_id": "long", "score": "float"}
 INDEX_OVERLAP_METRIC = "serve/index_overlap_at_{k}"
