@@ -195,6 +195,40 @@ def register(
 
 
 @app.command(context_settings={"ignore_unknown_options": True})
+def retrieve(
+    run: str = typer.Option(
+        ..., "--run", help="A run id (its runs:/ID/model), 'latest', or a model URI: models:/NAME@ALIAS."
+    ),
+    requests: Path = typer.Option(
+        ..., "--requests", help="Parquet file of requests: user_id, surface [, subject_item_id, query_id]."
+    ),
+    k: int = typer.Option(1000, "--k", help="Candidates per request."),
+    out_file: Path = typer.Option(..., "--out", help="Parquet file to write: request, rank, item_id, score."),
+    chunk_rows: int = typer.Option(10_000, "--chunk-rows", help="Requests ranked at a time (bounds memory)."),
+    overrides: list[str] = typer.Argument(None, help=LOGGER_OVERRIDES_HELP),
+) -> None:
+    """Batch candidates: the top K items of every request in a file, streamed in chunks."""
+    with user_errors():
+        from convcg_cli import tracking
+        from convcg_cli.config import compose
+        from convcg_cli.serve.batch import load_candidate_model, retrieve_file
+        from convcg_cli.serve.bundle import RequestError
+
+        tracking.quiet()
+        composed = compose("eval", overrides)
+        model = load_candidate_model(composed.cfg.logger, run)
+        try:
+            result = retrieve_file(model, requests, out_file, k, chunk_rows)
+        except RequestError as exc:
+            raise RequestError(f"{requests}: {exc}") from None
+        rate = result.requests / result.seconds if result.seconds else float("inf")
+        out.print(
+            f"Wrote {result.out}: {result.rows:,} candidates for {result.requests:,} requests "
+            f"({rate:,.0f} requests/s)."
+        )
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
 def ablate(
     grid: str = typer.Argument(..., help="Grid to run: conf/ablate/GRID.yaml, e.g. designs or smoke."),
     overrides: list[str] = typer.Argument(

@@ -15,6 +15,7 @@ from convcg_cli.retrieval import Retriever, build_index
 from convcg_cli.serve.bundle import CANDIDATE_COLUMNS, RequestError, ServingBundle, request_rows
 
 DEFAULT_K = 100
+CANDIDATE_SCHEMA = dict(zip(CANDIDATE_COLUMNS, (pl.Int64, pl.Int64, pl.Int64, pl.Float32), strict=True))
 
 
 def load_towers(bundle: ServingBundle):
@@ -76,6 +77,8 @@ class CandidateModel:
         """
         k = check_k(k)
         rows = request_rows(requests)
+        if rows.height == 0:
+            return pl.DataFrame(schema=CANDIDATE_SCHEMA)
         scores, positions = self.retriever.topk(self.bundle.query_features(rows, self.inputs), k)
         found = positions >= 0  # an IVF index pads rows whose probed cells hold fewer than k items
         request = np.broadcast_to(np.arange(len(positions))[:, None] + first_request, positions.shape)
@@ -86,5 +89,6 @@ class CandidateModel:
                 "rank": rank[found].astype(np.int64),
                 "item_id": self.bundle.item_ids[positions[found]].astype(np.int64),
                 "score": scores[found].astype(np.float32),
-            }
-        ).select(CANDIDATE_COLUMNS)
+            },
+            schema=CANDIDATE_SCHEMA,
+        )
