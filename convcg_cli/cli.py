@@ -228,6 +228,30 @@ def retrieve(
         )
 
 
+@app.command("index", context_settings={"ignore_unknown_options": True})
+def index_(
+    run: str = typer.Option(..., "--run", help="MLflow run id (or 'latest') whose model to re-index."),
+    items: Path = typer.Option(
+        ..., "--items", help="New item table: a parquet file (or a directory with items.parquet)."
+    ),
+    name: str = typer.Option(None, "--name", help="Also register the new model as a version of NAME."),
+    alias: str = typer.Option(None, "--alias", help="With --name: point this alias at the new version."),
+    overrides: list[str] = typer.Argument(None, help=LOGGER_OVERRIDES_HELP),
+) -> None:
+    """Embed a new or changed item table with the run's trained item tower; log it as a new model."""
+    with user_errors():
+        from convcg_cli import tracking
+        from convcg_cli.config import compose
+        from convcg_cli.serve.reindex import reindex_run
+
+        tracking.quiet()
+        composed = compose("eval", overrides)
+        result, version = reindex_run(composed.cfg.logger, run, items, name, alias)
+        out.print(f"Logged model: [bold]{result.model_uri}[/bold] (the newest model of the run)")
+        if version is not None:
+            out.print(f"Registered {name} version {version}" + (f" as @{alias}" if alias else ""))
+
+
 @app.command(context_settings={"ignore_unknown_options": True})
 def ablate(
     grid: str = typer.Argument(..., help="Grid to run: conf/ablate/GRID.yaml, e.g. designs or smoke."),

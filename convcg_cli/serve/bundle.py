@@ -10,6 +10,8 @@ JSON, YAML, parquet, a tensor state dict read with ``weights_only=True``), never
     meta.json          feature specs, surfaces, context, hash buckets, history length, index options
     users.npz          sorted user ids and their encoded attributes, row i = user position i
     items.npz          sorted corpus item ids and their served embeddings, row i = item position i
+    item_encoding.npz  how the training item table was encoded (``convcg index`` encodes new items
+                       the same way) and the training corpus's ids (subject items, history)
     events.parquet     engagement events for the user history (only when ``data.history.max_len > 0``)
 
 Unknown ids never fail a request (the documented fallback, see the README's "Serve" section):
@@ -17,7 +19,8 @@ Unknown ids never fail a request (the documented fallback, see the README's "Ser
 - an unknown ``user_id`` is a *cold-start* user: its ``user_id`` code is 0, a row training never
   reads, which the bundle sets to the mean of the trained users' id embeddings; its attributes are
   missing (categorical code 0, numeric 0 = the mean) and its history is empty;
-- an unknown ``subject_item_id`` counts as no subject item (code 0, as on the home feed);
+- an unknown ``subject_item_id`` (one not in the training corpus) counts as no subject item (code 0,
+  as on the home feed);
 - a ``query_id`` needs no vocabulary (it is hashed into ``data.query_hash_buckets``).
 
 A malformed request (a missing column, a wrong type, an unknown surface, ``k < 1``) is a
@@ -37,6 +40,7 @@ import polars as pl
 from omegaconf import DictConfig, OmegaConf
 
 from convcg_cli.data import features as F
+from convcg_cli.data.item_encoding import ItemEncoding
 from convcg_cli.errors import ConvcgError
 from convcg_cli.specs import FeatureSpec
 
@@ -46,6 +50,7 @@ ITEM_TOWER_FILE = "item_tower.pt"
 META_FILE = "meta.json"
 USERS_FILE = "users.npz"
 ITEMS_FILE = "items.npz"
+ITEM_ENCODING_FILE = "item_encoding.npz"
 EVENTS_FILE = "events.parquet"
 
 # The request table: required columns, then optional ones (absent or null = not given).
@@ -141,6 +146,8 @@ class ServingBundle:
         events: engagement events for the history (None when the history is off).
         index: the index options, e.g. ``{"kind": "exact"}`` or ``{"kind": "ivf", "nlist": 1024,
             "nprobe": 16}``.
+        item_encoding: the training item table's encoding; its ``item_ids`` (the training corpus)
+            encode subject items and the history, whatever corpus ``item_ids`` indexes.
     """
 
     config: DictConfig
@@ -157,6 +164,7 @@ class ServingBundle:
     history_max_len: int
     events: pl.DataFrame | None
     index: dict[str, Any]
+    item_encoding: ItemEncoding
 
     def write(self, directory: Path) -> Path:
         """Write the bundle's files into ``directory`` (created) and return it."""
@@ -180,6 +188,7 @@ class ServingBundle:
         users: dict[str, Any] = {"user_ids": self.users.user_ids, **self.users.features}
         np.savez(directory / USERS_FILE, **users)
         np.savez(directory / ITEMS_FILE, item_ids=self.item_ids, item_emb=self.item_emb)
+        np.savez(directory / ITEM_ENCODING_FILE, **self.item_encoding.to_arrays())
         if self.events is not None:
             self.events.write_parquet(directory / EVENTS_FILE)
         return directory
@@ -195,6 +204,8 @@ class ServingBundle:
         with np.load(directory / USERS_FILE) as users, np.load(directory / ITEMS_FILE) as items:
             user_table = F.UserTable(users["user_ids"], {n: users[n] for n in meta["user_features"]})
             item_ids, item_emb = items["item_ids"], items["item_emb"]
+        with np.load(directory / ITEM_ENCODING_FILE) as encoding:
+            item_encoding = ItemEncoding.from_arrays({name: encoding[name] for name in encoding.files})
         events_path = directory / EVENTS_FILE
         return cls(
             config=config,
@@ -211,6 +222,7 @@ class ServingBundle:
             history_max_len=int(meta["history_max_len"]),
             events=pl.read_parquet(events_path) if events_path.is_file() else None,
             index=dict(meta["index"]),
+            item_encoding=item_encoding,
         )
 
     def query_inputs(self) -> F.QueryInputs:
@@ -221,7 +233,7 @@ class ServingBundle:
             np.concatenate([[COLD_START_USER_ID], self.users.user_ids]),
             {name: np.concatenate([cold[name], values]) for name, values in self.users.features.items()},
         )
-        items = F.ItemTable(self.item_ids, {}, self.item_spec, pl.DataFrame())
+        items = F.ItemTable(self.item_encoding.item_ids, {}, self.item_spec, pl.DataFrame())
         return F.QueryInputs(
             users=users,
             items=items,
@@ -241,7 +253,7 @@ class ServingBundle:
         if unknown:
             raise RequestError(f"Unknown surface(s) {unknown}; the model serves {self.surfaces}.")
         known_user = pl.col("user_id").is_in(pl.Series(self.users.user_ids))
-        known_subject = pl.col("subject_item_id").is_in(pl.Series(self.item_ids))
+        known_subject = pl.col("subject_item_id").is_in(pl.Series(self.item_encoding.item_ids))
         encoded = rows.with_columns(
             pl.when(known_user).then(pl.col("user_id")).otherwise(COLD_START_USER_ID).alias("user_id"),
             pl.when(known_subject).then(pl.col("subject_item_id")).alias("subject_item_id"),

@@ -20,6 +20,8 @@ import polars as pl
 
 from convcg_cli import tracking
 from convcg_cli.builders import build_datamodule
+from convcg_cli.data.item_encoding import ITEM_CODE, fit_item_encoding
+from convcg_cli.data.schema import load_schemas, load_tables
 from convcg_cli.errors import ConfigError
 from convcg_cli.evaluate import embed_split, load_trained_model, read_checkpoint
 from convcg_cli.metrics.retrieval import ExactIndex, overlap_at_k
@@ -79,21 +81,24 @@ def index_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return {"kind": "ivf", "nlist": int(options["nlist"]), "nprobe": int(options["nprobe"])}
 
 
-def _cold_start_query_tower(model) -> dict[str, Any]:
-    """The query tower's state with ``user_id`` row 0 (never read in training: every user's code is
-    >= 1) set to the mean trained user embedding: the cold-start user of the served model."""
-    state = {k: v.detach().clone().cpu() for k, v in model.user_tower.state_dict().items()}
-    key = "embedder.embeddings.user_id.weight"
+def cold_start_state(tower, id_feature: str) -> dict[str, Any]:
+    """A copy of ``tower``'s state with row 0 of the ``id_feature`` table (never read in training:
+    every trained user or item has code >= 1) set to the mean trained row: the cold-start user of the
+    query tower (``user_id``), the unseen item of the item tower (``item_id``)."""
+    state = {k: v.detach().clone().cpu() for k, v in tower.state_dict().items()}
+    key = f"embedder.embeddings.{id_feature}.weight"
     state[key][0] = state[key][1:].mean(dim=0)
     return state
 
 
 def make_bundle(train_cfg, dm, model, options: Mapping[str, Any]) -> ServingBundle:
     """The serving bundle of a trained model (eval mode, its checkpoint's weights) on its data module."""
+    schemas = load_schemas()
+    items = load_tables(dm.dir, {"items": schemas["items"]})["items"]  # the table as training read it
     return ServingBundle(
         config=train_cfg,
-        query_tower_state=_cold_start_query_tower(model),
-        item_tower_state={k: v.detach().clone().cpu() for k, v in model.item_tower.state_dict().items()},
+        query_tower_state=cold_start_state(model.user_tower, "user_id"),
+        item_tower_state=cold_start_state(model.item_tower, ITEM_CODE),
         user_spec=dm.user_spec,
         item_spec=dm.item_spec,
         users=dm.users,
@@ -105,6 +110,7 @@ def make_bundle(train_cfg, dm, model, options: Mapping[str, Any]) -> ServingBund
         history_max_len=int(dm.history_max_len),
         events=dm.inputs.events,
         index=index_options(options),
+        item_encoding=fit_item_encoding(items, dm.item_columns, dm.items),
     )
 
 
