@@ -445,6 +445,26 @@ def log_served_model(
     return f"runs:/{run_id}/{SERVED_MODEL_NAME}"
 
 
+def save_served_model(
+    path: Path, python_model: Any, artifacts: Mapping[str, str], signature: Any, input_example: Any
+) -> None:
+    """:func:`log_served_model` into a local directory ``path`` (replaced), outside any run."""
+    import shutil
+
+    import mlflow.pyfunc
+
+    quiet()
+    shutil.rmtree(path, ignore_errors=True)
+    mlflow.pyfunc.save_model(
+        str(path),
+        python_model=python_model,
+        artifacts=dict(artifacts),
+        signature=signature,
+        input_example=input_example,
+        pip_requirements=SERVED_MODEL_REQUIREMENTS,
+    )
+
+
 def load_served_model(logger_cfg: Mapping[str, Any], model_uri: str):
     """``mlflow.pyfunc.load_model(model_uri)`` in this store (``runs:/ID/model``, ``models:/NAME@ALIAS``)."""
     import mlflow.pyfunc

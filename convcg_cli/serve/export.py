@@ -10,7 +10,8 @@ exact top ``overlap_k`` on the validation queries is measured and logged (``INDE
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,22 +133,35 @@ def input_example(bundle: ServingBundle) -> pl.DataFrame:
     return pl.DataFrame({"user_id": users, "surface": [bundle.surfaces[0]] * len(users)})
 
 
-def log_bundle(logger_cfg, run_id: str, bundle: ServingBundle, tags: Mapping[str, str] | None = None) -> str:
-    """Log ``bundle`` as the run's pyfunc model (signature, input example) and return its URI."""
+@contextmanager
+def pyfunc_parts(bundle: ServingBundle) -> Iterator[dict[str, Any]]:
+    """What MLflow saves as the served model, the bundle written to a temporary directory: the code
+    file, the artifacts, the signature and the input example (keyword arguments of
+    ``tracking.save_served_model`` / ``log_served_model``)."""
     from convcg_cli.serve import model_code
     from convcg_cli.serve.pyfunc import BUNDLE_ARTIFACT
 
-    signature = tracking.served_model_signature(INPUT_COLUMNS, OUTPUT_COLUMNS, DEFAULT_K)
     with tempfile.TemporaryDirectory() as tmp:
-        directory = bundle.write(Path(tmp) / BUNDLE_ARTIFACT)
+        yield {
+            "python_model": model_code.__file__,
+            "artifacts": {BUNDLE_ARTIFACT: str(bundle.write(Path(tmp) / BUNDLE_ARTIFACT))},
+            "signature": tracking.served_model_signature(INPUT_COLUMNS, OUTPUT_COLUMNS, DEFAULT_K),
+            "input_example": input_example(bundle).to_pandas(),
+        }
+
+
+def save_bundle(bundle: ServingBundle, path: Path) -> Path:
+    """Save ``bundle`` as a local pyfunc model directory at ``path`` (no run; the benchmarks load it)."""
+    with pyfunc_parts(bundle) as parts:
+        tracking.save_served_model(path, **parts)
+    return path
+
+
+def log_bundle(logger_cfg, run_id: str, bundle: ServingBundle, tags: Mapping[str, str] | None = None) -> str:
+    """Log ``bundle`` as the run's pyfunc model (signature, input example) and return its URI."""
+    with pyfunc_parts(bundle) as parts:
         return tracking.log_served_model(
-            logger_cfg,
-            run_id,
-            model_code.__file__,
-            {BUNDLE_ARTIFACT: str(directory)},
-            signature,
-            input_example(bundle).to_pandas(),
-            tags={"index": bundle.index["kind"], **(tags or {})},
+            logger_cfg, run_id, tags={"index": bundle.index["kind"], **(tags or {})}, **parts
         )
 
 
