@@ -140,7 +140,7 @@ def test_config_dir_option_without_configs_is_a_clear_error(tmp_path, monkeypatc
     from convcg_cli.cli import app
     from convcg_cli.config import CONFIG_DIR_VARIABLE
 
-    monkeypatch.delenv(CONFIG_DIR_VARIABLE, raising=False)
+    monkeypatch.setenv(CONFIG_DIR_VARIABLE, "")  # recorded, so the value --config-dir sets is undone
     result = CliRunner().invoke(app, ["--config-dir", str(tmp_path), "train"])
     assert result.exit_code == 2
     assert "holds no train.yaml" in " ".join(result.output.split())
