@@ -501,6 +501,14 @@ def register_served_model(logger_cfg: Mapping[str, Any], model_uri: str, name: s
     return int(version.version)
 
 
+def set_served_model(python_model: Any) -> None:
+    """Declare ``python_model`` the model of the models-from-code file MLflow is loading
+    (``serve/model_code.py``)."""
+    from mlflow.models import set_model
+
+    set_model(python_model)
+
+
 def invalid_request(message: str) -> Exception:
     """The exception a served model raises for a malformed request: MLflow's INVALID_PARAMETER_VALUE,
     which its scoring server answers with HTTP 400 and ``message``."""
