@@ -27,6 +27,22 @@ app.add_typer(data_app, name="data")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
+
+@app.callback()
+def main_options(
+    config_dir: Path = typer.Option(
+        None,
+        "--config-dir",
+        help="Compose configs from this copy of conf/ instead of the shipped one (or set CONVCG_CONFIG_DIR).",
+    ),
+) -> None:
+    """Options shared by every command."""
+    if config_dir is not None:
+        import os
+
+        os.environ["CONVCG_CONFIG_DIR"] = str(config_dir.expanduser().resolve())
+
+
 OVERRIDES_HELP = (
     "Hydra overrides, e.g. +experiment=unified_parallel trainer.max_epochs=2 loss.task_weights.engagement=0.3"
 )
@@ -147,6 +163,111 @@ def eval_(
             return
         _print_metrics(f"{result.split} evaluation of run {result.run_id}", result.metrics)
         out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
+
+
+LOGGER_OVERRIDES_HELP = "Overrides of conf/eval.yaml's logger/paths, e.g. logger.tracking_uri=sqlite:///x.db"
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def export(
+    run: str = typer.Option("latest", "--run", help="MLflow run id to export, or 'latest'."),
+    index: str = typer.Option(None, "--index", help="exact or ivf (default: the run's serve.index)."),
+    nlist: int = typer.Option(None, "--nlist", help="IVF cells (default: the run's serve.nlist)."),
+    nprobe: int = typer.Option(None, "--nprobe", help="IVF cells probed per query (serve.nprobe)."),
+    overrides: list[str] = typer.Argument(None, help=LOGGER_OVERRIDES_HELP),
+) -> None:
+    """Log a trained run's servable MLflow model (runs:/ID/model); convcg train does it for new runs."""
+    with user_errors():
+        from convcg_cli import tracking
+        from convcg_cli.config import compose
+        from convcg_cli.serve.export import export_run
+
+        tracking.quiet()
+        composed = compose("eval", overrides)
+        result = export_run(composed.cfg.logger, run, {"index": index, "nlist": nlist, "nprobe": nprobe})
+        for name, value in result.overlap.items():
+            out.print(f"{name}: {value:.4f}")
+        out.print(f"Logged model: [bold]{result.model_uri}[/bold] (index: {result.index})")
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def register(
+    run: str = typer.Option(..., "--run", help="MLflow run id whose model (runs:/ID/model) to register."),
+    name: str = typer.Option(..., "--name", help="Registered model name, e.g. convcg-candidates."),
+    alias: str = typer.Option(None, "--alias", help="Point this alias (e.g. champion) at the new version."),
+    overrides: list[str] = typer.Argument(None, help=LOGGER_OVERRIDES_HELP),
+) -> None:
+    """Register a run's model as a new version of NAME in the MLflow model registry."""
+    with user_errors():
+        from convcg_cli import tracking
+        from convcg_cli.config import compose
+        from convcg_cli.serve.export import register as register_model
+
+        tracking.quiet()
+        composed = compose("eval", overrides)
+        version = register_model(
+            composed.cfg.logger, f"runs:/{run}/{tracking.SERVED_MODEL_NAME}", name, alias
+        )
+        target = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
+        out.print(f"Registered {name} version {version}: [bold]{target}[/bold]")
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def retrieve(
+    run: str = typer.Option(
+        ..., "--run", help="A run id (its runs:/ID/model), 'latest', or a model URI: models:/NAME@ALIAS."
+    ),
+    requests: Path = typer.Option(
+        ..., "--requests", help="Parquet file of requests: user_id, surface [, subject_item_id, query_id]."
+    ),
+    k: int = typer.Option(1000, "--k", help="Candidates per request."),
+    out_file: Path = typer.Option(..., "--out", help="Parquet file to write: request, rank, item_id, score."),
+    chunk_rows: int = typer.Option(10_000, "--chunk-rows", help="Requests ranked at a time (bounds memory)."),
+    overrides: list[str] = typer.Argument(None, help=LOGGER_OVERRIDES_HELP),
+) -> None:
+    """Batch candidates: the top K items of every request in a file, streamed in chunks."""
+    with user_errors():
+        from convcg_cli import tracking
+        from convcg_cli.config import compose
+        from convcg_cli.serve.batch import load_candidate_model, retrieve_file
+        from convcg_cli.serve.bundle import RequestError
+
+        tracking.quiet()
+        composed = compose("eval", overrides)
+        model = load_candidate_model(composed.cfg.logger, run)
+        try:
+            result = retrieve_file(model, requests, out_file, k, chunk_rows)
+        except RequestError as exc:
+            raise RequestError(f"{requests}: {exc}") from None
+        rate = result.requests / result.seconds if result.seconds else float("inf")
+        out.print(
+            f"Wrote {result.out}: {result.rows:,} candidates for {result.requests:,} requests "
+            f"({rate:,.0f} requests/s)."
+        )
+
+
+@app.command("index", context_settings={"ignore_unknown_options": True})
+def index_(
+    run: str = typer.Option(..., "--run", help="MLflow run id (or 'latest') whose model to re-index."),
+    items: Path = typer.Option(
+        ..., "--items", help="New item table: a parquet file (or a directory with items.parquet)."
+    ),
+    name: str = typer.Option(None, "--name", help="Also register the new model as a version of NAME."),
+    alias: str = typer.Option(None, "--alias", help="With --name: point this alias at the new version."),
+    overrides: list[str] = typer.Argument(None, help=LOGGER_OVERRIDES_HELP),
+) -> None:
+    """Embed a new or changed item table with the run's trained item tower; log it as a new model."""
+    with user_errors():
+        from convcg_cli import tracking
+        from convcg_cli.config import compose
+        from convcg_cli.serve.reindex import reindex_run
+
+        tracking.quiet()
+        composed = compose("eval", overrides)
+        result, version = reindex_run(composed.cfg.logger, run, items, name, alias)
+        out.print(f"Logged model: [bold]{result.model_uri}[/bold] (the newest model of the run)")
+        if version is not None:
+            out.print(f"Registered {name} version {version}" + (f" as @{alias}" if alias else ""))
 
 
 @app.command(context_settings={"ignore_unknown_options": True})

@@ -13,6 +13,25 @@ from convcg_cli.options import check_numeric_options
 from convcg_cli.resources import resource_dir
 
 CONF_DIR = resource_dir("conf")
+CONFIG_DIR_VARIABLE = "CONVCG_CONFIG_DIR"  # a user's own conf/ tree (also set by ``convcg --config-dir``)
+
+
+def config_dir() -> Path:
+    """The directory configs are composed from: ``$CONVCG_CONFIG_DIR`` when set (a copy of ``conf/``
+    with the user's own experiments), else the shipped ``conf/``. Read at each compose, so the global
+    ``--config-dir`` option takes effect for the command it precedes."""
+    import os
+
+    chosen = os.environ.get(CONFIG_DIR_VARIABLE)
+    if not chosen:
+        return CONF_DIR
+    path = Path(chosen).expanduser().resolve()
+    if not (path / "train.yaml").is_file():
+        raise ConfigError(
+            f"{CONFIG_DIR_VARIABLE}={chosen} holds no train.yaml; point it at a copy of the shipped "
+            f"config directory ({CONF_DIR}) with your changes."
+        )
+    return path
 
 
 def _register_resolvers() -> None:
@@ -69,7 +88,7 @@ def _hint(message: str, overrides: list[str], config_name: str) -> str:
             hints.append(f"did you mean {' or '.join(repr(c) for c in close)}?")
         hints.append("Check the key's spelling; to add a new key on purpose, prefix it with '+'.")
     if "Could not find" in message:
-        hints.append(f"config groups live under {CONF_DIR}.")
+        hints.append(f"config groups live under {config_dir()}.")
     return (" Hint: " + " ".join(hints)) if hints else ""
 
 
@@ -87,7 +106,7 @@ def compose(config_name: str, overrides: list[str] | None = None) -> Composed:
 
     _register_resolvers()
     overrides = list(overrides or [])
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="convcg"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="convcg"):
         try:
             cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
             raw_choices = OmegaConf.to_container(cfg.hydra.runtime.choices)

@@ -25,8 +25,9 @@ from convcg_cli.config import Composed
 from convcg_cli.errors import ConfigError, ConvcgError
 from convcg_cli.metrics.bootstrap import bootstrap_recall_ci, ci_names
 from convcg_cli.metrics.prior import choose_prior_weight, log_prior, with_item_prior
-from convcg_cli.metrics.retrieval import exact_topk, metric_name, positive_hits
+from convcg_cli.metrics.retrieval import ExactIndex, metric_name, positive_hits
 from convcg_cli.metrics.suite import report_from_topk
+from convcg_cli.retrieval import encode_queries
 from convcg_cli.tasks import PRIMARY_TASK
 
 SPLITS = ("val", "heldout")
@@ -75,11 +76,9 @@ class EvalResult:
 
 
 def embed_split(model, dm, split: str) -> np.ndarray:
-    """Served query embeddings of every query of ``split``, in query order."""
-    import torch
-
-    parts = [model.embed_queries(batch["user"]).float().cpu() for batch in dm.query_loader(split)]
-    return torch.cat(parts).numpy() if parts else np.zeros((0, 1), dtype=np.float32)
+    """Served query embeddings of every query of ``split``, in query order (the retrieval path's
+    :func:`~convcg_cli.retrieval.encode_queries`, ``data.eval_batch_size`` queries at a time)."""
+    return encode_queries(model.embed_queries, dm.queries[split].features, dm.eval_batch_size)
 
 
 def query_users(queries) -> np.ndarray:
@@ -287,13 +286,13 @@ def evaluate(
         if baseline_cache is not None:
             baseline_cache[key] = baselines
 
-    model = _load_trained_model(train_cfg, dm, checkpoint, run_id)
+    model = load_trained_model(train_cfg, dm, checkpoint, run_id)
     query_emb, item_emb = embed_split(model, dm, cfg.split), model.embed_items(dm.item_features)
     metrics: dict[str, float] = {}
     if cfg.popularity_prior.betas:
         query_emb, item_emb, beta = _apply_prior(model, dm, query_emb, item_emb, cfg.popularity_prior)
         metrics[f"{cfg.split}/{PRIOR_WEIGHT_METRIC}"] = beta
-    _, topk = exact_topk(query_emb, item_emb, max(cfg.ks))
+    _, topk = ExactIndex(item_emb).search(query_emb, max(cfg.ks))  # the served model's search
     rankings = {**baselines, MODEL_RANKING: score_ranking(topk, queries, cfg.split, tasks, cfg)}
     for scores in rankings.values():  # baselines first, then the model, as logged before
         metrics.update(scores.metrics)
@@ -345,7 +344,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def _load_trained_model(train_cfg, dm, checkpoint: Path, run_id: str):
+def load_trained_model(train_cfg, dm, checkpoint: Path, run_id: str):
     """The run's model rebuilt from its config, with the weights of ``checkpoint``, in eval mode."""
     model = build_model(train_cfg, dm)
     state = read_checkpoint(checkpoint)

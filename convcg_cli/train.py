@@ -11,6 +11,7 @@ from convcg_cli.builders import build_datamodule, build_model  # also imported f
 from convcg_cli.config import Composed, instantiate
 from convcg_cli.errors import ConfigError, RunNotFoundError
 from convcg_cli.interrupts import StopOnSignals
+from convcg_cli.serve.export import log_trained_model
 from convcg_cli.tasks import check_task_names
 
 LAST_CHECKPOINT = "last.ckpt"  # Lightning's save_last file: the state after the last finished epoch
@@ -127,6 +128,7 @@ def _fit_and_log(cfg, model, dm, run: tracking.TrackedRun, ckpt_path: Path | Non
     with tracking.keep_resume_point(run, _checkpoint_dir(cfg, run.run_id) / LAST_CHECKPOINT):
         result = _fit(cfg, model, dm, logger=run.logger, run_id=run.run_id, ckpt_path=ckpt_path)
     tracking.log_checkpoint(run, result.checkpoint)
+    log_trained_model(cfg, dm, model, run.run_id, result.checkpoint)  # runs:/<run id>/model
     return result
 
 

@@ -17,6 +17,7 @@ TINY_TRAIN = [
     "model.hidden_dim=32",
     "model.embedding_dim=16",
     "model.feature_embedding_dim=8",
+    "serve.log_model=false",  # tests of the served model (tests/serve) turn it on
 ]
 
 

@@ -27,6 +27,7 @@ SECTIONS = [
     "## (d) Peak resident memory of each step",
     "## (e) How costs grow",
     "## (f) Bounded memory: streamed training as the log grows",
+    "## (g) Serving: the pyfunc model and batch candidates",
 ]
 
 
@@ -141,6 +142,9 @@ def _fake_results() -> dict:
         | {"lightning_vs_bare_pooled": 0.92, "lightning_vs_bare_cpu": 0.91, "fit_overhead_s": 0.5}
         | {"data_batches_per_s": 500.0, "model_batches_per_s": 5.0, "data_vs_model": 100.0}
         | {"trainer": {"max_epochs": "3"}},
+        "serve": {**step, "items": 50, "k": 10, "requests": 20, "p50_ms": 2.0, "p99_ms": 5.0}
+        | {"batch_requests": 500, "batch_k": 50, "retrieve_rps": 900.0, "exact_qps": 3000.0}
+        | {"retrieve_vs_exact": 0.3, "exact_build_s": 0.001, "ivf_build_s": 0.01},
         "retrieval": {
             **step,
             "queries": 100,
@@ -245,3 +249,16 @@ def test_quick_bench_writes_every_section_and_one_mlflow_run(tmp_path):
         "bench/bench.md",
         "bench/results.json",
     }
+
+
+def test_serving_section_measures_the_pyfunc_model_and_batch_retrieve(tiny_data, tmp_path):
+    from convcg_cli.bench.serving import step_serve
+
+    cfg = bench_config([], quick=True)
+    figures_ = step_serve(cfg, str(tmp_path), str(tiny_data))
+    assert 0 < figures_["p50_ms"] <= figures_["p99_ms"]
+    assert figures_["retrieve_rps"] > 0 and figures_["retrieve_vs_exact"] > 0
+    assert figures_["exact_build_s"] >= 0 and figures_["ivf_build_s"] >= 0
+    text = "\n".join(report.serving_section({"serve": figures_}))
+    assert text.startswith("## (g) Serving") and "ratio to exact_topk" in text
+    assert report.serving_section({}) == []

@@ -120,3 +120,27 @@ def test_parallel_and_sequential_factories_take_in_dim():
 def test_rejected_constructor_argument_is_a_config_error():
     with pytest.raises(ConfigError, match="SequentialCross"):
         build(["+experiment=unified_sequential", "model.cross.mlp_dims=[8]"])
+
+
+def test_config_dir_variable_composes_from_a_users_copy(tmp_path, monkeypatch):
+    import shutil
+
+    from convcg_cli.config import CONFIG_DIR_VARIABLE
+
+    own = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, own)
+    (own / "train.yaml").write_text((own / "train.yaml").read_text().replace("seed: 42", "seed: 7"))
+    monkeypatch.setenv(CONFIG_DIR_VARIABLE, str(own))
+    assert compose("train").cfg.seed == 7
+
+
+def test_config_dir_option_without_configs_is_a_clear_error(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from convcg_cli.cli import app
+    from convcg_cli.config import CONFIG_DIR_VARIABLE
+
+    monkeypatch.setenv(CONFIG_DIR_VARIABLE, "")  # recorded, so the value --config-dir sets is undone
+    result = CliRunner().invoke(app, ["--config-dir", str(tmp_path), "train"])
+    assert result.exit_code == 2
+    assert "holds no train.yaml" in " ".join(result.output.split())

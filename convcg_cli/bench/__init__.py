@@ -17,10 +17,13 @@ Steps:
                the same model, optimizer, clipping and batches; the data path again, for its ratio
                to model consumption; saves embeddings for ``retrieval``
     retrieval  exact top-k (``exact_topk``, faiss) vs torch matmul + topk vs an ANN index (config)
+    serve      the served model (``serving``): pyfunc predict latency p50/p99, batch ``retrieve``
+               throughput vs the bare ``exact_topk`` path, index build times
     scale      synthesis, setup, a training step and exact top-k at several sizes; log-log slopes
     memory     peak memory of a training process, streamed vs in memory, as the log grows
 
-Modules: ``measure`` (pure measuring helpers), ``ann`` (ANN index wrappers), ``steps`` (the measured
+Modules: ``measure`` (pure measuring helpers), ``ann`` (ANN index wrappers), ``serving`` (the served
+model's step), ``steps`` (the measured
 steps, one per subprocess), ``runner`` (runs them in order), ``figures`` (headline metrics and growth
 exponents from the raw results), ``report`` (the markdown report), ``cli`` (the Typer app).
 """

@@ -58,6 +58,7 @@ def run(cfg: DictConfig, workdir: Path) -> dict:
     results["data"] = _run_step("data", "data", workdir, env, data_dir=data_dir)
     results["train"] = _run_step("train", "train", workdir, env, data_dir=data_dir)
     results["retrieval"] = _run_step("retrieval", "retrieval", workdir, env)
+    results["serve"] = _run_step("serve", "serve", workdir, env, data_dir=data_dir)
     results["scale"] = []
     for factor in cfg.scale.factors:
         scaled = workdir / f"scale-{factor}"

@@ -404,12 +404,20 @@ def step_memory(cfg: DictConfig, workdir: str, data_dir: str, streamed: bool) ->
     return out
 
 
+def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
+    """(g) the served model (``convcg_cli.bench.serving``)."""
+    from convcg_cli.bench.serving import step_serve as measure_serving
+
+    return measure_serving(cfg, workdir, data_dir)
+
+
 STEPS: dict[str, Callable[..., dict]] = {
     "baseline": step_baseline,
     "synth": step_synth,
     "data": step_data,
     "train": step_train,
     "retrieval": step_retrieval,
+    "serve": step_serve,
     "scale": step_scale,
     "memory": step_memory,
 }

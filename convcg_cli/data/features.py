@@ -112,11 +112,29 @@ def dense_codes(column: pl.Series) -> np.ndarray:
 def scaled_numeric(column: pl.Series) -> np.ndarray:
     """Signed log1p, then standardised; nulls become 0 (the mean). Heavy-tailed counts and prices
     become roughly unit-scale inputs."""
+    return apply_numeric_scaling(column, numeric_scaling(column))
+
+
+def _signed_log1p(column: pl.Series) -> np.ndarray:
     x = column.cast(pl.Float64).to_numpy()
-    x = np.sign(x) * np.log1p(np.abs(x))
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+def numeric_scaling(column: pl.Series) -> tuple[float, float]:
+    """``(mean, std)`` of the signed log1p of ``column``'s values (std 1 when constant or empty): what
+    :func:`scaled_numeric` standardises with, kept to scale other rows (new items) the same way."""
+    x = _signed_log1p(column)
     ok = ~np.isnan(x)
     mean, std = (x[ok].mean(), x[ok].std()) if ok.any() else (0.0, 1.0)
-    return np.where(ok, (x - mean) / (std if std > 0 else 1.0), 0.0).astype(np.float32)
+    return float(mean), float(std if std > 0 else 1.0)
+
+
+def apply_numeric_scaling(column: pl.Series, scaling: tuple[float, float]) -> np.ndarray:
+    """Signed log1p of ``column`` standardised with ``scaling`` (from :func:`numeric_scaling`), float32;
+    nulls become 0 (the mean)."""
+    x = _signed_log1p(column)
+    mean, std = scaling
+    return np.where(~np.isnan(x), (x - mean) / std, 0.0).astype(np.float32)
 
 
 @dataclass(frozen=True)

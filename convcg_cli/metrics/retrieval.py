@@ -74,16 +74,8 @@ def exact_topk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact maximum-inner-product top-k of every query over all items, with deterministic ties.
 
-    Uses ``faiss.IndexFlatIP`` (brute force, float32) and searches the queries ``batch_size`` at a
-    time so memory stays bounded by ``batch_size * k``.
-
-    faiss 1.15.1 does not break exact ties by index, on any of its search paths (per-query loop,
-    BLAS, database-parallel): tied items come out in descending index order, and for k >= 100 its
-    reservoir selection may even keep higher-index tied items at the cutoff instead of lower ones.
-    So we fetch a few extra candidates, re-sort each row by ``(-score, id)`` and, for the rare rows
-    whose tie group at the cutoff may be incomplete, search again with more candidates. The only
-    thing relied on is that faiss returns *a* correct top set by score; the result follows this
-    module's convention: descending score, ties by lower item index.
+    One-shot form of :class:`ExactIndex` (which see): builds the index over ``item_emb`` and searches
+    ``query_emb`` in it.
 
     Args:
         query_emb: (Q, d) query embeddings.
@@ -106,28 +98,122 @@ def exact_topk(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     query_emb = _as_float32_matrix(query_emb, "query_emb")
-    item_emb = _as_float32_matrix(item_emb, "item_emb")
-    if query_emb.shape[1] != item_emb.shape[1]:
-        raise ValueError(
-            f"Embedding dims differ: query_emb has d={query_emb.shape[1]}, "
-            f"item_emb has d={item_emb.shape[1]}."
-        )
-    n_queries, n_items = query_emb.shape[0], item_emb.shape[0]
-    k_out = min(k, n_items)
-    scores = np.empty((n_queries, k_out), dtype=np.float32)
-    ids = np.empty((n_queries, k_out), dtype=np.int64)
-    if n_queries == 0 or k_out == 0:
+    return ExactIndex(item_emb).search(query_emb, k, batch_size)
+
+
+class ExactIndex:
+    """Exact maximum-inner-product search over a fixed item corpus, ties broken by lower item id.
+
+    The one top-k search of convcg: evaluation, the served model's ``predict`` and batch candidate
+    generation all rank through an index of this interface (``search(query_emb, k)``). The faiss
+    ``IndexFlatIP`` (brute force, float32) is built once; queries are searched ``batch_size`` at a
+    time so memory stays bounded by ``batch_size * k``.
+
+    faiss 1.15.1 does not break exact ties by index, on any of its search paths (per-query loop,
+    BLAS, database-parallel): tied items come out in descending index order, and for k >= 100 its
+    reservoir selection may even keep higher-index tied items at the cutoff instead of lower ones.
+    So we fetch a few extra candidates, re-sort each row by ``(-score, id)`` and, for the rare rows
+    whose tie group at the cutoff may be incomplete, search again with more candidates. The only
+    thing relied on is that faiss returns *a* correct top set by score; the result follows this
+    module's convention: descending score, ties by lower item index.
+
+    Args:
+        item_emb: (N, d) item embeddings; row i is item id i.
+
+    Example:
+        >>> index = ExactIndex(np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32))
+        >>> index.search(np.array([[0.0, 2.0]]), k=1)[1].tolist()
+        [[1]]
+    """
+
+    description = "exact (faiss IndexFlatIP, ties by id)"
+
+    def __init__(self, item_emb: np.ndarray) -> None:
+        item_emb = _as_float32_matrix(item_emb, "item_emb")
+        self.dim = item_emb.shape[1]
+        self.ntotal = item_emb.shape[0]
+        self.index = faiss.IndexFlatIP(self.dim)
+        self.index.add(item_emb)
+
+    def search(self, query_emb: np.ndarray, k: int, batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, ids)`` of shape (Q, min(k, N)), best first (see :func:`exact_topk`)."""
+        k = check_k(k)
+        query_emb = _as_float32_matrix(query_emb, "query_emb")
+        if query_emb.shape[1] != self.dim:
+            raise ValueError(
+                f"Embedding dims differ: query_emb has d={query_emb.shape[1]}, item_emb has d={self.dim}."
+            )
+        n_queries, n_items = query_emb.shape[0], self.ntotal
+        k_out = min(k, n_items)
+        scores = np.empty((n_queries, k_out), dtype=np.float32)
+        ids = np.empty((n_queries, k_out), dtype=np.int64)
+        if n_queries == 0 or k_out == 0:
+            return scores, ids
+        k_search = min(n_items, k_out + max(_TIE_MARGIN_MIN, k_out // 8))
+        for start in range(0, n_queries, batch_size):
+            stop = min(start + batch_size, n_queries)
+            scores[start:stop], ids[start:stop] = _search_ties_by_id(
+                self.index, query_emb[start:stop], k_out, k_search
+            )
         return scores, ids
 
-    index = faiss.IndexFlatIP(item_emb.shape[1])
-    index.add(item_emb)
-    k_search = min(n_items, k_out + max(_TIE_MARGIN_MIN, k_out // 8))
-    for start in range(0, n_queries, batch_size):
-        stop = min(start + batch_size, n_queries)
-        scores[start:stop], ids[start:stop] = _search_ties_by_id(
-            index, query_emb[start:stop], k_out, k_search
-        )
-    return scores, ids
+
+class IVFIndex:
+    """Approximate search: a faiss inverted-file index (k-means cells, exact inner products inside
+    the ``nprobe`` cells nearest the query), for corpora where :class:`ExactIndex` is too slow.
+
+    Rows are ordered like :class:`ExactIndex`'s (descending score, ties by id); a query whose probed
+    cells hold fewer than k items gets ``PADDING_ID`` (-1) with score ``-inf`` at the end of its row.
+
+    Args:
+        item_emb: (N, d) item embeddings; row i is item id i.
+        nlist: number of cells, capped so that each gets >= 39 training points (as faiss wants).
+        nprobe: cells visited per query: more is closer to exact and slower.
+        seed: k-means seed, so the same corpus gives the same cells.
+    """
+
+    def __init__(self, item_emb: np.ndarray, nlist: int = 1024, nprobe: int = 16, seed: int = 0) -> None:
+        item_emb = _as_float32_matrix(item_emb, "item_emb")
+        self.dim, self.ntotal = item_emb.shape[1], item_emb.shape[0]
+        self.nlist = max(1, min(int(nlist), self.ntotal // 39))
+        self.quantizer = faiss.IndexFlatIP(self.dim)  # kept: the index only points at it
+        self.index = faiss.IndexIVFFlat(self.quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        self.index.cp.seed = int(seed)
+        self.index.train(item_emb)
+        self.index.add(item_emb)
+        self.index.nprobe = min(max(1, int(nprobe)), self.nlist)
+        self.description = f"IVF-Flat, nlist={self.nlist}, nprobe={self.index.nprobe}"
+
+    def search(self, query_emb: np.ndarray, k: int, batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, ids)`` of shape (Q, min(k, N)), best first; ``-1`` / ``-inf`` where fewer found."""
+        k_out = min(check_k(k), self.ntotal)
+        query_emb = _as_float32_matrix(query_emb, "query_emb")
+        scores = np.empty((query_emb.shape[0], k_out), dtype=np.float32)
+        ids = np.empty((query_emb.shape[0], k_out), dtype=np.int64)
+        for start in range(0, query_emb.shape[0], batch_size):
+            stop = min(start + batch_size, query_emb.shape[0])
+            dist, found = self.index.search(query_emb[start:stop], k_out)
+            dist = np.where(found < 0, -np.inf, dist).astype(np.float32)
+            order = np.lexsort((np.where(found < 0, np.iinfo(np.int64).max, found), -dist), axis=-1)
+            scores[start:stop] = np.take_along_axis(dist, order, axis=-1)
+            ids[start:stop] = np.take_along_axis(found, order, axis=-1)
+        return scores, ids
+
+
+def overlap_at_k(approximate_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean fraction of each exact top-k row an approximate search also returned (padding never counts).
+
+    Example:
+        >>> overlap_at_k(np.array([[0, 1], [2, -1]]), np.array([[1, 0], [2, 3]]))
+        0.75
+    """
+    approximate_ids, exact_ids = np.asarray(approximate_ids), np.asarray(exact_ids)
+    if approximate_ids.shape != exact_ids.shape:
+        raise ValueError(f"shapes differ: {approximate_ids.shape} vs {exact_ids.shape}.")
+    if exact_ids.size == 0:
+        return 1.0
+    found = [len(np.intersect1d(a[a >= 0], e)) for a, e in zip(approximate_ids, exact_ids, strict=True)]
+    return float(np.sum(found) / exact_ids.size)
 
 
 def _search_ties_by_id(

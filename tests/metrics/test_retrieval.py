@@ -322,3 +322,25 @@ def test_metric_name_rejects_bad_parts():
         metric_name(VAL, "a/b", 10)
     with pytest.raises(ValueError, match="positive integer"):
         metric_name(VAL, "conversion", 0)
+
+
+# --- ExactIndex / IVFIndex ---------------------------------------------------------------------------
+
+
+def test_exact_index_searches_like_exact_topk_and_ivf_with_every_cell_is_exact():
+    from convcg_cli.metrics.retrieval import ExactIndex, IVFIndex, overlap_at_k
+
+    rng = np.random.default_rng(3)
+    items, queries = rng.standard_normal((400, 8)), rng.standard_normal((30, 8))
+    index = ExactIndex(items)
+    for k in (1, 17, 400, 1000):
+        assert all(
+            np.array_equal(a, b)
+            for a, b in zip(index.search(queries, k), exact_topk(queries, items, k), strict=True)
+        )
+    ivf = IVFIndex(items, nlist=4, nprobe=4)  # every cell probed: the exact result
+    _, exact = index.search(queries, 20)
+    _, approx = ivf.search(queries, 20)
+    assert np.array_equal(approx, exact)
+    assert overlap_at_k(approx, exact) == 1.0
+    assert 0.0 < overlap_at_k(IVFIndex(items, nlist=8, nprobe=1).search(queries, 20)[1], exact) <= 1.0

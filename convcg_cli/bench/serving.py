@@ -1,0 +1,110 @@
+"""(g) The served model: single-request latency of the pyfunc ``predict``, batch ``retrieve``
+throughput against the bare ``exact_topk`` path of (c) as the limit, and index build times.
+
+The pyfunc model is saved to and loaded from a local directory exactly as MLflow serves it (schema
+enforcement included); the batch path and the bare path are timed in one process, round by round,
+on the same requests and k. The HTTP server's latency is not measured here.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from omegaconf import DictConfig
+
+from convcg_cli.bench.measure import peak_rss_mib
+
+
+def latency_ms(seconds: list[float]) -> dict[str, float]:
+    """p50 and p99 of per-call seconds, in milliseconds.
+
+    Example:
+        >>> latency_ms([0.001] * 99 + [0.1])["p50_ms"]
+        1.0
+    """
+    values = 1e3 * np.asarray(seconds, dtype=np.float64)
+    return {"p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99))}
+
+
+def bench_requests(user_ids: np.ndarray, surfaces: list[str], n: int, seed: int) -> pl.DataFrame:
+    """``n`` requests of random known users, the surfaces in turn (no subject item or query)."""
+    rng = np.random.default_rng(seed)
+    return pl.DataFrame(
+        {"user_id": rng.choice(user_ids, size=n), "surface": [surfaces[i % len(surfaces)] for i in range(n)]}
+    )
+
+
+def index_build_seconds(item_emb: np.ndarray, nlist: int) -> dict[str, float]:
+    """Seconds to build the exact and the IVF index of the served corpus."""
+    from convcg_cli.metrics.retrieval import ExactIndex, IVFIndex
+
+    start = time.perf_counter()
+    ExactIndex(item_emb)
+    exact_s = time.perf_counter() - start
+    start = time.perf_counter()
+    IVFIndex(item_emb, nlist=nlist)
+    return {"exact_build_s": exact_s, "ivf_build_s": time.perf_counter() - start}
+
+
+def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
+    """Bundle convcg train's model on ``data_dir`` (its weights do not change the timings), save and
+    load it as a pyfunc model, and time single requests, batch retrieval and the bare exact path."""
+    import pandas as pd
+
+    from convcg_cli import tracking
+    from convcg_cli.bench.steps import _setup, _train_config
+    from convcg_cli.metrics.retrieval import exact_topk
+    from convcg_cli.serve.batch import retrieve_file
+    from convcg_cli.serve.bundle import request_rows
+    from convcg_cli.serve.export import make_bundle, save_bundle, serve_options
+    from convcg_cli.serve.model import CandidateModel
+
+    s = cfg.serve
+    train_cfg = _train_config(cfg, data_dir, workdir)
+    dm, model, _ = _setup(train_cfg)
+    model.eval()
+    bundle = make_bundle(train_cfg, dm, model, serve_options(train_cfg, {"index": "exact"}))
+    served = tracking.load_served_model(train_cfg.logger, str(save_bundle(bundle, Path(workdir) / "pyfunc")))
+    k = min(int(s.k), len(bundle.item_ids))
+    single = bench_requests(bundle.users.user_ids, bundle.surfaces, int(s.requests), cfg.seed).to_pandas()
+    served.predict(single.iloc[:1], params={"k": k})  # warm-up: first-call costs are not latency
+    seconds = []
+    for i in range(len(single)):
+        start = time.perf_counter()
+        served.predict(pd.DataFrame(single.iloc[i : i + 1]), params={"k": k})
+        seconds.append(time.perf_counter() - start)
+
+    candidates = CandidateModel(bundle)
+    batch = bench_requests(bundle.users.user_ids, bundle.surfaces, int(s.batch_requests), cfg.seed + 1)
+    requests_path = Path(workdir) / "serve-requests.parquet"
+    batch.write_parquet(requests_path)
+    query_emb = candidates.retriever.embed_queries(
+        bundle.query_features(request_rows(batch), candidates.inputs)
+    )
+    batch_k = min(int(cfg.retrieval.k), len(bundle.item_ids))
+    retrieve_s, exact_s = [], []
+    for _ in range(int(s.rounds)):  # interleaved, so drift hits both alike
+        result = retrieve_file(
+            candidates, requests_path, Path(workdir) / "serve-candidates.parquet", batch_k, int(s.chunk_rows)
+        )
+        retrieve_s.append(result.seconds)
+        start = time.perf_counter()
+        exact_topk(query_emb, bundle.item_emb, batch_k)
+        exact_s.append(time.perf_counter() - start)
+    n = batch.height
+    return {
+        "items": len(bundle.item_ids),
+        "k": k,
+        "requests": len(single),
+        **latency_ms(seconds),
+        "batch_requests": n,
+        "batch_k": batch_k,
+        "retrieve_rps": n / min(retrieve_s),
+        "exact_qps": n / min(exact_s),
+        "retrieve_vs_exact": min(exact_s) / min(retrieve_s),
+        **index_build_seconds(bundle.item_emb, int(cfg.retrieval.ann_options.ivf_flat.nlist)),
+        "peak_rss_mib_before_batch": peak_rss_mib(),
+    }

@@ -1,0 +1,82 @@
+"""``convcg retrieve``: candidates for a file of requests, streamed in chunks with bounded memory.
+
+Requests are read ``chunk_rows`` at a time from a parquet file and ranked by the served model's own
+:meth:`~convcg_cli.serve.model.CandidateModel.candidates` (the code path of ``predict`` and of
+``convcg eval``); each chunk's ``(request, rank, item_id, score)`` rows are appended to the output
+parquet file, written atomically (a temporary file renamed at the end). Memory: one chunk of
+requests and its ``chunk_rows * k`` candidates, whatever the file's size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from convcg_cli import tracking
+from convcg_cli.errors import ConvcgError
+from convcg_cli.serve.bundle import REQUIRED_COLUMNS
+from convcg_cli.serve.model import CandidateModel
+
+DEFAULT_CHUNK_ROWS = 10_000
+
+
+@dataclass(frozen=True)
+class RetrieveResult:
+    """What a batch retrieval wrote: requests read, candidate rows written, seconds spent ranking."""
+
+    out: Path
+    requests: int
+    rows: int
+    seconds: float
+
+
+def served_model_uri(logger_cfg, model: str) -> str:
+    """A model URI from ``--run``: ``models:/NAME@ALIAS`` (or any ``models:/``, ``runs:/`` URI) as
+    given; a run id or ``latest`` becomes that run's ``runs:/ID/model``."""
+    if model.startswith(("models:/", "runs:/")):
+        return model
+    return f"runs:/{tracking.resolve_run(logger_cfg, model)}/{tracking.SERVED_MODEL_NAME}"
+
+
+def load_candidate_model(logger_cfg, model: str) -> CandidateModel:
+    """The served model behind ``model`` (see :func:`served_model_uri`), loaded as MLflow loads it."""
+    served = tracking.load_served_model(logger_cfg, served_model_uri(logger_cfg, model))
+    return served.unwrap_python_model().model
+
+
+def retrieve_file(
+    model: CandidateModel, requests: Path, out: Path, k: int, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> RetrieveResult:
+    """Rank every request of the parquet file ``requests`` and write the top ``k`` to ``out``
+    (nothing is left behind when a chunk fails). ``request`` in the output is the request's row
+    number in the file (0-based)."""
+    import pyarrow.parquet as pq
+
+    if chunk_rows < 1:
+        raise ConvcgError(f"--chunk-rows must be >= 1, got {chunk_rows}.")
+    if not requests.is_file():
+        raise ConvcgError(f"The requests file {requests} does not exist; expected a parquet file.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    n_requests = n_rows = 0
+    seconds = 0.0
+    empty = model.candidates(pl.DataFrame(schema=REQUIRED_COLUMNS), k).to_arrow()
+    try:
+        with pq.ParquetWriter(partial, empty.schema) as writer:
+            writer.write_table(empty)  # the schema, even for a file without requests
+            for batch in pq.ParquetFile(requests).iter_batches(batch_size=chunk_rows):
+                start = time.perf_counter()
+                chunk = pl.from_arrow(batch)
+                assert isinstance(chunk, pl.DataFrame)
+                candidates = model.candidates(chunk, k, first_request=n_requests).to_arrow()
+                seconds += time.perf_counter() - start
+                writer.write_table(candidates)
+                n_requests, n_rows = n_requests + chunk.height, n_rows + candidates.num_rows
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(out)
+    return RetrieveResult(out, n_requests, n_rows, seconds)

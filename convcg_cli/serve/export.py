@@ -1,0 +1,205 @@
+"""Bundle a trained run and log it as the run's MLflow model; register a logged model.
+
+``convcg train`` logs the model at the end of a successful run (:func:`log_trained_model`, unless
+``serve.log_model=false``); ``convcg export --run ID`` does it for an older run (:func:`export_run`).
+The served options (``serve.*`` in conf/train.yaml) choose the index: ``exact`` (default) or ``ivf``
+with ``nlist`` cells and ``nprobe`` probes; for ``ivf`` the overlap of its top ``overlap_k`` with the
+exact top ``overlap_k`` on the validation queries is measured and logged (``INDEX_OVERLAP_METRIC``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from convcg_cli import tracking
+from convcg_cli.builders import build_datamodule
+from convcg_cli.data.item_encoding import ITEM_CODE, fit_item_encoding
+from convcg_cli.data.schema import load_schemas, load_tables
+from convcg_cli.errors import ConfigError
+from convcg_cli.evaluate import embed_split, load_trained_model, read_checkpoint
+from convcg_cli.metrics.retrieval import ExactIndex, overlap_at_k
+from convcg_cli.retrieval import build_index
+from convcg_cli.serve.bundle import ServingBundle
+from convcg_cli.serve.model import DEFAULT_K
+
+# Request and candidate columns as the signature declares them: {name: (MLflow type, required)}.
+# The optional ids are "any": pandas writes an integer column with missing values as float64, which
+# MLflow refuses for a long column, and it refuses int64 for a double one; the model checks them
+# itself (request_rows: integers, or whole floats with NaN for "not given").
+INPUT_COLUMNS = {
+    "user_id": ("long", True),
+    "surface": ("string", True),
+    "subject_item_id": ("any", False),
+    "query_id": ("any", False),
+    "timestamp": ("any", False),
+}
+OUTPUT_COLUMNS = {"request": "long", "rank": "long", "item_id": "long", "score": "float"}
+INDEX_OVERLAP_METRIC = "serve/index_overlap_at_{k}"
+INDEX_KINDS = ("exact", "ivf")
+# What conf/train.yaml's ``serve`` block holds; a run saved before it existed gets these.
+SERVE_DEFAULTS: dict[str, Any] = {
+    "log_model": True,
+    "index": "exact",
+    "nlist": 1024,
+    "nprobe": 16,
+    "overlap_k": 100,
+}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """A logged model: its URI, the index options and, for an approximate index, its overlap with exact."""
+
+    model_uri: str
+    index: dict[str, Any]
+    overlap: dict[str, float]
+
+
+def serve_options(train_cfg, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``SERVE_DEFAULTS`` < the run's ``serve`` block < ``overrides`` (None values ignored), checked."""
+    options = {**SERVE_DEFAULTS, **dict(train_cfg.get("serve") or {})}
+    options.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if options["index"] not in INDEX_KINDS:
+        raise ConfigError(f"serve.index={options['index']!r} is not one of {list(INDEX_KINDS)}.")
+    for name in ("nlist", "nprobe", "overlap_k"):
+        if int(options[name]) < 1:
+            raise ConfigError(f"serve.{name} must be >= 1, got {options[name]}.")
+    return options
+
+
+def index_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The bundle's index entry: ``{"kind": "exact"}`` or ``{"kind": "ivf", "nlist": .., "nprobe": ..}``."""
+    if options["index"] == "exact":
+        return {"kind": "exact"}
+    return {"kind": "ivf", "nlist": int(options["nlist"]), "nprobe": int(options["nprobe"])}
+
+
+def cold_start_state(tower, id_feature: str) -> dict[str, Any]:
+    """A copy of ``tower``'s state with row 0 of the ``id_feature`` table (never read in training:
+    every trained user or item has code >= 1) set to the mean trained row: the cold-start user of the
+    query tower (``user_id``), the unseen item of the item tower (``item_id``)."""
+    state = {k: v.detach().clone().cpu() for k, v in tower.state_dict().items()}
+    key = f"embedder.embeddings.{id_feature}.weight"
+    state[key][0] = state[key][1:].mean(dim=0)
+    return state
+
+
+def make_bundle(train_cfg, dm, model, options: Mapping[str, Any]) -> ServingBundle:
+    """The serving bundle of a trained model (eval mode, its checkpoint's weights) on its data module."""
+    schemas = load_schemas()
+    items = load_tables(dm.dir, {"items": schemas["items"]})["items"]  # the table as training read it
+    return ServingBundle(
+        config=train_cfg,
+        query_tower_state=cold_start_state(model.user_tower, "user_id"),
+        item_tower_state=cold_start_state(model.item_tower, ITEM_CODE),
+        user_spec=dm.user_spec,
+        item_spec=dm.item_spec,
+        users=dm.users,
+        item_ids=np.asarray(dm.items.item_ids, dtype=np.int64),
+        item_emb=model.embed_items(dm.item_features),
+        surfaces=list(dm.surfaces),
+        query_hash_buckets=int(dm.query_hash_buckets),
+        context=tuple(dm.context),
+        history_max_len=int(dm.history_max_len),
+        events=dm.inputs.events,
+        index=index_options(options),
+        item_encoding=fit_item_encoding(items, dm.item_columns, dm.items),
+    )
+
+
+def measure_overlap(bundle: ServingBundle, query_emb: np.ndarray, k: int) -> dict[str, float]:
+    """``{INDEX_OVERLAP_METRIC: overlap}`` of the bundle's approximate index with exact search on
+    ``query_emb``; empty for the exact index."""
+    options = dict(bundle.index)
+    kind = options.pop("kind")
+    if kind == "exact" or len(query_emb) == 0:
+        return {}
+    _, exact = ExactIndex(bundle.item_emb).search(query_emb, k)
+    _, approximate = build_index(bundle.item_emb, kind, **options).search(query_emb, k)
+    return {INDEX_OVERLAP_METRIC.format(k=k): overlap_at_k(approximate, exact)}
+
+
+def input_example(bundle: ServingBundle) -> pl.DataFrame:
+    """Two requests of known users on the first surface: the signature's example."""
+    users = bundle.users.user_ids[:2]
+    return pl.DataFrame({"user_id": users, "surface": [bundle.surfaces[0]] * len(users)})
+
+
+@contextmanager
+def pyfunc_parts(bundle: ServingBundle) -> Iterator[dict[str, Any]]:
+    """What MLflow saves as the served model, the bundle written to a temporary directory: the code
+    file, the artifacts, the signature and the input example (keyword arguments of
+    ``tracking.save_served_model`` / ``log_served_model``)."""
+    from convcg_cli.serve import model_code
+    from convcg_cli.serve.pyfunc import BUNDLE_ARTIFACT
+
+    with tempfile.TemporaryDirectory() as tmp:
+        yield {
+            "python_model": model_code.__file__,
+            "artifacts": {BUNDLE_ARTIFACT: str(bundle.write(Path(tmp) / BUNDLE_ARTIFACT))},
+            "signature": tracking.served_model_signature(INPUT_COLUMNS, OUTPUT_COLUMNS, DEFAULT_K),
+            "input_example": input_example(bundle).to_pandas(),
+        }
+
+
+def save_bundle(bundle: ServingBundle, path: Path) -> Path:
+    """Save ``bundle`` as a local pyfunc model directory at ``path`` (no run; the benchmarks load it)."""
+    with pyfunc_parts(bundle) as parts:
+        tracking.save_served_model(path, **parts)
+    return path
+
+
+def log_bundle(logger_cfg, run_id: str, bundle: ServingBundle, tags: Mapping[str, str] | None = None) -> str:
+    """Log ``bundle`` as the run's pyfunc model (signature, input example) and return its URI."""
+    with pyfunc_parts(bundle) as parts:
+        return tracking.log_served_model(
+            logger_cfg, run_id, tags={"index": bundle.index["kind"], **(tags or {})}, **parts
+        )
+
+
+def _log(logger_cfg, run_id: str, train_cfg, dm, model, options: Mapping[str, Any]) -> ExportResult:
+    """Bundle, measure the index overlap (approximate index only), log both; the shared tail of
+    :func:`log_trained_model` and :func:`export_run`."""
+    bundle = make_bundle(train_cfg, dm, model, options)
+    overlap = {}
+    if bundle.index["kind"] != "exact":
+        overlap = measure_overlap(bundle, embed_split(model, dm, "val"), int(options["overlap_k"]))
+        tracking.log_metrics(tracking.client(logger_cfg), run_id, overlap)
+    return ExportResult(log_bundle(logger_cfg, run_id, bundle), bundle.index, overlap)
+
+
+def log_trained_model(cfg, dm, model, run_id: str, checkpoint: Path) -> ExportResult | None:
+    """At the end of ``convcg train``: the kept checkpoint's weights, bundled and logged as the run's
+    model (None when ``serve.log_model`` is false)."""
+    options = serve_options(cfg)
+    if not options["log_model"]:
+        return None
+    model.load_state_dict(read_checkpoint(checkpoint)["state_dict"])
+    model.eval()
+    return _log(cfg.logger, run_id, cfg, dm, model, options)
+
+
+def export_run(logger_cfg, run: str, overrides: Mapping[str, Any] | None = None) -> ExportResult:
+    """Log the served model of an existing run (``convcg export``): rebuilt from its saved config and
+    checkpoint, on its own data, with the run's ``serve`` options updated by ``overrides``."""
+    run_id = tracking.resolve_run(logger_cfg, run)
+    train_cfg = tracking.load_run_config(logger_cfg, run_id)
+    options = serve_options(train_cfg, overrides)
+    dm = build_datamodule(train_cfg, list(train_cfg.loss.task_weights.keys()), stage="validate")
+    model = load_trained_model(train_cfg, dm, tracking.download_checkpoint(logger_cfg, run_id), run_id)
+    return _log(logger_cfg, run_id, train_cfg, dm, model, options)
+
+
+def register(logger_cfg, model_uri: str, name: str, alias: str | None = None) -> int:
+    """Register ``model_uri`` (``runs:/ID/model``) as a new version of ``name``; returns the version."""
+    if model_uri.startswith("runs:/"):
+        tracking.resolve_run(logger_cfg, model_uri.split("/")[1])  # a clear error for an unknown run
+    return tracking.register_served_model(logger_cfg, model_uri, name, alias)

@@ -1,0 +1,94 @@
+"""``CandidateModel``: a serving bundle's query tower and item index; requests in, candidates out.
+
+The pyfunc model's ``predict`` and ``convcg retrieve`` both call :meth:`CandidateModel.candidates`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from convcg_cli.builders import model_from_config
+from convcg_cli.retrieval import Retriever, build_index
+from convcg_cli.serve.bundle import CANDIDATE_COLUMNS, RequestError, ServingBundle, request_rows
+
+DEFAULT_K = 100
+CANDIDATE_SCHEMA = dict(zip(CANDIDATE_COLUMNS, (pl.Int64, pl.Int64, pl.Int64, pl.Float32), strict=True))
+
+
+def load_towers(bundle: ServingBundle):
+    """The run's model rebuilt from the bundle's config and specs, with both towers' weights, in eval
+    mode (the loss and optimiser parts are built but never used)."""
+    model = model_from_config(bundle.config, bundle.user_spec, bundle.item_spec)
+    model.user_tower.load_state_dict(bundle.query_tower_state)
+    model.item_tower.load_state_dict(bundle.item_tower_state)
+    model.eval()
+    return model
+
+
+def check_k(k: Any) -> int:
+    """``k`` as an int >= 1, or a RequestError."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 1:
+        raise RequestError(f"k must be a positive integer, got {k!r}.")
+    return int(k)
+
+
+class CandidateModel:
+    """Ranks the corpus for each request with the trained query tower and the bundle's item index.
+
+    Args:
+        bundle: what the served model holds (see :mod:`convcg_cli.serve.bundle`).
+
+    Example (with a logged run)::
+
+        model = CandidateModel(ServingBundle.read(path))
+        model.candidates(pl.DataFrame({"user_id": [7], "surface": ["home_feed"]}), k=10)
+    """
+
+    def __init__(self, bundle: ServingBundle) -> None:
+        self.bundle = bundle
+        options = dict(bundle.index)
+        kind = str(options.pop("kind", "exact"))
+        towers = load_towers(bundle)
+        self.retriever = Retriever(
+            towers.embed_queries,
+            build_index(bundle.item_emb, kind, **{k: int(v) for k, v in options.items()}),
+            int(bundle.config.data.get("eval_batch_size", 8192)),
+        )
+        self.inputs = bundle.query_inputs()
+
+    def candidates(self, requests: Any, k: int = DEFAULT_K, first_request: int = 0) -> pl.DataFrame:
+        """The top ``k`` items of every request as ``(request, rank, item_id, score)`` rows.
+
+        Args:
+            requests: a pandas or polars table with ``user_id``, ``surface`` and optionally
+                ``subject_item_id``, ``query_id``, ``timestamp`` (see :func:`request_rows`).
+            k: candidates per request (the whole corpus when it is smaller).
+            first_request: the ``request`` number of the first row (a chunk's offset in a file).
+
+        Returns:
+            ``min(k, N)`` rows per request, ``rank`` 1 the best; ``request`` is the row's position in
+            ``requests`` plus ``first_request``. An approximate index may return fewer rows.
+
+        Raises:
+            RequestError: a malformed request table or ``k``.
+        """
+        k = check_k(k)
+        rows = request_rows(requests)
+        if rows.height == 0:
+            return pl.DataFrame(schema=CANDIDATE_SCHEMA)
+        scores, positions = self.retriever.topk(self.bundle.query_features(rows, self.inputs), k)
+        found = positions >= 0  # an IVF index pads rows whose probed cells hold fewer than k items
+        request = np.broadcast_to(np.arange(len(positions))[:, None] + first_request, positions.shape)
+        rank = np.broadcast_to(np.arange(1, positions.shape[1] + 1), positions.shape)
+        return pl.DataFrame(
+            {
+                "request": request[found].astype(np.int64),
+                "rank": rank[found].astype(np.int64),
+                "item_id": self.bundle.item_ids[positions[found]].astype(np.int64),
+                "score": scores[found].astype(np.float32),
+            },
+            schema=CANDIDATE_SCHEMA,
+        )

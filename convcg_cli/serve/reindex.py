@@ -1,0 +1,61 @@
+"""``convcg index``: a fresh corpus without retraining.
+
+A new or changed item table (in the ``items`` contract of data_schemas/) is encoded as the training
+corpus was (:mod:`convcg_cli.data.item_encoding`: trained items keep their id and training-window
+features, unseen items get the item tower's cold-start id row and no performance), embedded by the
+run's trained item tower, and logged as a new model of the run (``runs:/ID/model`` then resolves to
+it; optionally registered as a new version). The query side is unchanged: requests are encoded with
+the training corpus (a subject item unseen in training counts as none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import polars as pl
+
+from convcg_cli.data.checks import conform_frames
+from convcg_cli.data.item_encoding import encode_items
+from convcg_cli.data.schema import load_schemas
+from convcg_cli.errors import ConvcgError, DataValidationError
+from convcg_cli.serve.batch import load_candidate_model, served_model_uri
+from convcg_cli.serve.bundle import ServingBundle
+from convcg_cli.serve.export import ExportResult, log_bundle, register
+from convcg_cli.serve.model import load_towers
+
+
+def read_items(path: Path) -> pl.DataFrame:
+    """The item table at ``path`` (a parquet file, or a directory holding ``items.parquet``), checked
+    against the ``items`` contract; a DataValidationError lists every violation."""
+    schema = load_schemas()["items"]
+    file = path / schema.file if path.is_dir() else path
+    if not file.is_file():
+        raise ConvcgError(f"No item table at {file}; expected a parquet file in the items contract.")
+    conformed, violations = conform_frames({"items": pl.read_parquet(file)}, {"items": schema})
+    if violations:
+        raise DataValidationError(violations)
+    return conformed["items"]
+
+
+def reindexed(bundle: ServingBundle, items: pl.DataFrame) -> ServingBundle:
+    """``bundle`` with its index corpus replaced by ``items``, embedded by the bundle's item tower."""
+    import torch
+
+    ids, features = encode_items(bundle.item_encoding, items)
+    towers = load_towers(bundle)
+    embeddings = towers.embed_items({k: torch.from_numpy(v) for k, v in features.items()})
+    return dataclasses.replace(bundle, item_ids=ids, item_emb=embeddings)
+
+
+def reindex_run(
+    logger_cfg, run: str, items_path: Path, name: str | None = None, alias: str | None = None
+) -> tuple[ExportResult, int | None]:
+    """Log the run's model with the corpus of ``items_path``; register it as a new version of
+    ``name`` (with ``alias``) when given. Returns the logged model and the registered version."""
+    model_uri = served_model_uri(logger_cfg, run)
+    run_id = model_uri.split("/")[1]
+    bundle = reindexed(load_candidate_model(logger_cfg, model_uri).bundle, read_items(items_path))
+    uri = log_bundle(logger_cfg, run_id, bundle, tags={"items": str(items_path)})
+    version = register(logger_cfg, uri, name, alias) if name else None
+    return ExportResult(uri, bundle.index, {}), version
