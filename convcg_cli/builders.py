@@ -1,13 +1,20 @@
 """Build the data module and the model a (resolved) training config describes.
 
-Shared by every use case that needs them (``train``, ``evaluate``, the benchmarks): evaluation rebuilds
-the model from the run's saved config with exactly the code training used.
+Shared by every use case that needs them (``train``, ``evaluate``, ``serve``, the benchmarks):
+evaluation and serving rebuild the model from the run's saved config with exactly the code training
+used, load its checkpoint as data (``read_checkpoint``) and embed queries the same way.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
 from convcg_cli.config import instantiate
-from convcg_cli.errors import ConfigError
+from convcg_cli.errors import ConfigError, ConvcgError
+from convcg_cli.retrieval import encode_queries
 
 
 def build_datamodule(cfg, tasks: list[str], stage: str = "fit"):
@@ -65,4 +72,46 @@ def build_model(cfg, dm):
                 "set data.cofactors.dim > 0."
             )
         model.init_item_embeddings(factors)
+    return model
+
+
+def embed_split(model, dm, split: str) -> np.ndarray:
+    """Served query embeddings of every query of ``split``, in query order (the retrieval path's
+    :func:`~convcg_cli.retrieval.encode_queries`, ``data.eval_batch_size`` queries at a time)."""
+    return encode_queries(model.embed_queries, dm.queries[split].features, dm.eval_batch_size)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint as plain data: ``torch.load(weights_only=True)`` unpickles tensors,
+    containers and numbers only, so a tampered checkpoint cannot run code. Anything else in it is a
+    ConvcgError naming the file, not a traceback."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConvcgError(
+            f"The checkpoint {path} is not plain weights (tensors, numbers, containers): {first}. "
+            "convcg loads checkpoints as data only, so one that holds other objects is refused; "
+            "retrain the run."
+        ) from None
+
+
+def load_trained_model(train_cfg, dm, checkpoint: Path, run_id: str):
+    """The run's model rebuilt from its config, with the weights of ``checkpoint``, in eval mode."""
+    model = build_model(train_cfg, dm)
+    state = read_checkpoint(checkpoint)
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as exc:  # shapes differ: the code or the data changed since training
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise ConvcgError(
+            f"The checkpoint of run {run_id} does not fit the model rebuilt from its saved config and "
+            f"{dm.dir} ({first}). The data (feature columns, corpus) or convcg changed since it was "
+            "trained; evaluate it on the logs it was trained on, or retrain."
+        ) from None
+    model.eval()
     return model

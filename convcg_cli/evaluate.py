@@ -20,14 +20,18 @@ from omegaconf import OmegaConf
 
 from convcg_cli import tracking
 from convcg_cli.baselines import BASELINE_DATA_OPTIONS, BASELINES, make_baseline, training_history
-from convcg_cli.builders import build_datamodule, build_model
+from convcg_cli.builders import (  # noqa: F401  (read_checkpoint: also imported from here)
+    build_datamodule,
+    embed_split,
+    load_trained_model,
+    read_checkpoint,
+)
 from convcg_cli.config import Composed
 from convcg_cli.errors import ConfigError, ConvcgError
 from convcg_cli.metrics.bootstrap import bootstrap_recall_ci, ci_names
 from convcg_cli.metrics.prior import choose_prior_weight, log_prior, with_item_prior
 from convcg_cli.metrics.retrieval import ExactIndex, metric_name, positive_hits
 from convcg_cli.metrics.suite import report_from_topk
-from convcg_cli.retrieval import encode_queries
 from convcg_cli.tasks import PRIMARY_TASK
 
 SPLITS = ("val", "heldout")
@@ -73,12 +77,6 @@ class EvalResult:
     split: str
     metrics: dict[str, float]
     hits: dict[str, PositiveHits] = field(default_factory=dict)
-
-
-def embed_split(model, dm, split: str) -> np.ndarray:
-    """Served query embeddings of every query of ``split``, in query order (the retrieval path's
-    :func:`~convcg_cli.retrieval.encode_queries`, ``data.eval_batch_size`` queries at a time)."""
-    return encode_queries(model.embed_queries, dm.queries[split].features, dm.eval_batch_size)
 
 
 def query_users(queries) -> np.ndarray:
@@ -323,39 +321,3 @@ def _check_has_conversions(dm, split: str) -> None:
             "least one held-out conversion to measure recall. Use more days (data.heldout_days) "
             "or other logs."
         )
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A Lightning checkpoint as plain data: ``torch.load(weights_only=True)`` unpickles tensors,
-    containers and numbers only, so a tampered checkpoint cannot run code. Anything else in it is a
-    ConvcgError naming the file, not a traceback."""
-    import pickle
-
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConvcgError(
-            f"The checkpoint {path} is not plain weights (tensors, numbers, containers): {first}. "
-            "convcg loads checkpoints as data only, so one that holds other objects is refused; "
-            "retrain the run."
-        ) from None
-
-
-def load_trained_model(train_cfg, dm, checkpoint: Path, run_id: str):
-    """The run's model rebuilt from its config, with the weights of ``checkpoint``, in eval mode."""
-    model = build_model(train_cfg, dm)
-    state = read_checkpoint(checkpoint)
-    try:
-        model.load_state_dict(state["state_dict"])
-    except RuntimeError as exc:  # shapes differ: the code or the data changed since training
-        first = str(exc).strip().splitlines()[-1].strip()
-        raise ConvcgError(
-            f"The checkpoint of run {run_id} does not fit the model rebuilt from its saved config and "
-            f"{dm.dir} ({first}). The data (feature columns, corpus) or convcg changed since it was "
-            "trained; evaluate it on the logs it was trained on, or retrain."
-        ) from None
-    model.eval()
-    return model

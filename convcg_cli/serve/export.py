@@ -20,11 +20,10 @@ import numpy as np
 import polars as pl
 
 from convcg_cli import tracking
-from convcg_cli.builders import build_datamodule
+from convcg_cli.builders import build_datamodule, embed_split, load_trained_model, read_checkpoint
 from convcg_cli.data.item_encoding import ITEM_CODE, fit_item_encoding
 from convcg_cli.data.schema import load_schemas, load_tables
 from convcg_cli.errors import ConfigError
-from convcg_cli.evaluate import embed_split, load_trained_model, read_checkpoint
 from convcg_cli.metrics.retrieval import ExactIndex, overlap_at_k
 from convcg_cli.retrieval import build_index
 from convcg_cli.serve.bundle import ServingBundle
