@@ -89,46 +89,70 @@ def data_import(
             err.print(f"[yellow]Warning:[/yellow] {escape(warning)}", highlight=False)
 
 
-@app.command(context_settings={"ignore_unknown_options": True})
-def train(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)) -> None:
-    """Train a model from conf/train.yaml plus OVERRIDES; prints the MLflow run id."""
+# train/eval hand every argument they do not declare to Hydra's command line (convcg_cli.hydra_cli),
+# --help included: Hydra's help lists the config groups and their options.
+HYDRA_COMMAND = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(context_settings=HYDRA_COMMAND, add_help_option=False)
+def train(ctx: typer.Context) -> None:
+    """Train a model from conf/train.yaml plus Hydra overrides (-m sweeps, --cfg job, ...; see --help)."""
     with user_errors():
-        from convcg_cli import tracking
-        from convcg_cli.config import compose
-        from convcg_cli.train import train as run_training
+        from convcg_cli import hydra_cli
 
-        tracking.quiet()
-        composed = compose("train", overrides)
-        result = run_training(composed)
-        if not tracking.is_global_zero():  # DDP ranks > 0: rank 0 reports the one run
-            return
-        _print_metrics(f"Validation (last epoch) of run {result.run_id}", result.metrics)
-        out.print(f"MLflow run id: [bold]{result.run_id}[/bold]")
-        out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
+        hydra_cli.run("train", [_prog(), "train"], ctx.args, _train_job)
 
 
-@app.command("eval", context_settings={"ignore_unknown_options": True})
+def _train_job(composed) -> float | None:
+    """One training job: train, print its validation table and run id; returns the kept checkpoint's
+    monitored validation score (what a Hydra sweeper optimises)."""
+    from convcg_cli import tracking
+    from convcg_cli.train import train as run_training
+
+    tracking.quiet()
+    result = run_training(composed)
+    if not tracking.is_global_zero():  # DDP ranks > 0: rank 0 reports the one run
+        return None
+    _print_metrics(f"Validation (last epoch) of run {result.run_id}", result.metrics)
+    out.print(f"MLflow run id: [bold]{result.run_id}[/bold]")
+    out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
+    monitor = composed.cfg.callbacks.get("model_checkpoint", {}).get("monitor")
+    return result.metrics.get(str(monitor)) if monitor else None
+
+
+@app.command("eval", context_settings=HYDRA_COMMAND, add_help_option=False)
 def eval_(
+    ctx: typer.Context,
     run: str = typer.Option("latest", "--run", help="MLflow run id to evaluate, or 'latest'."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
-    overrides: list[str] = typer.Argument(
-        None, help="Overrides of conf/eval.yaml, e.g. split=val ks=[100,1000]"
-    ),
 ) -> None:
-    """Evaluate a trained run on held-out logs; logs heldout/... metrics into the same run."""
+    """Evaluate a trained run on held-out logs plus Hydra overrides of conf/eval.yaml (see --help)."""
     with user_errors():
-        from convcg_cli import tracking
-        from convcg_cli.config import compose
-        from convcg_cli.evaluate import evaluate
+        from convcg_cli import hydra_cli
 
-        tracking.quiet()
-        composed = compose("eval", overrides)
-        result = evaluate(composed, run)
-        if as_json:
-            print(json.dumps({"run_id": result.run_id, **result.metrics}, sort_keys=True))
-            return
-        _print_metrics(f"{result.split} evaluation of run {result.run_id}", result.metrics)
-        out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
+        command = [_prog(), "eval", "--run", run, *(["--json"] if as_json else [])]
+        hydra_cli.run("eval", command, ctx.args, lambda composed: _eval_job(composed, run, as_json))
+
+
+def _eval_job(composed, run: str, as_json: bool) -> None:
+    """One evaluation job: evaluate ``run`` and print its metrics (a table, or JSON)."""
+    from convcg_cli import tracking
+    from convcg_cli.evaluate import evaluate
+
+    tracking.quiet()
+    result = evaluate(composed, run)
+    if as_json:
+        print(json.dumps({"run_id": result.run_id, **result.metrics}, sort_keys=True))
+        return
+    _print_metrics(f"{result.split} evaluation of run {result.run_id}", result.metrics)
+    out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
+
+
+def _prog() -> str:
+    """The command that started this process (what Lightning's DDP launcher re-executes)."""
+    import sys
+
+    return sys.argv[0]
 
 
 @app.command(context_settings={"ignore_unknown_options": True})

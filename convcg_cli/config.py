@@ -1,4 +1,5 @@
-"""Compose Hydra configs from ``conf/`` without ``@hydra.main`` (the CLI is Typer's, not Hydra's)."""
+"""Compose Hydra configs from ``conf/``: ``compose`` for code (tests, ``convcg ablate``), and
+``from_hydra_job`` for a config Hydra's own command line composed (``convcg train``/``eval``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from convcg_cli.resources import resource_dir
 CONF_DIR = resource_dir("conf")
 
 
-def _register_resolvers() -> None:
+def register_resolvers() -> None:
+    """Register convcg's OmegaConf resolvers (``abspath``); needed before any config is resolved."""
     # `${abspath:...}` makes paths absolute at compose time, so a run's saved config points at the
     # same files wherever `convcg eval` is later started from.
     if not OmegaConf.has_resolver("abspath"):
@@ -44,9 +46,15 @@ def _close_keys(config_name: str, key: str) -> list[str]:
     import difflib
 
     from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     try:
-        cfg = hydra_compose(config_name=config_name, overrides=[])
+        if GlobalHydra.instance().is_initialized():  # called from compose(): its config dir is set
+            cfg = hydra_compose(config_name=config_name, overrides=[])
+        else:  # called after a Hydra command line failed
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="convcg"):
+                cfg = hydra_compose(config_name=config_name, overrides=[])
     except Exception:  # the hint is best effort; the original error is what matters
         return []
     return difflib.get_close_matches(key, _keys(cfg), n=3, cutoff=0.75)
@@ -72,6 +80,29 @@ def _hint(message: str, overrides: list[str], config_name: str) -> str:
     return (" Hint: " + " ".join(hints)) if hints else ""
 
 
+def _app_choices(raw_choices) -> dict[str, str]:
+    """The config-group options chosen (Hydra's ``runtime.choices``), without Hydra's own groups."""
+    return {
+        str(k): str(v) for k, v in raw_choices.items() if not str(k).startswith("hydra/") and v is not None
+    }
+
+
+def config_error(config_name: str, overrides: list[str], exc: Exception) -> ConfigError:
+    """Hydra's or OmegaConf's composition error as a ConfigError: its message plus a hint (did you mean)."""
+    message = " ".join(str(exc).split())
+    return ConfigError(
+        f"Could not compose config '{config_name}' with overrides {overrides}: {message}"
+        f"{_hint(message, overrides, config_name)}"
+    )
+
+
+def _finish(cfg: DictConfig, choices: dict[str, str], overrides: list[str]) -> Composed:
+    """Resolve ``cfg`` (every interpolation, once) and freeze its keys (struct mode)."""
+    OmegaConf.resolve(cfg)
+    OmegaConf.set_struct(cfg, True)
+    return Composed(cfg=cfg, choices=choices, overrides=overrides)
+
+
 def compose(config_name: str, overrides: list[str] | None = None) -> Composed:
     """Compose ``conf/<config_name>.yaml`` with Hydra command-line style overrides and resolve it.
 
@@ -83,28 +114,30 @@ def compose(config_name: str, overrides: list[str] | None = None) -> Composed:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    _register_resolvers()
+    register_resolvers()
     overrides = list(overrides or [])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="convcg"):
         try:
             cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-            raw_choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
-            assert isinstance(raw_choices, dict)
-            choices = {
-                str(k): str(v)
-                for k, v in raw_choices.items()
-                if not str(k).startswith("hydra/") and v is not None
-            }
+            choices = _app_choices(cfg.hydra.runtime.choices)
             cfg = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
-            OmegaConf.resolve(cfg)
+            return _finish(cfg, choices, overrides)
         except (HydraException, OmegaConfBaseException) as exc:
-            message = " ".join(str(exc).split())
-            raise ConfigError(
-                f"Could not compose config '{config_name}' with overrides {overrides}: {message}"
-                f"{_hint(message, overrides, config_name)}"
-            ) from None
-    OmegaConf.set_struct(cfg, True)
-    return Composed(cfg=cfg, choices=choices, overrides=overrides)
+            raise config_error(config_name, overrides, exc) from None
+
+
+def from_hydra_job(cfg: DictConfig) -> Composed:
+    """The config Hydra composed for the running job (``@hydra.main``), resolved and checked like
+    ``compose``'s; the overrides are this job's (a multirun job's include its sweep values)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf.errors import OmegaConfBaseException
+
+    hydra_cfg = HydraConfig.get()
+    overrides = [str(o) for o in hydra_cfg.overrides.task]
+    try:
+        return _finish(cfg, _app_choices(hydra_cfg.runtime.choices), overrides)
+    except OmegaConfBaseException as exc:
+        raise config_error(str(hydra_cfg.job.config_name), overrides, exc) from None
 
 
 def instantiate(node, **kwargs):
