@@ -156,6 +156,35 @@ def _prog() -> str:
 
 
 @app.command(context_settings={"ignore_unknown_options": True})
+def tune(
+    search: str = typer.Argument(..., help="Search to run: conf/hparams_search/SEARCH.yaml, e.g. smoke."),
+    overrides: list[str] = typer.Argument(
+        None, help="Train overrides for every trial, e.g. data.dir=data/synthetic-small trainer.max_epochs=3"
+    ),
+    study: str = typer.Option(
+        None, "--study", help="Study name (default: SEARCH); the same name resumes it."
+    ),
+    n_trials: int = typer.Option(
+        None, "--n-trials", help="Finished trials the study should end with (default: the search's)."
+    ),
+) -> None:
+    """Tune train overrides with Optuna on a validation metric; write the best as an experiment file."""
+    with user_errors():
+        from convcg_cli import tracking
+        from convcg_cli import tune as tuning
+
+        tracking.quiet()
+        result = tuning.run_tune(tuning.load_search(search), overrides or [], study, n_trials)
+        out.print(f"Study '{result.study_name}' ({result.storage}): {result.n_trials} trials finished.")
+        out.print(f"MLflow parent run id: [bold]{result.parent_run_id}[/bold]")
+        if result.experiment_file is None:
+            err.print("[bold red]No trial finished[/bold red]: no experiment file written.")
+            raise typer.Exit(1)
+        out.print(f"Best validation value: {result.best_value:.4f}; experiment: {result.experiment_file}")
+        out.print(f"Train it: {result.train_command}", markup=False, highlight=False)
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
 def ablate(
     grid: str = typer.Argument(..., help="Grid to run: conf/ablate/GRID.yaml, e.g. designs or smoke."),
     overrides: list[str] = typer.Argument(

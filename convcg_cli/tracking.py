@@ -372,3 +372,15 @@ def metric_history(logger_cfg: Mapping[str, Any], run_id: str, name: str) -> lis
     """Every logged value of metric ``name`` in the run as ``(step, value)``, in logging order."""
     history = client(logger_cfg).get_metric_history(run_id, name)
     return [(int(m.step), float(m.value)) for m in history]
+
+
+@contextmanager
+def resumed_run(logger_cfg: Mapping[str, Any], run_id: str) -> Iterator[TrackedRun]:
+    """Open an existing run again (a resumed study's parent): RUNNING while the block runs, then
+    FINISHED, FAILED or KILLED like a new one."""
+    from mlflow.entities import RunStatus
+
+    mlflow_client = client(logger_cfg)
+    mlflow_client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    with terminate_with_status(mlflow_client, run_id):
+        yield TrackedRun(run_id, mlflow_client, None)
