@@ -103,21 +103,18 @@ def train(ctx: typer.Context) -> None:
         hydra_cli.run("train", [_prog(), "train"], ctx.args, _train_job)
 
 
-def _train_job(composed) -> float | None:
-    """One training job: train, print its validation table and run id; returns the kept checkpoint's
-    monitored validation score (what a Hydra sweeper optimises)."""
+def _train_job(composed) -> None:
+    """One training job: train, print its validation table and run id."""
     from convcg_cli import tracking
     from convcg_cli.train import train as run_training
 
     tracking.quiet()
     result = run_training(composed)
     if not tracking.is_global_zero():  # DDP ranks > 0: rank 0 reports the one run
-        return None
+        return
     _print_metrics(f"Validation (last epoch) of run {result.run_id}", result.metrics)
     out.print(f"MLflow run id: [bold]{result.run_id}[/bold]")
     out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
-    monitor = composed.cfg.callbacks.get("model_checkpoint", {}).get("monitor")
-    return result.metrics.get(str(monitor)) if monitor else None
 
 
 @app.command("eval", context_settings=HYDRA_COMMAND, add_help_option=False)

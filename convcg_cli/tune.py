@@ -13,6 +13,7 @@ trial's overrides become ``<paths.root_dir>/conf/experiment/tuned/<name>.yaml``,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from convcg_cli import tracking
 from convcg_cli.config import CONF_DIR, Composed, compose, instantiate
 from convcg_cli.errors import ConfigError
+from convcg_cli.kept_checkpoint import validation_figure
 
 SEARCH_DIR = CONF_DIR / "hparams_search"
 STORAGE_FILE = Path("tune") / "optuna.db"  # under paths.root_dir
@@ -144,18 +146,6 @@ def distributions(params: Mapping[str, str]) -> dict:
     return out
 
 
-def kept_value(monitor: Sequence[tuple[int, float]], objective: Sequence[tuple[int, float]], mode: str):
-    """The objective's value at the step of the checkpoint a run keeps: the first best value of the
-    checkpoint's ``monitor`` (ModelCheckpoint keeps a later epoch only if it is strictly better).
-    ``(step, value)`` histories; None when the run logged neither."""
-    if not monitor:
-        return objective[-1][1] if objective else None
-    sign = 1.0 if mode == "max" else -1.0
-    best_step = max(monitor, key=lambda sv: (sign * sv[1], -sv[0]))[0]
-    at_step = [value for step, value in objective if step == best_step]
-    return at_step[-1] if at_step else None
-
-
 def experiment_yaml(overrides: Sequence[str], composed: Composed, header: Sequence[str]) -> str:
     """An experiment file (``# @package _global_``) that reproduces ``overrides``: group choices and
     ``+experiment=`` as defaults entries, every other key with its value in ``composed.cfg``."""
@@ -193,18 +183,6 @@ def _trial_config(search: Search, overrides: list[str], parent_run_id: str, numb
     return composed
 
 
-def _objective(search: Search, composed: Composed, run_id: str) -> float | None:
-    """``search.optimized_metric`` of the run's kept checkpoint, from the run's MLflow history."""
-    checkpoint = composed.cfg.callbacks.get("model_checkpoint") or {}
-    logger = composed.cfg.logger
-    monitor = str(checkpoint.get("monitor") or search.optimized_metric)
-    return kept_value(
-        tracking.metric_history(logger, run_id, monitor),
-        tracking.metric_history(logger, run_id, search.optimized_metric),
-        str(checkpoint.get("mode") or "max"),
-    )
-
-
 def _run_trial(search: Search, study, dists: dict, base: list[str], parent_run_id: str) -> bool:
     """Ask the study for one trial, train it, tell the study its objective; False if it failed."""
     from optuna.trial import TrialState
@@ -218,8 +196,8 @@ def _run_trial(search: Search, study, dists: dict, base: list[str], parent_run_i
         composed = _trial_config(search, overrides, parent_run_id, trial.number)
         result = train(composed)
         trial.set_user_attr("mlflow_run_id", result.run_id)
-        value = _objective(search, composed, result.run_id)
-        if value is None:
+        value = validation_figure(composed.cfg, result.run_id, search.optimized_metric)
+        if math.isnan(value):
             raise ConfigError(f"run {result.run_id} logged no {search.optimized_metric}")
     except Exception as exc:  # a failed trial does not stop the study; its error stays with it
         trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[: tracking.MAX_PARAM_LENGTH])

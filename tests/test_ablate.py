@@ -14,11 +14,12 @@ from convcg_cli.ablate import ChildResult, Variant
 from convcg_cli.ablate import report as ablate_report
 from convcg_cli.ablate.figure import plot_recall
 from convcg_cli.ablate.grid import fold_overrides, reproduce_command
-from convcg_cli.ablate.run import Cell, cells, child_overrides, value_at_best_epoch
+from convcg_cli.ablate.run import Cell, cells, child_overrides
 from convcg_cli.cli import app
 from convcg_cli.config import compose
 from convcg_cli.errors import ConfigError
 from convcg_cli.evaluate import EvalResult, PositiveHits, load_hits
+from convcg_cli.kept_checkpoint import value_at_best_epoch
 from convcg_cli.train import TrainResult
 from tests.conftest import runs_in
 

@@ -60,15 +60,6 @@ def test_hydra_sweep_syntax_becomes_optuna_distributions():
         tune.distributions({"seed": "3"})
 
 
-def test_the_objective_is_read_at_the_kept_checkpoints_step():
-    monitor = [(10, 0.2), (20, 0.5), (30, 0.5), (40, 0.4)]
-    objective = [(10, 0.1), (20, 0.7), (30, 0.9), (40, 0.3)]
-    assert tune.kept_value(monitor, objective, "max") == 0.7  # first best epoch: a tie is not kept
-    assert tune.kept_value(monitor, objective, "min") == 0.1
-    assert tune.kept_value([], [(1, 0.3)], "max") == 0.3  # no checkpoint monitor: the last value
-    assert tune.kept_value([], [], "max") is None
-
-
 def test_the_best_trials_overrides_become_an_experiment_file():
     overrides = [
         "+experiment=unified_parallel",
