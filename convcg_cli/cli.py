@@ -185,7 +185,9 @@ def tune(
 def ablate(
     grid: str = typer.Argument(..., help="Grid to run: conf/ablate/GRID.yaml, e.g. designs or smoke."),
     overrides: list[str] = typer.Argument(
-        None, help="Train overrides for every run, e.g. data.dir=data/synthetic-small trainer.max_epochs=3"
+        None,
+        help="Train overrides for every run, e.g. data.dir=data/synthetic-small trainer.max_epochs=3; "
+        "hydra/launcher=joblib (hydra.launcher.n_jobs=2), submitit_slurm or ray: cells run on that launcher",
     ),
     seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds instead of the grid's: 0,1,2"),
     variants: str = typer.Option(
@@ -207,10 +209,15 @@ def ablate(
         chosen = ablation.select(
             ablation.load_grid(grid), ablation.parse_seeds(seeds) if seeds else None, patterns
         )
+        # hydra/launcher=..., hydra.launcher.*: run the cells as the jobs of that launcher
+        launcher = [o for o in overrides or [] if o.lstrip("+~").startswith("hydra")]
+        train_overrides = [o for o in overrides or [] if o not in launcher]
         if report_only:
-            result = ablation.rewrite_report(chosen, report_only, overrides or [])
+            result = ablation.rewrite_report(chosen, report_only, train_overrides)
+        elif launcher:
+            result = ablation.run_ablation(chosen, train_overrides, patterns, launcher_overrides=launcher)
         else:
-            result = ablation.run_ablation(chosen, overrides or [], patterns)
+            result = ablation.run_ablation(chosen, train_overrides, patterns)
         out.print(f"Report: {result.report_dir / ablation.REPORT_FILE} (figure: {ablation.FIGURE_FILE})")
         out.print(f"MLflow parent run id: [bold]{result.parent_run_id}[/bold]")
         if result.n_failed:

@@ -84,6 +84,8 @@ def _tag_multirun_job(composed: Composed, sweep_dir: str, job_num: int) -> None:
     """Tag a multirun job's MLflow run with its sweep (the sweep directory) and job number."""
     from omegaconf import open_dict
 
+    if "logger" not in composed.cfg:  # a config that opens no run of its own (an ablation cell's)
+        return
     with open_dict(composed.cfg):
         tags = dict(composed.cfg.logger.get("run_tags") or {})
         composed.cfg.logger.run_tags = {**tags, "multirun": sweep_dir, "multirun_job": job_num}

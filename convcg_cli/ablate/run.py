@@ -167,6 +167,7 @@ def run_ablation(
     patterns: Sequence[str] | None = None,
     train_fn: Callable | None = None,
     evaluate_fn: Callable | None = None,
+    launcher_overrides: Sequence[str] = (),
 ) -> AblationResult:
     """Train and evaluate every cell of ``grid`` under one parent run, then report.
 
@@ -177,6 +178,9 @@ def run_ablation(
         patterns: the ``--variants`` globs used to select the grid (only for the reproduce command).
         train_fn, evaluate_fn: ``train(composed)`` and ``evaluate(composed, run_id, baseline_cache)``;
             default :func:`convcg_cli.train.train` and :func:`convcg_cli.evaluate.evaluate`.
+        launcher_overrides: Hydra overrides choosing a launcher (``hydra/launcher=joblib``,
+            ``hydra.launcher.n_jobs=2``): the cells then run as the jobs of a Hydra multirun
+            (:func:`_launch_cells`) and the report is built from their runs once all are done.
 
     Every config is composed and checked before the parent run is created, so a typo in the grid
     fails at once and leaves no half-run grid behind.
@@ -208,15 +212,22 @@ def run_ablation(
         }
         writer = ReportWriter(grid, eval_composed.cfg, report_dir, context)
         summary = writer.write(children)
-        for cell in cells(grid):
-            composed = _child_config(
-                grid, cell, train_overrides, heldout_days[cell.variant.name], parent.run_id
-            )
-            children.append(
-                _run_child(grid, cell, composed, eval_composed, train_fn, evaluate_fn, baseline_cache)
-            )
-            _mark_lost_run(logger_cfg, parent.run_id, children[-1])
-            summary = writer.write(children)  # a long grid that is stopped still leaves a report
+        jobs = [
+            (cell, _child_config(grid, cell, train_overrides, heldout_days[cell.variant.name], parent.run_id))
+            for cell in cells(grid)
+        ]
+        if launcher_overrides:
+            paths = [o for o in shared if o.lstrip("+~").startswith("paths")]
+            _launch_cells(grid, jobs, eval_composed, [*paths, *launcher_overrides])
+            children = _children_from_runs(grid, eval_composed.cfg, parent.run_id)
+            summary = writer.write(children)
+        else:
+            for cell, composed in jobs:
+                children.append(
+                    _run_child(grid, cell, composed, eval_composed, train_fn, evaluate_fn, baseline_cache)
+                )
+                _mark_lost_run(logger_cfg, parent.run_id, children[-1])
+                summary = writer.write(children)  # a long grid that is stopped still leaves a report
         plot_recall(summary.rows[0], writer.ks, report_dir / FIGURE_FILE)
         files = [report_dir / name for name in (REPORT_FILE, FIGURE_FILE, SUMMARY_FILE)]
         for path in files:
@@ -233,10 +244,28 @@ def rewrite_report(grid: Grid, parent_run_id: str, train_overrides: Sequence[str
     its run, so a report (e.g. after the report format changed, or from a grid stopped midway)
     matches what the grid would have written; the parent run's command is kept.
     """
-    from convcg_cli.evaluate import HITS_FILE, load_hits
-
     shared = [o for o in train_overrides if o.lstrip("+~").split(".")[0].split("=")[0] in _SHARED_GROUPS]
     eval_cfg = compose("eval", [*grid.eval_overrides, *shared]).cfg
+    logger_cfg, split = eval_cfg.logger, str(eval_cfg.split)
+    children = _children_from_runs(grid, eval_cfg, parent_run_id)
+    parent = tracking.client(logger_cfg).get_run(parent_run_id)
+    context = {
+        "command": parent.data.tags.get("command", ""),
+        "parent_run_id": parent_run_id,
+        "tracking_uri": str(logger_cfg.tracking_uri),
+        "split": split,
+    }
+    report_dir = Path(eval_cfg.paths.root_dir) / "reports" / grid.name
+    summary = ReportWriter(grid, eval_cfg, report_dir, context).write(children)
+    plot_recall(summary.rows[0], [int(k) for k in eval_cfg.ks], report_dir / FIGURE_FILE)
+    return AblationResult(parent_run_id, report_dir, children, summary)
+
+
+def _children_from_runs(grid: Grid, eval_cfg, parent_run_id: str) -> list[ChildResult]:
+    """Each child run's figures, per-positive hits and kept-checkpoint validation figure, read back
+    from MLflow, in the grid's cell order (a parallel launcher finishes them in any order)."""
+    from convcg_cli.evaluate import HITS_FILE, load_hits
+
     logger_cfg, split = eval_cfg.logger, str(eval_cfg.split)
     children = []
     for run in tracking.child_runs(logger_cfg, parent_run_id):
@@ -256,17 +285,27 @@ def rewrite_report(grid: Grid, parent_run_id: str, train_overrides: Sequence[str
         children.append(
             ChildResult(name, seed, run_id, FINISHED, metrics, data_dir=data_dir, fold=fold, hits=hits)
         )
-    parent = tracking.client(logger_cfg).get_run(parent_run_id)
-    context = {
-        "command": parent.data.tags.get("command", ""),
-        "parent_run_id": parent_run_id,
-        "tracking_uri": str(logger_cfg.tracking_uri),
-        "split": split,
-    }
-    report_dir = Path(eval_cfg.paths.root_dir) / "reports" / grid.name
-    summary = ReportWriter(grid, eval_cfg, report_dir, context).write(children)
-    plot_recall(summary.rows[0], [int(k) for k in eval_cfg.ks], report_dir / FIGURE_FILE)
-    return AblationResult(parent_run_id, report_dir, children, summary)
+    order = {(c.variant.name, c.seed, c.fold): i for i, c in enumerate(cells(grid))}
+    return sorted(children, key=lambda c: order.get((c.variant, c.seed, c.fold), len(order)))
+
+
+def _launch_cells(grid: Grid, jobs: list, eval_composed, launcher_overrides: Sequence[str]) -> None:
+    """Run the cells as the jobs of one Hydra multirun (``conf/ablate_cell.yaml``, ``cell=0,...,N-1``)
+    on the launcher ``launcher_overrides`` choose: joblib uses local cores, submitit a SLURM cluster,
+    Ray a Ray cluster. Each job trains and evaluates its cell under the parent run; a failed cell is
+    recorded in its run and does not stop the others."""
+    from convcg_cli import hydra_cli
+    from convcg_cli.evaluate import evaluate
+    from convcg_cli.train import train
+
+    baseline_cache: dict = {}  # shared by the jobs the basic launcher runs in this process
+
+    def run_cell(composed) -> None:
+        cell, child = jobs[int(composed.cfg.cell)]
+        _run_child(grid, cell, child, eval_composed, train, evaluate, baseline_cache)
+
+    sweep = ["-m", f"cell={','.join(str(i) for i in range(len(jobs)))}", *launcher_overrides]
+    hydra_cli.run("ablate_cell", ["convcg", "ablate", grid.name], sweep, run_cell)
 
 
 def _run_child(grid: Grid, cell: Cell, composed, eval_composed, train_fn, evaluate_fn, cache) -> ChildResult:
