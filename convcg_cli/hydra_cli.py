@@ -65,7 +65,7 @@ def thread_budget(launcher: Mapping[str, Any], cores: int) -> int | None:
     if target.endswith("RayLauncher"):
         cpus = (launcher.get("ray") or {}).get("remote", {}).get("num_cpus")
         return max(1, int(cpus)) if cpus else None
-    if "Submitit" in target:
+    if "submitit" in target.lower():
         cpus = launcher.get("cpus_per_task")
         return max(1, int(cpus)) if cpus else None
     return None

@@ -137,10 +137,33 @@ def test_job_argv_makes_a_multirun_job_a_single_run():
         ({"_target_": "x.RayLauncher", "ray": {"remote": {"num_cpus": 3}}}, 8, 3),
         ({"_target_": "x.SlurmLauncher", "cpus_per_task": None}, 8, None),
         ({"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"}, 8, None),
+        (
+            {
+                "_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+                "cpus_per_task": 4,
+            },
+            8,
+            4,
+        ),
     ],
 )
 def test_thread_budget_shares_the_cores_among_parallel_jobs(launcher, cores, threads):
     assert hydra_cli.thread_budget(launcher, cores) == threads
+
+
+def test_a_multirun_creates_the_mlflow_store_before_its_jobs_start(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from convcg_cli import tracking
+    from convcg_cli.hydra_callbacks import TrackingStoreReady
+
+    opened = []
+    monkeypatch.setattr(tracking, "client", lambda logger_cfg: f"client of {logger_cfg.tracking_uri}")
+    monkeypatch.setattr(tracking, "experiment_id", lambda client, logger_cfg: opened.append(client))
+    logger = {"tracking_uri": "sqlite:///x.db", "experiment_name": "convcg"}
+    TrackingStoreReady().on_multirun_start(OmegaConf.create({"logger": logger}))
+    TrackingStoreReady().on_multirun_start(OmegaConf.create({"cell": 0}))  # no logger: nothing to do
+    assert opened == ["client of sqlite:///x.db"]
 
 
 @pytest.mark.slow
@@ -164,6 +187,44 @@ def test_a_2_job_joblib_multirun_runs_in_parallel_workers(home, tiny_overrides):
     result = invoke(
         "train", "-m", *tiny_overrides, "seed=1,2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"
     )
+    assert result.exit_code == 0, result.output
+    runs = runs_in(home)
+    assert sorted(r.data.tags["seed"] for r in runs) == ["1", "2"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def _needs(plugin: str, extra: str):
+    missing = importlib.util.find_spec(f"hydra_plugins.{plugin}") is None
+    return pytest.mark.skipif(missing, reason=f"the launcher is an extra: pip install 'convcg[{extra}]'")
+
+
+@pytest.mark.slow
+@_needs("hydra_submitit_launcher", "slurm")
+def test_a_2_job_multirun_through_submitits_local_executor(home, tiny_overrides):
+    """The SLURM launcher's code path (submitit pickles each job and runs it in a new process),
+    on this machine: hydra/launcher=submitit_local."""
+    args = [
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=10",
+    ]
+    result = invoke("train", "-m", *tiny_overrides, "seed=1,2", *args)
+    assert result.exit_code == 0, result.output
+    runs = runs_in(home)
+    assert sorted(r.data.tags["seed"] for r in runs) == ["1", "2"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+@pytest.mark.slow
+@_needs("hydra_ray_launcher", "ray")
+def test_a_2_job_multirun_on_a_local_ray_instance(home, tiny_overrides):
+    """hydra/launcher=ray starts a local Ray instance (no address given) and runs each job as a task."""
+    args = [
+        "hydra/launcher=ray",
+        "+hydra.launcher.ray.init.num_cpus=2",
+        "hydra.launcher.ray.remote.num_cpus=1",
+    ]
+    result = invoke("train", "-m", *tiny_overrides, "seed=1,2", *args)
     assert result.exit_code == 0, result.output
     runs = runs_in(home)
     assert sorted(r.data.tags["seed"] for r in runs) == ["1", "2"]
