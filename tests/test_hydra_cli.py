@@ -178,53 +178,40 @@ def test_a_2x2_multirun_trains_4_mlflow_runs_with_their_tags(home, tiny_override
     assert len({r.data.tags["multirun"] for r in runs}) == 1
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None,
-    reason="the joblib launcher is an extra: pip install 'convcg[joblib]'",
-)
-def test_a_2_job_joblib_multirun_runs_in_parallel_workers(home, tiny_overrides):
-    result = invoke(
-        "train", "-m", *tiny_overrides, "seed=1,2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"
-    )
-    assert result.exit_code == 0, result.output
-    runs = runs_in(home)
-    assert sorted(r.data.tags["seed"] for r in runs) == ["1", "2"]
-    assert {r.info.status for r in runs} == {"FINISHED"}
-
-
 def _needs(plugin: str, extra: str):
     missing = importlib.util.find_spec(f"hydra_plugins.{plugin}") is None
     return pytest.mark.skipif(missing, reason=f"the launcher is an extra: pip install 'convcg[{extra}]'")
 
 
-@pytest.mark.slow
-@_needs("hydra_submitit_launcher", "slurm")
-def test_a_2_job_multirun_through_submitits_local_executor(home, tiny_overrides):
-    """The SLURM launcher's code path (submitit pickles each job and runs it in a new process),
-    on this machine: hydra/launcher=submitit_local."""
-    args = [
-        "hydra/launcher=submitit_local",
-        "hydra.launcher.cpus_per_task=1",
-        "hydra.launcher.timeout_min=10",
-    ]
-    result = invoke("train", "-m", *tiny_overrides, "seed=1,2", *args)
-    assert result.exit_code == 0, result.output
-    runs = runs_in(home)
-    assert sorted(r.data.tags["seed"] for r in runs) == ["1", "2"]
-    assert {r.info.status for r in runs} == {"FINISHED"}
+LAUNCHERS = [
+    pytest.param(
+        ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+        marks=_needs("hydra_joblib_launcher", "joblib"),
+        id="joblib",
+    ),
+    # The SLURM launcher's code path (each job pickled and run in a new process) on this machine.
+    pytest.param(
+        ["hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10"],
+        marks=_needs("hydra_submitit_launcher", "slurm"),
+        id="submitit_local",
+    ),
+    # No address: the launcher starts a local Ray instance and runs each job as a Ray task.
+    pytest.param(
+        [
+            "hydra/launcher=ray",
+            "++hydra.launcher.ray.init.num_cpus=2",
+            "++hydra.launcher.ray.remote.num_cpus=1",
+        ],
+        marks=_needs("hydra_ray_launcher", "ray"),
+        id="ray",
+    ),
+]
 
 
 @pytest.mark.slow
-@_needs("hydra_ray_launcher", "ray")
-def test_a_2_job_multirun_on_a_local_ray_instance(home, tiny_overrides):
-    """hydra/launcher=ray starts a local Ray instance (no address given) and runs each job as a task."""
-    args = [
-        "hydra/launcher=ray",
-        "+hydra.launcher.ray.init.num_cpus=2",
-        "hydra.launcher.ray.remote.num_cpus=1",
-    ]
-    result = invoke("train", "-m", *tiny_overrides, "seed=1,2", *args)
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_2_job_multirun_through_a_launcher(home, tiny_overrides, launcher):
+    result = invoke("train", "-m", *tiny_overrides, "seed=1,2", *launcher)
     assert result.exit_code == 0, result.output
     runs = runs_in(home)
     assert sorted(r.data.tags["seed"] for r in runs) == ["1", "2"]
