@@ -33,7 +33,8 @@ def main_options(
     config_dir: Path = typer.Option(
         None,
         "--config-dir",
-        help="Compose configs from this copy of conf/ instead of the shipped one (or set CONVCG_CONFIG_DIR).",
+        help="A directory of your own config groups searched beside the shipped conf/ (e.g. "
+        "DIR/experiment/mine.yaml for +experiment=mine), for every command; or set CONVCG_CONFIG_DIR.",
     ),
 ) -> None:
     """Options shared by every command."""
@@ -105,9 +106,14 @@ def data_import(
             err.print(f"[yellow]Warning:[/yellow] {escape(warning)}", highlight=False)
 
 
-@app.command(context_settings={"ignore_unknown_options": True})
+# train/eval hand every argument they do not declare to Hydra's command line (convcg_cli.hydra_cli),
+# --help included: Hydra's help lists the config groups and their options.
+HYDRA_COMMAND = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(context_settings=HYDRA_COMMAND, add_help_option=False)
 def train(
-    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+    ctx: typer.Context,
     resume: str = typer.Option(
         None,
         "--resume",
@@ -115,54 +121,117 @@ def train(
         "(no overrides), in the same MLflow run.",
     ),
 ) -> None:
-    """Train a model from conf/train.yaml plus OVERRIDES; prints the MLflow run id.
+    """Train a model from conf/train.yaml plus Hydra overrides (-m sweeps, --cfg job, ...; see --help).
 
     SIGINT/SIGTERM end the run KILLED (exit 130/143) keeping its last finished epoch; continue it
     with --resume RUN_ID.
     """
     with user_errors():
-        from convcg_cli import tracking
-        from convcg_cli.config import compose
-        from convcg_cli.train import resume as resume_training
-        from convcg_cli.train import train as run_training
-
-        tracking.quiet()
-        if resume and overrides:
-            raise ConfigError(
-                f"--resume continues run {resume} with its own saved config; overrides {overrides} "
-                "would make it another run. Drop them, or start a new run without --resume."
-            )
-        composed = compose("train", overrides)
-        result = resume_training(composed, resume) if resume else run_training(composed)
-        if not tracking.is_global_zero():  # DDP ranks > 0: rank 0 reports the one run
+        if resume:
+            _resume_job(resume, ctx.args)
             return
-        _print_metrics(f"Validation (last epoch) of run {result.run_id}", result.metrics)
-        out.print(f"MLflow run id: [bold]{result.run_id}[/bold]")
-        out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
+        from convcg_cli import hydra_cli
+
+        hydra_cli.run("train", [_prog(), "train"], ctx.args, _train_job)
 
 
-@app.command("eval", context_settings={"ignore_unknown_options": True})
+def _resume_job(run_id: str, args: list[str]) -> None:
+    """``--resume RUN_ID``: the run's own saved config, no overrides, no sweep."""
+    from convcg_cli import tracking
+    from convcg_cli.config import compose
+    from convcg_cli.train import resume as resume_training
+
+    if args:
+        raise ConfigError(
+            f"--resume continues run {run_id} with its own saved config; overrides {args} "
+            "would make it another run. Drop them, or start a new run without --resume."
+        )
+    tracking.quiet()
+    composed = compose("train", [])
+    result = resume_training(composed, run_id)
+    if not tracking.is_global_zero():  # DDP ranks > 0: rank 0 reports the one run
+        return
+    _print_metrics(f"Validation (last epoch) of run {result.run_id}", result.metrics)
+    out.print(f"MLflow run id: [bold]{result.run_id}[/bold]")
+    out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
+
+
+def _train_job(composed) -> None:
+    """One training job: train, print its validation table and run id."""
+    from convcg_cli import tracking
+    from convcg_cli.train import train as run_training
+
+    tracking.quiet()
+    result = run_training(composed)
+    if not tracking.is_global_zero():  # DDP ranks > 0: rank 0 reports the one run
+        return
+    _print_metrics(f"Validation (last epoch) of run {result.run_id}", result.metrics)
+    out.print(f"MLflow run id: [bold]{result.run_id}[/bold]")
+    out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
+
+
+@app.command("eval", context_settings=HYDRA_COMMAND, add_help_option=False)
 def eval_(
+    ctx: typer.Context,
     run: str = typer.Option("latest", "--run", help="MLflow run id to evaluate, or 'latest'."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
+) -> None:
+    """Evaluate a trained run on held-out logs plus Hydra overrides of conf/eval.yaml (see --help)."""
+    with user_errors():
+        from convcg_cli import hydra_cli
+
+        command = [_prog(), "eval", "--run", run, *(["--json"] if as_json else [])]
+        hydra_cli.run("eval", command, ctx.args, lambda composed: _eval_job(composed, run, as_json))
+
+
+def _eval_job(composed, run: str, as_json: bool) -> None:
+    """One evaluation job: evaluate ``run`` and print its metrics (a table, or JSON)."""
+    from convcg_cli import tracking
+    from convcg_cli.evaluate import evaluate
+
+    tracking.quiet()
+    result = evaluate(composed, run)
+    if as_json:
+        print(json.dumps({"run_id": result.run_id, **result.metrics}, sort_keys=True))
+        return
+    _print_metrics(f"{result.split} evaluation of run {result.run_id}", result.metrics)
+    out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
+
+
+def _prog() -> str:
+    """The command that started this process (what Lightning's DDP launcher re-executes)."""
+    import sys
+
+    return sys.argv[0]
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def tune(
+    search: str = typer.Argument(..., help="Search to run: conf/hparams_search/SEARCH.yaml, e.g. smoke."),
     overrides: list[str] = typer.Argument(
-        None, help="Overrides of conf/eval.yaml, e.g. split=val ks=[100,1000]"
+        None, help="Train overrides for every trial, e.g. data.dir=data/synthetic-small trainer.max_epochs=3"
+    ),
+    study: str = typer.Option(
+        None, "--study", help="Study name (default: SEARCH); the same name resumes it."
+    ),
+    n_trials: int = typer.Option(
+        None, "--n-trials", help="Finished trials the study should end with (default: the search's)."
     ),
 ) -> None:
-    """Evaluate a trained run on held-out logs; logs heldout/... metrics into the same run."""
+    """Tune train overrides with Optuna on a validation metric; write the best as an experiment file."""
     with user_errors():
         from convcg_cli import tracking
-        from convcg_cli.config import compose
-        from convcg_cli.evaluate import evaluate
+        from convcg_cli import tune as tuning
 
         tracking.quiet()
-        composed = compose("eval", overrides)
-        result = evaluate(composed, run)
-        if as_json:
-            print(json.dumps({"run_id": result.run_id, **result.metrics}, sort_keys=True))
-            return
-        _print_metrics(f"{result.split} evaluation of run {result.run_id}", result.metrics)
-        out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
+        result = tuning.run_tune(tuning.load_search(search), overrides or [], study, n_trials)
+        out.print(f"Study '{result.study_name}' ({result.storage}): {result.n_trials} trials finished.")
+        out.print(f"MLflow parent run id: [bold]{result.parent_run_id}[/bold]")
+        if result.experiment_file is None:
+            err.print("[bold red]No trial finished[/bold red]: no experiment file written.")
+            raise typer.Exit(1)
+        out.print(f"Best validation value: {result.best_value:.4f}; experiment: {result.experiment_file}")
+        out.print(f"Train it: {result.train_command}", markup=False, highlight=False)
 
 
 LOGGER_OVERRIDES_HELP = "Overrides of conf/eval.yaml's logger/paths, e.g. logger.tracking_uri=sqlite:///x.db"
@@ -274,7 +343,9 @@ def index_(
 def ablate(
     grid: str = typer.Argument(..., help="Grid to run: conf/ablate/GRID.yaml, e.g. designs or smoke."),
     overrides: list[str] = typer.Argument(
-        None, help="Train overrides for every run, e.g. data.dir=data/synthetic-small trainer.max_epochs=3"
+        None,
+        help="Train overrides for every run, e.g. data.dir=data/synthetic-small trainer.max_epochs=3; "
+        "hydra/launcher=joblib (hydra.launcher.n_jobs=2), submitit_slurm or ray: cells run on that launcher",
     ),
     seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds instead of the grid's: 0,1,2"),
     variants: str = typer.Option(
@@ -296,10 +367,15 @@ def ablate(
         chosen = ablation.select(
             ablation.load_grid(grid), ablation.parse_seeds(seeds) if seeds else None, patterns
         )
+        # hydra/launcher=..., hydra.launcher.*: run the cells as the jobs of that launcher
+        launcher = [o for o in overrides or [] if o.lstrip("+~").startswith("hydra")]
+        train_overrides = [o for o in overrides or [] if o not in launcher]
         if report_only:
-            result = ablation.rewrite_report(chosen, report_only, overrides or [])
+            result = ablation.rewrite_report(chosen, report_only, train_overrides)
+        elif launcher:
+            result = ablation.run_ablation(chosen, train_overrides, patterns, launcher_overrides=launcher)
         else:
-            result = ablation.run_ablation(chosen, overrides or [], patterns)
+            result = ablation.run_ablation(chosen, train_overrides, patterns)
         out.print(f"Report: {result.report_dir / ablation.REPORT_FILE} (figure: {ablation.FIGURE_FILE})")
         out.print(f"MLflow parent run id: [bold]{result.parent_run_id}[/bold]")
         if result.n_failed:

@@ -1,7 +1,9 @@
-"""Compose Hydra configs from ``conf/`` without ``@hydra.main`` (the CLI is Typer's, not Hydra's)."""
+"""Compose Hydra configs from ``conf/``: ``compose`` for code (tests, ``convcg ablate``), and
+``from_hydra_job`` for a config Hydra's own command line composed (``convcg train``/``eval``)."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,25 +18,24 @@ CONF_DIR = resource_dir("conf")
 CONFIG_DIR_VARIABLE = "CONVCG_CONFIG_DIR"  # a user's own conf/ tree (also set by ``convcg --config-dir``)
 
 
-def config_dir() -> Path:
-    """The directory configs are composed from: ``$CONVCG_CONFIG_DIR`` when set (a copy of ``conf/``
-    with the user's own experiments), else the shipped ``conf/``. Read at each compose, so the global
-    ``--config-dir`` option takes effect for the command it precedes."""
-    import os
-
+def extra_config_dir() -> Path | None:
+    """``$CONVCG_CONFIG_DIR`` (also set by ``convcg --config-dir``): a directory of the user's own
+    configs searched beside the shipped ``conf/``, as Hydra's ``--config-dir`` is (e.g. their
+    ``experiment/*.yaml``); None when unset. Read at each compose."""
     chosen = os.environ.get(CONFIG_DIR_VARIABLE)
     if not chosen:
-        return CONF_DIR
+        return None
     path = Path(chosen).expanduser().resolve()
-    if not (path / "train.yaml").is_file():
+    if not path.is_dir():
         raise ConfigError(
-            f"{CONFIG_DIR_VARIABLE}={chosen} holds no train.yaml; point it at a copy of the shipped "
-            f"config directory ({CONF_DIR}) with your changes."
+            f"{CONFIG_DIR_VARIABLE}={chosen} is not a directory; point it at a directory of your own "
+            f"config groups (e.g. DIR/experiment/mine.yaml, used as +experiment=mine)."
         )
     return path
 
 
-def _register_resolvers() -> None:
+def register_resolvers() -> None:
+    """Register convcg's OmegaConf resolvers (``abspath``); needed before any config is resolved."""
     # `${abspath:...}` makes paths absolute at compose time, so a run's saved config points at the
     # same files wherever `convcg eval` is later started from.
     if not OmegaConf.has_resolver("abspath"):
@@ -64,9 +65,15 @@ def _close_keys(config_name: str, key: str) -> list[str]:
     import difflib
 
     from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     try:
-        cfg = hydra_compose(config_name=config_name, overrides=[])
+        if GlobalHydra.instance().is_initialized():  # called from compose(): its config dir is set
+            cfg = hydra_compose(config_name=config_name, overrides=[])
+        else:  # called after a Hydra command line failed
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="convcg"):
+                cfg = hydra_compose(config_name=config_name, overrides=[])
     except Exception:  # the hint is best effort; the original error is what matters
         return []
     return difflib.get_close_matches(key, _keys(cfg), n=3, cutoff=0.75)
@@ -88,8 +95,34 @@ def _hint(message: str, overrides: list[str], config_name: str) -> str:
             hints.append(f"did you mean {' or '.join(repr(c) for c in close)}?")
         hints.append("Check the key's spelling; to add a new key on purpose, prefix it with '+'.")
     if "Could not find" in message:
-        hints.append(f"config groups live under {config_dir()}.")
+        extra = os.environ.get(CONFIG_DIR_VARIABLE)
+        hints.append(f"config groups live under {CONF_DIR}" + (f" and {extra}." if extra else "."))
     return (" Hint: " + " ".join(hints)) if hints else ""
+
+
+def _app_choices(raw_choices) -> dict[str, str]:
+    """The config-group options chosen (Hydra's ``runtime.choices``), without Hydra's own groups."""
+    return {
+        str(k): str(v) for k, v in raw_choices.items() if not str(k).startswith("hydra/") and v is not None
+    }
+
+
+def config_error(config_name: str, overrides: list[str], exc: Exception) -> ConfigError:
+    """Hydra's or OmegaConf's composition error as a ConfigError: its message plus a hint (did you mean)."""
+    message = " ".join(str(exc).split())
+    return ConfigError(
+        f"Could not compose config '{config_name}' with overrides {overrides}: {message}"
+        f"{_hint(message, overrides, config_name)}"
+    )
+
+
+def _finish(cfg: DictConfig, choices: dict[str, str], overrides: list[str]) -> Composed:
+    """Resolve ``cfg`` (every interpolation, once), freeze its keys (struct mode) and check its
+    numeric options (``convcg_cli.options``)."""
+    OmegaConf.resolve(cfg)
+    OmegaConf.set_struct(cfg, True)
+    check_numeric_options(cfg)
+    return Composed(cfg=cfg, choices=choices, overrides=overrides)
 
 
 def compose(config_name: str, overrides: list[str] | None = None) -> Composed:
@@ -104,29 +137,34 @@ def compose(config_name: str, overrides: list[str] | None = None) -> Composed:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    _register_resolvers()
+    register_resolvers()
     overrides = list(overrides or [])
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="convcg"):
+    extra = extra_config_dir()
+    search = [f"hydra.searchpath=[file://{extra}]"] if extra else []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="convcg"):
         try:
-            cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-            raw_choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
-            assert isinstance(raw_choices, dict)
-            choices = {
-                str(k): str(v)
-                for k, v in raw_choices.items()
-                if not str(k).startswith("hydra/") and v is not None
-            }
+            cfg = hydra_compose(
+                config_name=config_name, overrides=[*overrides, *search], return_hydra_config=True
+            )
+            choices = _app_choices(cfg.hydra.runtime.choices)
             cfg = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
-            OmegaConf.resolve(cfg)
+            return _finish(cfg, choices, overrides)
         except (HydraException, OmegaConfBaseException) as exc:
-            message = " ".join(str(exc).split())
-            raise ConfigError(
-                f"Could not compose config '{config_name}' with overrides {overrides}: {message}"
-                f"{_hint(message, overrides, config_name)}"
-            ) from None
-    OmegaConf.set_struct(cfg, True)
-    check_numeric_options(cfg)
-    return Composed(cfg=cfg, choices=choices, overrides=overrides)
+            raise config_error(config_name, overrides, exc) from None
+
+
+def from_hydra_job(cfg: DictConfig) -> Composed:
+    """The config Hydra composed for the running job (``@hydra.main``), resolved and checked like
+    ``compose``'s; the overrides are this job's (a multirun job's include its sweep values)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf.errors import OmegaConfBaseException
+
+    hydra_cfg = HydraConfig.get()
+    overrides = [str(o) for o in hydra_cfg.overrides.task]
+    try:
+        return _finish(cfg, _app_choices(hydra_cfg.runtime.choices), overrides)
+    except OmegaConfBaseException as exc:
+        raise config_error(str(hydra_cfg.job.config_name), overrides, exc) from None
 
 
 def instantiate(node, **kwargs):

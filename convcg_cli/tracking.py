@@ -690,3 +690,15 @@ def invalid_request(message: str) -> Exception:
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+@contextmanager
+def resumed_run(logger_cfg: Mapping[str, Any], run_id: str) -> Iterator[TrackedRun]:
+    """Open an existing run again (a resumed study's parent): RUNNING while the block runs, then
+    FINISHED, FAILED or KILLED like a new one."""
+    from mlflow.entities import RunStatus
+
+    mlflow_client = client(logger_cfg)
+    mlflow_client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    with terminate_with_status(mlflow_client, run_id):
+        yield TrackedRun(run_id, mlflow_client, None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -14,11 +16,12 @@ from convcg_cli.ablate import ChildResult, Variant
 from convcg_cli.ablate import report as ablate_report
 from convcg_cli.ablate.figure import plot_recall
 from convcg_cli.ablate.grid import fold_overrides, reproduce_command
-from convcg_cli.ablate.run import Cell, cells, child_overrides, value_at_best_epoch
+from convcg_cli.ablate.run import Cell, cells, child_overrides
 from convcg_cli.cli import app
 from convcg_cli.config import compose
 from convcg_cli.errors import ConfigError
 from convcg_cli.evaluate import EvalResult, PositiveHits, load_hits
+from convcg_cli.kept_checkpoint import value_at_best_epoch
 from convcg_cli.train import TrainResult
 from tests.conftest import runs_in
 
@@ -309,3 +312,50 @@ def test_grid_train_overrides_come_first_in_every_variant():
     common = ("data.use_user_history=true", "data.cofactors.dim=64")
     assert all(v.overrides[:2] == common for v in grid.variants)
     assert {v.name for v in grid.variants} >= {"unified_parallel/engagement=1.0", "conversion_only"}
+
+
+def _launcher_case(name: str):
+    missing = name == "joblib" and importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None
+    reason = "the joblib launcher is an extra: pip install 'convcg[joblib]'"
+    return pytest.param(name, marks=[pytest.mark.skipif(missing, reason=reason)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", [_launcher_case("basic"), _launcher_case("joblib")])
+def test_cells_through_a_hydra_launcher_give_the_sequential_figures(
+    home, tiny_overrides, tmp_path_factory, empty_mlflow_store, monkeypatch, launcher
+):
+    """``convcg ablate smoke hydra/launcher=...``: the cells run as Hydra jobs (joblib: 2 worker
+    processes), the report is built from their runs and matches the in-process grid's."""
+    grid = ablate.select(ablate.load_grid("smoke"), [0])
+    launched = runner.invoke(
+        app, ["ablate", "smoke", "--seeds", "0", *tiny_overrides, f"hydra/launcher={launcher}"]
+    )
+    assert launched.exit_code == 0, launched.output
+    assert len(runs_in(home)) == 3  # the parent and its 2 cells
+    summary = (home / "reports" / "smoke" / "summary.json").read_text()
+
+    sequential_home = tmp_path_factory.mktemp("sequential")
+    shutil.copyfile(empty_mlflow_store, sequential_home / "mlflow.db")
+    monkeypatch.setenv("CONVCG_HOME", str(sequential_home))
+    ablate.run_ablation(grid, tiny_overrides)
+    expected = (sequential_home / "reports" / "smoke" / "summary.json").read_text()
+
+    def figures(text: str) -> str:
+        return "\n".join(line for line in text.splitlines() if "run_id" not in line)
+
+    assert figures(summary) == figures(expected)
+
+
+def test_cli_hands_launcher_overrides_to_the_grid_and_the_rest_to_training(home, monkeypatch):
+    calls = []
+
+    def fake_run_ablation(grid, overrides, patterns, launcher_overrides=()):
+        calls.append((overrides, list(launcher_overrides)))
+        return ablate.AblationResult("parent123", home / "reports" / "smoke", [], [])
+
+    monkeypatch.setattr(ablate, "run_ablation", fake_run_ablation)
+    args = ["ablate", "smoke", "trainer.max_epochs=1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert calls == [(["trainer.max_epochs=1"], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])]

@@ -122,25 +122,24 @@ def test_rejected_constructor_argument_is_a_config_error():
         build(["+experiment=unified_sequential", "model.cross.mlp_dims=[8]"])
 
 
-def test_config_dir_variable_composes_from_a_users_copy(tmp_path, monkeypatch):
-    import shutil
-
+def test_config_dir_variable_adds_a_users_configs(tmp_path, monkeypatch):
     from convcg_cli.config import CONFIG_DIR_VARIABLE
 
-    own = tmp_path / "conf"
-    shutil.copytree(CONF_DIR, own)
-    (own / "train.yaml").write_text((own / "train.yaml").read_text().replace("seed: 42", "seed: 7"))
-    monkeypatch.setenv(CONFIG_DIR_VARIABLE, str(own))
-    assert compose("train").cfg.seed == 7
+    own = tmp_path / "conf" / "experiment"
+    own.mkdir(parents=True)
+    (own / "mine.yaml").write_text("# @package _global_\nseed: 7\n")
+    monkeypatch.setenv(CONFIG_DIR_VARIABLE, str(tmp_path / "conf"))
+    assert compose("train", ["+experiment=mine"]).cfg.seed == 7
+    assert compose("train", ["+experiment=unified_parallel"]).cfg.seed == 42  # the shipped ones stay
 
 
-def test_config_dir_option_without_configs_is_a_clear_error(tmp_path, monkeypatch):
+def test_config_dir_option_that_is_no_directory_is_a_clear_error(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from convcg_cli.cli import app
     from convcg_cli.config import CONFIG_DIR_VARIABLE
 
     monkeypatch.setenv(CONFIG_DIR_VARIABLE, "")  # recorded, so the value --config-dir sets is undone
-    result = CliRunner().invoke(app, ["--config-dir", str(tmp_path), "train"])
+    result = CliRunner().invoke(app, ["--config-dir", str(tmp_path / "nowhere"), "ablate", "smoke"])
     assert result.exit_code == 2
-    assert "holds no train.yaml" in " ".join(result.output.split())
+    assert "is not a directory" in " ".join(result.output.split()) and "Traceback" not in result.output

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from omegaconf import open_dict
 
 from convcg_cli import tracking
@@ -40,6 +39,7 @@ from convcg_cli.ablate.report import (
 )
 from convcg_cli.config import compose
 from convcg_cli.errors import ConfigError
+from convcg_cli.kept_checkpoint import validation_figure
 
 REPORT_FILE = "report.md"
 SUMMARY_FILE = "summary.json"
@@ -140,45 +140,6 @@ def _preflight(grid: Grid, train_overrides: Sequence[str]) -> dict[str, int]:
     return heldout_days
 
 
-def checkpoint_monitor(cfg) -> tuple[str, str] | None:
-    """``(monitor, mode)`` of the configured ModelCheckpoint (which epoch's weights a run keeps)."""
-    for callback in (cfg.get("callbacks") or {}).values():
-        if str(callback.get("_target_", "")).endswith("ModelCheckpoint") and callback.get("monitor"):
-            return str(callback.monitor), str(callback.get("mode", "min"))
-    return None
-
-
-def value_at_best_epoch(
-    monitor_history: Sequence[tuple[int, float]], history: Sequence[tuple[int, float]], mode: str
-) -> float:
-    """The value of a metric at the step where the monitor was best (its first best, as
-    ModelCheckpoint keeps it); the last value without a monitor history; NaN without any value.
-
-    Example:
-        >>> value_at_best_epoch([(1, 0.2), (2, 0.5), (3, 0.5)], [(1, 0.1), (2, 0.4), (3, 0.3)], "max")
-        0.4
-    """
-    if not history:
-        return math.nan
-    if not monitor_history:
-        return history[-1][1]
-    scores = np.array([v for _, v in monitor_history])
-    best = int(np.argmax(scores) if mode == "max" else np.argmin(scores))
-    step = monitor_history[best][0]
-    return next((v for s, v in reversed(history) if s == step), math.nan)
-
-
-def validation_figure(cfg, run_id: str, metric: str) -> float:
-    """``metric`` (a ``val/`` metric) of the checkpoint a training run kept, read from its history."""
-    history = tracking.metric_history(cfg.logger, run_id, metric)
-    monitor = checkpoint_monitor(cfg)
-    if monitor is None:
-        return value_at_best_epoch([], history, "max")
-    name, mode = monitor
-    monitor_history = history if name == metric else tracking.metric_history(cfg.logger, run_id, name)
-    return value_at_best_epoch(monitor_history, history, mode)
-
-
 class ReportWriter:
     """Writes ``report.md`` and ``summary.json`` of the cells done so far; keeps the paired
     comparisons already computed, since the report is rewritten after every cell."""
@@ -206,6 +167,7 @@ def run_ablation(
     patterns: Sequence[str] | None = None,
     train_fn: Callable | None = None,
     evaluate_fn: Callable | None = None,
+    launcher_overrides: Sequence[str] = (),
 ) -> AblationResult:
     """Train and evaluate every cell of ``grid`` under one parent run, then report.
 
@@ -216,6 +178,9 @@ def run_ablation(
         patterns: the ``--variants`` globs used to select the grid (only for the reproduce command).
         train_fn, evaluate_fn: ``train(composed)`` and ``evaluate(composed, run_id, baseline_cache)``;
             default :func:`convcg_cli.train.train` and :func:`convcg_cli.evaluate.evaluate`.
+        launcher_overrides: Hydra overrides choosing a launcher (``hydra/launcher=joblib``,
+            ``hydra.launcher.n_jobs=2``): the cells then run as the jobs of a Hydra multirun
+            (:func:`_launch_cells`) and the report is built from their runs once all are done.
 
     Every config is composed and checked before the parent run is created, so a typo in the grid
     fails at once and leaves no half-run grid behind.
@@ -247,15 +212,22 @@ def run_ablation(
         }
         writer = ReportWriter(grid, eval_composed.cfg, report_dir, context)
         summary = writer.write(children)
-        for cell in cells(grid):
-            composed = _child_config(
-                grid, cell, train_overrides, heldout_days[cell.variant.name], parent.run_id
-            )
-            children.append(
-                _run_child(grid, cell, composed, eval_composed, train_fn, evaluate_fn, baseline_cache)
-            )
-            _mark_lost_run(logger_cfg, parent.run_id, children[-1])
-            summary = writer.write(children)  # a long grid that is stopped still leaves a report
+        jobs = [
+            (cell, _child_config(grid, cell, train_overrides, heldout_days[cell.variant.name], parent.run_id))
+            for cell in cells(grid)
+        ]
+        if launcher_overrides:
+            paths = [o for o in shared if o.lstrip("+~").startswith("paths")]
+            _launch_cells(grid, jobs, eval_composed, [*paths, *launcher_overrides])
+            children = _children_from_runs(grid, eval_composed.cfg, parent.run_id)
+            summary = writer.write(children)
+        else:
+            for cell, composed in jobs:
+                children.append(
+                    _run_child(grid, cell, composed, eval_composed, train_fn, evaluate_fn, baseline_cache)
+                )
+                _mark_lost_run(logger_cfg, parent.run_id, children[-1])
+                summary = writer.write(children)  # a long grid that is stopped still leaves a report
         plot_recall(summary.rows[0], writer.ks, report_dir / FIGURE_FILE)
         files = [report_dir / name for name in (REPORT_FILE, FIGURE_FILE, SUMMARY_FILE)]
         for path in files:
@@ -272,10 +244,28 @@ def rewrite_report(grid: Grid, parent_run_id: str, train_overrides: Sequence[str
     its run, so a report (e.g. after the report format changed, or from a grid stopped midway)
     matches what the grid would have written; the parent run's command is kept.
     """
-    from convcg_cli.evaluate import HITS_FILE, load_hits
-
     shared = [o for o in train_overrides if o.lstrip("+~").split(".")[0].split("=")[0] in _SHARED_GROUPS]
     eval_cfg = compose("eval", [*grid.eval_overrides, *shared]).cfg
+    logger_cfg, split = eval_cfg.logger, str(eval_cfg.split)
+    children = _children_from_runs(grid, eval_cfg, parent_run_id)
+    parent = tracking.client(logger_cfg).get_run(parent_run_id)
+    context = {
+        "command": parent.data.tags.get("command", ""),
+        "parent_run_id": parent_run_id,
+        "tracking_uri": str(logger_cfg.tracking_uri),
+        "split": split,
+    }
+    report_dir = Path(eval_cfg.paths.root_dir) / "reports" / grid.name
+    summary = ReportWriter(grid, eval_cfg, report_dir, context).write(children)
+    plot_recall(summary.rows[0], [int(k) for k in eval_cfg.ks], report_dir / FIGURE_FILE)
+    return AblationResult(parent_run_id, report_dir, children, summary)
+
+
+def _children_from_runs(grid: Grid, eval_cfg, parent_run_id: str) -> list[ChildResult]:
+    """Each child run's figures, per-positive hits and kept-checkpoint validation figure, read back
+    from MLflow, in the grid's cell order (a parallel launcher finishes them in any order)."""
+    from convcg_cli.evaluate import HITS_FILE, load_hits
+
     logger_cfg, split = eval_cfg.logger, str(eval_cfg.split)
     children = []
     for run in tracking.child_runs(logger_cfg, parent_run_id):
@@ -295,17 +285,27 @@ def rewrite_report(grid: Grid, parent_run_id: str, train_overrides: Sequence[str
         children.append(
             ChildResult(name, seed, run_id, FINISHED, metrics, data_dir=data_dir, fold=fold, hits=hits)
         )
-    parent = tracking.client(logger_cfg).get_run(parent_run_id)
-    context = {
-        "command": parent.data.tags.get("command", ""),
-        "parent_run_id": parent_run_id,
-        "tracking_uri": str(logger_cfg.tracking_uri),
-        "split": split,
-    }
-    report_dir = Path(eval_cfg.paths.root_dir) / "reports" / grid.name
-    summary = ReportWriter(grid, eval_cfg, report_dir, context).write(children)
-    plot_recall(summary.rows[0], [int(k) for k in eval_cfg.ks], report_dir / FIGURE_FILE)
-    return AblationResult(parent_run_id, report_dir, children, summary)
+    order = {(c.variant.name, c.seed, c.fold): i for i, c in enumerate(cells(grid))}
+    return sorted(children, key=lambda c: order.get((c.variant, c.seed, c.fold), len(order)))
+
+
+def _launch_cells(grid: Grid, jobs: list, eval_composed, launcher_overrides: Sequence[str]) -> None:
+    """Run the cells as the jobs of one Hydra multirun (``conf/ablate_cell.yaml``, ``cell=0,...,N-1``)
+    on the launcher ``launcher_overrides`` choose: joblib uses local cores, submitit a SLURM cluster,
+    Ray a Ray cluster. Each job trains and evaluates its cell under the parent run; a failed cell is
+    recorded in its run and does not stop the others."""
+    from convcg_cli import hydra_cli
+    from convcg_cli.evaluate import evaluate
+    from convcg_cli.train import train
+
+    baseline_cache: dict = {}  # shared by the jobs the basic launcher runs in this process
+
+    def run_cell(composed) -> None:
+        cell, child = jobs[int(composed.cfg.cell)]
+        _run_child(grid, cell, child, eval_composed, train, evaluate, baseline_cache)
+
+    sweep = ["-m", f"cell={','.join(str(i) for i in range(len(jobs)))}", *launcher_overrides]
+    hydra_cli.run("ablate_cell", ["convcg", "ablate", grid.name], sweep, run_cell)
 
 
 def _run_child(grid: Grid, cell: Cell, composed, eval_composed, train_fn, evaluate_fn, cache) -> ChildResult:
