@@ -252,7 +252,9 @@ def test_eval_on_an_empty_home_creates_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("CONVCG_HOME", str(tmp_path))
     result = runner.invoke(app, ["eval", "--run", "latest"])
     assert result.exit_code == 2 and "No MLflow store" in result.output
-    assert list(tmp_path.iterdir()) == []
+    # No store and no run: only Hydra's record of the command (outputs/hydra/eval/<time>/.hydra).
+    made = [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()]
+    assert all(p.parts[:3] == ("outputs", "hydra", "eval") for p in made), made
 
 
 # --- real processes: signals from outside, SIGKILL, concurrent first use ---------------------------
