@@ -56,6 +56,9 @@ def data_synth(
     ),
     preset: str = typer.Option("small", help="Size preset: tiny (tests), small (demo), large (benchmarks)."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same tables."),
+    delays: bool = typer.Option(
+        False, "--delays", help="Also conversion events (delayed, valued), attributed to the impressions."
+    ),
 ) -> None:
     """Generate synthetic impression logs (items, users, impressions) with a planted structure."""
     with user_errors():
@@ -63,7 +66,7 @@ def data_synth(
 
         if preset not in synth.PRESETS:
             raise ConfigError(f"Unknown preset '{preset}'; choose one of {sorted(synth.PRESETS)}.")
-        tables = synth.synthesize(preset, out_dir, seed=seed)
+        tables = synth.synthesize(preset, out_dir, seed=seed, conversion_events=delays)
         imp = tables["impressions"]
         out.print(
             f"Wrote {out_dir}: {tables['items'].height:,} items, {tables['users'].height:,} users, "
@@ -104,6 +107,23 @@ def data_import(
             out.print(line, markup=False, highlight=False)
         for warning in report.warnings:
             err.print(f"[yellow]Warning:[/yellow] {escape(warning)}", highlight=False)
+
+
+@data_app.command("attribute")
+def data_attribute(
+    in_dir: Path = typer.Option(..., "--in", help="Data directory with a conversions table (read only)."),
+    out_dir: Path = typer.Option(..., "--out", help="Directory to write the attributed tables into."),
+    click_window_days: float = typer.Option(7.0, help="Credit the last click up to this many days before."),
+    view_window_days: float = typer.Option(1.0, help="Else the last view up to this many days (0 = off)."),
+) -> None:
+    """Attribute conversion events to impressions: writes converted, conversion_value, delay."""
+    with user_errors():
+        from convcg_cli.data.attribution import AttributionRule, attribute_dir
+
+        result = attribute_dir(in_dir, out_dir, AttributionRule(click_window_days, view_window_days))
+        for line in result.summary():
+            out.print(line, markup=False, highlight=False)
+        out.print(f"Wrote {out_dir} (the rule and its counts are in its synth.json).", markup=False)
 
 
 # train/eval hand every argument they do not declare to Hydra's command line (convcg_cli.hydra_cli),

@@ -6,7 +6,7 @@ Example::
 
     >>> schemas = load_schemas()
     >>> list(schemas)
-    ['items', 'users', 'impressions']
+    ['items', 'users', 'impressions', 'conversions', 'user_history']
 """
 
 from __future__ import annotations
@@ -98,11 +98,13 @@ class Condition:
 
 @dataclass(frozen=True)
 class ImplicationRule:
-    """Rows where ``if_true`` holds must have ``then_true`` hold (e.g. converted implies clicked)."""
+    """Rows where ``if_true`` holds must have ``then_true`` (or one of ``or_true``) hold, e.g. converted
+    implies clicked or view_through."""
 
     name: str
     if_true: Condition
     then_true: Condition
+    or_true: tuple[Condition, ...] = ()
 
     @property
     def column(self) -> str:
@@ -112,15 +114,18 @@ class ImplicationRule:
     @property
     def columns(self) -> tuple[str, ...]:
         """Every column the rule reads."""
-        return (self.if_true.column, self.then_true.column)
+        return (self.if_true.column, self.then_true.column, *(c.column for c in self.or_true))
 
     def broken(self) -> pl.Expr:
         """Boolean expression, true on rows that break the rule."""
-        return self.if_true.expr() & ~self.then_true.expr()
+        holds = self.then_true.expr()
+        for alternative in self.or_true:
+            holds = holds | alternative.expr()
+        return self.if_true.expr() & ~holds
 
     def describe(self) -> str:
         """Readable statement of the rule."""
-        return f"{self.if_true} only where {self.then_true}"
+        return f"{self.if_true} only where {' or '.join(map(str, (self.then_true, *self.or_true)))}"
 
 
 @dataclass(frozen=True)
@@ -216,9 +221,12 @@ def _rule(raw: Mapping, where: str) -> Rule:
         raise ConfigError(f"{where}: every rule needs a 'name'.")
     where = f"{where}, rule '{raw['name']}'"
     if keys == {"name", "if_true", "then_true"}:
-        return ImplicationRule(
-            raw["name"], _condition(raw["if_true"], where), _condition(raw["then_true"], where)
-        )
+        # then_true may list alternatives: the rule holds where at least one of them does.
+        then_true = raw["then_true"] if isinstance(raw["then_true"], list) else [raw["then_true"]]
+        if not then_true:
+            raise ConfigError(f"{where}: then_true lists no condition.")
+        first, *rest = (_condition(c, where) for c in then_true)
+        return ImplicationRule(raw["name"], _condition(raw["if_true"], where), first, tuple(rest))
     if (
         "column" in keys
         and keys - {"name", "column"}
@@ -290,6 +298,7 @@ def _table(raw: Mapping, where: str) -> TableSchema:
         if missing:
             raise ConfigError(f"{where}, rule '{rule.name}': unknown column(s) {missing}.")
         conds = [getattr(rule, a, None) for a in ("if_true", "then_true", "null_unless", "non_null_if")]
+        conds += list(getattr(rule, "or_true", ()))
         for cond in conds:
             if cond is not None and cond.equals is None and table.column(cond.column).dtype != "Boolean":
                 raise ConfigError(

@@ -32,6 +32,7 @@ from convcg_cli.data.batches import (
 )
 from convcg_cli.data.cofactors import engagement_matrix, fit_cofactors
 from convcg_cli.data.history import engagement_events
+from convcg_cli.data.maturity import IgnoreMaturity
 from convcg_cli.data.positives import LabelPositives
 from convcg_cli.data.schema import load_schemas, load_tables, missing_file
 from convcg_cli.data.stream import (
@@ -46,7 +47,7 @@ from convcg_cli.data.stream import (
 from convcg_cli.data.user_history import ACTION_CODES, as_training_rows, before_cutoff, history_positions
 from convcg_cli.errors import ConfigError, DataValidationError
 from convcg_cli.specs import FeatureSpec
-from convcg_cli.tasks import TASK_LABELS, engaged
+from convcg_cli.tasks import CONVERSION, TASK_LABELS, engaged
 
 # Constructor options that cannot change what the data holds (training examples, features, splits,
 # queries): how batches are cut and ordered, and where the shard cache lives. Every other option,
@@ -131,6 +132,8 @@ class DataModuleBase(L.LightningDataModule):
         history_examples: {"max_per_user": N, "surface": S}: N > 0 adds each user's last N
             ``user_history`` events before the cut-off as training examples (engaged rows on surface
             S; conversions are conversion positives). Needs ``use_user_history``; in memory only.
+        label_maturity: what the conversion task does with conversions not yet arrived at the
+            training cut-off (``convcg_cli.data.maturity``; default ``IgnoreMaturity``); in memory only.
 
     ``constructor_options`` holds every constructor argument by name, defaults included (see
     ``__new__``); the shard cache key is derived from it.
@@ -187,8 +190,10 @@ class DataModuleBase(L.LightningDataModule):
         use_user_history: bool = False,
         cofactors: Mapping[str, int] | None = None,
         history_examples: Mapping[str, Any] | None = None,
+        label_maturity: IgnoreMaturity | None = None,
     ) -> None:
         super().__init__()
+        self.label_maturity = label_maturity or IgnoreMaturity()
         self.use_user_history = bool(use_user_history)
         self.cofactor_dim = int((cofactors or {}).get("dim", 0))
         self.cofactor_item_exponent = float((cofactors or {}).get("item_exponent", 0.5))
@@ -314,7 +319,9 @@ class DataModuleBase(L.LightningDataModule):
     def _build_queries(self, frames: Mapping[str, pl.DataFrame]) -> None:
         """Evaluation queries of the ``val`` and ``heldout`` rows (engaged rows become queries)."""
         self.queries = {
-            name: F.build_query_set(frame, self.inputs, self.tasks, self.split_days[name])
+            name: F.build_query_set(
+                self.label_maturity.evaluation_rows(frame), self.inputs, self.tasks, self.split_days[name]
+            )
             for name, frame in frames.items()
         }
 
@@ -349,6 +356,14 @@ class InMemoryDataModule(DataModuleBase):
     """The whole impressions table in memory: training batches from a global shuffle (fastest while
     the table fits). Options: see ``DataModuleBase``."""
 
+    def _example_weights(self, train: pl.DataFrame, cutoff: int) -> dict[str, np.ndarray]:
+        """Each task's weight per training example: the positives' weights, the conversion task's
+        times the label-maturity factor (1 for ``IgnoreMaturity``)."""
+        weights = self.positives.weights(train, self.tasks)
+        if CONVERSION in weights:
+            weights[CONVERSION] = weights[CONVERSION] * self.label_maturity.conversion_weights(train, cutoff)
+        return weights
+
     def setup(self, stage: str | None = None) -> None:
         """Load, validate, split and build every tensor once (idempotent)."""
         if self._ready:
@@ -356,10 +371,13 @@ class InMemoryDataModule(DataModuleBase):
         tables = load_tables(self.dir)
         split = F.split_by_time(tables["impressions"], self.val_days, self.heldout_days, self.end_offset_days)
         self.split_days = split.days
-        train = F.engaged_rows(split.train, self.tasks)
+        cutoff = self.split_days["val"][0] * F.SECONDS_PER_DAY
+        # The training window as known at the cut-off: everything below reads these labels.
+        train_window = self.label_maturity.training_rows(split.train, cutoff)
+        train = F.engaged_rows(train_window, self.tasks)
         self._require_engaged_training_rows(train.height)
         pairs = train.select("user_id", "item_id")
-        self._build_corpus(tables["items"], tables["users"], split.train, tables["user_history"], pairs)
+        self._build_corpus(tables["items"], tables["users"], train_window, tables["user_history"], pairs)
         if self.history_examples_per_user > 0:
             extra = as_training_rows(
                 self.pre_cutoff_history, train, self.history_examples_surface, self.history_examples_per_user
@@ -371,12 +389,12 @@ class InMemoryDataModule(DataModuleBase):
         train_item_pos = F.positions(self.items.item_ids, train["item_id"].to_numpy())
         sampler = None
         if self.hard_negatives > 0:
-            negatives = impression_negatives(split.train, self.users, self.items, self.tasks)
+            negatives = impression_negatives(train_window, self.users, self.items, self.tasks)
             sampler = HardNegativeSampler(negatives, self.hard_negatives)
         self.train_set = ShuffledBatches(
             user=_to_torch(q.features),
             item_pos=torch.from_numpy(train_item_pos),
-            weights=_to_torch(self.positives.weights(train, self.tasks)),
+            weights=_to_torch(self._example_weights(train, cutoff)),
             item_features=self.item_features,
             item_log_q=torch.from_numpy(F.item_log_frequency(train_item_pos, len(self.items.item_ids))),
             batch_size=self.batch_size,
@@ -404,6 +422,11 @@ class StreamedDataModule(DataModuleBase):
 
     def __init__(self, dir: str, stream: Mapping[str, Any] | None = None, **options: Any) -> None:
         super().__init__(dir, **options)
+        if type(self.label_maturity) is not IgnoreMaturity:
+            raise ConfigError(
+                "data/label_maturity=drop|weight is not available with data/stream=streamed yet (the "
+                "labels are rewritten in memory); use data/stream=in_memory or data/label_maturity=ignore."
+            )
         if self.history_examples_per_user > 0:
             raise ConfigError(
                 "data.history_examples is not available with data/stream=streamed yet (the history rows "

@@ -95,3 +95,25 @@ class DualPositives(LabelPositives):
         engagement = self.engagement_scale * np.maximum(click_w, save_w)
         out[CONVERSION] = np.where(out[CONVERSION] > 0, 1.0, engagement).astype(np.float32)
         return out
+
+
+class ValuePositives(LabelPositives):
+    """Conversion positives weighted by their value: ``log(1 + conversion_value)``, divided by its mean
+    over the valued conversions of the rows, so an average conversion still weighs 1 (the task's
+    scale against the other tasks does not move); a conversion of unknown value weighs 1. Other tasks
+    keep their label weights. Needs ``conversion_value`` (``convcg data attribute``); a log without
+    it trains as ``LabelPositives``.
+    """
+
+    def weights(self, rows: pl.DataFrame, tasks: Sequence[str]) -> dict[str, np.ndarray]:
+        out = super().weights(rows, tasks)
+        if CONVERSION not in out or "conversion_value" not in rows.columns:
+            return out
+        value = rows["conversion_value"].cast(pl.Float64).to_numpy()
+        valued = (out[CONVERSION] > 0) & ~np.isnan(value)
+        if not valued.any():
+            return out
+        log_value = np.log1p(np.where(valued, value, 0.0))
+        relative = log_value / max(float(log_value[valued].mean()), 1e-12)
+        out[CONVERSION] = np.where(valued, relative, out[CONVERSION]).astype(np.float32)
+        return out

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from convcg_cli.data.attribution import AttributionResult, AttributionRule, attribute
 from convcg_cli.data.tables import write_tables
 from convcg_cli.errors import ConfigError
 
@@ -85,6 +86,14 @@ class SynthConfig:
     History:
         history_days: days before start_date served and acted on like the log itself (same users,
             items and rates); their engagements become the ``user_history`` table (0 = none).
+    Conversion events (off by default; ``convcg data synth --delays``):
+        conversion_events: each conversion of the log becomes an event in the ``conversions`` table,
+            reported ``delay`` seconds after its impression (lognormal: median delay_median_hours,
+            log-sd delay_sigma, so a share arrives after the attribution window), worth the item's
+            price times a lognormal(0, value_sigma) basket factor; advertiser_only_share of the
+            events name only the advertiser. Events after the log's end are not reported yet. The
+            impressions' ``converted`` then comes from attributing the events (last click within
+            attribution_window_days), with ``conversion_value`` and ``conversion_delay_seconds``.
     """
 
     n_users: int
@@ -119,6 +128,12 @@ class SynthConfig:
     save_rate: float = 0.03
     bounce_share: float = 0.25
     history_days: int = 7
+    conversion_events: bool = False
+    delay_median_hours: float = 20.0
+    delay_sigma: float = 1.5
+    value_sigma: float = 0.6
+    advertiser_only_share: float = 0.2
+    attribution_window_days: float = 7.0
 
     def __post_init__(self) -> None:
         sizes = ("n_users", "n_items", "n_advertisers", "n_categories", "n_days", "n_impressions")
@@ -362,18 +377,63 @@ def generate(preset: str | SynthConfig, seed: int = 0) -> dict[str, pl.DataFrame
         >>> tables["impressions"].height
         150000
     """
-    cfg = resolve_config(preset)
+    return _generate(resolve_config(preset), seed)[0]
+
+
+def _generate(cfg: SynthConfig, seed: int) -> tuple[dict[str, pl.DataFrame], AttributionResult | None]:
+    """The frames of :func:`generate`, and the attribution of the conversion events (when on)."""
     # One stream per stage, so changing one stage's draws does not reshuffle the others (the history
-    # has the last stream: adding it left the impressions of a seed unchanged).
-    rng_items, rng_users, rng_serve, rng_act, rng_time, rng_ids, rng_history = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(7)
+    # and the conversion events have the last streams: adding them left the impressions of a seed
+    # unchanged; SeedSequence children do not depend on how many are spawned).
+    rng_items, rng_users, rng_serve, rng_act, rng_time, rng_ids, rng_history, rng_events = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8)
     )
     cat = _Catalogue(cfg, rng_items)
     pop = _Population(cfg, cat, rng_users)
     served = _serve(cfg, cat, pop, rng_serve)
     acts = _act(cfg, cat, pop, served, rng_act)
     history = _pre_log_history(cfg, cat, pop, rng_history)
-    return _frames(cfg, cat, pop, served, acts, _timestamps(cfg, rng_time), rng_ids, history)
+    tables = _frames(cfg, cat, pop, served, acts, _timestamps(cfg, rng_time), rng_ids, history)
+    if not cfg.conversion_events:
+        return tables, None
+    tables["conversions"] = _conversion_events(cfg, tables["impressions"], tables["items"], rng_events)
+    result = attribute(
+        tables["impressions"],
+        tables["items"],
+        tables["conversions"],
+        AttributionRule(cfg.attribution_window_days, view_window_days=0),
+    )
+    return {**tables, "impressions": result.impressions}, result
+
+
+def _conversion_events(
+    cfg: SynthConfig, impressions: pl.DataFrame, items: pl.DataFrame, rng: np.random.Generator
+) -> pl.DataFrame:
+    """The ``conversions`` table: one event per converted impression, delayed, valued, some naming
+    only the advertiser; events after the log's end are left out (not reported yet)."""
+    converted = impressions.filter("converted").join(
+        items.select("item_id", "advertiser_id", "price"), on="item_id", how="left", maintain_order="left"
+    )
+    n = converted.height
+    delay = np.maximum(1, np.round(rng.lognormal(np.log(cfg.delay_median_hours * 3600), cfg.delay_sigma, n)))
+    basket = rng.lognormal(0.0, cfg.value_sigma, n)
+    advertiser_only = rng.random(n) < cfg.advertiser_only_share
+    log_end = cfg.start_unix + cfg.n_days * _DAY
+    return (
+        converted.select(
+            (pl.col("timestamp") + pl.Series(delay.astype(np.int64))).alias("timestamp"),
+            "user_id",
+            pl.when(pl.Series(advertiser_only)).then(None).otherwise(pl.col("item_id")).alias("item_id"),
+            "advertiser_id",
+            (pl.col("price") * pl.Series(basket)).round(2).alias("value"),
+            pl.lit("checkout").alias("type"),
+            pl.lit(None, pl.Int64).alias("impression_id"),
+        )
+        .filter(pl.col("timestamp") < log_end)
+        .sort("timestamp", maintain_order=True)
+        .with_row_index("conversion_id")
+        .with_columns(pl.col("conversion_id").cast(pl.Int64))
+    )
 
 
 def _pre_log_history(
@@ -590,15 +650,22 @@ def _frames(
     return {"items": items, "users": users, "impressions": impressions, "user_history": user_history}
 
 
-def synthesize(preset: str | SynthConfig, out_dir: str | Path, seed: int = 0) -> dict[str, pl.DataFrame]:
+def synthesize(
+    preset: str | SynthConfig, out_dir: str | Path, seed: int = 0, conversion_events: bool = False
+) -> dict[str, pl.DataFrame]:
     """Generate a preset, write it to ``out_dir`` (atomically, see ``tables.write_tables``) with its
-    provenance (preset, seed, config) in ``METADATA_FILE``; return the frames written."""
+    provenance (preset, seed, config, and the attribution of the conversion events when
+    ``conversion_events`` turns them on) in ``METADATA_FILE``; return the frames written."""
     cfg = resolve_config(preset)
+    if conversion_events:
+        cfg = dataclasses.replace(cfg, conversion_events=True)
     metadata = {
         "preset": preset if isinstance(preset, str) else None,
         "seed": seed,
         "config": dataclasses.asdict(cfg),
     }
-    tables = generate(cfg, seed=seed)
+    tables, attribution = _generate(cfg, seed)
+    if attribution is not None:
+        metadata["attribution"] = attribution.provenance()
     write_tables(tables, out_dir, metadata)
     return tables

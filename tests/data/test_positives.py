@@ -60,3 +60,21 @@ def test_dual_positives_validates_its_config():
         DualPositives(dwell_fn="cube")
     with pytest.raises(ConfigError, match="t_max"):
         DualPositives(dwell_t_max=0)
+
+
+def test_value_positives_weigh_conversions_by_log_value():
+    from convcg_cli.data.positives import ValuePositives
+
+    rows = pl.DataFrame(
+        {
+            "clicked": [True, True, True, True],
+            "saved": [False] * 4,
+            "converted": [True, True, True, False],
+            "conversion_value": [np.e - 1, np.e**3 - 1, None, None],
+        }
+    )
+    w = ValuePositives().weights(rows, ["conversion", "engagement"])
+    np.testing.assert_allclose(w["conversion"], [0.5, 1.5, 1.0, 0.0], rtol=1e-6)
+    assert w["engagement"].tolist() == [1.0] * 4
+    without = rows.drop("conversion_value")
+    assert ValuePositives().weights(without, ["conversion"])["conversion"].tolist() == [1.0, 1.0, 1.0, 0.0]

@@ -38,8 +38,8 @@ def _only(violations: list[Violation]) -> Violation:
 
 
 def test_schemas_load_in_dependency_order(schemas):
-    assert list(schemas) == ["items", "users", "impressions", "user_history"]
-    assert [s.required for s in schemas.values()] == [True, True, True, False]
+    assert list(schemas) == ["items", "users", "impressions", "conversions", "user_history"]
+    assert [s.required for s in schemas.values()] == [True, True, True, False, False]
     imp = schemas["impressions"]
     assert imp.file == "impressions.parquet"
     assert imp.primary_key == ("impression_id",)
@@ -55,8 +55,17 @@ def test_schemas_load_in_dependency_order(schemas):
         "converted",
         "subject_item_id",
         "query_id",
+        "conversion_value",
+        "conversion_delay_seconds",
+        "view_through",
     ]
-    assert [c.name for c in imp.columns if not c.required] == ["subject_item_id", "query_id"]
+    assert [c.name for c in imp.columns if not c.required] == [
+        "subject_item_id",
+        "query_id",
+        "conversion_value",
+        "conversion_delay_seconds",
+        "view_through",
+    ]
     assert imp.column("surface").allowed == ("home_feed", "related_items", "search")
     assert imp.column("item_id").references == "items.item_id"
     assert [r.name for r in imp.rules] == [
@@ -64,6 +73,8 @@ def test_schemas_load_in_dependency_order(schemas):
         "dwell_exactly_on_click",
         "subject_only_on_related_items",
         "query_only_on_search",
+        "value_only_on_conversion",
+        "delay_only_on_conversion",
     ]
     assert schemas["users"].column("age_bucket") == ColumnSchema(
         "age_bucket",
@@ -131,11 +142,19 @@ def test_load_tables_casts_and_fills_optional_columns(tmp_path, tiny_tables, sch
         df.write_parquet(data_dir / schemas[name].file)
 
     loaded = load_tables(data_dir)
-    assert list(loaded) == ["items", "users", "impressions", "user_history"]
+    assert list(loaded) == ["items", "users", "impressions", "conversions", "user_history"]
     out = loaded["impressions"]
     assert out.schema == schemas["impressions"].polars_schema  # Int64 again, extra column dropped
     assert out["query_id"].null_count() == imp.height
-    assert out.drop("query_id").equals(imp.drop("query_id"))
+    assert out.select(imp.columns).drop("query_id").equals(imp.drop("query_id"))
+    assert (
+        out.select("conversion_value", "conversion_delay_seconds", "view_through")
+        .null_count()
+        .sum_horizontal()
+        .item()
+        == 3 * imp.height
+    )
+    assert loaded["conversions"].height == 0
     assert loaded["items"].equals(tiny_tables["items"])
 
 
