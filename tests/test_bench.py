@@ -262,3 +262,14 @@ def test_serving_section_measures_the_pyfunc_model_and_batch_retrieve(tiny_data,
     text = "\n".join(report.serving_section({"serve": figures_}))
     assert text.startswith("## (g) Serving") and "ratio to exact_topk" in text
     assert report.serving_section({}) == []
+
+
+@pytest.mark.slow  # starts `mlflow models serve`: ~10 s
+def test_serving_section_times_the_http_server(tiny_data, tmp_path):
+    from convcg_cli.bench.serving import step_serve
+
+    cfg = bench_config(["quick.serve.http_requests=3"], quick=True)
+    figures_ = step_serve(cfg, str(tmp_path), str(tiny_data))
+    assert figures_["http_requests"] == 3 and 0 < figures_["http_p50_ms"] <= figures_["http_p99_ms"]
+    text = "\n".join(report.serving_section({"serve": figures_}))
+    assert "`mlflow models serve` `/invocations`" in text

@@ -2,8 +2,9 @@
 throughput against the bare ``exact_topk`` path of (c) as the limit, and index build times.
 
 The pyfunc model is saved to and loaded from a local directory exactly as MLflow serves it (schema
-enforcement included); the batch path and the bare path are timed in one process, round by round,
-on the same requests and k. The HTTP server's latency is not measured here.
+enforcement included); the same directory is then served by ``mlflow models serve`` and single JSON
+requests to ``/invocations`` are timed end to end (client, HTTP, schema, predict). The batch path and
+the bare path are timed in one process, round by round, on the same requests and k.
 """
 
 from __future__ import annotations
@@ -49,6 +50,28 @@ def index_build_seconds(item_emb: np.ndarray, nlist: int) -> dict[str, float]:
     return {"exact_build_s": exact_s, "ivf_build_s": time.perf_counter() - start}
 
 
+def http_latency(model_dir: Path, requests: pl.DataFrame, k: int) -> dict[str, float]:
+    """p50/p99 of single ``/invocations`` requests to ``mlflow models serve`` of ``model_dir``
+    (JSON ``dataframe_split``, one row each), after one warm-up request."""
+    from convcg_cli.serve.http import local_server, post_json
+
+    columns = requests.columns
+    bodies = [
+        {"dataframe_split": {"columns": columns, "data": [list(row)]}, "params": {"k": k}}
+        for row in requests.iter_rows()
+    ]
+    seconds = []
+    with local_server(str(model_dir)) as url:
+        post_json(f"{url}/invocations", bodies[0])
+        for body in bodies:
+            start = time.perf_counter()
+            status, answer = post_json(f"{url}/invocations", body)
+            seconds.append(time.perf_counter() - start)
+            if status != 200:
+                raise RuntimeError(f"/invocations answered {status}: {answer}")
+    return {f"http_{name}": value for name, value in latency_ms(seconds).items()}
+
+
 def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     """Bundle convcg train's model on ``data_dir`` (its weights do not change the timings), save and
     load it as a pyfunc model, and time single requests, batch retrieval and the bare exact path."""
@@ -67,7 +90,8 @@ def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     dm, model, _ = _setup(train_cfg)
     model.eval()
     bundle = make_bundle(train_cfg, dm, model, serve_options(train_cfg, {"index": "exact"}))
-    served = tracking.load_served_model(train_cfg.logger, str(save_bundle(bundle, Path(workdir) / "pyfunc")))
+    model_dir = save_bundle(bundle, Path(workdir) / "pyfunc")
+    served = tracking.load_served_model(train_cfg.logger, str(model_dir))
     k = min(int(s.k), len(bundle.item_ids))
     single = bench_requests(bundle.users.user_ids, bundle.surfaces, int(s.requests), cfg.seed).to_pandas()
     served.predict(single.iloc[:1], params={"k": k})  # warm-up: first-call costs are not latency
@@ -76,6 +100,8 @@ def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
         start = time.perf_counter()
         served.predict(pd.DataFrame(single.iloc[i : i + 1]), params={"k": k})
         seconds.append(time.perf_counter() - start)
+    n_http = min(int(s.http_requests), len(single))
+    http = http_latency(Path(model_dir), pl.from_pandas(single.iloc[:n_http]), k) if n_http else {}
 
     candidates = CandidateModel(bundle)
     batch = bench_requests(bundle.users.user_ids, bundle.surfaces, int(s.batch_requests), cfg.seed + 1)
@@ -100,6 +126,8 @@ def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
         "k": k,
         "requests": len(single),
         **latency_ms(seconds),
+        "http_requests": n_http,
+        **http,
         "batch_requests": n,
         "batch_k": batch_k,
         "retrieve_rps": n / min(retrieve_s),

@@ -1,0 +1,82 @@
+"""``mlflow models serve`` as a local process: start it on a free port, wait for ``/ping``, post JSON.
+
+Used by the HTTP benchmark (``convcg_cli.bench.serving``) and the server test; a deployment runs
+``mlflow models serve -m runs:/ID/model --env-manager local`` itself (README, "Serve").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def post_json(url: str, body: Mapping[str, Any], timeout: float = 30.0) -> tuple[int, Any]:
+    """POST ``body`` as JSON; (HTTP status, decoded JSON answer), error statuses included."""
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@contextmanager
+def local_server(
+    model_uri: str, env: Mapping[str, str] | None = None, start_timeout_s: float = 120.0
+) -> Iterator[str]:
+    """Serve ``model_uri`` with ``mlflow models serve --env-manager local`` on a free local port and
+    yield its base URL once ``/ping`` answers; the server's process group is stopped on exit.
+
+    ``env`` is added to this process's environment (e.g. ``MLFLOW_TRACKING_URI`` for ``runs:/``
+    URIs). The server starts ``uvicorn`` from PATH, so this interpreter's ``bin`` is put first, as an
+    activated virtual environment would have it.
+    """
+    port = free_port()
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    process = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **dict(env or {}), "PATH": path},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"mlflow models serve exited with {process.returncode} before answering")
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"mlflow models serve did not answer /ping within {start_timeout_s} s"
+                    ) from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
