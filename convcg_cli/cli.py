@@ -35,8 +35,13 @@ def main_options(
         "--config-dir",
         help="Compose configs from this copy of conf/ instead of the shipped one (or set CONVCG_CONFIG_DIR).",
     ),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress display, no step lines."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Also print each long step with its time."),
 ) -> None:
     """Options shared by every command."""
+    from convcg_cli import progress
+
+    progress.set_verbosity(quiet, verbose)
     if config_dir is not None:
         import os
 

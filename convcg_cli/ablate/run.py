@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import open_dict
 
-from convcg_cli import tracking
+from convcg_cli import progress, tracking
 from convcg_cli.ablate.figure import FIGURE_FILE, plot_recall
 from convcg_cli.ablate.grid import (
     FAILED,
@@ -40,6 +41,7 @@ from convcg_cli.ablate.report import (
 )
 from convcg_cli.config import compose
 from convcg_cli.errors import ConfigError
+from convcg_cli.progress import cell_line
 
 REPORT_FILE = "report.md"
 SUMMARY_FILE = "summary.json"
@@ -247,7 +249,9 @@ def run_ablation(
         }
         writer = ReportWriter(grid, eval_composed.cfg, report_dir, context)
         summary = writer.write(children)
-        for cell in cells(grid):
+        all_cells, start = list(cells(grid)), time.perf_counter()
+        for index, cell in enumerate(all_cells, 1):
+            progress.announce(cell_line(index, len(all_cells), cell.run_name, time.perf_counter() - start))
             composed = _child_config(
                 grid, cell, train_overrides, heldout_days[cell.variant.name], parent.run_id
             )
@@ -287,7 +291,10 @@ def rewrite_report(grid: Grid, parent_run_id: str, train_overrides: Sequence[str
             )
             continue
         train_cfg = tracking.load_run_config(logger_cfg, run_id)
+        # The full figures (baselines', CIs under their own names) are the eval metrics artifact;
+        # the run's own MLflow metrics hold the model's headline ones.
         metrics = dict(run.data.metrics)
+        metrics.update(tracking.read_json_artifact(logger_cfg, run_id, f"eval/{split}_metrics.json") or {})
         metrics[selection_metric(grid)] = validation_figure(train_cfg, run_id, selection_metric(grid))
         hits_path = tracking.download_artifact(logger_cfg, run_id, f"eval/{HITS_FILE.format(split=split)}")
         hits = load_hits(hits_path).get(grid.select_task)
