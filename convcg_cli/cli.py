@@ -36,8 +36,13 @@ def main_options(
         help="A directory of your own config groups searched beside the shipped conf/ (e.g. "
         "DIR/experiment/mine.yaml for +experiment=mine), for every command; or set CONVCG_CONFIG_DIR.",
     ),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress display, no step lines."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Also print each long step with its time."),
 ) -> None:
     """Options shared by every command."""
+    from convcg_cli import progress
+
+    progress.set_verbosity(quiet, verbose)
     if config_dir is not None:
         import os
 

@@ -18,7 +18,7 @@ from typing import Any, cast
 import numpy as np
 from omegaconf import OmegaConf
 
-from convcg_cli import tracking
+from convcg_cli import progress, tracking
 from convcg_cli.baselines import BASELINE_DATA_OPTIONS, BASELINES, make_baseline, training_history
 from convcg_cli.builders import (  # noqa: F401  (read_checkpoint: also imported from here)
     build_datamodule,
@@ -28,11 +28,13 @@ from convcg_cli.builders import (  # noqa: F401  (read_checkpoint: also imported
 )
 from convcg_cli.config import Composed
 from convcg_cli.errors import ConfigError, ConvcgError
-from convcg_cli.metrics.bootstrap import bootstrap_recall_ci, ci_names
+from convcg_cli.figures import recall_figure
+from convcg_cli.metrics.bootstrap import CI_HIGH, CI_LOW, bootstrap_recall_ci, ci_names
 from convcg_cli.metrics.prior import choose_prior_weight, log_prior, with_item_prior
 from convcg_cli.metrics.retrieval import ExactIndex, metric_name, positive_hits
 from convcg_cli.metrics.suite import report_from_topk
 from convcg_cli.tasks import PRIMARY_TASK
+from convcg_cli.tracking import TrackedRun
 
 SPLITS = ("val", "heldout")
 EVAL_ARTIFACT_DIR = "eval"
@@ -40,6 +42,7 @@ HITS_FILE = "{split}_hits.npz"
 BASELINE_PREFIX = "baseline_"
 MODEL_RANKING = "model"
 PRIOR_WEIGHT_METRIC = "prior/beta"  # the popularity prior's weight chosen on validation
+BASELINE_RUNS_TAG = "baseline_runs"  # on a trained run: the ids of the baseline runs it was compared with
 
 
 @dataclass(frozen=True)
@@ -139,19 +142,23 @@ def score_ranking(topk_ids: np.ndarray, queries, split: str, tasks: Sequence[str
     return RankingScores(metrics, hits)
 
 
+def score_baseline(name: str, history, queries, tasks: Sequence[str], cfg) -> RankingScores:
+    """Fit baseline ``name`` (options ``cfg.baseline_options[name]``) on ``history`` (the training
+    window, :func:`~convcg_cli.baselines.training_history`) and score it on ``queries``."""
+    options = cfg.baseline_options.get(name)
+    baseline = make_baseline(name, _as_dict(options) if options else {}).fit(history)
+    topk = baseline.query_topk(query_users(queries), max(cfg.ks))
+    return score_ranking(topk, queries, f"{cfg.split}/{BASELINE_PREFIX}{name}", tasks, cfg)
+
+
 def score_baselines(dm, queries, tasks: Sequence[str], cfg) -> dict[str, RankingScores]:
     """Fit every baseline of ``cfg.baselines`` on ``dm``'s training window and score it on ``queries``;
     keyed by ranking name (``baseline_<name>``)."""
     history = training_history(dm)
-    users = query_users(queries)
-    scores: dict[str, RankingScores] = {}
-    for name in cfg.baselines:
-        options = cfg.baseline_options.get(name)
-        baseline = make_baseline(name, _as_dict(options) if options else {}).fit(history)
-        topk = baseline.query_topk(users, max(cfg.ks))
-        ranking = f"{BASELINE_PREFIX}{name}"
-        scores[ranking] = score_ranking(topk, queries, f"{cfg.split}/{ranking}", tasks, cfg)
-    return scores
+    return {
+        f"{BASELINE_PREFIX}{name}": score_baseline(name, history, queries, tasks, cfg)
+        for name in cfg.baselines
+    }
 
 
 def baseline_metrics(dm, queries, tasks: Sequence[str], cfg) -> dict[str, float]:
@@ -160,6 +167,39 @@ def baseline_metrics(dm, queries, tasks: Sequence[str], cfg) -> dict[str, float]
     for scores in score_baselines(dm, queries, tasks, cfg).values():
         metrics.update(scores.metrics)
     return metrics
+
+
+def logged_metrics(
+    metrics: Mapping[str, float], split: str, ranking: str = MODEL_RANKING
+) -> dict[str, float]:
+    """The names a run's metrics are logged under in MLflow, so the headline
+    ``<split>/<task>/recall_at_<k>`` leads its own chart section: CI bounds go to ``<split>_ci/...``,
+    per-surface recall to ``<split>_by_surface/...`` (its CI bounds stay in the
+    ``eval/<split>_metrics.json`` artifact only). A baseline's own run logs its figures under the
+    model's names (``ranking`` prefix dropped), so they line up with trained runs' columns.
+
+    Example:
+        >>> logged_metrics({"heldout/baseline_popularity/conversion/recall_at_10_ci_low": 0.1,
+        ...                 "heldout/baseline_popularity/by_surface/feed/conversion/recall_at_10": 0.2},
+        ...                "heldout", "baseline_popularity")  # doctest: +NORMALIZE_WHITESPACE
+        {'heldout_ci/conversion/recall_at_10_ci_low': 0.1,
+         'heldout_by_surface/feed/conversion/recall_at_10': 0.2}
+    """
+    own = f"{split}/{ranking}/"
+    surface = f"{split}/by_surface/"
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if ranking != MODEL_RANKING and name.startswith(own):
+            name = f"{split}/{name[len(own) :]}"
+        is_ci = name.endswith((CI_LOW, CI_HIGH))
+        if name.startswith(surface):
+            if not is_ci:
+                out[f"{split}_by_surface/{name[len(surface) :]}"] = value
+        elif is_ci:
+            out[f"{split}_ci/{name[len(split) + 1 :]}"] = value
+        else:
+            out[name] = value
+    return out
 
 
 def _apply_prior(model, dm, query_emb, item_emb, options) -> tuple[np.ndarray, np.ndarray, float]:
@@ -236,22 +276,127 @@ def _as_dict(node) -> dict[str, Any]:
     return cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))
 
 
-def _baseline_key(train_cfg, tasks: Sequence[str], cfg) -> str:
-    """What baseline metrics depend on: the data options they read (``BASELINE_DATA_OPTIONS``), the
-    tasks and the evaluation options. Runs that differ only in model, loss or feature options share them."""
-    data = {k: v for k, v in _as_dict(train_cfg.data).items() if k in BASELINE_DATA_OPTIONS}
+def baseline_key(digest: str, train_cfg, tasks: Sequence[str], cfg, name: str) -> str:
+    """What baseline ``name``'s scores depend on, hashed: the data's digest, the data options it
+    reads (``BASELINE_DATA_OPTIONS`` but the directory, which the digest stands for), the tasks, its
+    own options and the evaluation options. Runs that differ only in model, loss or feature options
+    share it; so does any later evaluation on the same bytes (its baseline run is reused)."""
+    import hashlib
+
+    data = {k: v for k, v in _as_dict(train_cfg.data).items() if k in BASELINE_DATA_OPTIONS and k != "dir"}
     options = _as_dict(cfg)
-    evaluation = {
-        k: options[k] for k in ("split", "ks", "by_surface", "baselines", "baseline_options", "bootstrap")
-    }
-    return json.dumps({"data": data, "tasks": list(tasks), "eval": evaluation}, sort_keys=True, default=str)
+    evaluation = {k: options[k] for k in ("split", "ks", "by_surface", "bootstrap")}
+    evaluation["options"] = (options.get("baseline_options") or {}).get(name)
+    text = json.dumps(
+        {"digest": digest, "data": data, "tasks": list(tasks), "eval": evaluation, "baseline": name},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[: tracking.DIGEST_LENGTH]
+
+
+@dataclass
+class BaselineContext:
+    """What scoring or finding the baselines of one evaluation needs."""
+
+    dm: Any
+    queries: Any
+    tasks: list[str]
+    cfg: Any  # the eval config
+    train_cfg: Any
+    digest: str
+    profile: dict[str, Any]
+    _history: Any = None
+
+    def history(self):
+        """The training window the baselines learn from, read once (only if a baseline is fitted)."""
+        if self._history is None:
+            self._history = training_history(self.dm)
+        return self._history
+
+
+def _read_baseline_run(logger_cfg, run_id: str, split: str, ranking: str) -> RankingScores | None:
+    """A baseline run's scores: its full metrics (``eval/<split>_metrics.json``) and hit flags
+    (``eval/<split>_hits.npz``); None when either is missing."""
+    metrics = tracking.read_json_artifact(logger_cfg, run_id, f"{EVAL_ARTIFACT_DIR}/{split}_metrics.json")
+    if metrics is None:
+        return None
+    hits = load_hits(
+        tracking.download_artifact(logger_cfg, run_id, f"{EVAL_ARTIFACT_DIR}/{HITS_FILE.format(split=split)}")
+    )
+    if any(ranking not in h.rankings for h in hits.values()):
+        return None
+    return RankingScores(metrics, {task: (h.query, h.rankings[ranking]) for task, h in hits.items()})
+
+
+def _log_eval_artifacts(mlflow_client, run_id: str, split: str, metrics: Mapping[str, float], hits) -> None:
+    """The full metrics as ``eval/<split>_metrics.json`` and the hit flags as ``eval/<split>_hits.npz``."""
+    tracking.log_text(
+        mlflow_client,
+        run_id,
+        json.dumps(metrics, indent=2, sort_keys=True),
+        f"{EVAL_ARTIFACT_DIR}/{split}_metrics.json",
+    )
+    tracking.log_arrays(
+        mlflow_client, run_id, hits_arrays(hits), f"{EVAL_ARTIFACT_DIR}/{HITS_FILE.format(split=split)}"
+    )
+
+
+def _score_and_log_baseline(ctx: BaselineContext, name: str, key: str) -> tuple[RankingScores, str]:
+    """Score baseline ``name`` and log it as a run of its own (``kind=baseline``); returns the scores
+    and the run id."""
+    cfg, ranking = ctx.cfg, f"{BASELINE_PREFIX}{name}"
+    data_name = Path(str(ctx.train_cfg.data.dir)).name
+    with tracking.baseline_run(cfg.logger, name, key, data_name, str(cfg.split), {"data": data_name}) as run:
+        tracking.log_dataset(run.client, run.run_id, ctx.train_cfg.data.dir, ctx.profile, "evaluation")
+        with progress.step(f"Scoring baseline {name}"):
+            scores = score_baseline(name, ctx.history(), ctx.queries, ctx.tasks, cfg)
+        tracking.log_metrics(run.client, run.run_id, logged_metrics(scores.metrics, str(cfg.split), ranking))
+        hits = collect_hits({ranking: scores}, query_users(ctx.queries), list(cfg.ks))
+        _log_eval_artifacts(run.client, run.run_id, str(cfg.split), scores.metrics, hits)
+    return scores, run.run_id
+
+
+def baselines_for(
+    ctx: BaselineContext, cache: MutableMapping[str, RankingScores] | None
+) -> tuple[dict[str, RankingScores], list[str]]:
+    """Every baseline of ``ctx.cfg.baselines``, keyed by ranking name, and the ids of their runs.
+
+    Each comes from ``cache`` (this process), else from the newest finished baseline run with the same
+    :func:`baseline_key` (``reuse_baseline_runs``), else it is scored and logged as a new baseline run.
+    """
+    scores: dict[str, RankingScores] = {}
+    run_ids: list[str] = []
+    for name in ctx.cfg.baselines:
+        key, ranking = (
+            baseline_key(ctx.digest, ctx.train_cfg, ctx.tasks, ctx.cfg, name),
+            f"{BASELINE_PREFIX}{name}",
+        )
+        found = cache.get(key) if cache is not None else None
+        run_id = (
+            tracking.find_baseline_run(ctx.cfg.logger, key)
+            if ctx.cfg.get("reuse_baseline_runs", True)
+            else None
+        )
+        if found is None and run_id is not None:
+            with progress.step(f"Reading baseline {name} from run {run_id}"):
+                found = _read_baseline_run(ctx.cfg.logger, run_id, str(ctx.cfg.split), ranking)
+        if found is None:
+            found, run_id = _score_and_log_baseline(ctx, name, key)
+        if cache is not None:
+            cache[key] = found
+        scores[ranking] = found
+        run_ids += [run_id] if run_id else []
+    return scores, run_ids
 
 
 def evaluate(
-    composed: Composed, run: str, baseline_cache: MutableMapping[str, dict[str, RankingScores]] | None = None
+    composed: Composed, run: str, baseline_cache: MutableMapping[str, RankingScores] | None = None
 ) -> EvalResult:
-    """Rebuild the run's model from its saved config and checkpoint, score ``split``, log the metrics
-    and the per-positive hit flags (``eval/<split>_hits.npz``) into the run.
+    """Rebuild the run's model from its saved config and checkpoint, score ``split``, log the model's
+    metrics, the data as a dataset input, a recall@K figure and the per-positive hit flags of every
+    ranking (``eval/<split>_hits.npz``) into the run. Baselines are runs of their own
+    (:func:`baselines_for`); the returned metrics hold theirs too, as ``<split>/baseline_<name>/...``.
 
     Args:
         composed: the composed ``eval`` config.
@@ -271,43 +416,43 @@ def evaluate(
     if cfg.data_dir:
         train_cfg.data.dir = str(cfg.data_dir)
     tasks = list(train_cfg.loss.task_weights.keys())
-    dm = build_datamodule(train_cfg, tasks, stage="validate")  # no training examples needed
+    with progress.step(f"Loading and checking {train_cfg.data.dir}"):
+        dm = build_datamodule(train_cfg, tasks, stage="validate")  # no training examples needed
     queries = dm.queries[cfg.split]
     _check_has_conversions(dm, cfg.split)
+    mlflow_client = tracking.client(cfg.logger)
+    profile = tracking.dataset_profile(dm.n_rows, dm.split_days)
+    digest = tracking.log_dataset(mlflow_client, run_id, train_cfg.data.dir, profile, "evaluation")
 
     # Baselines first: a baseline that cannot run on this corpus (EASE on 100k items) fails fast.
-    baselines: dict[str, RankingScores] = {}
-    if cfg.baselines:
-        key = _baseline_key(train_cfg, tasks, cfg)
-        cached = baseline_cache.get(key) if baseline_cache is not None else None
-        baselines = cached if cached is not None else score_baselines(dm, queries, tasks, cfg)
-        if baseline_cache is not None:
-            baseline_cache[key] = baselines
+    context = BaselineContext(dm, queries, tasks, cfg, train_cfg, digest, profile)
+    baselines, baseline_runs = baselines_for(context, baseline_cache) if cfg.baselines else ({}, [])
 
     model = load_trained_model(train_cfg, dm, checkpoint, run_id)
-    query_emb, item_emb = embed_split(model, dm, cfg.split), model.embed_items(dm.item_features)
+    with progress.step(f"Embedding {len(queries.surface):,} {cfg.split} queries and the items"):
+        query_emb, item_emb = embed_split(model, dm, cfg.split), model.embed_items(dm.item_features)
     metrics: dict[str, float] = {}
     if cfg.popularity_prior.betas:
         query_emb, item_emb, beta = _apply_prior(model, dm, query_emb, item_emb, cfg.popularity_prior)
         metrics[f"{cfg.split}/{PRIOR_WEIGHT_METRIC}"] = beta
-    _, topk = ExactIndex(item_emb).search(query_emb, max(cfg.ks))  # the served model's search
-    rankings = {**baselines, MODEL_RANKING: score_ranking(topk, queries, cfg.split, tasks, cfg)}
-    for scores in rankings.values():  # baselines first, then the model, as logged before
-        metrics.update(scores.metrics)
+    with progress.step(f"Searching the top {max(cfg.ks)} items"):
+        _, topk = ExactIndex(item_emb).search(query_emb, max(cfg.ks))  # the served model's search
+    with progress.step("Scoring the model (recall, bootstrap CIs)"):
+        rankings = {**baselines, MODEL_RANKING: score_ranking(topk, queries, cfg.split, tasks, cfg)}
+    metrics.update(rankings[MODEL_RANKING].metrics)
     hits = collect_hits(rankings, query_users(queries), list(cfg.ks))
+    everything = {m: v for scores in baselines.values() for m, v in scores.metrics.items()} | metrics
 
-    mlflow_client = tracking.client(cfg.logger)
-    tracking.log_metrics(mlflow_client, run_id, metrics)
-    tracking.log_text(
-        mlflow_client,
-        run_id,
-        json.dumps(metrics, indent=2, sort_keys=True),
-        f"{EVAL_ARTIFACT_DIR}/{cfg.split}_metrics.json",
-    )
-    tracking.log_arrays(
-        mlflow_client, run_id, hits_arrays(hits), f"{EVAL_ARTIFACT_DIR}/{HITS_FILE.format(split=cfg.split)}"
-    )
-    return EvalResult(run_id, cfg.split, metrics, hits)
+    with progress.step("Logging to MLflow"):
+        tracking.log_metrics(mlflow_client, run_id, logged_metrics(metrics, str(cfg.split)))
+        if baseline_runs:
+            tracking.set_tags(
+                TrackedRun(run_id, mlflow_client, None), {BASELINE_RUNS_TAG: ",".join(baseline_runs)}
+            )
+        _log_eval_artifacts(mlflow_client, run_id, str(cfg.split), everything, hits)
+        figure = recall_figure(everything, str(cfg.split), tasks, list(cfg.ks), list(rankings))
+        tracking.log_figure(mlflow_client, run_id, figure, f"{EVAL_ARTIFACT_DIR}/{cfg.split}_recall.png")
+    return EvalResult(run_id, cfg.split, everything, hits)
 
 
 def _check_has_conversions(dm, split: str) -> None:

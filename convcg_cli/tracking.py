@@ -302,6 +302,67 @@ def parent_run(logger_cfg: Mapping[str, Any], run_name: str, tags: Mapping[str, 
         yield run
 
 
+CONFIG_NOISE_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")  # Hydra's plumbing
+
+
+def _override_key(override: str) -> str | None:
+    """The config key an override sets (``+a.b=1`` -> ``a.b``); None for a deletion (``~a``)."""
+    if override.startswith("~") or "=" not in override:
+        return None
+    return override.split("=", 1)[0].lstrip("+")
+
+
+def run_params(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str]) -> dict[str, str]:
+    """The params a person compares runs on: every chosen option (``head: unified``, ``cross:
+    parallel``, ``experiment: unified_parallel``), the seed, the task weights, and every value the
+    command line set (``data.dir``, ``loss.task_weights.engagement``...), resolved and flattened.
+    Hydra's ``_target_``/``_partial_`` keys are left out; the full config is the run's
+    ``CONFIG_ARTIFACT``.
+
+    Example:
+        >>> cfg = OmegaConf.create({"seed": 1, "loss": {"task_weights": {"conversion": 1.0}},
+        ...                         "trainer": {"_target_": "T", "max_epochs": 2}})
+        >>> run_params(cfg, {"model/head": "unified"}, ["trainer=default", "trainer.max_epochs=2"])
+        {'head': 'unified', 'seed': '1', 'loss.task_weights.conversion': '1.0', 'trainer.max_epochs': '2'}
+    """
+    params = dict(choice_tags(choices))
+    keys = ["seed", "loss.task_weights"]
+    keys += [k for k in map(_override_key, overrides) if k and k not in choices]
+    for key in keys:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, DictConfig):
+            nested = cast(dict[str, Any], OmegaConf.to_container(value, resolve=True))
+            params.update(flatten(nested, f"{key}."))
+        elif value is not None:
+            params[key] = str(value)[:MAX_PARAM_LENGTH]
+    return {k: v for k, v in params.items() if k.rsplit(".", 1)[-1] not in CONFIG_NOISE_KEYS}
+
+
+def log_params(run: TrackedRun, params: Mapping[str, str]) -> None:
+    """Log ``params`` into the run (MLflow takes 100 per batch)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        run.client.log_batch(run.run_id, params=items[i : i + 100])
+
+
+def run_name(cfg: DictConfig, choices: Mapping[str, str]) -> str:
+    """``logger.run_name`` when set, else design, data and seed: ``unified_parallel · kuairand · s0``
+    (the design is the experiment, or the head and cross options without one).
+
+    Example:
+        >>> cfg = OmegaConf.create({"seed": 0, "data": {"dir": "/x/kuairand"}, "logger": {}})
+        >>> run_name(cfg, {"model/head": "unified", "model/cross": "parallel"})
+        'unified_parallel · kuairand · s0'
+    """
+    if cfg.logger.get("run_name"):
+        return str(cfg.logger.run_name)
+    tags = choice_tags(choices)
+    design = tags.get("experiment") or f"{tags.get('head', 'model')}_{tags.get('cross', '')}".rstrip("_")
+    return f"{design} · {Path(str(cfg.data.dir)).name} · s{cfg.seed}"
+
+
 def log_config_params(run: TrackedRun, cfg: DictConfig, skip_prefixes: tuple[str, ...] = ()) -> None:
     """The resolved config, flattened, as the run's params (MLflow takes 100 per batch); keys starting
     with one of ``skip_prefixes`` are left out."""
@@ -375,13 +436,11 @@ def tracked_run(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str
     tags.update(lineage_tags(cfg.logger))
     tags.update(process_tags())
     mark_dead_runs(mlflow_client, [exp])
-    run = mlflow_client.create_run(
-        exp, tags=tags, run_name=cfg.logger.get("run_name") or tags.get("experiment")
-    )
+    run = mlflow_client.create_run(exp, tags=tags, run_name=run_name(cfg, choices))
     run_id = run.info.run_id
     with terminate_with_status(mlflow_client, run_id):
         tracked = TrackedRun(run_id, mlflow_client, _lightning_logger(cfg.logger, run_id))
-        log_config_params(tracked, cfg)
+        log_params(tracked, run_params(cfg, choices, overrides))
         log_text(mlflow_client, run_id, OmegaConf.to_yaml(cfg, resolve=True), CONFIG_ARTIFACT)
         log_text(
             mlflow_client,
@@ -702,3 +761,140 @@ def resumed_run(logger_cfg: Mapping[str, Any], run_id: str) -> Iterator[TrackedR
     mlflow_client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
     with terminate_with_status(mlflow_client, run_id):
         yield TrackedRun(run_id, mlflow_client, None)
+
+
+# --- datasets: the logs a run read (the UI's Dataset column) -------------------------------------
+
+DATA_FILE_SUFFIX = ".parquet"  # the contract's tables; caches and notes beside them are not data
+DIGEST_LENGTH = 16
+DATA_DIGEST_TAG = "data_digest"  # also a tag, so runs (baseline ones too) can be found by their data
+
+
+@functools.cache
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes; cached per (path, size, mtime): eval and ablate digest one data dir
+    many times in one process."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_digest(data_dir: str | Path) -> str:
+    """Digest of the data: sha256 over the name and content of every ``*.parquet`` table in
+    ``data_dir`` (sorted), cut to ``DIGEST_LENGTH`` hex digits. Same bytes, same digest."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(data_dir).glob(f"*{DATA_FILE_SUFFIX}")):
+        stat = path.stat()
+        digest.update(f"{path.name}:{_file_sha256(str(path), stat.st_size, stat.st_mtime_ns)}\n".encode())
+    return digest.hexdigest()[:DIGEST_LENGTH]
+
+
+def dataset_profile(n_rows: Mapping[str, int], split_days: Mapping[str, tuple[int, int]]) -> dict[str, Any]:
+    """The dataset profile shown in the UI: impressions and calendar days of every split.
+
+    Example:
+        >>> dataset_profile({"train": 10}, {"train": (0, 4)})
+        {'train': {'impressions': 10, 'days': '1970-01-01..1970-01-05'}}
+    """
+    import datetime as dt
+
+    def day(n: int) -> str:
+        return (dt.date(1970, 1, 1) + dt.timedelta(days=int(n))).isoformat()
+
+    return {
+        split: {"impressions": int(n_rows.get(split, 0)), "days": f"{day(lo)}..{day(hi)}"}
+        for split, (lo, hi) in split_days.items()
+    }
+
+
+def log_dataset(
+    mlflow_client, run_id: str, data_dir: str | Path, profile: Mapping[str, Any], context: str
+) -> str:
+    """Log ``data_dir`` as the run's MLflow dataset input (name: the directory's name, digest:
+    :func:`data_digest`, source: the directory, ``profile``: :func:`dataset_profile`) in ``context``
+    (``training``, ``evaluation``); tags the run ``data_digest``; returns the digest. MLflow keeps one
+    input per (run, dataset): evaluating a run on its training data adds no second one."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    path = Path(data_dir).resolve()
+    digest = data_digest(path)
+    dataset = Dataset(
+        name=path.name,
+        digest=digest,
+        source_type="local",
+        source=json.dumps({"uri": path.as_uri()}),
+        profile=json.dumps(dict(profile)),
+    )
+    tags = [InputTag(key="mlflow.data.context", value=context)]
+    mlflow_client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset, tags=tags)])
+    mlflow_client.set_tag(run_id, DATA_DIGEST_TAG, digest)
+    return digest
+
+
+# --- baseline runs: untrained rankings scored once per (data, split, options) --------------------
+
+KIND_TAG, BASELINE_KIND = "kind", "baseline"  # trained runs carry no kind tag
+BASELINE_TAG = "baseline"  # which baseline (popularity, itemcf, ...)
+BASELINE_KEY_TAG = "baseline_key"  # digest of everything the baseline's scores depend on
+
+
+def find_baseline_run(logger_cfg: Mapping[str, Any], key: str) -> str | None:
+    """The newest FINISHED baseline run tagged ``baseline_key=key``, or None."""
+    mlflow_client = client(logger_cfg)
+    exp = experiment_id(mlflow_client, logger_cfg)
+    runs = mlflow_client.search_runs(
+        [exp],
+        filter_string=f"attributes.status = 'FINISHED' and tags.{KIND_TAG} = '{BASELINE_KIND}' "
+        f"and tags.{BASELINE_KEY_TAG} = '{key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def baseline_run(
+    logger_cfg: Mapping[str, Any], name: str, key: str, data_name: str, split: str, tags: Mapping[str, str]
+):
+    """Open a run ``baseline_<name> · <data_name> · <split>`` (tags ``kind=baseline``, ``baseline``,
+    ``baseline_key``), closed FINISHED, FAILED or KILLED as :func:`open_run` does."""
+    all_tags = {"mlflow.source.name": "convcg eval", "split": split, **tags}
+    all_tags.update({KIND_TAG: BASELINE_KIND, BASELINE_TAG: name, BASELINE_KEY_TAG: key})
+    return open_run(logger_cfg, f"baseline_{name} · {data_name} · {split}", all_tags)
+
+
+def read_json_artifact(logger_cfg: Mapping[str, Any], run_id: str, artifact_path: str) -> Any:
+    """The JSON artifact ``artifact_path`` of the run, parsed; None when the run has none."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return json.loads(download_artifact(logger_cfg, run_id, artifact_path).read_text())
+    except (MlflowException, OSError):
+        return None
+
+
+def log_figure(mlflow_client, run_id: str, figure: Any, artifact_file: str) -> None:
+    """Log a matplotlib figure as image artifact ``artifact_file`` of the run, then close it."""
+    import matplotlib.pyplot as plt
+
+    mlflow_client.log_figure(run_id, figure, artifact_file, save_kwargs={"dpi": 110, "bbox_inches": "tight"})
+    plt.close(figure)
+
+
+def run_metric_names(mlflow_client, run_id: str) -> list[str]:
+    """Names of every metric logged into the run."""
+    return sorted(mlflow_client.get_run(run_id).data.metrics)
+
+
+def metric_history_of(mlflow_client, run_id: str, name: str) -> list[tuple[int, float]]:
+    """:func:`metric_history` with a client in hand (one per run, not one per metric)."""
+    return [(int(m.step), float(m.value)) for m in mlflow_client.get_metric_history(run_id, name)]

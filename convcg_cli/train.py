@@ -6,7 +6,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from convcg_cli import tracking
+from convcg_cli import figures, progress, tracking
 from convcg_cli.builders import build_datamodule, build_model  # also imported from here (bench, tests)
 from convcg_cli.config import Composed, instantiate
 from convcg_cli.errors import ConfigError, RunNotFoundError
@@ -44,6 +44,28 @@ def check_served_embedding_is_trained(cfg) -> None:
         raise ConfigError(f"At least one of loss.task_weights must be > 0, got {weights}.")
 
 
+POINTS_PER_EPOCH = 10  # a short epoch still draws its training curves
+
+
+def _log_interval_callback():
+    """:class:`LogEveryShortEpoch`, built here so that importing this module does not import Lightning."""
+    from lightning.pytorch.callbacks import Callback
+
+    class LogEveryShortEpoch(Callback):
+        """Shrink ``trainer.log_every_n_steps`` so an epoch logs about ``POINTS_PER_EPOCH`` points of the
+        ``train/*`` curves when it is short: the configured 20 steps would log nothing in a 14-batch
+        epoch. Long epochs keep the configured interval."""
+
+        def on_train_start(self, trainer, pl_module) -> None:  # noqa: D102
+            batches = trainer.num_training_batches
+            if isinstance(batches, int) and batches > 0:
+                trainer.log_every_n_steps = max(
+                    1, min(trainer.log_every_n_steps, batches // POINTS_PER_EPOCH)
+                )
+
+    return LogEveryShortEpoch()
+
+
 def _callbacks(cfg, checkpoint_dir: Path) -> list:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -64,7 +86,8 @@ def _build(cfg):
     tasks = check_task_names(cfg.loss.task_weights.keys())
     check_served_embedding_is_trained(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = build_datamodule(cfg, tasks)
+    with progress.step(f"Loading and checking {cfg.data.dir}"):
+        dm = build_datamodule(cfg, tasks)
     return dm, build_model(cfg, dm)
 
 
@@ -84,7 +107,8 @@ def train(composed: Composed) -> TrainResult:
 
     with StopOnSignals() as stop, tracking.tracked_run(cfg, composed.choices, composed.overrides) as run:
         stop.run_id = run.run_id
-        tracking.log_metrics(run.client, run.run_id, {f"data/{k}_rows": v for k, v in dm.n_rows.items()})
+        profile = tracking.dataset_profile(dm.n_rows, dm.split_days)
+        tracking.log_dataset(run.client, run.run_id, cfg.data.dir, profile, "training")
         result = _fit_and_log(cfg, model, dm, run)
     return result
 
@@ -128,8 +152,24 @@ def _fit_and_log(cfg, model, dm, run: tracking.TrackedRun, ckpt_path: Path | Non
     with tracking.keep_resume_point(run, _checkpoint_dir(cfg, run.run_id) / LAST_CHECKPOINT):
         result = _fit(cfg, model, dm, logger=run.logger, run_id=run.run_id, ckpt_path=ckpt_path)
     tracking.log_checkpoint(run, result.checkpoint)
-    log_trained_model(cfg, dm, model, run.run_id, result.checkpoint)  # runs:/<run id>/model
+    log_training_figures(run, list(model.tasks))
+    with progress.step("Logging the served model"):
+        log_trained_model(cfg, dm, model, run.run_id, result.checkpoint)  # runs:/<run id>/model
     return result
+
+
+TRAINING_FIGURE, BALANCING_FIGURE = "figures/training.png", "figures/balancing.png"
+
+
+def log_training_figures(run: tracking.TrackedRun, tasks: list[str]) -> None:
+    """The run's training curves per task (``figures/training.png``) and, when balancing is on (a
+    weight moved or a gradient cosine was computed), the weight and cosine traces
+    (``figures/balancing.png``), drawn from the metric histories the run logged."""
+    names = [n for n in tracking.run_metric_names(run.client, run.run_id) if n.startswith(("train/", "val/"))]
+    histories = {n: tracking.metric_history_of(run.client, run.run_id, n) for n in names}
+    tracking.log_figure(run.client, run.run_id, figures.training_figure(histories, tasks), TRAINING_FIGURE)
+    if figures.balancing_is_on(histories):
+        tracking.log_figure(run.client, run.run_id, figures.balancing_figure(histories), BALANCING_FIGURE)
 
 
 def _checkpoint_dir(cfg, run_id: str | None) -> Path:
@@ -149,8 +189,13 @@ def _fit(cfg, model, dm, logger, run_id: str | None, ckpt_path: Path | None = No
     runs_dir = Path(cfg.paths.output_dir) / "runs"
     checkpoint_dir = _checkpoint_dir(cfg, run_id)
     callbacks = _callbacks(cfg, checkpoint_dir)
+    quiet = {} if progress.interactive() else {"enable_progress_bar": False}  # -q, or not a terminal
     trainer = instantiate(
-        cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(checkpoint_dir)
+        cfg.trainer,
+        logger=logger,
+        callbacks=[*callbacks, _log_interval_callback()],
+        default_root_dir=str(checkpoint_dir),
+        **quiet,
     )
     resume_from = {"ckpt_path": str(ckpt_path), "weights_only": True} if ckpt_path else {}
     trainer.fit(model, datamodule=dm, **resume_from)

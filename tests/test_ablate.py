@@ -225,10 +225,23 @@ def test_smoke_grid_end_to_end(home, tiny_overrides):
     ]
     assert {c.variant: c.run_id for c in result.children}["broken"] in {r.info.run_id for r in children}
     done = next(r for r in children if r.data.tags["variant"] == "unified_parallel")
-    metrics = done.data.metrics
-    for name in ("heldout/conversion/recall_at_100", "heldout/baseline_itemcf/conversion/recall_at_100"):
-        assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"]
-    assert "heldout/by_surface/search/conversion/recall_at_100_ci_low" in metrics
+    metrics = done.data.metrics  # the model's own, leanly named; the baselines are runs of their own
+    low, high = "heldout_ci/conversion/recall_at_100_ci_low", "heldout_ci/conversion/recall_at_100_ci_high"
+    assert metrics[low] <= metrics["heldout/conversion/recall_at_100"] <= metrics[high]
+    assert not any("baseline" in name for name in metrics)
+    assert "heldout_by_surface/search/conversion/recall_at_100" in metrics
+    full = tracking.read_json_artifact(
+        compose("eval").cfg.logger, done.info.run_id, "eval/heldout_metrics.json"
+    )
+    name = "heldout/baseline_itemcf/conversion/recall_at_100"
+    assert full[f"{name}_ci_low"] <= full[name] <= full[f"{name}_ci_high"]
+    assert "heldout/by_surface/search/conversion/recall_at_100_ci_low" in full
+    baseline_runs = client.search_runs(
+        [done.info.experiment_id], filter_string="tags.kind = 'baseline'", order_by=["attributes.start_time"]
+    )
+    assert sorted(r.data.tags["baseline"] for r in baseline_runs) == ["itemcf", "popularity"]  # scored once
+    itemcf = next(r for r in baseline_runs if r.data.tags["baseline"] == "itemcf")
+    assert itemcf.data.metrics["heldout/conversion/recall_at_100"] == pytest.approx(full[name])
 
     hits_file = tracking.download_artifact(
         compose("eval").cfg.logger, done.info.run_id, "eval/heldout_hits.npz"

@@ -296,7 +296,7 @@ def test_train_trainer_ddp_end_to_end_logs_one_finished_run(tiny_data, tmp_path,
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve()}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("convcg").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["checkpoint"] == "yes"
-    assert run.data.params["trainer.strategy"] == "ddp"
+    assert run.data.params["trainer"] == "ddp"
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == [0, 1, 2, 3]  # 4 steps, logged once (by rank 0)
     assert "val/conversion/recall_at_100" in run.data.metrics

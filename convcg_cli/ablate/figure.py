@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from convcg_cli.ablate.report import DESIGN, TASKS, Row
+from convcg_cli.figures import recall_axes
 
 FIGURE_FILE = "recall.png"
 
@@ -44,12 +45,7 @@ def plot_recall(rows: list[Row], ks: Sequence[int], path: Path) -> Path:
                 color=colours((2 * i) % 20 + (i // 10) % 2),  # tab20: dark hues first, then light
                 label=row.name,
             )
-        ax.set_xscale("log")
-        ax.set_xticks(ks, [str(k) for k in ks])
-        ax.set_xlabel("K")
-        ax.set_ylabel(f"{task} recall@K")
-        ax.set_title(f"{task} (mean ± 95% CI)")
-        ax.grid(alpha=0.3)
+        recall_axes(ax, ks, task, f"{task} (mean ± 95% CI)")
     handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()

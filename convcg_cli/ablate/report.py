@@ -398,8 +398,9 @@ def _notes(grid: Grid, children: list[ChildResult]) -> list[str]:
         "- Paired differences: variant minus baseline recall on the same bootstrap resamples of users "
         "(all positives of a drawn user together), one per seed; the verdict is "
         f"**{BEATS}** only when the 95% interval's lower bound is above 0 on every seed.",
-        "- Every child run also logs its own bootstrap-over-users CIs (`<metric>_ci_low/_ci_high`), per "
-        "surface too, and its per-positive hits (`eval/<split>_hits.npz`); recall counts each held-out "
+        "- Every child run also keeps its bootstrap-over-users CIs (`<split>_ci/...` metrics; per surface "
+        "in `eval/<split>_metrics.json`) and its per-positive hits (`eval/<split>_hits.npz`); the "
+        "baselines are runs of their own (tag `kind=baseline`); recall counts each held-out "
         "(query, item) positive once, exact search over the whole corpus.",
         f"- {sum(c.status == FINISHED for c in children)} of {planned} planned runs finished, "
         f"{sum(c.status != FINISHED for c in children)} failed.",

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import open_dict
 
-from convcg_cli import tracking
+from convcg_cli import progress, tracking
 from convcg_cli.ablate.figure import FIGURE_FILE, plot_recall
 from convcg_cli.ablate.grid import (
     FAILED,
@@ -40,6 +41,7 @@ from convcg_cli.ablate.report import (
 from convcg_cli.config import compose
 from convcg_cli.errors import ConfigError
 from convcg_cli.kept_checkpoint import validation_figure
+from convcg_cli.progress import cell_line
 
 REPORT_FILE = "report.md"
 SUMMARY_FILE = "summary.json"
@@ -222,7 +224,9 @@ def run_ablation(
             children = _children_from_runs(grid, eval_composed.cfg, parent.run_id)
             summary = writer.write(children)
         else:
-            for cell, composed in jobs:
+            start = time.perf_counter()
+            for index, (cell, composed) in enumerate(jobs, 1):
+                progress.announce(cell_line(index, len(jobs), cell.run_name, time.perf_counter() - start))
                 children.append(
                     _run_child(grid, cell, composed, eval_composed, train_fn, evaluate_fn, baseline_cache)
                 )
@@ -277,7 +281,10 @@ def _children_from_runs(grid: Grid, eval_cfg, parent_run_id: str) -> list[ChildR
             )
             continue
         train_cfg = tracking.load_run_config(logger_cfg, run_id)
+        # The full figures (baselines', CIs under their own names) are the eval metrics artifact;
+        # the run's own MLflow metrics hold the model's headline ones.
         metrics = dict(run.data.metrics)
+        metrics.update(tracking.read_json_artifact(logger_cfg, run_id, f"eval/{split}_metrics.json") or {})
         metrics[selection_metric(grid)] = validation_figure(train_cfg, run_id, selection_metric(grid))
         hits_path = tracking.download_artifact(logger_cfg, run_id, f"eval/{HITS_FILE.format(split=split)}")
         hits = load_hits(hits_path).get(grid.select_task)

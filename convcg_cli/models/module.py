@@ -99,11 +99,17 @@ class RetrievalModule(L.LightningModule):
         if self.interference_every_n_steps and self.global_step % self.interference_every_n_steps == 0:
             # Task-interference monitor: one extra backward per task, every N steps.
             cosines = task_gradient_cosine(terms.task_losses, self.shared_parameters(), PRIMARY_TASK)
-            for pair, cos in cosines.items():
-                self.log(GRAD_COSINE_METRIC.format(pair=pair), cos, batch_size=bs)
+            self._log_at_this_step({GRAD_COSINE_METRIC.format(pair=p): float(c) for p, c in cosines.items()})
         self.log("train/loss", terms.total, prog_bar=True, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in terms.logs.items()}, batch_size=bs)
         return terms.total
+
+    def _log_at_this_step(self, metrics: dict[str, float]) -> None:
+        """Log ``metrics`` at this very step, straight to the logger: values computed only every N steps
+        (the gradient cosine) must not go through ``self.log``, which re-logs the last value at every
+        logging step in between. The logger writes on rank 0 only."""
+        if self.logger is not None and metrics:
+            self.logger.log_metrics(metrics, step=self.global_step)
 
     @torch.no_grad()
     def init_item_embeddings(self, factors: np.ndarray) -> int:
