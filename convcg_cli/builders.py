@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from convcg_cli.config import instantiate
-from convcg_cli.errors import ConfigError, ConvcgError
+from convcg_cli.errors import ConfigError, ConvcgError, first_line
 from convcg_cli.retrieval import encode_queries
 
 
@@ -92,7 +92,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConvcgError(
             f"The checkpoint {path} is not plain weights (tensors, numbers, containers): {first}. "
             "convcg loads checkpoints as data only, so one that holds other objects is refused; "

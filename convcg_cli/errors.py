@@ -61,3 +61,15 @@ class RunInterruptedError(ConvcgError):
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none), for a one-line
+    cause inside a user-facing error.
+
+    Example:
+        >>> first_line(ValueError("bad value\\nmore detail")), first_line(KeyError())
+        ('bad value', 'KeyError')
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

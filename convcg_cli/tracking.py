@@ -20,7 +20,7 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 from convcg_cli.config import check_trusted_targets
-from convcg_cli.errors import RunNotFoundError
+from convcg_cli.errors import RunNotFoundError, first_line
 
 CONFIG_ARTIFACT = "config/resolved.yaml"
 OVERRIDES_ARTIFACT = "config/overrides.yaml"
@@ -527,7 +527,7 @@ def download_checkpoint(
             )
         )
     except (MlflowException, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise RunNotFoundError(
             f"The checkpoint artifact '{artifact}' of run {run_id} could not be read ({first}); it was "
             "deleted or moved. Retrain the run."
@@ -707,7 +707,7 @@ def load_served_model(logger_cfg: Mapping[str, Any], model_uri: str):
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise RunNotFoundError(
             f"No served model at {model_uri} in {logger_cfg['tracking_uri']} ({first}). Log one with "
             "'convcg export --run ID' (convcg train logs it for new runs)."

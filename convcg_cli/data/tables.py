@@ -25,7 +25,7 @@ from convcg_cli.data.checks import (
     conform_frames,
 )
 from convcg_cli.data.contract import TableSchema, load_schemas
-from convcg_cli.errors import ConvcgError, DataValidationError
+from convcg_cli.errors import ConvcgError, DataValidationError, first_line
 
 # Written next to the tables: row counts and the provenance the writer passes (seed, config, source).
 METADATA_FILE = "synth.json"
@@ -77,7 +77,7 @@ def _read(
             keep = present if schema.extra_columns == "keep" else set(schema.column_names)
             frames[name] = lazy.select([c for c in lazy.collect_schema().names() if c in keep]).collect()
         except (pl.exceptions.PolarsError, OSError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            cause = first_line(exc)
             violations.append(
                 Violation(
                     name,
@@ -85,7 +85,7 @@ def _read(
                     None,
                     0,
                     "a readable parquet file",
-                    f"cannot be read ({first_line})",
+                    f"cannot be read ({cause})",
                     UNREADABLE_FILE,
                 )
             )
