@@ -39,6 +39,13 @@ import polars as pl
 from convcg_cli.config import CONF_DIR
 from convcg_cli.data.checks import validate_frames
 from convcg_cli.data.contract import TableSchema, load_schemas
+from convcg_cli.data.levers import (  # the levers a source may lack a signal for; also imported from here
+    ADVERTISER_SOFTMAX,
+    DWELL_WEIGHTED_POSITIVES,
+    IMPRESSION_HARD_NEGATIVES,
+    SURFACE_CONTEXT,
+    USER_HISTORY,
+)
 from convcg_cli.data.source_files import TimeSpec, read_table, source_files
 from convcg_cli.data.tables import write_tables
 from convcg_cli.data.user_history import events_from_lists
@@ -47,12 +54,6 @@ from convcg_cli.errors import ConfigError, ConvcgError, DataValidationError
 
 IMPORTER_DIR = CONF_DIR / "importer"
 
-# Training levers that need a signal the source may lack; the report names the ones switched off.
-DWELL_WEIGHTED_POSITIVES = "dwell_weighted_positives"
-IMPRESSION_HARD_NEGATIVES = "impression_hard_negatives"
-ADVERTISER_SOFTMAX = "advertiser_softmax"
-SURFACE_CONTEXT = "surface_context"
-USER_HISTORY = "user_history"
 
 _TIME_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 _DWELL_UNITS = {"s": 1.0, "ms": 1_000.0}
