@@ -10,6 +10,7 @@ resampled users later (``convcg ablate``; :func:`load_hits` reads it back).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,13 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from convcg_cli import tracking
-from convcg_cli.baselines import BASELINE_DATA_OPTIONS, BASELINES, make_baseline, training_history
+from convcg_cli.baselines import (
+    BASELINE_DATA_OPTIONS,
+    BASELINES,
+    BaselineRefusedError,
+    make_baseline,
+    training_history,
+)
 from convcg_cli.builders import (  # noqa: F401  (read_checkpoint: also imported from here)
     build_datamodule,
     embed_split,
@@ -141,13 +148,18 @@ def score_ranking(topk_ids: np.ndarray, queries, split: str, tasks: Sequence[str
 
 def score_baselines(dm, queries, tasks: Sequence[str], cfg) -> dict[str, RankingScores]:
     """Fit every baseline of ``cfg.baselines`` on ``dm``'s training window and score it on ``queries``;
-    keyed by ranking name (``baseline_<name>``)."""
+    keyed by ranking name (``baseline_<name>``). A baseline that refuses the data
+    (:class:`~convcg_cli.baselines.BaselineRefusedError`) is skipped with a logged warning."""
     history = training_history(dm)
     users = query_users(queries)
     scores: dict[str, RankingScores] = {}
     for name in cfg.baselines:
         options = cfg.baseline_options.get(name)
-        baseline = make_baseline(name, _as_dict(options) if options else {}).fit(history)
+        try:
+            baseline = make_baseline(name, _as_dict(options) if options else {}).fit(history)
+        except BaselineRefusedError as exc:  # one baseline that cannot run must not cost the others
+            logging.getLogger(__name__).warning("Skipped baseline %s: %s", name, exc)
+            continue
         topk = baseline.query_topk(users, max(cfg.ks))
         ranking = f"{BASELINE_PREFIX}{name}"
         scores[ranking] = score_ranking(topk, queries, f"{cfg.split}/{ranking}", tasks, cfg)
@@ -275,7 +287,7 @@ def evaluate(
     queries = dm.queries[cfg.split]
     _check_has_conversions(dm, cfg.split)
 
-    # Baselines first: a baseline that cannot run on this corpus (EASE on 100k items) fails fast.
+    # Baselines first: a bad baseline option fails fast (one that refuses the corpus is skipped).
     baselines: dict[str, RankingScores] = {}
     if cfg.baselines:
         key = _baseline_key(train_cfg, tasks, cfg)
