@@ -39,6 +39,11 @@ from convcg_cli.metrics.retrieval import popularity_topk
 _SCORE_CHUNK_CELLS = 1 << 22
 
 
+class BaselineRefusedError(ConfigError):
+    """A baseline cannot run on this data (e.g. EASE on more than ``max_items`` items): ``convcg eval``
+    skips it with a warning; called directly, it is a config error like any other."""
+
+
 @dataclass(frozen=True)
 class TrainHistory:
     """What the baselines may learn from: the training window only.
@@ -335,7 +340,7 @@ class EASE(_ItemToItem):
 
         n = x.shape[1]
         if n > self.max_items:
-            raise ConfigError(
+            raise BaselineRefusedError(
                 f"ease needs a dense {n} x {n} inverse ({n} items > baseline_options.ease.max_items="
                 f"{self.max_items}); use the itemcf baseline on this corpus, or raise max_items."
             )

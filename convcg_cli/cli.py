@@ -412,9 +412,12 @@ def _print_metrics(title: str, metrics: dict[str, float]) -> None:
     """Recall table: one row per model and task, one column per k (per-surface figures are in MLflow).
 
     Names look like ``heldout/conversion/recall_at_100`` (the trained model) or
-    ``heldout/baseline_popularity/conversion/recall_at_100`` (a baseline).
+    ``heldout/baseline_popularity/conversion/recall_at_100`` (a baseline). A recall whose bootstrap
+    bounds were computed (``..._ci_low``, ``..._ci_high``) is printed with them: ``0.5000 [0.4500, 0.5500]``.
     """
-    rows: dict[tuple[str, str], dict[int, float]] = {}
+    from convcg_cli.metrics.bootstrap import ci_names
+
+    rows: dict[tuple[str, str], dict[int, str]] = {}
     for name, value in metrics.items():
         if "/by_surface/" in name or "/recall_at_" not in name:
             continue
@@ -423,7 +426,9 @@ def _print_metrics(title: str, metrics: dict[str, float]) -> None:
             continue
         parts = prefix.split("/")
         model = parts[1].removeprefix("baseline_") if len(parts) == 3 else "two-tower"
-        rows.setdefault((parts[-1], model), {})[int(k_text)] = value
+        low, high = (metrics.get(bound) for bound in ci_names(name))
+        ci = f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else ""
+        rows.setdefault((parts[-1], model), {})[int(k_text)] = f"{value:.4f}{ci}"
     ks = sorted({k for values in rows.values() for k in values})
     table = Table(title=title)
     table.add_column("task")
@@ -432,7 +437,7 @@ def _print_metrics(title: str, metrics: dict[str, float]) -> None:
         table.add_column(f"recall@{k}", justify="right")
     for task, model in sorted(rows, key=lambda r: (r[0], r[1] != "two-tower", r[1])):
         values = rows[(task, model)]
-        table.add_row(task, model, *(f"{values[k]:.4f}" if k in values else "" for k in ks))
+        table.add_row(task, model, *(values.get(k, "") for k in ks))
     out.print(table)
 
 

@@ -10,6 +10,7 @@ resampled users later (``convcg ablate``; :func:`load_hits` reads it back).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,13 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from convcg_cli import progress, tracking
-from convcg_cli.baselines import BASELINE_DATA_OPTIONS, BASELINES, make_baseline, training_history
+from convcg_cli.baselines import (
+    BASELINE_DATA_OPTIONS,
+    BASELINES,
+    BaselineRefusedError,
+    make_baseline,
+    training_history,
+)
 from convcg_cli.builders import (  # noqa: F401  (read_checkpoint: also imported from here)
     build_datamodule,
     embed_split,
@@ -153,12 +160,16 @@ def score_baseline(name: str, history, queries, tasks: Sequence[str], cfg) -> Ra
 
 def score_baselines(dm, queries, tasks: Sequence[str], cfg) -> dict[str, RankingScores]:
     """Fit every baseline of ``cfg.baselines`` on ``dm``'s training window and score it on ``queries``;
-    keyed by ranking name (``baseline_<name>``)."""
+    keyed by ranking name (``baseline_<name>``). A baseline that refuses the data
+    (:class:`~convcg_cli.baselines.BaselineRefusedError`) is skipped with a logged warning."""
     history = training_history(dm)
-    return {
-        f"{BASELINE_PREFIX}{name}": score_baseline(name, history, queries, tasks, cfg)
-        for name in cfg.baselines
-    }
+    scores: dict[str, RankingScores] = {}
+    for name in cfg.baselines:
+        try:
+            scores[f"{BASELINE_PREFIX}{name}"] = score_baseline(name, history, queries, tasks, cfg)
+        except BaselineRefusedError as exc:  # one baseline that cannot run must not cost the others
+            logging.getLogger(__name__).warning("Skipped baseline %s: %s", name, exc)
+    return scores
 
 
 def baseline_metrics(dm, queries, tasks: Sequence[str], cfg) -> dict[str, float]:
@@ -382,7 +393,11 @@ def baselines_for(
             with progress.step(f"Reading baseline {name} from run {run_id}"):
                 found = _read_baseline_run(ctx.cfg.logger, run_id, str(ctx.cfg.split), ranking)
         if found is None:
-            found, run_id = _score_and_log_baseline(ctx, name, key)
+            try:
+                found, run_id = _score_and_log_baseline(ctx, name, key)
+            except BaselineRefusedError as exc:  # one baseline that cannot run must not cost the others
+                logging.getLogger(__name__).warning("Skipped baseline %s: %s", name, exc)
+                continue
         if cache is not None:
             cache[key] = found
         scores[ranking] = found
@@ -424,7 +439,7 @@ def evaluate(
     profile = tracking.dataset_profile(dm.n_rows, dm.split_days)
     digest = tracking.log_dataset(mlflow_client, run_id, train_cfg.data.dir, profile, "evaluation")
 
-    # Baselines first: a baseline that cannot run on this corpus (EASE on 100k items) fails fast.
+    # Baselines first: a bad baseline option fails fast (one that refuses the corpus is skipped).
     context = BaselineContext(dm, queries, tasks, cfg, train_cfg, digest, profile)
     baselines, baseline_runs = baselines_for(context, baseline_cache) if cfg.baselines else ({}, [])
 

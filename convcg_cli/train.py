@@ -9,6 +9,7 @@ from pathlib import Path
 from convcg_cli import figures, progress, tracking
 from convcg_cli.builders import build_datamodule, build_model  # also imported from here (bench, tests)
 from convcg_cli.config import Composed, instantiate
+from convcg_cli.data.levers import check_levers
 from convcg_cli.errors import ConfigError, RunNotFoundError
 from convcg_cli.interrupts import StopOnSignals
 from convcg_cli.serve.export import log_trained_model
@@ -85,6 +86,7 @@ def _build(cfg):
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
     tasks = check_task_names(cfg.loss.task_weights.keys())
     check_served_embedding_is_trained(cfg)
+    check_levers(cfg)  # before any data is loaded: a lever the data cannot feed is a config error
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     with progress.step(f"Loading and checking {cfg.data.dir}"):
         dm = build_datamodule(cfg, tasks)

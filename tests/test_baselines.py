@@ -7,6 +7,7 @@ import pytest
 
 from convcg_cli.baselines import (
     EASE,
+    BaselineRefusedError,
     ItemCF,
     MostPopular,
     TrainHistory,
@@ -149,6 +150,21 @@ def test_baselines_beat_random_on_tiny(tiny_dm):
         low = metrics[f"heldout/baseline_{name}/conversion/recall_at_100_ci_low"]
         high = metrics[f"heldout/baseline_{name}/conversion/recall_at_100_ci_high"]
         assert low <= recall <= high
+
+
+def test_a_baseline_that_refuses_the_corpus_is_skipped_with_a_warning(tiny_dm, caplog):
+    from convcg_cli.evaluate import score_baselines
+
+    cfg = compose(
+        "eval",
+        ["baselines=[popularity,ease]", "baseline_options.ease.max_items=5", "bootstrap.n_boot=0"],
+    ).cfg
+    with caplog.at_level("WARNING", logger="convcg_cli.evaluate"):
+        scores = score_baselines(tiny_dm, tiny_dm.queries["heldout"], TASKS, cfg)
+    assert list(scores) == ["baseline_popularity"]
+    assert "Skipped baseline ease: ease needs a dense" in caplog.text and "max_items=5" in caplog.text
+    with pytest.raises(BaselineRefusedError):  # called directly, still an error
+        EASE(max_items=5).fit(_history())
 
 
 def test_single_task_baseline_configs():

@@ -131,6 +131,22 @@ def test_eval_passes_run_and_overrides_and_prints_json_or_a_table(home, monkeypa
     assert "0.9000" not in table.output and "0.4000" not in table.output  # per surface, CI: MLflow only
 
 
+def test_eval_table_prints_the_confidence_intervals_it_computed(home, monkeypatch):
+    metrics = {
+        "heldout/conversion/recall_at_100": 0.5,
+        "heldout/conversion/recall_at_100_ci_low": 0.4125,
+        "heldout/conversion/recall_at_100_ci_high": 0.5875,
+        "heldout/baseline_popularity/conversion/recall_at_100": 0.25,
+    }
+    monkeypatch.setattr(
+        "convcg_cli.evaluate.evaluate", lambda composed, run: EvalResult("run123", "heldout", metrics)
+    )
+    result = invoke("eval")
+    assert result.exit_code == 0, result.output
+    assert "0.5000 [0.4125, 0.5875]" in " ".join(result.output.split())
+    assert "0.2500" in result.output  # no bounds computed: the value alone
+
+
 def test_an_error_in_train_or_eval_is_a_message_and_exit_code_not_a_traceback(home, monkeypatch):
     def refuse(*args, **kwargs):
         raise ConvcgError("the logs have no conversions")

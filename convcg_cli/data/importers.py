@@ -39,18 +39,21 @@ import polars as pl
 from convcg_cli.config import CONF_DIR
 from convcg_cli.data.checks import validate_frames
 from convcg_cli.data.contract import TableSchema, load_schemas
+from convcg_cli.data.levers import (  # the levers a source may lack a signal for; also imported from here
+    ADVERTISER_SOFTMAX,
+    DWELL_WEIGHTED_POSITIVES,
+    IMPRESSION_HARD_NEGATIVES,
+    SURFACE_CONTEXT,
+    USER_HISTORY,
+)
+from convcg_cli.data.source_files import TimeSpec, read_table, source_files
 from convcg_cli.data.tables import write_tables
 from convcg_cli.data.user_history import events_from_lists
+from convcg_cli.data.user_keys import UserKeySpec, assign_user_ids, encode_known_users
 from convcg_cli.errors import ConfigError, ConvcgError, DataValidationError
 
 IMPORTER_DIR = CONF_DIR / "importer"
 
-# Training levers that need a signal the source may lack; the report names the ones switched off.
-DWELL_WEIGHTED_POSITIVES = "dwell_weighted_positives"
-IMPRESSION_HARD_NEGATIVES = "impression_hard_negatives"
-ADVERTISER_SOFTMAX = "advertiser_softmax"
-SURFACE_CONTEXT = "surface_context"
-USER_HISTORY = "user_history"
 
 _TIME_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 _DWELL_UNITS = {"s": 1.0, "ms": 1_000.0}
@@ -153,7 +156,7 @@ def load_mapping(source: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level.")
     mapping: dict[str, Any] = {str(k): v for k, v in raw.items()}
-    missing = [k for k in ("impressions", "items", "users") if not isinstance(mapping.get(k), dict)]
+    missing = [k for k in ("impressions", "items") if not isinstance(mapping.get(k), dict)]
     if missing:
         raise ConfigError(f"{path}: the mapping needs sections {missing} (see conf/importer/kuairand.yaml).")
     mapping.setdefault("source", path.stem)
@@ -172,67 +175,6 @@ def _block(spec: Any) -> dict[str, Any]:
     if spec is None:
         return {}
     return {"column": spec} if isinstance(spec, str) else dict(spec)
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------------------
-
-
-def _scan(path: Path) -> pl.LazyFrame:
-    if path.suffix == ".parquet":
-        return pl.scan_parquet(path)
-    if path.suffix == ".csv":
-        # Whole-file type inference: a column that is numeric for 100 rows may hold "12,65" later.
-        return pl.scan_csv(path, infer_schema_length=None)
-    raise ConfigError(f"{path}: the importer reads .parquet or .csv files, not '{path.suffix}'.")
-
-
-def read_table(
-    in_dir: Path,
-    files: Sequence[str],
-    required: Mapping[str, str],
-    optional: Sequence[str],
-    what: str,
-) -> pl.DataFrame:
-    """Read and concatenate ``files`` (in order), keeping only the columns the mapping uses.
-
-    Args:
-        in_dir: the source directory; ``files`` are relative to it.
-        files: the files of one table.
-        required: column -> what it was expected to hold (for the error message).
-        optional: columns used if present in every file.
-        what: what the table is, for the error message (e.g. "the impressions log").
-
-    Returns:
-        The frame; an optional column absent from any file is left out (its signal is missing).
-
-    Raises:
-        ConvcgError: a file is missing or unreadable, or lacks a required column.
-    """
-    frames: list[pl.LazyFrame] = []
-    absent: set[str] = set()
-    for name in files:
-        path = in_dir / name
-        if not path.is_file():
-            raise ConvcgError(f"{name} is missing from {in_dir}; expected {what} there.")
-        lazy = _scan(path)
-        try:
-            present = lazy.collect_schema().names()
-        except (pl.exceptions.PolarsError, OSError) as exc:
-            raise ConvcgError(f"{path} cannot be read as {what}: {str(exc).splitlines()[0]}") from None
-        lacking = [c for c in required if c not in present]
-        if lacking:
-            expected = "; ".join(f"'{c}' ({required[c]})" for c in lacking)
-            raise ConvcgError(
-                f"{path} has no column {expected}. Columns present: {', '.join(present)}. "
-                f"Fix the file or the importer mapping."
-            )
-        absent |= {c for c in optional if c not in present}
-        keep = list(dict.fromkeys([*required, *(c for c in optional if c in present)]))
-        frames.append(lazy.select(keep))
-    common = [c for c in frames[0].collect_schema().names() if c not in absent]
-    return pl.concat([f.select(common) for f in frames], how="vertical_relaxed").collect()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -548,16 +490,19 @@ _REQUIRED_KEYS = {
     "users": ("file", "user"),
     "user_history": ("file", "user", "columns"),
 }
+LOG_USER_ID = "_user_id"  # the log's integer user id, added before mapping (see user_keys)
+_CATALOGUES = ("all", "logged")
 
 
 def _check_keys(mapping: Mapping[str, Any]) -> None:
-    """Raise ConfigError naming every required mapping key that is absent."""
+    """Raise ConfigError naming every required mapping key that is absent (``users`` and
+    ``user_history`` are optional sections; their keys are required when they are given)."""
     missing = [
         f"{section}.{key}"
         for section, keys in _REQUIRED_KEYS.items()
-        if section != "user_history" or mapping.get(section)
+        if section not in ("users", "user_history") or mapping.get(section)
         for key in keys
-        if mapping.get(section, {}).get(key) is None
+        if (mapping.get(section) or {}).get(key) is None
     ]
     if missing:
         raise ConfigError(
@@ -567,9 +512,11 @@ def _check_keys(mapping: Mapping[str, Any]) -> None:
 
 
 def _signal_columns(imp: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
-    """Source columns of the impressions log: required ones (with what they hold) and optional ones."""
+    """Columns of the impressions log: required ones (with what they hold) and optional ones.
+
+    The user key's columns are not listed: :func:`read_table` reads them as ``any_of``.
+    """
     required = {
-        imp["user"]: "the user id (impressions.user)",
         imp["item"]: "the item id (impressions.item)",
         _block(imp["timestamp"])["column"]: "the serving time (impressions.timestamp)",
     }
@@ -587,30 +534,105 @@ def _signal_columns(imp: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
 SIGNALS = ("clicked", "converted", "saved")  # flag columns of the impressions log, OR-ed per signal
 
 
+def read_log(mapping: Mapping[str, Any], in_dir: Path, user: UserKeySpec) -> pl.DataFrame:
+    """The impressions log as read (every file renamed, derived, times parsed, concatenated), checked."""
+    imp = mapping["impressions"]
+    required, optional = _signal_columns(imp)
+    if not user.encoded:
+        required = {user.column: "the user id (impressions.user)", **required}
+    ts = _block(imp["timestamp"])
+    time = TimeSpec(ts["column"], ts.get("format"), ts.get("time_zone"))
+    files = source_files(imp["files"], mapping.get("csv"), "impressions.files")
+    log = read_table(
+        in_dir, files, required, optional, "the impressions log", time, user.columns if user.encoded else ()
+    )
+    flags = {c: f"a 0/1 {sig} flag (impressions.{sig})" for sig in SIGNALS for c in _columns(imp.get(sig))}
+    ids = {imp["item"]: "the item id (impressions.item)"}
+    if not user.encoded:
+        ids[user.column] = "the user id (impressions.user)"
+    check_signal_columns(log, flags, ids, "the impressions log")
+    return log
+
+
+def _read_entities(
+    mapping: Mapping[str, Any], in_dir: Path, table: str, key: str, encoded: bool
+) -> pl.DataFrame:
+    """The items or users source table with the columns its mapping section uses."""
+    spec = mapping[table]
+    wanted = {spec[key]: f"the {key} id ({table}.{key})"}
+    wanted |= {src: f"{table}.columns.{dst}" for dst, src in (spec.get("columns") or {}).items()}
+    wanted |= {c: f"listed in {table}.keep" for c in spec.get("keep") or []}
+    adv = _block(spec.get("advertiser")).get("column")
+    files = source_files(spec["file"], mapping.get("csv"), f"{table}.file")
+    frame = read_table(in_dir, files, wanted, [adv] if adv else [], f"the {table} table ({table}.file)")
+    if not encoded:
+        check_signal_columns(frame, {}, {spec[key]: f"the {key} id ({table}.{key})"}, f"the {table} table")
+    return frame
+
+
+def restrict_catalogue(
+    items: pl.DataFrame, impressions: pl.DataFrame, spec: Mapping[str, Any], report: ImportReport
+) -> pl.DataFrame:
+    """The items table as ``items.catalogue`` says: ``all`` (default) keeps every item, ``logged``
+    only the items the impressions log serves (the others are counted in ``adjustments``)."""
+    catalogue = spec.get("catalogue", "all")
+    if catalogue not in _CATALOGUES:
+        raise ConfigError(f"items.catalogue must be one of {list(_CATALOGUES)}, got {catalogue!r}.")
+    if catalogue == "all":
+        return items
+    kept = items.filter(pl.col("item_id").is_in(impressions["item_id"].unique().implode()))
+    report.adjustments["items_not_logged_dropped"] = items.height - kept.height
+    if items.height > kept.height:
+        report.warnings.append(
+            f"{items.height - kept.height:,} of {items.height:,} catalogue items are never served in the "
+            "log; dropped (items.catalogue: logged)."
+        )
+    return kept
+
+
+def map_users(
+    mapping: Mapping[str, Any], in_dir: Path, user: UserKeySpec, logged: pl.DataFrame, report: ImportReport
+) -> pl.DataFrame:
+    """The users table: the mapped ``users`` section, or, without one, the log's distinct users.
+
+    With an encoded user key (see :mod:`~convcg_cli.data.user_keys`) every logged user gets a row
+    (``user_id``, ``user_key``) and the users table's attributes are joined onto it by key; users of
+    the table that never appear in the log are dropped and counted.
+    """
+    if not mapping.get("users"):
+        report.warnings.append(
+            f"No users table (users): derived from the log ({logged.height:,} users, no attributes)."
+        )
+        return _contract_first(logged, load_schemas()["users"])
+    spec = mapping["users"]
+    frame = _read_entities(mapping, in_dir, "users", "user", user.encoded)
+    if not user.encoded:
+        return map_entities(frame, spec, "users", "user", report)
+    frame, dropped = encode_known_users(frame, spec["user"], logged, user)
+    report.adjustments["users_not_logged_dropped"] = dropped
+    mapped = map_entities(frame, spec, "users", "user", report)
+    return _contract_first(
+        logged.join(mapped, on="user_id", how="left", maintain_order="left"), load_schemas()["users"]
+    )
+
+
 def map_tables(
     mapping: Mapping[str, Any], in_dir: str | Path, report: ImportReport
 ) -> dict[str, pl.DataFrame]:
     """Read the source files named by ``mapping`` and map them onto the contract (not validated)."""
     in_dir = Path(in_dir)
     _check_keys(mapping)
-    imp, items, users = mapping["impressions"], mapping["items"], mapping["users"]
-    required, optional = _signal_columns(imp)
-    log = read_table(in_dir, _columns(imp["files"]), required, optional, "the impressions log")
-    flags = {c: f"a 0/1 {sig} flag (impressions.{sig})" for sig in SIGNALS for c in _columns(imp.get(sig))}
-    ids = {imp["user"]: "the user id (impressions.user)", imp["item"]: "the item id (impressions.item)"}
-    check_signal_columns(log, flags, ids, "the impressions log")
-    tables = {"impressions": map_impressions(log, imp, report)}
-
-    for table, spec, key in (("items", items, "item"), ("users", users, "user")):
-        wanted = {spec[key]: f"the {key} id ({table}.{key})"}
-        wanted |= {src: f"{table}.columns.{dst}" for dst, src in (spec.get("columns") or {}).items()}
-        wanted |= {c: f"listed in {table}.keep" for c in spec.get("keep") or []}
-        adv = _block(spec.get("advertiser")).get("column")
-        frame = read_table(
-            in_dir, [spec["file"]], wanted, [adv] if adv else [], f"the {table} table ({table}.file)"
-        )
-        check_signal_columns(frame, {}, {spec[key]: f"the {key} id ({table}.{key})"}, f"the {table} table")
-        tables[table] = map_entities(frame, spec, table, key, report)
+    imp = mapping["impressions"]
+    user = UserKeySpec.from_mapping(imp["user"])
+    log = read_log(mapping, in_dir, user)
+    user_ids, logged_users = assign_user_ids(log, user)
+    log = log.with_columns(user_ids.alias(LOG_USER_ID))
+    tables = {"impressions": map_impressions(log, {**imp, "user": LOG_USER_ID}, report)}
+    items = map_entities(
+        _read_entities(mapping, in_dir, "items", "item", False), mapping["items"], "items", "item", report
+    )
+    tables["items"] = restrict_catalogue(items, tables["impressions"], mapping["items"], report)
+    tables["users"] = map_users(mapping, in_dir, user, logged_users, report)
 
     hist = mapping.get("user_history")
     if not hist:
@@ -626,14 +648,18 @@ def map_tables(
         wanted |= {src: f"user_history.events.lists.{src}" for src in lists}
         history = read_table(
             in_dir,
-            [hist["file"]],
+            source_files(hist["file"], mapping.get("csv"), "user_history.file"),
             wanted,
             [last_time] if last_time else [],
             "the user history (user_history.file)",
         )
-        check_signal_columns(
-            history, {}, {hist["user"]: "the user id (user_history.user)"}, "the user history"
-        )
+        if user.encoded:
+            history, dropped = encode_known_users(history, hist["user"], logged_users, user)
+            report.adjustments["user_history_users_not_logged_dropped"] = dropped
+        else:
+            check_signal_columns(
+                history, {}, {hist["user"]: "the user id (user_history.user)"}, "the user history"
+            )
         tables["users"] = join_user_history(tables["users"], history, hist)
         if lists:
             tables["user_history"] = history_events(history, hist, tables, report)
