@@ -15,7 +15,7 @@ import polars as pl
 from convcg_cli.data.history import history_before
 from convcg_cli.errors import ConfigError, ConvcgError
 from convcg_cli.specs import FeatureSpec
-from convcg_cli.tasks import TASK_LABELS, engaged
+from convcg_cli.tasks import CONVERSION, TASK_LABELS, engaged
 
 SECONDS_PER_DAY = 86_400
 IMPRESSIONS_FILE = "impressions.parquet"
@@ -350,12 +350,20 @@ def engaged_rows(rows: pl.DataFrame, tasks: list[str]) -> pl.DataFrame:
 
 @dataclass
 class QuerySet:
-    """Evaluation queries (one per engaged impression) and each task's positive (query, item) pairs."""
+    """Evaluation queries (one per engaged impression) and each task's positive (query, item) pairs.
+
+    ``positive_values``: task -> (P,) value of each of its positives (aligned with ``positives``),
+    NaN when unknown; only the conversion task, and only when the rows carry ``conversion_value``.
+    ``new_items``: (N,) per item position, true for an item with no impression in the training window
+    (a cold item: the model never trained on it); None when not known.
+    """
 
     features: dict[str, np.ndarray]
     positives: dict[str, tuple[np.ndarray, np.ndarray]]  # task -> (query index, item position)
     surface: np.ndarray  # surface name per query, for per-surface recall
     days: tuple[int, int] = field(default=(0, 0))
+    positive_values: dict[str, np.ndarray] = field(default_factory=dict)
+    new_items: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.surface)
@@ -370,7 +378,16 @@ def build_query_set(
     item_pos = positions(inputs.items.item_ids, rows["item_id"].to_numpy())
     labels = task_labels(rows, tasks)
     positives = {t: (np.flatnonzero(m), item_pos[m]) for t, m in labels.items()}
-    return QuerySet(q.features, positives, rows["surface"].to_numpy(), days)
+    values = {}
+    if (
+        CONVERSION in labels
+        and "conversion_value" in rows.columns
+        and rows["conversion_value"].null_count() < rows.height
+    ):
+        value = rows["conversion_value"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+        values[CONVERSION] = value[labels[CONVERSION]]
+    new_items = inputs.items.performance["impressions"].to_numpy() == 0
+    return QuerySet(q.features, positives, rows["surface"].to_numpy(), days, values, new_items)
 
 
 def item_log_frequency(item_pos: np.ndarray, n_items: int) -> np.ndarray:
