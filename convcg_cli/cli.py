@@ -64,6 +64,11 @@ def data_synth(
     delays: bool = typer.Option(
         False, "--delays", help="Also conversion events (delayed, valued), attributed to the impressions."
     ),
+    content_vectors: bool = typer.Option(
+        False,
+        "--content-vectors",
+        help="Also item content vectors (content_emb) and new items released in the last 2 (held-out) days.",
+    ),
 ) -> None:
     """Generate synthetic impression logs (items, users, impressions) with a planted structure."""
     with user_errors():
@@ -71,7 +76,9 @@ def data_synth(
 
         if preset not in synth.PRESETS:
             raise ConfigError(f"Unknown preset '{preset}'; choose one of {sorted(synth.PRESETS)}.")
-        tables = synth.synthesize(preset, out_dir, seed=seed, conversion_events=delays)
+        tables = synth.synthesize(
+            preset, out_dir, seed=seed, conversion_events=delays, content_vectors=content_vectors
+        )
         imp = tables["impressions"]
         out.print(
             f"Wrote {out_dir}: {tables['items'].height:,} items, {tables['users'].height:,} users, "

@@ -19,6 +19,8 @@ class FeatureSpec:
         sequences: sequence feature name -> item vocabulary size (number of items + 1; code 0 is
             padding). A batch carries ``<name>`` (B, L) item codes and ``<name>_actions`` (B, L)
             action codes; ``FeatureEmbedder`` encodes them with its ``sequence_encoder`` factory.
+        vectors: vector feature name -> length: a batch carries ``<name>`` (B, length) floats (e.g. a
+            content embedding), which ``FeatureEmbedder`` projects with a linear layer.
 
     Example:
         >>> spec = FeatureSpec(categorical={"country": 10}, numeric=("price",), sequences={"history": 21})
@@ -29,6 +31,7 @@ class FeatureSpec:
     categorical: dict[str, int]
     numeric: tuple[str, ...] = ()
     sequences: dict[str, int] = field(default_factory=dict)
+    vectors: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Normalise containers (configs hand us DictConfig/ListConfig) so equality and saving are plain.
@@ -38,6 +41,10 @@ class FeatureSpec:
         bad = {k: v for k, v in categorical.items() if v < 1}
         if bad:
             raise ValueError(f"Categorical cardinalities must be >= 1 (index 0 is 'missing'), got {bad}.")
+        vectors = {str(k): int(v) for k, v in dict(self.vectors).items()}
+        bad = {k: v for k, v in vectors.items() if v < 1}
+        if bad:
+            raise ValueError(f"Vector lengths must be >= 1, got {bad}.")
         bad = {k: v for k, v in sequences.items() if v < 2}
         if bad:
             raise ValueError(f"Sequence vocabulary sizes must be >= 2 (code 0 is padding), got {bad}.")
@@ -51,8 +58,12 @@ class FeatureSpec:
         clash = sorted(sequence_keys & (set(categorical) | set(numeric)))
         if clash:
             raise ValueError(f"Batch keys {clash} of sequence features clash with other features.")
-        if not categorical and not numeric and not sequences:
+        clash = sorted(set(vectors) & (set(categorical) | set(numeric) | sequence_keys))
+        if clash:
+            raise ValueError(f"Vector features {clash} clash with other features.")
+        if not categorical and not numeric and not sequences and not vectors:
             raise ValueError("A FeatureSpec needs at least one feature.")
         object.__setattr__(self, "categorical", categorical)
         object.__setattr__(self, "numeric", numeric)
         object.__setattr__(self, "sequences", sequences)
+        object.__setattr__(self, "vectors", vectors)

@@ -30,6 +30,16 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_content_data(tmp_path_factory) -> Path:
+    """The tiny preset, seed 0, with item content vectors and new items (``--content-vectors``)."""
+    from convcg_cli.data import synth
+
+    out = tmp_path_factory.mktemp("tiny-content") / "logs"
+    synth.synthesize("tiny", out, seed=0, content_vectors=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def empty_mlflow_store(tmp_path_factory) -> Path:
     """An MLflow sqlite store with its tables created and no run, made once per session.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
 from convcg_cli.data.contract import ColumnSchema, TableSchema, load_schemas
@@ -28,6 +29,7 @@ OUT_OF_RANGE = "out_of_range"
 DUPLICATE_KEY = "duplicate_key"
 DANGLING_REFERENCE = "dangling_reference"
 RULE_BROKEN = "rule_broken"
+WRONG_LENGTH = "wrong_length"
 
 _MAX_EXAMPLES = 5
 
@@ -68,6 +70,54 @@ def _examples(values: pl.Series) -> str:
     return ", ".join(repr(v) for v in vals)
 
 
+def _row_examples(mask: pl.Series, detail: pl.Series | None = None) -> str:
+    """``rows 3, 17 ...`` (0-based file rows where ``mask`` holds), with ``detail`` of each in brackets."""
+    rows = np.flatnonzero(mask.fill_null(False).to_numpy())[:_MAX_EXAMPLES]
+    if detail is None:
+        return "rows " + ", ".join(str(r) for r in rows)
+    values = detail.to_numpy()
+    return "rows " + ", ".join(f"{r} (length {values[r]})" for r in rows)
+
+
+def conform_vector(
+    table: str, file: str, col: ColumnSchema, series: pl.Series
+) -> tuple[pl.Series | None, list[Violation]]:
+    """A vector column as ``Array(Float32, length)``, and its violations: not a list of numbers, rows
+    of another length (``col.length``, else the first non-null row's) or holding NaN / +-inf.
+
+    Returns None instead of the column when it cannot be made fixed-length. Also used for vector
+    feature columns the contract does not declare (``features.table_features``).
+    """
+
+    def violation(rows: int, found: str, expected: str, kind: str) -> Violation:
+        return Violation(table, file, col.name, rows, expected, found, kind)
+
+    dtype = series.dtype
+    if not (
+        dtype == pl.Null
+        or isinstance(dtype, pl.List | pl.Array)
+        and (dtype.inner.is_numeric() or dtype.inner == pl.Null)
+    ):
+        return None, [violation(series.len(), f"dtype is {dtype}", col.describe(), WRONG_DTYPE)]
+    as_list = series.cast(pl.List(pl.Float32))
+    lengths = as_list.list.len()
+    known = lengths.drop_nulls()
+    length = col.length or (int(known[0]) if known.len() else None)
+    if length is None:  # no vector at all: nothing to check, no length to fix
+        return as_list, []
+    wrong = lengths.is_not_null() & (lengths != length)
+    if n := int(wrong.sum()):
+        expected = col.describe() if col.length else f"{col.describe()} (the first row's length, {length})"
+        found = f"{n} row(s) are not {length} floats long, e.g. {_row_examples(wrong, lengths)}"
+        return None, [violation(n, found, expected, WRONG_LENGTH)]
+    out: list[Violation] = []
+    finite = as_list.list.eval(pl.element().is_finite()).list.all().fill_null(True)
+    if n := int((~finite).sum()):
+        found = f"{n} row(s) hold NaN or infinite values, e.g. {_row_examples(~finite)}"
+        out.append(violation(n, found, f"finite {col.describe()}", NOT_FINITE))
+    return as_list.cast(pl.Array(pl.Float32, length)), out
+
+
 def _castable(found: pl.DataType, target: pl.DataType) -> bool:
     """Whether ``found`` may stand in for ``target``: the cast cannot change a value (overflow is
     caught separately by a strict cast)."""
@@ -95,12 +145,23 @@ def _conform(schema: TableSchema, df: pl.DataFrame) -> tuple[pl.DataFrame, list[
             return Violation(schema.name, schema.file, col.name, df.height, col.describe(), found, kind)
 
         if col.name not in df.columns:
+            if col.is_vector and not col.required:
+                continue  # left out rather than filled: a null vector has no length to give it
             if col.required:
                 violations.append(_v("column is missing", MISSING_COLUMN))
                 bad.add(col.name)
             exprs.append(pl.lit(None, dtype=target).alias(col.name))
             continue
         found = df.schema[col.name]
+        if col.is_vector:
+            vector, problems = conform_vector(schema.name, schema.file, col, df[col.name])
+            violations += problems
+            if vector is None:
+                bad.add(col.name)
+                exprs.append(pl.lit(None, dtype=target).alias(col.name))
+            else:
+                exprs.append(pl.lit(vector).alias(col.name))
+            continue
         if not _castable(found, target):
             violations.append(_v(f"dtype is {found}", WRONG_DTYPE))
             bad.add(col.name)
@@ -127,7 +188,7 @@ def _column_values(schema: TableSchema, df: pl.DataFrame, bad: set[str]) -> list
         out.append(Violation(schema.name, schema.file, col.name, rows, expected, found, kind))
 
     for col in schema.columns:
-        if col.name in bad:
+        if col.name in bad or col.name not in df.columns:  # an absent optional vector column
             continue
         s = df[col.name]
         if not col.nullable and (n := s.null_count()):

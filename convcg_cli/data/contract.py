@@ -33,8 +33,22 @@ DTYPES: dict[str, pl.DataType] = {
     "Boolean": pl.Boolean(),
     "String": pl.String(),
 }
+# A fixed-length float vector (e.g. a pretrained content embedding): loaded as Array(Float32, length).
+# ``length`` pins it; without it every row must have the length of the column's first non-null row.
+VECTOR = "vector"
 
-_COLUMN_KEYS = {"name", "dtype", "nullable", "required", "min", "max", "allowed", "references", "description"}
+_COLUMN_KEYS = {
+    "name",
+    "dtype",
+    "length",
+    "nullable",
+    "required",
+    "min",
+    "max",
+    "allowed",
+    "references",
+    "description",
+}
 _TABLE_KEYS = {"table", "file", "required", "primary_key", "columns", "rules", "description", "extra_columns"}
 _EXTRA_COLUMNS = ("drop", "keep")
 
@@ -50,7 +64,8 @@ class ColumnSchema:
 
     Args:
         name: column name.
-        dtype: one of :data:`DTYPES` (by name).
+        dtype: one of :data:`DTYPES` (by name), or :data:`VECTOR`.
+        length: a vector column's length (None: any one length, the same on every row).
         nullable: may hold nulls.
         required: must be present in the file; a missing optional column loads as all-null.
         min, max: inclusive bounds on non-null values.
@@ -68,14 +83,26 @@ class ColumnSchema:
     allowed: tuple | None = None
     references: str | None = None
     description: str = ""
+    length: int | None = None
+
+    @property
+    def is_vector(self) -> bool:
+        """A fixed-length float vector column (:data:`VECTOR`)."""
+        return self.dtype == VECTOR
 
     @property
     def polars_dtype(self) -> pl.DataType:
-        """The polars dtype this column is cast to on load."""
+        """The polars dtype this column is cast to on load (a vector of unpinned length: a list until
+        its length is read from the data)."""
+        if self.is_vector:
+            return pl.Array(pl.Float32, self.length) if self.length else pl.List(pl.Float32)
         return DTYPES[self.dtype]
 
     def describe(self) -> str:
         """Short text of what a valid column looks like, e.g. ``non-null Boolean``."""
+        if self.is_vector:
+            length = f"{self.length} floats" if self.length else "floats of one length"
+            return f"{'nullable' if self.nullable else 'non-null'} vector of {length}"
         return f"{'nullable' if self.nullable else 'non-null'} {self.dtype}"
 
 
@@ -250,10 +277,20 @@ def _column(raw: Mapping, where: str) -> ColumnSchema:
         raise ConfigError(
             f"{where}: a column needs 'name' and 'dtype' and may only have {sorted(_COLUMN_KEYS)}."
         )
-    if raw["dtype"] not in DTYPES:
+    if raw["dtype"] not in DTYPES and raw["dtype"] != VECTOR:
         raise ConfigError(
-            f"{where}, column '{raw['name']}': dtype {raw['dtype']!r} is not one of {list(DTYPES)}."
+            f"{where}, column '{raw['name']}': dtype {raw['dtype']!r} is not one of {[*DTYPES, VECTOR]}."
         )
+    length = raw.get("length")
+    if raw["dtype"] == VECTOR:
+        if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
+            raise ConfigError(f"{where}, column '{raw['name']}': length must be a positive integer.")
+        if set(raw) & {"min", "max", "allowed", "references"}:
+            raise ConfigError(
+                f"{where}, column '{raw['name']}': a vector column takes no min, max, allowed or references."
+            )
+    elif length is not None:
+        raise ConfigError(f"{where}, column '{raw['name']}': only a {VECTOR} column has a length.")
     allowed = raw.get("allowed")
     return ColumnSchema(
         name=raw["name"],
@@ -265,6 +302,7 @@ def _column(raw: Mapping, where: str) -> ColumnSchema:
         allowed=tuple(allowed) if allowed is not None else None,
         references=raw.get("references"),
         description=raw.get("description", ""),
+        length=length,
     )
 
 

@@ -7,15 +7,18 @@ training window only, so nothing is computed from validation or held-out days.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
 
+from convcg_cli.data.checks import conform_vector
+from convcg_cli.data.contract import VECTOR, ColumnSchema
 from convcg_cli.data.history import history_before
-from convcg_cli.errors import ConfigError, ConvcgError
+from convcg_cli.errors import ConfigError, ConvcgError, DataValidationError
 from convcg_cli.specs import FeatureSpec
-from convcg_cli.tasks import TASK_LABELS, engaged
+from convcg_cli.tasks import CONVERSION, TASK_LABELS, engaged
 
 SECONDS_PER_DAY = 86_400
 IMPRESSIONS_FILE = "impressions.parquet"
@@ -139,16 +142,32 @@ def apply_numeric_scaling(column: pl.Series, scaling: tuple[float, float]) -> np
 
 @dataclass(frozen=True)
 class FeatureColumns:
-    """Columns of a table used as features: categorical ones get an embedding, numeric ones are scaled."""
+    """Columns of a table used as features: categorical ones get an embedding, numeric ones are scaled,
+    vector ones (fixed-length float vectors, e.g. content embeddings) are read as they are."""
 
     categorical: tuple[str, ...] = ()
     numeric: tuple[str, ...] = ()
+    vector: tuple[str, ...] = ()
+
+
+def vector_feature(frame: pl.DataFrame, name: str, table: str, file: str) -> np.ndarray:
+    """(n, length) float32 of a vector column, null rows as zeros; a DataValidationError when a row has
+    another length or a NaN / infinite value (the contract's checks, also for undeclared columns)."""
+    column = ColumnSchema(name, VECTOR, nullable=True)
+    vectors, violations = conform_vector(table, file, column, frame[name])
+    if violations or vectors is None:
+        raise DataValidationError(violations)
+    if not isinstance(vectors.dtype, pl.Array):  # no row has a vector: nothing to read
+        raise ConvcgError(f"Column '{name}' of {file} has no vector; a vector feature needs at least one.")
+    dense = vectors.to_numpy().astype(np.float32)  # (n, length); null rows are NaN
+    return np.nan_to_num(dense, nan=0.0)
 
 
 def table_features(frame: pl.DataFrame, columns: FeatureColumns, file: str) -> dict[str, np.ndarray]:
-    """Encode the configured feature columns of one table (rows in frame order)."""
+    """Encode the configured feature columns of one table (rows in frame order): categorical and
+    numeric ones as (n,) codes / scaled values, vector ones as (n, length) float32."""
     out: dict[str, np.ndarray] = {}
-    for name in (*columns.categorical, *columns.numeric):
+    for name in (*columns.categorical, *columns.numeric, *columns.vector):
         if name not in frame.columns or frame[name].null_count() == frame.height:
             raise ConvcgError(
                 f"The data config names '{name}' as a feature, but {file} has no values in a column "
@@ -157,6 +176,8 @@ def table_features(frame: pl.DataFrame, columns: FeatureColumns, file: str) -> d
             )
         if name in columns.categorical:
             out[name] = dense_codes(frame[name])
+        elif name in columns.vector:
+            out[name] = vector_feature(frame, name, file.removesuffix(".parquet"), file)
         else:
             if not frame[name].dtype.is_numeric():
                 raise ConvcgError(
@@ -237,10 +258,22 @@ def build_item_table(
 
 
 def spec_of(features: dict[str, np.ndarray]) -> FeatureSpec:
-    """Feature spec of encoded columns: int64 columns are categorical (cardinality = max code + 1)."""
+    """Feature spec of encoded columns: int64 columns are categorical (cardinality = max code + 1),
+    1-D float32 ones numeric, 2-D float32 ones vectors (length = columns)."""
     categorical = {k: int(v.max(initial=0)) + 1 for k, v in features.items() if v.dtype == np.int64}
-    numeric = tuple(sorted(k for k, v in features.items() if v.dtype == np.float32))
-    return FeatureSpec(categorical=categorical, numeric=numeric)
+    return FeatureSpec(
+        categorical=categorical, numeric=numeric_names(features), vectors=vector_lengths(features)
+    )
+
+
+def numeric_names(features: Mapping[str, np.ndarray]) -> tuple[str, ...]:
+    """Sorted names of the numeric features: 1-D float32 columns."""
+    return tuple(sorted(k for k, v in features.items() if v.dtype == np.float32 and v.ndim == 1))
+
+
+def vector_lengths(features: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Name -> length of the vector features: 2-D float32 columns."""
+    return {k: int(v.shape[1]) for k, v in sorted(features.items()) if v.dtype == np.float32 and v.ndim == 2}
 
 
 @dataclass
@@ -323,6 +356,12 @@ def build_query_features(rows: pl.DataFrame, inputs: QueryInputs) -> QueryFeatur
     )
     for name in set(CONTEXT_FEATURES) - set(context):
         del feats[name], categorical[name]
+    if "subject_item_id" in context:
+        # Related items: the subject item's content vectors (zeros when there is no subject).
+        has_subject = ~subject.is_null().to_numpy()
+        for name in items.spec.vectors:
+            vectors = items.features[name][subject_pos - 1]  # (B, length)
+            feats[f"subject_{name}"] = np.where(has_subject[:, None], vectors, 0.0).astype(np.float32)
     sequences = {}
     if history_max_len > 0:
         assert inputs.events is not None, "history needs the engagement events"
@@ -334,8 +373,8 @@ def build_query_features(rows: pl.DataFrame, inputs: QueryInputs) -> QueryFeatur
             history_max_len,
         )
         sequences["history"] = len(items.item_ids) + 1
-    numeric = tuple(sorted(k for k, v in feats.items() if v.dtype == np.float32))
-    return QueryFeatures(feats, FeatureSpec(categorical=categorical, numeric=numeric, sequences=sequences))
+    spec = FeatureSpec(categorical, numeric_names(feats), sequences, vector_lengths(feats))
+    return QueryFeatures(feats, spec)
 
 
 def task_labels(rows: pl.DataFrame, tasks: list[str]) -> dict[str, np.ndarray]:
@@ -350,12 +389,20 @@ def engaged_rows(rows: pl.DataFrame, tasks: list[str]) -> pl.DataFrame:
 
 @dataclass
 class QuerySet:
-    """Evaluation queries (one per engaged impression) and each task's positive (query, item) pairs."""
+    """Evaluation queries (one per engaged impression) and each task's positive (query, item) pairs.
+
+    ``positive_values``: task -> (P,) value of each of its positives (aligned with ``positives``),
+    NaN when unknown; only the conversion task, and only when the rows carry ``conversion_value``.
+    ``new_items``: (N,) per item position, true for an item with no impression in the training window
+    (a cold item: the model never trained on it); None when not known.
+    """
 
     features: dict[str, np.ndarray]
     positives: dict[str, tuple[np.ndarray, np.ndarray]]  # task -> (query index, item position)
     surface: np.ndarray  # surface name per query, for per-surface recall
     days: tuple[int, int] = field(default=(0, 0))
+    positive_values: dict[str, np.ndarray] = field(default_factory=dict)
+    new_items: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.surface)
@@ -370,7 +417,16 @@ def build_query_set(
     item_pos = positions(inputs.items.item_ids, rows["item_id"].to_numpy())
     labels = task_labels(rows, tasks)
     positives = {t: (np.flatnonzero(m), item_pos[m]) for t, m in labels.items()}
-    return QuerySet(q.features, positives, rows["surface"].to_numpy(), days)
+    values = {}
+    if (
+        CONVERSION in labels
+        and "conversion_value" in rows.columns
+        and rows["conversion_value"].null_count() < rows.height
+    ):
+        value = rows["conversion_value"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+        values[CONVERSION] = value[labels[CONVERSION]]
+    new_items = inputs.items.performance["impressions"].to_numpy() == 0
+    return QuerySet(q.features, positives, rows["surface"].to_numpy(), days, values, new_items)
 
 
 def item_log_frequency(item_pos: np.ndarray, n_items: int) -> np.ndarray:

@@ -94,6 +94,14 @@ class SynthConfig:
             events name only the advertiser. Events after the log's end are not reported yet. The
             impressions' ``converted`` then comes from attributing the events (last click within
             attribution_window_days), with ``conversion_value`` and ``conversion_delay_seconds``.
+    Content vectors and new items (off by default; ``convcg data synth --content-vectors``):
+        content_vectors: items get ``content_emb``, a content_dim-long vector: a fixed random projection
+            of the item's planted appeal and purchase vectors plus noise (content_noise: the noise's
+            norm relative to the signal's), so it carries part of the planted intent. A new_item_share
+            of the items are new: released at the start of the last new_item_days days (the default
+            held-out days), never served (nor the subject of a related-items request, nor in the
+            user history) before; an impression drawn for one earlier shows another item of its
+            category instead.
     """
 
     n_users: int
@@ -134,6 +142,11 @@ class SynthConfig:
     value_sigma: float = 0.6
     advertiser_only_share: float = 0.2
     attribution_window_days: float = 7.0
+    content_vectors: bool = False
+    content_dim: int = 16
+    content_noise: float = 1.0
+    new_item_share: float = 0.2
+    new_item_days: int = 2
 
     def __post_init__(self) -> None:
         sizes = ("n_users", "n_items", "n_advertisers", "n_categories", "n_days", "n_impressions")
@@ -385,15 +398,22 @@ def _generate(cfg: SynthConfig, seed: int) -> tuple[dict[str, pl.DataFrame], Att
     # One stream per stage, so changing one stage's draws does not reshuffle the others (the history
     # and the conversion events have the last streams: adding them left the impressions of a seed
     # unchanged; SeedSequence children do not depend on how many are spawned).
-    rng_items, rng_users, rng_serve, rng_act, rng_time, rng_ids, rng_history, rng_events = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8)
+    rng_items, rng_users, rng_serve, rng_act, rng_time, rng_ids, rng_history, rng_events, rng_content = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(9)
     )
     cat = _Catalogue(cfg, rng_items)
     pop = _Population(cfg, cat, rng_users)
     served = _serve(cfg, cat, pop, rng_serve)
+    timestamp = _timestamps(cfg, rng_time)  # its own stream: drawn here or later, the same values
+    content = None
+    if cfg.content_vectors:
+        content, new_items = _content_and_new_items(cfg, cat, rng_content)
+        _hold_back_new_items(cfg, cat, served, timestamp, new_items, rng_content)
     acts = _act(cfg, cat, pop, served, rng_act)
     history = _pre_log_history(cfg, cat, pop, rng_history)
-    tables = _frames(cfg, cat, pop, served, acts, _timestamps(cfg, rng_time), rng_ids, history)
+    if cfg.content_vectors:
+        history = {k: v[~new_items[history["item"]]] for k, v in history.items()}
+    tables = _frames(cfg, cat, pop, served, acts, timestamp, rng_ids, history, content)
     if not cfg.conversion_events:
         return tables, None
     tables["conversions"] = _conversion_events(cfg, tables["impressions"], tables["items"], rng_events)
@@ -404,6 +424,71 @@ def _generate(cfg: SynthConfig, seed: int) -> tuple[dict[str, pl.DataFrame], Att
         AttributionRule(cfg.attribution_window_days, view_window_days=0),
     )
     return {**tables, "impressions": result.impressions}, result
+
+
+def _content_and_new_items(
+    cfg: SynthConfig, cat: _Catalogue, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n_items, content_dim) float32 content vectors (a noisy projection of each item's appeal and
+    purchase vectors) and the (n_items,) bool mask of new items (every category keeps an old one)."""
+    planted = np.concatenate([cat.appeal, cat.purchase], axis=1)  # (N, 2d)
+    projection = rng.standard_normal((planted.shape[1], cfg.content_dim)) / np.sqrt(planted.shape[1])
+    signal = _unit(planted @ projection)  # (N, content_dim)
+    noise = _unit(rng.standard_normal(signal.shape))
+    content = (signal + cfg.content_noise * noise).astype(np.float32)
+    new = rng.random(cfg.n_items) < cfg.new_item_share
+    no_old = np.bincount(cat.category[~new], minlength=cfg.n_categories) == 0
+    new[cat.by_category[cat.first[no_old]]] = False  # a category of new items only keeps one old
+    return content, new
+
+
+def _hold_back_new_items(
+    cfg: SynthConfig,
+    cat: _Catalogue,
+    served: _Served,
+    timestamp: np.ndarray,
+    new: np.ndarray,
+    rng: np.random.Generator,
+) -> None:
+    """Before the new items' release, show (and take as related-items subject) another item of the
+    same category instead of a new one; in place."""
+    release = cfg.start_unix + (cfg.n_days - cfg.new_item_days) * _DAY
+    early = timestamp < release
+    served.item = _old_item_like(cat, served.item, early & new[served.item], new, rng)
+    early_related = early[served.related]
+    served.subject = _old_item_like(cat, served.subject, early_related & new[served.subject], new, rng)
+    clash = served.item[served.related] == served.subject  # keep a subject apart from its shown item
+    if clash.any():
+        rows = served.related[clash]
+        served.item[rows] = _old_item_like(
+            cat, served.item[rows], np.ones(rows.size, bool), new, rng, avoid=True
+        )
+
+
+def _old_item_like(
+    cat: _Catalogue,
+    item: np.ndarray,
+    replace: np.ndarray,
+    new: np.ndarray,
+    rng: np.random.Generator,
+    avoid: bool = False,
+) -> np.ndarray:
+    """``item`` with the entries where ``replace`` holds redrawn by popularity within their category
+    among the old items (and, with ``avoid``, different from the item they replace); a copy."""
+    out = item.copy()
+    todo = np.flatnonzero(replace)
+    for _ in range(50):  # rejection rounds, not rows
+        if todo.size == 0:
+            return out
+        draw = cat.in_category(cat.category[item[todo]], rng)
+        ok = ~new[draw] & ((draw != item[todo]) if avoid else True)
+        out[todo[ok]] = draw[ok]
+        todo = todo[~ok]
+    # Left over after 50 rounds (a category with few old items): its first old item.
+    old_sorted = cat.by_category[~new[cat.by_category]]
+    first_old = old_sorted[np.searchsorted(cat.category[old_sorted], cat.category[item[todo]])]
+    out[todo] = first_old
+    return out
 
 
 def _conversion_events(
@@ -574,8 +659,10 @@ def _frames(
     timestamp: np.ndarray,
     rng: np.random.Generator,
     history: Mapping[str, np.ndarray],
+    content: np.ndarray | None = None,
 ) -> dict[str, pl.DataFrame]:
-    """Assemble the contract's frames, mapping internal indices to shuffled public ids.
+    """Assemble the contract's frames, mapping internal indices to shuffled public ids (and the items'
+    ``content_emb`` when ``content`` is given).
 
     One function (~80 lines) because every table must use the same id permutations, drawn here
     first and in a fixed order (the draw order is what keeps a seed's tables unchanged).
@@ -592,6 +679,7 @@ def _frames(
             "advertiser_id": advertiser_ids[cat.advertiser],
             "category_id": category_ids[cat.category],
             "price": np.round(np.exp(cat.log_price), 2),
+            **({} if content is None else {"content_emb": content}),
         }
     ).sort("item_id")
     users = pl.DataFrame(
@@ -651,14 +739,21 @@ def _frames(
 
 
 def synthesize(
-    preset: str | SynthConfig, out_dir: str | Path, seed: int = 0, conversion_events: bool = False
+    preset: str | SynthConfig,
+    out_dir: str | Path,
+    seed: int = 0,
+    conversion_events: bool = False,
+    content_vectors: bool = False,
 ) -> dict[str, pl.DataFrame]:
     """Generate a preset, write it to ``out_dir`` (atomically, see ``tables.write_tables``) with its
     provenance (preset, seed, config, and the attribution of the conversion events when
-    ``conversion_events`` turns them on) in ``METADATA_FILE``; return the frames written."""
+    ``conversion_events`` turns them on) in ``METADATA_FILE``; return the frames written.
+    ``content_vectors`` adds the items' content vectors and new items (see :class:`SynthConfig`)."""
     cfg = resolve_config(preset)
     if conversion_events:
         cfg = dataclasses.replace(cfg, conversion_events=True)
+    if content_vectors:
+        cfg = dataclasses.replace(cfg, content_vectors=True)
     metadata = {
         "preset": preset if isinstance(preset, str) else None,
         "seed": seed,

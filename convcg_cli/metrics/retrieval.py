@@ -24,6 +24,10 @@ HELDOUT = "heldout"
 SPLITS = (TRAIN, VAL, HELDOUT)
 
 RECALL = "recall_at_{k}"
+# Share of the positives' value retrieved (each positive weighs its conversion value).
+VALUE_RECALL = "value_recall_at_{k}"
+# The subset of positives whose item never appeared in the training window (new items).
+COLD_ITEMS = "cold"
 
 # The characters MLflow accepts in metric names.
 _MLFLOW_NAME = re.compile(r"[\w.\- /:]+")
@@ -39,7 +43,7 @@ _TIE_MARGIN_MIN = 16
 _RECALL_CHUNK_CELLS = 1 << 24
 
 
-def metric_name(split: str, task: str, k: int) -> str:
+def metric_name(split: str, task: str, k: int, metric: str = RECALL, subset: str | None = None) -> str:
     """Name of the recall@k metric of ``task`` on ``split``, e.g. ``val/conversion/recall_at_100``.
 
     Args:
@@ -47,6 +51,9 @@ def metric_name(split: str, task: str, k: int) -> str:
             for a slice of it, e.g. ``val/by_surface/home``.
         task: task name, e.g. ``conversion``; a single path segment.
         k: cutoff, a positive integer.
+        metric: the metric's pattern, :data:`RECALL` or :data:`VALUE_RECALL`.
+        subset: a subset of the task's positives, e.g. :data:`COLD_ITEMS`
+            (``heldout/conversion/cold/recall_at_100``).
 
     Raises:
         ValueError: for an unknown split, or a name MLflow would refuse (e.g. one containing ``@``).
@@ -54,12 +61,15 @@ def metric_name(split: str, task: str, k: int) -> str:
     Example:
         >>> metric_name(VAL, "conversion", 100)
         'val/conversion/recall_at_100'
+        >>> metric_name(HELDOUT, "conversion", 100, VALUE_RECALL)
+        'heldout/conversion/value_recall_at_100'
     """
     if split.split("/")[0] not in SPLITS:
         raise ValueError(f"Unknown split '{split}'; expected one of {SPLITS}, optionally with a sub-path.")
     if not task or "/" in task:
         raise ValueError(f"Task name {task!r} must be a single non-empty path segment.")
-    name = f"{split}/{task}/{RECALL.format(k=check_k(k))}"
+    middle = f"{task}/{subset}" if subset else task
+    name = f"{split}/{middle}/{metric.format(k=check_k(k))}"
     # Fail here, where the name is built, rather than when MLflow refuses it at logging time.
     if not _MLFLOW_NAME.fullmatch(name) or "" in name.split("/"):
         raise ValueError(
@@ -304,6 +314,47 @@ def positive_hits(
     pairs = np.unique(np.stack([query_index, positive_item], axis=1), axis=0)  # (P', 2)
     rank = _first_hit_rank(topk_ids, pairs[:, 0], pairs[:, 1])  # (P',)
     return pairs[:, 0], rank[:, None] < np.asarray(ks)[None, :]
+
+
+def value_recall_at_k(
+    topk_ids: np.ndarray,
+    query_index: np.ndarray,
+    positive_item: np.ndarray,
+    value: np.ndarray,
+    ks: Sequence[int],
+) -> dict[int, float]:
+    """Value-weighted recall@k: the share of the positives' total value found in their query's top k.
+
+    Positives are deduplicated as :func:`recall_at_k` counts them (each unique (query, item) pair
+    once, with the value of its first listing). A positive of unknown value (NaN) weighs 0.
+
+    Args:
+        topk_ids, query_index, positive_item, ks: as in :func:`recall_at_k`.
+        value: (P,) non-negative value of each positive (e.g. its conversion value), NaN when unknown.
+
+    Returns:
+        ``{k: share}`` for every k in ``ks``; NaN when the positives' total value is 0.
+
+    Example:
+        >>> topk = np.array([[3, 1], [0, 2]])
+        >>> value = np.array([1.0, 2.0, 5.0])
+        >>> value_recall_at_k(topk, np.array([0, 0, 1]), np.array([1, 4, 0]), value, [1, 2])
+        {1: 0.625, 2: 0.75}
+    """
+    ks = [check_k(k) for k in ks]
+    topk_ids, query_index, positive_item = _check_recall_inputs(topk_ids, query_index, positive_item)
+    value = np.asarray(value, dtype=np.float64)
+    if value.shape != query_index.shape:
+        raise ValueError(f"value has shape {value.shape}, expected {query_index.shape} (one per positive).")
+    if (value < 0).any():
+        raise ValueError("value must be >= 0 (or NaN when unknown).")
+    pairs, first = np.unique(np.stack([query_index, positive_item], axis=1), axis=0, return_index=True)
+    weight = np.nan_to_num(value[first], nan=0.0)  # (P',)
+    rank = _first_hit_rank(topk_ids, pairs[:, 0], pairs[:, 1])  # (P',)
+    total = weight.sum()
+    if total == 0:
+        return {k: float("nan") for k in ks}
+    return {k: float(weight[rank < k].sum() / total) for k in ks}
 
 
 def recall_at_k_by_group(

@@ -7,10 +7,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from convcg_cli.metrics.retrieval import (
+    COLD_ITEMS,
+    VALUE_RECALL,
     exact_topk,
     metric_name,
     recall_at_k,
     recall_at_k_by_group,
+    value_recall_at_k,
 )
 
 
@@ -18,6 +21,29 @@ def _restrict(positives: tuple[np.ndarray, np.ndarray], n_queries: int) -> tuple
     q, i = positives
     keep = q < n_queries
     return q[keep], i[keep]
+
+
+def value_and_cold_report(
+    topk_ids: np.ndarray, queries, ks: Sequence[int], split: str, task: str
+) -> dict[str, float]:
+    """Value-weighted recall@k of ``task`` (when its positives carry values) and recall@k on the
+    positives whose item is new (no training-window impression; when there are any), e.g.
+    ``heldout/conversion/value_recall_at_100`` and ``heldout/conversion/cold/recall_at_100``."""
+    q_all, _ = queries.positives[task]
+    keep = q_all < len(topk_ids)
+    q, items = q_all[keep], queries.positives[task][1][keep]
+    out: dict[str, float] = {}
+    values = getattr(queries, "positive_values", {}).get(task)
+    if values is not None and np.nansum(values[keep]) > 0:
+        for k, value in value_recall_at_k(topk_ids, q, items, values[keep], ks).items():
+            out[metric_name(split, task, k, VALUE_RECALL)] = value
+    new_items = getattr(queries, "new_items", None)
+    cold = new_items[items] if new_items is not None else np.zeros(len(items), dtype=bool)
+    if cold.any():
+        for k, value in recall_at_k(topk_ids, q[cold], items[cold], ks).items():
+            out[metric_name(split, task, k, subset=COLD_ITEMS)] = value
+        out[f"{split}/{task}/{COLD_ITEMS}/n_positives"] = float(cold.sum())
+    return out
 
 
 def report_from_topk(
@@ -28,7 +54,8 @@ def report_from_topk(
     tasks: Sequence[str],
     by_surface: bool = False,
 ) -> dict[str, float]:
-    """Recall@k per task (and per surface) of ranked lists ``topk_ids`` (one row per query).
+    """Recall@k per task (and per surface) of ranked lists ``topk_ids`` (one row per query), with
+    value-weighted recall and recall on new items where they apply (:func:`value_and_cold_report`).
 
     Tasks with no positive among the scored queries are left out (recall is undefined there).
     """
@@ -40,6 +67,7 @@ def report_from_topk(
         for k, value in recall_at_k(topk_ids, q, items, ks).items():
             out[metric_name(split, task, k)] = value
         out[f"{split}/{task}/n_positives"] = float(len(q))
+        out.update(value_and_cold_report(topk_ids, queries, ks, split, task))
         if by_surface:
             groups = recall_at_k_by_group(topk_ids, q, items, queries.surface[q], ks)
             for surface, values in groups.items():

@@ -35,9 +35,10 @@ class EmbeddingHead(Protocol):
 
 
 class FeatureEmbedder(nn.Module):
-    """Embed categorical features and concatenate them with the numeric ones and encoded sequences.
+    """Embed categorical features and concatenate them with the numeric ones, encoded sequences and
+    linearly projected vectors (each vector feature to ``embedding_dim``).
 
-    Features are read in sorted name order (categorical first, then numeric, then sequences) so the
+    Features are read in sorted name order (categorical first, then numeric, sequences, vectors) so the
     layout of the output does not depend on dict order. Keys of ``features`` not in the spec are
     ignored (a batch carries ids and labels too). Categorical indices are not range-checked here; the
     data contract (``data_schemas/``) guarantees ``0 <= index < cardinality``.
@@ -89,18 +90,32 @@ class FeatureEmbedder(nn.Module):
                 )
             encoders = {name: sequence_encoder(spec.sequences[name]) for name in self.sequence_names}
         self.sequence_encoders = nn.ModuleDict(encoders)
+        # Built last, and only for vector features: a spec without them draws no extra random numbers,
+        # so its towers initialise exactly as before vectors existed.
+        self.vector_names = tuple(sorted(spec.vectors))
+        self.vector_projections = nn.ModuleDict(
+            {name: nn.Linear(spec.vectors[name], embedding_dim) for name in self.vector_names}
+        )
         self.out_dim = (
             sum(dims.values())
             + len(self.numeric_names)
             + sum(int(cast(Any, enc).out_dim) for enc in self.sequence_encoders.values())
+            + embedding_dim * len(self.vector_names)
         )
 
     def _input_names(self) -> tuple[str, ...]:
         actions = tuple(f"{name}_actions" for name in self.sequence_names)
-        return (*self.categorical_names, *self.numeric_names, *self.sequence_names, *actions)
+        return (
+            *self.categorical_names,
+            *self.numeric_names,
+            *self.sequence_names,
+            *actions,
+            *self.vector_names,
+        )
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Map {name: (B,)} (and (B, L) for sequences) -> (B, out_dim); categorical int64, numeric float."""
+        """Map {name: (B,)} (and (B, L) for sequences, (B, length) for vectors) -> (B, out_dim);
+        categorical int64, numeric and vectors float."""
         missing = [n for n in self._input_names() if n not in features]
         if missing:
             raise KeyError(f"Tower input is missing feature(s) {missing}; got {sorted(features)}.")
@@ -110,6 +125,7 @@ class FeatureEmbedder(nn.Module):
             self.sequence_encoders[name](features[name], features[f"{name}_actions"])  # (B, d_seq)
             for name in self.sequence_names
         ]
+        parts += [self.vector_projections[name](features[name]) for name in self.vector_names]  # (B, d)
         return torch.cat(parts, dim=-1)  # (B, out_dim)
 
 

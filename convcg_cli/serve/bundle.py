@@ -70,12 +70,21 @@ class RequestError(ConvcgError):
 
 def spec_to_dict(spec: FeatureSpec) -> dict[str, Any]:
     """A FeatureSpec as JSON-ready data (see :func:`spec_from_dict`)."""
-    return {"categorical": spec.categorical, "numeric": list(spec.numeric), "sequences": spec.sequences}
+    data: dict[str, Any] = {
+        "categorical": spec.categorical,
+        "numeric": list(spec.numeric),
+        "sequences": spec.sequences,
+    }
+    if spec.vectors:  # only then, so bundles without vectors are written as before
+        data["vectors"] = spec.vectors
+    return data
 
 
 def spec_from_dict(data: Mapping[str, Any]) -> FeatureSpec:
     """The FeatureSpec :func:`spec_to_dict` wrote."""
-    return FeatureSpec(data["categorical"], tuple(data["numeric"]), data.get("sequences", {}))
+    return FeatureSpec(
+        data["categorical"], tuple(data["numeric"]), data.get("sequences", {}), data.get("vectors", {})
+    )
 
 
 def request_rows(requests: Any) -> pl.DataFrame:
