@@ -137,6 +137,12 @@ NUMERIC_OPTIONS: tuple[NumericOption, ...] = (
     _int("bootstrap.seed", 0, 2**32 - 1),
     _int("popularity_prior.select_k", 1),
     NumericOption("popularity_prior.betas[]", minimum=0.0),
+    # the served model (train's serve block) and label maturity (data/label_maturity)
+    _int("serve.nlist", 1),
+    _int("serve.nprobe", 1),
+    _int("serve.overlap_k", 1),
+    NumericOption("data.label_maturity.window_days", minimum=0.0, exclusive_minimum=True),
+    NumericOption("data.label_maturity.max_weight", minimum=1.0),
 )
 
 

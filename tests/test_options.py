@@ -66,7 +66,9 @@ def test_every_option_of_the_table_exists_in_a_shipped_config():
                 "+data.eval_batch_size=64",
             ],
         ).cfg,
-        compose("train", ["loss/balancer=gradnorm", "model/cross/cross_net=mixture"]).cfg,
+        compose(
+            "train", ["loss/balancer=gradnorm", "model/cross/cross_net=mixture", "data/label_maturity=weight"]
+        ).cfg,
         compose("eval", ["popularity_prior.betas=[0.5]"]).cfg,
     ]
     from convcg_cli.options import _values
@@ -94,3 +96,13 @@ def test_numeric_option_accepts(option, value, ok):
 
 def test_a_config_without_the_key_is_not_checked():
     check_numeric_options({"trainer": {}}, (NumericOption("trainer.max_epochs", integer=True, minimum=1),))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["serve.nprobe=0"], ["data/label_maturity=weight", "data.label_maturity.max_weight=0.5"]],
+)
+def test_options_from_the_serve_and_maturity_blocks_are_checked(overrides):
+    compose("train", overrides[:-1])  # the shipped values pass
+    with pytest.raises(ConfigError, match="allowed"):
+        compose("train", overrides)
