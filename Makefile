@@ -57,6 +57,12 @@ test-all: $(STAMP) ## Run every test: the fast suite plus the slow ones (full tr
 faults: $(STAMP) ## Run the fault-injection tests (marker faults, slow ones included; ~5 min): README "Reliability"
 	$(BIN)/python -m pytest -m faults -q $(PYTEST_ARGS)
 
+.PHONY: browser-test
+SCREENSHOTS ?=
+browser-test: $(STAMP) ## MLflow UI in headless Chromium (apt-get install chromium first; SCREENSHOTS=docs/mlflow-ui)
+	$(BIN)/pip install -q -e '.[browser]'
+	CONVCG_UI_SCREENSHOTS=$(SCREENSHOTS) $(BIN)/python -m pytest -m browser -q $(PYTEST_ARGS)
+
 lint: $(STAMP) ## ruff lint + format check
 	$(BIN)/ruff check convcg_cli tests
 	$(BIN)/ruff format --check convcg_cli tests
