@@ -101,9 +101,12 @@ def _hint(message: str, overrides: list[str], config_name: str) -> str:
 
 
 def _app_choices(raw_choices) -> dict[str, str]:
-    """The config-group options chosen (Hydra's ``runtime.choices``), without Hydra's own groups."""
+    """The config-group options chosen (Hydra's ``runtime.choices``), without Hydra's own groups
+    (``hydra/...``, and ``hydra`` itself: the primary configs' ``- hydra: default`` entry)."""
     return {
-        str(k): str(v) for k, v in raw_choices.items() if not str(k).startswith("hydra/") and v is not None
+        str(k): str(v)
+        for k, v in raw_choices.items()
+        if str(k) != "hydra" and not str(k).startswith("hydra/") and v is not None
     }
 
 
