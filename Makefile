@@ -44,10 +44,10 @@ ablation: data ## Run conf/ablate/designs.yaml on the small logs -> reports/desi
 
 .PHONY: bench
 BENCH_ARGS ?=
-bench: $(STAMP) ## Speed/scale benchmarks -> reports/bench/bench.md + MLflow (~6 min; BENCH_ARGS=--quick)
+bench: $(STAMP) ## Speed/scale benchmarks -> reports/bench/bench.md + MLflow (~7 min; BENCH_ARGS=--quick)
 	$(BIN)/python -m convcg_cli.bench run $(BENCH_ARGS)
 
-test: $(STAMP) ## Run the fast test suite: -m "not slow", about 75 s on 2 idle cores (what CI runs)
+test: $(STAMP) ## Run the fast test suite: -m "not slow", about 2.5 min on 2 idle cores (what CI runs)
 	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
 test-all: $(STAMP) ## Run every test: the fast suite plus the slow ones (full trainings, DDP)
