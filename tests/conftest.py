@@ -56,6 +56,17 @@ def empty_mlflow_store(tmp_path_factory) -> Path:
     return store
 
 
+def hydra_plugin_installed(plugin: str) -> bool:
+    """Whether the Hydra plugin ``hydra_plugins.<plugin>`` is installed (an extra). ``find_spec`` of a
+    submodule raises when the ``hydra_plugins`` namespace itself is absent (no plugin installed)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(f"hydra_plugins.{plugin}") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def runs_in(home: Path) -> list:
     """Every MLflow run in ``home``'s store, of every experiment."""
     from mlflow.tracking import MlflowClient

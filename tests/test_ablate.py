@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from dataclasses import replace
 
@@ -23,7 +22,7 @@ from convcg_cli.errors import ConfigError
 from convcg_cli.evaluate import EvalResult, PositiveHits, load_hits
 from convcg_cli.kept_checkpoint import value_at_best_epoch
 from convcg_cli.train import TrainResult
-from tests.conftest import runs_in
+from tests.conftest import hydra_plugin_installed, runs_in
 
 runner = CliRunner()
 
@@ -328,7 +327,7 @@ def test_grid_train_overrides_come_first_in_every_variant():
 
 
 def _launcher_case(name: str):
-    missing = name == "joblib" and importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None
+    missing = name == "joblib" and not hydra_plugin_installed("hydra_joblib_launcher")
     reason = "the joblib launcher is an extra: pip install 'convcg[joblib]'"
     return pytest.param(name, marks=[pytest.mark.skipif(missing, reason=reason)])
 

@@ -3,8 +3,6 @@ multirun sweeps (one MLflow run per job), --config-dir / CONVCG_CONFIG_DIR, laun
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 from typer.testing import CliRunner
 
@@ -12,7 +10,7 @@ from convcg_cli import hydra_cli
 from convcg_cli.cli import app
 from convcg_cli.errors import ConvcgError
 from convcg_cli.train import TrainResult
-from tests.conftest import runs_in
+from tests.conftest import hydra_plugin_installed, runs_in
 
 runner = CliRunner()
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
@@ -179,7 +177,7 @@ def test_a_2x2_multirun_trains_4_mlflow_runs_with_their_tags(home, tiny_override
 
 
 def _needs(plugin: str, extra: str):
-    missing = importlib.util.find_spec(f"hydra_plugins.{plugin}") is None
+    missing = not hydra_plugin_installed(plugin)
     return pytest.mark.skipif(missing, reason=f"the launcher is an extra: pip install 'convcg[{extra}]'")
 
 
