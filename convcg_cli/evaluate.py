@@ -87,6 +87,7 @@ class EvalResult:
     split: str
     metrics: dict[str, float]
     hits: dict[str, PositiveHits] = field(default_factory=dict)
+    n_queries: int = 0  # queries of the split that were embedded and searched
 
 
 def query_users(queries) -> np.ndarray:
@@ -467,7 +468,7 @@ def evaluate(
         _log_eval_artifacts(mlflow_client, run_id, str(cfg.split), everything, hits)
         figure = recall_figure(everything, str(cfg.split), tasks, list(cfg.ks), list(rankings))
         tracking.log_figure(mlflow_client, run_id, figure, f"{EVAL_ARTIFACT_DIR}/{cfg.split}_recall.png")
-    return EvalResult(run_id, cfg.split, everything, hits)
+    return EvalResult(run_id, cfg.split, everything, hits, n_queries=len(queries.surface))
 
 
 def _check_has_conversions(dm, split: str) -> None:

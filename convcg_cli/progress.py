@@ -21,6 +21,7 @@ from contextlib import contextmanager
 VERBOSITY_ENV = "CONVCG_VERBOSITY"
 QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
 _active: list[str] = []  # the steps open now: a nested step does not start a second live display
+_recorders: list[list[tuple[str, float]]] = []  # open ``recorded()`` blocks (the benchmarks read them)
 
 
 def set_verbosity(quiet: bool, verbose: bool) -> None:
@@ -67,8 +68,23 @@ def step(description: str) -> Iterator[None]:
             yield
     finally:
         _active.pop()
+    for record in _recorders:
+        record.append((description, time.perf_counter() - start))
     if verbosity() == VERBOSE:
         console.print(f"{description}: {time.perf_counter() - start:.1f} s", markup=False, highlight=False)
+
+
+@contextmanager
+def recorded() -> Iterator[list[tuple[str, float]]]:
+    """Collect ``(description, seconds)`` of every step that finishes inside the block, in order
+    (nested steps included): how ``make bench`` breaks ``convcg eval`` down without a second
+    implementation of it."""
+    record: list[tuple[str, float]] = []
+    _recorders.append(record)
+    try:
+        yield record
+    finally:
+        _recorders.remove(record)
 
 
 def duration(seconds: float) -> str:

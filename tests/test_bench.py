@@ -273,3 +273,19 @@ def test_serving_section_times_the_http_server(tiny_data, tmp_path):
     assert figures_["http_requests"] == 3 and 0 < figures_["http_p50_ms"] <= figures_["http_p99_ms"]
     text = "\n".join(report.serving_section({"serve": figures_}))
     assert "`mlflow models serve` `/invocations`" in text
+
+
+@pytest.mark.slow  # trains a few batches and runs convcg eval: ~20 s
+def test_eval_section_times_every_step_of_convcg_eval(tiny_data, tmp_path):
+    from convcg_cli.bench.steps import step_eval
+
+    cfg = bench_config([], quick=True)
+    figures_ = step_eval(cfg, str(tmp_path), str(tiny_data))
+    names = [s["step"] for s in figures_["steps"]]
+    assert any(n.startswith("Loading and checking") for n in names)
+    assert "Scoring the model (recall, bootstrap CIs)" in names and "Scoring baseline popularity" in names
+    assert sum(s["seconds"] for s in figures_["steps"]) <= figures_["total_s"] * 1.01 + 0.01
+    assert figures_["queries"] > 0 and figures_["exact_topk_s"] > 0
+    text = "\n".join(report.eval_section({"eval": [figures_]}))
+    assert text.startswith("## (h)") and "all of `convcg eval`" in text
+    assert report.eval_section({}) == []

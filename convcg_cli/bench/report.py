@@ -31,7 +31,7 @@ def verdict(value: float, target: float) -> str:
 
 
 def render_report(cfg: DictConfig, results: Mapping[str, Any]) -> str:
-    """The markdown report: the targets, then every section (a)-(g), from the figures alone."""
+    """The markdown report: the targets, then every section (a)-(h), from the figures alone."""
     sections = [
         _header(cfg, results),
         _throughput(cfg, results),
@@ -41,6 +41,7 @@ def render_report(cfg: DictConfig, results: Mapping[str, Any]) -> str:
         _growth(cfg, results),
         _bounded_memory(cfg, results),
         serving_section(results),
+        eval_section(results),
     ]
     return "\n".join(line for section in sections for line in section)
 
@@ -357,6 +358,38 @@ def _bounded_memory(cfg: DictConfig, results: Mapping[str, Any]) -> list[str]:
         "the training impressions.",
         "",
     ]
+
+
+def eval_section(results: Mapping[str, Any]) -> list[str]:
+    """(h): ``convcg eval``'s steps and their share of its time, per data set, against the bare
+    ``exact_topk`` of as many queries over as many items (absent from older results: no section)."""
+    if not results.get("eval"):
+        return []
+    lines = [
+        "## (h) Where `convcg eval`'s time goes",
+        "",
+        "A run of the default design trained for a few batches, then evaluated as `convcg eval` does "
+        "(the baselines of the KuaiRand grids, bootstrap CIs, MLflow logging), each step it shows timed "
+        "in one process; the reference is the bare `exact_topk` of as many random queries over as many "
+        "items, in the same process.",
+        "",
+    ]
+    for point in results["eval"]:
+        total = float(point["total_s"])
+        rows = [
+            [step["step"], f"{step['seconds']:.1f}", f"{100 * step['seconds'] / total:.0f}%"]
+            for step in point["steps"]
+        ]
+        rows.append(["**all of `convcg eval`**", f"**{total:.1f}**", "100%"])
+        rows.append(
+            [
+                f"bare `exact_topk`, {point['queries']:,} queries x {point['items']:,} items, k={point['k']}",
+                f"{point['exact_topk_s']:.2f}",
+                f"{100 * point['exact_topk_s'] / total:.0f}%",
+            ]
+        )
+        lines += [f"`{point['data']}`:", "", table(["step", "seconds", "share"], rows, align="lrr"), ""]
+    return lines
 
 
 def serving_section(results: Mapping[str, Any]) -> list[str]:

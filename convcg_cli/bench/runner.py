@@ -59,6 +59,14 @@ def run(cfg: DictConfig, workdir: Path) -> dict:
     results["train"] = _run_step("train", "train", workdir, env, data_dir=data_dir)
     results["retrieval"] = _run_step("retrieval", "retrieval", workdir, env)
     results["serve"] = _run_step("serve", "serve", workdir, env, data_dir=data_dir)
+    results["eval"] = []
+    for preset in cfg.eval_breakdown.presets:
+        other = workdir / f"eval-{preset}"
+        results["eval"].append(
+            _run_step("eval", f"eval-{preset}", workdir, env, data_dir=str(other), preset=str(preset))
+        )
+        shutil.rmtree(other, ignore_errors=True)
+    results["eval"].append(_run_step("eval", f"eval-{cfg.preset}", workdir, env, data_dir=data_dir))
     results["scale"] = []
     for factor in cfg.scale.factors:
         scaled = workdir / f"scale-{factor}"

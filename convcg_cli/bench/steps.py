@@ -411,6 +411,63 @@ def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     return measure_serving(cfg, workdir, data_dir)
 
 
+def step_eval(cfg: DictConfig, workdir: str, data_dir: str, preset: str | None = None) -> dict:
+    """(h) Where ``convcg eval``'s time goes: a run of the default design trained briefly on
+    ``data_dir`` (synthesised from ``preset`` first when given), then evaluated exactly as
+    ``convcg eval`` does (baselines, bootstrap CIs, logging), every step it shows timed; the reference
+    is the bare ``exact_topk`` of as many random queries over as many items, in this process."""
+    import numpy as np
+
+    from convcg_cli import progress
+    from convcg_cli.config import compose
+    from convcg_cli.data import synth
+    from convcg_cli.evaluate import evaluate
+    from convcg_cli.metrics.retrieval import exact_topk
+    from convcg_cli.train import train
+
+    e = cfg.eval_breakdown
+    if preset is not None:
+        synth.synthesize(synth.resolve_config(preset), data_dir, seed=cfg.seed)
+    overrides = _train_overrides(cfg, data_dir, workdir)
+    trained = train(
+        compose(
+            "train",
+            [*overrides, "trainer.max_epochs=1", f"+trainer.limit_train_batches={int(e.train_batches)}"],
+        )
+    )
+    store = [o for o in overrides if o.startswith("logger.")]
+    eval_overrides = [*store, f"baselines={list(e.baselines)}", f"bootstrap.n_boot={int(e.n_boot)}"]
+    start = time.perf_counter()
+    with progress.recorded() as steps:
+        result = evaluate(compose("eval", eval_overrides), trained.run_id)
+    total = time.perf_counter() - start
+    n_queries = result.n_queries
+    items = _items_in(data_dir)
+    rng = np.random.default_rng(cfg.seed)
+    dim = int(compose("train", overrides).cfg.model.embedding_dim)
+    queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
+    corpus = rng.standard_normal((items, dim)).astype(np.float32)
+    k = min(max(int(x) for x in compose("eval", store).cfg.ks), items)
+    reference = time.perf_counter()
+    exact_topk(queries, corpus, k)
+    exact_s = time.perf_counter() - reference
+    return {
+        "data": Path(data_dir).name,
+        "items": items,
+        "queries": n_queries,
+        "k": k,
+        "total_s": total,
+        "steps": [{"step": name, "seconds": seconds} for name, seconds in steps],
+        "exact_topk_s": exact_s,
+    }
+
+
+def _items_in(data_dir: str) -> int:
+    import polars as pl
+
+    return int(pl.scan_parquet(Path(data_dir) / "items.parquet").select(pl.len()).collect().item())
+
+
 STEPS: dict[str, Callable[..., dict]] = {
     "baseline": step_baseline,
     "synth": step_synth,
@@ -420,4 +477,5 @@ STEPS: dict[str, Callable[..., dict]] = {
     "serve": step_serve,
     "scale": step_scale,
     "memory": step_memory,
+    "eval": step_eval,
 }
