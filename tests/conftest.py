@@ -67,6 +67,23 @@ def hydra_plugin_installed(plugin: str) -> bool:
         return False
 
 
+@pytest.fixture
+def fresh_joblib_workers():
+    """joblib's loky workers outlive a sweep and keep the environment they started with (an earlier
+    test's ``CONVCG_HOME``): stop them before and after a test that launches through joblib."""
+
+    def shutdown() -> None:
+        try:
+            from joblib.externals.loky import get_reusable_executor
+        except ImportError:  # the [joblib] extra is not installed: no workers to stop
+            return
+        get_reusable_executor().shutdown(wait=True)
+
+    shutdown()
+    yield
+    shutdown()
+
+
 def runs_in(home: Path) -> list:
     """Every MLflow run in ``home``'s store, of every experiment."""
     from mlflow.tracking import MlflowClient

@@ -208,7 +208,7 @@ LAUNCHERS = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_a_2_job_multirun_through_a_launcher(home, tiny_overrides, launcher):
+def test_a_2_job_multirun_through_a_launcher(home, tiny_overrides, launcher, fresh_joblib_workers):
     result = invoke("train", "-m", *tiny_overrides, "seed=1,2", *launcher)
     assert result.exit_code == 0, result.output
     runs = runs_in(home)
