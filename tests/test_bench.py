@@ -286,6 +286,9 @@ def test_eval_section_times_every_step_of_convcg_eval(tiny_data, tmp_path):
     assert "Scoring the model (recall, bootstrap CIs)" in names and "Scoring baseline popularity" in names
     assert sum(s["seconds"] for s in figures_["steps"]) <= figures_["total_s"] * 1.01 + 0.01
     assert figures_["queries"] > 0 and figures_["exact_topk_s"] > 0
+    again = [s["step"] for s in figures_["steps_again"]]  # the next run reads the baselines' runs
+    assert any(n.startswith("Reading baseline popularity") for n in again)
+    assert not any(n.startswith("Scoring baseline") for n in again)
     text = "\n".join(report.eval_section({"eval": [figures_]}))
     assert text.startswith("## (h)") and "all of `convcg eval`" in text
     assert report.eval_section({}) == []
