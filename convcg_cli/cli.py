@@ -181,11 +181,27 @@ def _resume_job(run_id: str, args: list[str]) -> None:
     tracking.quiet()
     composed = compose("train", [])
     result = resume_training(composed, run_id)
+    _report_training(result, composed)
+
+
+def _report_training(result, composed) -> None:
+    """Print a finished training's validation table, run id and how to open the UI (rank 0 only)."""
+    from convcg_cli import tracking
+
     if not tracking.is_global_zero():  # DDP ranks > 0: rank 0 reports the one run
         return
     _print_metrics(f"Validation (last epoch) of run {result.run_id}", result.metrics)
     out.print(f"MLflow run id: [bold]{result.run_id}[/bold]")
     out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
+
+
+def _store(overrides: list[str] | None):
+    """The MLflow store (``logger`` of conf/eval.yaml plus ``overrides``) a serving command works on."""
+    from convcg_cli import tracking
+    from convcg_cli.config import compose
+
+    tracking.quiet()
+    return compose("eval", overrides).cfg.logger
 
 
 def _train_job(composed) -> None:
@@ -195,11 +211,7 @@ def _train_job(composed) -> None:
 
     tracking.quiet()
     result = run_training(composed)
-    if not tracking.is_global_zero():  # DDP ranks > 0: rank 0 reports the one run
-        return
-    _print_metrics(f"Validation (last epoch) of run {result.run_id}", result.metrics)
-    out.print(f"MLflow run id: [bold]{result.run_id}[/bold]")
-    out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
+    _report_training(result, composed)
 
 
 @app.command("eval", context_settings=HYDRA_COMMAND, add_help_option=False)
@@ -279,13 +291,10 @@ def export(
 ) -> None:
     """Log a trained run's servable MLflow model (runs:/ID/model); convcg train does it for new runs."""
     with user_errors():
-        from convcg_cli import tracking
-        from convcg_cli.config import compose
         from convcg_cli.serve.export import export_run
 
-        tracking.quiet()
-        composed = compose("eval", overrides)
-        result = export_run(composed.cfg.logger, run, {"index": index, "nlist": nlist, "nprobe": nprobe})
+        logger = _store(overrides)
+        result = export_run(logger, run, {"index": index, "nlist": nlist, "nprobe": nprobe})
         for name, value in result.overlap.items():
             out.print(f"{name}: {value:.4f}")
         out.print(f"Logged model: [bold]{result.model_uri}[/bold] (index: {result.index})")
@@ -301,14 +310,10 @@ def register(
     """Register a run's model as a new version of NAME in the MLflow model registry."""
     with user_errors():
         from convcg_cli import tracking
-        from convcg_cli.config import compose
         from convcg_cli.serve.export import register as register_model
 
-        tracking.quiet()
-        composed = compose("eval", overrides)
-        version = register_model(
-            composed.cfg.logger, f"runs:/{run}/{tracking.SERVED_MODEL_NAME}", name, alias
-        )
+        logger = _store(overrides)
+        version = register_model(logger, f"runs:/{run}/{tracking.SERVED_MODEL_NAME}", name, alias)
         target = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
         out.print(f"Registered {name} version {version}: [bold]{target}[/bold]")
 
@@ -328,14 +333,11 @@ def retrieve(
 ) -> None:
     """Batch candidates: the top K items of every request in a file, streamed in chunks."""
     with user_errors():
-        from convcg_cli import tracking
-        from convcg_cli.config import compose
         from convcg_cli.serve.batch import load_candidate_model, retrieve_file
         from convcg_cli.serve.bundle import RequestError
 
-        tracking.quiet()
-        composed = compose("eval", overrides)
-        model = load_candidate_model(composed.cfg.logger, run)
+        logger = _store(overrides)
+        model = load_candidate_model(logger, run)
         try:
             result = retrieve_file(model, requests, out_file, k, chunk_rows)
         except RequestError as exc:
@@ -359,13 +361,10 @@ def index_(
 ) -> None:
     """Embed a new or changed item table with the run's trained item tower; log it as a new model."""
     with user_errors():
-        from convcg_cli import tracking
-        from convcg_cli.config import compose
         from convcg_cli.serve.reindex import reindex_run
 
-        tracking.quiet()
-        composed = compose("eval", overrides)
-        result, version = reindex_run(composed.cfg.logger, run, items, name, alias)
+        logger = _store(overrides)
+        result, version = reindex_run(logger, run, items, name, alias)
         out.print(f"Logged model: [bold]{result.model_uri}[/bold] (the newest model of the run)")
         if version is not None:
             out.print(f"Registered {name} version {version}" + (f" as @{alias}" if alias else ""))
