@@ -430,30 +430,29 @@ def step_eval(cfg: DictConfig, workdir: str, data_dir: str, preset: str | None =
     if preset is not None:
         synth.synthesize(synth.resolve_config(preset), data_dir, seed=cfg.seed)
     overrides = _train_overrides(cfg, data_dir, workdir)
-    trained = train(
-        compose(
-            "train",
-            [*overrides, "trainer.max_epochs=1", f"+trainer.limit_train_batches={int(e.train_batches)}"],
-        )
+    trained_cfg = compose(
+        "train", [*overrides, "trainer.max_epochs=1", f"+trainer.limit_train_batches={int(e.train_batches)}"]
     )
+    trained = train(trained_cfg)
     store = [o for o in overrides if o.startswith("logger.")]
     eval_overrides = [*store, f"baselines={list(e.baselines)}", f"bootstrap.n_boot={int(e.n_boot)}"]
+    eval_cfg = compose("eval", eval_overrides)
     start = time.perf_counter()
     with progress.recorded() as steps:
-        result = evaluate(compose("eval", eval_overrides), trained.run_id)
+        result = evaluate(eval_cfg, trained.run_id)
     total = time.perf_counter() - start
     # Again, as a second run on the same data is evaluated: the baselines' runs are found and reused.
     start = time.perf_counter()
     with progress.recorded() as steps_again:
-        evaluate(compose("eval", eval_overrides), trained.run_id)
+        evaluate(eval_cfg, trained.run_id)
     total_again = time.perf_counter() - start
     n_queries = result.n_queries
     items = _items_in(data_dir)
     rng = np.random.default_rng(cfg.seed)
-    dim = int(compose("train", overrides).cfg.model.embedding_dim)
+    dim = int(trained_cfg.cfg.model.embedding_dim)
     queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
     corpus = rng.standard_normal((items, dim)).astype(np.float32)
-    k = min(max(int(x) for x in compose("eval", store).cfg.ks), items)
+    k = min(max(int(x) for x in eval_cfg.cfg.ks), items)
     reference = time.perf_counter()
     exact_topk(queries, corpus, k)
     exact_s = time.perf_counter() - reference
