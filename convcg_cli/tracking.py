@@ -564,19 +564,20 @@ def check_resumable(logger_cfg: Mapping[str, Any], run_id: str) -> None:
 
 
 @contextmanager
-def reopened_run(cfg: DictConfig, run_id: str) -> Iterator[TrackedRun]:
-    """Reopen a KILLED or FAILED run (``check_resumable``) as RUNNING in this process; close it
-    with the right status as :func:`tracked_run` does. Its params and config stay as logged."""
+def reopened_run(logger_cfg: Mapping[str, Any], run_id: str) -> Iterator[TrackedRun]:
+    """Reopen an existing run (a KILLED or FAILED run being resumed, a resumed study's parent) as
+    RUNNING in this process; close it with the right status as :func:`tracked_run` does. Its params
+    and config stay as logged; the host/pid tags become this process's, a stale error tag goes."""
     from mlflow.entities import RunStatus
 
-    mlflow_client = client(cfg.logger)
+    mlflow_client = client(logger_cfg)
     mlflow_client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
     for key, value in process_tags().items():
         mlflow_client.set_tag(run_id, key, value)
     if ERROR_TAG in mlflow_client.get_run(run_id).data.tags:
         mlflow_client.delete_tag(run_id, ERROR_TAG)
     with terminate_with_status(mlflow_client, run_id):
-        yield TrackedRun(run_id, mlflow_client, _lightning_logger(cfg.logger, run_id))
+        yield TrackedRun(run_id, mlflow_client, _lightning_logger(logger_cfg, run_id))
 
 
 def log_arrays(mlflow_client, run_id: str, arrays: Mapping[str, Any], artifact_file: str) -> None:
@@ -749,18 +750,6 @@ def invalid_request(message: str) -> Exception:
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
-
-
-@contextmanager
-def resumed_run(logger_cfg: Mapping[str, Any], run_id: str) -> Iterator[TrackedRun]:
-    """Open an existing run again (a resumed study's parent): RUNNING while the block runs, then
-    FINISHED, FAILED or KILLED like a new one."""
-    from mlflow.entities import RunStatus
-
-    mlflow_client = client(logger_cfg)
-    mlflow_client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-    with terminate_with_status(mlflow_client, run_id):
-        yield TrackedRun(run_id, mlflow_client, None)
 
 
 # --- datasets: the logs a run read (the UI's Dataset column) -------------------------------------

@@ -129,7 +129,7 @@ def resume(composed: Composed, run_id: str) -> TrainResult:
     dm, model = _build(cfg)
     if not tracking.is_global_zero():
         return _fit(cfg, model, dm, logger=False, run_id=None, ckpt_path=checkpoint)
-    with StopOnSignals() as stop, tracking.reopened_run(cfg, run_id) as run:
+    with StopOnSignals() as stop, tracking.reopened_run(cfg.logger, run_id) as run:
         stop.run_id = run_id
         result = _fit_and_log(cfg, model, dm, run, ckpt_path=checkpoint)
     return result

@@ -241,7 +241,7 @@ def run_tune(
     parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
     tags = {"tune": search.name, "study": name, "optimized_metric": search.optimized_metric}
     opened = (
-        tracking.resumed_run(plain.cfg.logger, parent_id)
+        tracking.reopened_run(plain.cfg.logger, parent_id)
         if parent_id
         else tracking.parent_run(plain.cfg.logger, f"tune/{name}", tags)
     )
