@@ -9,9 +9,10 @@ resampled users later (``convcg ablate``; :func:`load_hits` reads it back).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -166,11 +167,21 @@ def score_baselines(dm, queries, tasks: Sequence[str], cfg) -> dict[str, Ranking
     history = training_history(dm)
     scores: dict[str, RankingScores] = {}
     for name in cfg.baselines:
-        try:
-            scores[f"{BASELINE_PREFIX}{name}"] = score_baseline(name, history, queries, tasks, cfg)
-        except BaselineRefusedError as exc:  # one baseline that cannot run must not cost the others
-            logging.getLogger(__name__).warning("Skipped baseline %s: %s", name, exc)
+        found = _unless_refused(name, functools.partial(score_baseline, name, history, queries, tasks, cfg))
+        if found is not None:
+            scores[f"{BASELINE_PREFIX}{name}"] = found
     return scores
+
+
+def _unless_refused(name: str, score: Callable[[], RankingScores]) -> RankingScores | None:
+    """``score()``, or None with a logged warning when baseline ``name`` refuses the data
+    (:class:`~convcg_cli.baselines.BaselineRefusedError`): one baseline that cannot run must not
+    cost the others."""
+    try:
+        return score()
+    except BaselineRefusedError as exc:
+        logging.getLogger(__name__).warning("Skipped baseline %s: %s", name, exc)
+        return None
 
 
 def baseline_metrics(dm, queries, tasks: Sequence[str], cfg) -> dict[str, float]:
@@ -354,15 +365,19 @@ def _log_eval_artifacts(mlflow_client, run_id: str, split: str, metrics: Mapping
     )
 
 
-def _score_and_log_baseline(ctx: BaselineContext, name: str, key: str) -> tuple[RankingScores, str]:
+def _score_and_log_baseline(ctx: BaselineContext, name: str, key: str) -> tuple[RankingScores, str] | None:
     """Score baseline ``name`` and log it as a run of its own (``kind=baseline``); returns the scores
-    and the run id."""
+    and the run id, or None when the baseline refuses the data (no run is created then)."""
     cfg, ranking = ctx.cfg, f"{BASELINE_PREFIX}{name}"
+    with progress.step(f"Scoring baseline {name}"):
+        scores = _unless_refused(
+            name, functools.partial(score_baseline, name, ctx.history(), ctx.queries, ctx.tasks, cfg)
+        )
+    if scores is None:
+        return None
     data_name = Path(str(ctx.train_cfg.data.dir)).name
     with tracking.baseline_run(cfg.logger, name, key, data_name, str(cfg.split), {"data": data_name}) as run:
         tracking.log_dataset(run.client, run.run_id, ctx.train_cfg.data.dir, ctx.profile, "evaluation")
-        with progress.step(f"Scoring baseline {name}"):
-            scores = score_baseline(name, ctx.history(), ctx.queries, ctx.tasks, cfg)
         tracking.log_metrics(run.client, run.run_id, logged_metrics(scores.metrics, str(cfg.split), ranking))
         hits = collect_hits({ranking: scores}, query_users(ctx.queries), list(cfg.ks))
         _log_eval_artifacts(run.client, run.run_id, str(cfg.split), scores.metrics, hits)
@@ -394,11 +409,10 @@ def baselines_for(
             with progress.step(f"Reading baseline {name} from run {run_id}"):
                 found = _read_baseline_run(ctx.cfg.logger, run_id, str(ctx.cfg.split), ranking)
         if found is None:
-            try:
-                found, run_id = _score_and_log_baseline(ctx, name, key)
-            except BaselineRefusedError as exc:  # one baseline that cannot run must not cost the others
-                logging.getLogger(__name__).warning("Skipped baseline %s: %s", name, exc)
+            logged = _score_and_log_baseline(ctx, name, key)
+            if logged is None:  # refused the data: skipped with a warning
                 continue
+            found, run_id = logged
         if cache is not None:
             cache[key] = found
         scores[ranking] = found
