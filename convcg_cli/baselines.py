@@ -85,12 +85,20 @@ class TrainHistory:
 # tasks): the logs, the split and whether the user history is read. Nothing else a run configures
 # (features, factors, batching, the model) changes a baseline, so runs differing only in those share
 # their baseline scores (``convcg_cli.evaluate``'s cache).
-BASELINE_DATA_OPTIONS = ("dir", "val_days", "heldout_days", "end_offset_days", "use_user_history")
+BASELINE_DATA_OPTIONS = (
+    "dir",
+    "val_days",
+    "heldout_days",
+    "end_offset_days",
+    "use_user_history",
+    "train_through_val",
+)
 
 
 def training_history(dm) -> TrainHistory:
-    """Training-window engagements of a set-up datamodule (re-read from its tables), plus the user
-    history before the cut-off that the datamodule kept (``dm.history_pairs``; empty unless the run
+    """Training-window engagements of a set-up datamodule (re-read from its tables; with
+    ``train_through_val`` the validation days' too, and then no validation split to tune on), plus
+    the user history before the cut-off that the datamodule kept (``dm.history_pairs``; empty unless the run
     reads it).
 
     The logs are split again with the datamodule's own split options, so the profile window is
@@ -103,7 +111,7 @@ def training_history(dm) -> TrainHistory:
 
     tables = load_tables(dm.dir)
     split = F.split_by_time(tables["impressions"], dm.val_days, dm.heldout_days, dm.end_offset_days)
-    engaged = F.engaged_rows(split.train, dm.tasks)
+    engaged = F.engaged_rows(dm.training_window(split), dm.tasks)
     user_pos = F.positions(dm.users.user_ids, engaged["user_id"].to_numpy())
     item_pos = F.positions(dm.items.item_ids, engaged["item_id"].to_numpy())
     hist_user, hist_item, hist_action = getattr(dm, "history_pairs", (np.zeros(0, np.int64),) * 3)
@@ -127,7 +135,10 @@ def training_history(dm) -> TrainHistory:
             np.concatenate([day, np.full(len(hist_user), -1)]),
             F.task_labels(engaged, [PRIMARY_TASK])[PRIMARY_TASK].tolist() + [False] * len(hist_user),
         ),
-        validation=(
+        # A refit (train_through_val) learned from the validation days: nothing is tuned on them.
+        validation=None
+        if dm.train_through_val
+        else (
             F.positions(dm.users.user_ids, val_rows["user_id"].to_numpy()),
             F.positions(dm.items.item_ids, val_rows["item_id"].to_numpy()),
         ),

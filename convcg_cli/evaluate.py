@@ -225,12 +225,38 @@ def logged_metrics(
     return out
 
 
+def check_refit_evaluation(cfg, run_id: str) -> None:
+    """ConfigError unless an evaluation of a refit run (``data.train_through_val``) leaves the
+    validation days alone: it cannot score them (they trained the model) nor choose a weight on them
+    (the popularity prior's beta, the EASE + popularity blend's weight); each must be one value,
+    chosen on validation by a run trained without those days."""
+    refit = f"Run {run_id} was trained through the validation days (data.train_through_val=true)"
+    if cfg.split != "heldout":
+        raise ConfigError(f"{refit}: split={cfg.split} would score its training data; use split=heldout.")
+    chosen_on_val = {"popularity_prior.betas": list(cfg.popularity_prior.betas)}
+    if "ease_popularity" in cfg.baselines:
+        weights = (cfg.baseline_options.get("ease_popularity") or {}).get("weights", [])
+        chosen_on_val["baseline_options.ease_popularity.weights"] = list(weights)
+    for option, values in chosen_on_val.items():
+        if len(values) > 1:
+            raise ConfigError(
+                f"{refit}: its validation days cannot choose {option} from {values}. Give the one "
+                "value chosen on validation by the same configuration trained without them, e.g. "
+                f"{option}=[{values[0]}]."
+            )
+
+
 def _apply_prior(model, dm, query_emb, item_emb, options) -> tuple[np.ndarray, np.ndarray, float]:
-    """Append the popularity prior coordinate, its weight chosen on the validation split.
+    """Append the popularity prior coordinate, its weight chosen on the validation split (one
+    given weight is used as it is: nothing to choose).
 
     The prior is ``log1p`` of each item's training-window conversions, scaled to max 1.
     """
     prior = log_prior(dm.items.performance["conversions"].to_numpy())
+    if len(options.betas) == 1:
+        beta = float(options.betas[0])
+        query_emb, item_emb = with_item_prior(query_emb, item_emb, prior, beta)
+        return query_emb, item_emb, beta
     val_query, val_item = dm.queries["val"].positives[PRIMARY_TASK]
     if len(val_query) == 0:
         lo, hi = dm.queries["val"].days
@@ -446,6 +472,8 @@ def evaluate(
     if cfg.data_dir:
         train_cfg.data.dir = str(cfg.data_dir)
     tasks = list(train_cfg.loss.task_weights.keys())
+    if train_cfg.data.get("train_through_val", False):
+        check_refit_evaluation(cfg, run_id)
     with progress.step(f"Loading and checking {train_cfg.data.dir}"):
         dm = build_datamodule(train_cfg, tasks, stage="validate")  # no training examples needed
     queries = dm.queries[cfg.split]

@@ -74,6 +74,8 @@ def _callbacks(cfg, checkpoint_dir: Path) -> list:
     for cb in callbacks:
         if isinstance(cb, ModelCheckpoint):
             cb.dirpath = str(checkpoint_dir)
+            if cfg.data.get("train_through_val", False):
+                cb.monitor = None  # a refit has no validation: it keeps its last epoch
     return callbacks
 
 
@@ -192,12 +194,15 @@ def _fit(cfg, model, dm, logger, run_id: str | None, ckpt_path: Path | None = No
     checkpoint_dir = _checkpoint_dir(cfg, run_id)
     callbacks = _callbacks(cfg, checkpoint_dir)
     quiet = {} if progress.interactive() else {"enable_progress_bar": False}  # -q, or not a terminal
+    # A refit trains on the validation days: a validation figure would measure training data.
+    refit = {"limit_val_batches": 0} if cfg.data.get("train_through_val", False) else {}
     trainer = instantiate(
         cfg.trainer,
         logger=logger,
         callbacks=[*callbacks, _log_interval_callback()],
         default_root_dir=str(checkpoint_dir),
         **quiet,
+        **refit,
     )
     resume_from = {"ckpt_path": str(ckpt_path), "weights_only": True} if ckpt_path else {}
     trainer.fit(model, datamodule=dm, **resume_from)

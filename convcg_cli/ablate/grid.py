@@ -24,7 +24,16 @@ FINISHED = "FINISHED"
 FAILED = "FAILED"
 # The train option that moves a fold's end back in time (its last N days are dropped before the split).
 END_OFFSET_KEY = "data.end_offset_days"
-_GRID_KEYS = {"seeds", "select", "eval_overrides", "train_overrides", "variants", "sweep", "folds"}
+_GRID_KEYS = {
+    "seeds",
+    "select",
+    "eval_overrides",
+    "train_overrides",
+    "variants",
+    "sweep",
+    "folds",
+    "refit_of",
+}
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,9 @@ class Grid:
 
     ``select_task``/``select_k`` name the validation metric that picks the best variant; ``folds``
     is the number of rolling-origin folds (fold f ends ``f * data.heldout_days`` days earlier).
+    ``refit_of`` names the grid whose validation figures chose this grid's single design, which is
+    retrained here with the validation days (``data.train_through_val``): it has no validation
+    figure of its own, and the report says where its choice was made.
     """
 
     name: str
@@ -51,6 +63,7 @@ class Grid:
     select_task: str = CONVERSION
     select_k: int = 100
     folds: int = 1
+    refit_of: str | None = None
 
 
 @dataclass
@@ -109,12 +122,19 @@ def load_grid(name: str) -> Grid:
     if unknown or not spec.get("variants") or not spec.get("seeds"):
         raise ConfigError(
             f"Grid {GRID_DIR / name}.yaml needs 'variants' and 'seeds' (optional: select, eval_overrides, "
-            f"train_overrides, sweep, folds); unknown keys: {sorted(unknown)}."
+            f"train_overrides, sweep, folds, refit_of); unknown keys: {sorted(unknown)}."
         )
     folds = spec.get("folds", 1)
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
         raise ConfigError(f"Grid '{name}': folds must be an integer >= 1, got {folds!r}.")
     select = spec.get("select") or {}
+    refit_of = spec.get("refit_of")
+    designs = [v for v in _variants(name, spec) if not v.baseline]
+    if refit_of is not None and (refit_of not in available_grids() or len(designs) != 1):
+        raise ConfigError(
+            f"Grid '{name}': refit_of must name a grid of {GRID_DIR} (got {refit_of!r}) and the grid must "
+            f"have exactly one design to refit (it has {len(designs)})."
+        )
     # Train overrides shared by every variant come first, so a variant can still override them.
     common = tuple(str(o) for o in spec.get("train_overrides") or ())
     return Grid(
@@ -125,6 +145,7 @@ def load_grid(name: str) -> Grid:
         select_task=str(select.get("task", CONVERSION)),
         select_k=int(select.get("k", 100)),
         folds=folds,
+        refit_of=refit_of,
     )
 
 
@@ -183,6 +204,7 @@ def grid_yaml(grid: Grid, train_overrides: Sequence[str]) -> str:
         "train_overrides": list(train_overrides),
         "eval_overrides": list(grid.eval_overrides),
         "select": {"task": grid.select_task, "k": grid.select_k, "split": "val"},
+        **({"refit_of": grid.refit_of} if grid.refit_of else {}),
         "variants": [
             {"name": v.name, "baseline": v.baseline, "overrides": list(v.overrides)} for v in grid.variants
         ],

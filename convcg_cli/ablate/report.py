@@ -143,8 +143,11 @@ def _fixed_baseline_rows(child: ChildResult, split: str, ks: Sequence[int]) -> l
     return rows
 
 
-def selected_variant(rows: list[Row]) -> Row | None:
-    """The design with the best mean validation figure (held-out figures play no part)."""
+def selected_variant(rows: list[Row], grid: Grid | None = None) -> Row | None:
+    """The design with the best mean validation figure (held-out figures play no part); in a refit
+    grid (``grid.refit_of``) its one design, chosen on validation by that other grid."""
+    if grid is not None and grid.refit_of:
+        return next((r for r in rows if r.kind == DESIGN and r.n > 0), None)
     scored = [r for r in rows if r.kind == DESIGN and r.n > 0 and not math.isnan(r.validation)]
     return max(scored, key=lambda r: r.validation, default=None)
 
@@ -285,15 +288,18 @@ def _selected_section(grid: Grid, rows: list[Row], comparisons: list[Comparison]
     """The validation-selected variant and its paired difference to every baseline on every seed."""
     task, k = grid.select_task, grid.select_k
     head = [f"{heading} Selected variant vs every baseline ({task} recall@{k}, paired on users)", ""]
-    chosen = selected_variant(rows)
+    chosen = selected_variant(rows, grid)
     if chosen is None:
         return head + [f"No design has a validation figure (`{selection_metric(grid)}`) yet.", ""]
     mine = [c for c in comparisons if c.variant == chosen.name]
-    lines = head + [
-        f"Selected on the **validation** split: **{chosen.name}** (mean `{selection_metric(grid)}` "
-        f"over seeds = {chosen.validation:.4f}); its held-out figures below were read after selecting.",
-        "",
-    ]
+    how = (
+        f"Chosen on the **validation** split by grid `{grid.refit_of}` and retrained here with the "
+        f"validation days (a refit: no validation figure of its own): **{chosen.name}**"
+        if grid.refit_of
+        else f"Selected on the **validation** split: **{chosen.name}** (mean `{selection_metric(grid)}` "
+        f"over seeds = {chosen.validation:.4f})"
+    )
+    lines = head + [f"{how}; its held-out figures below were read after selecting.", ""]
     if not mine:
         return lines + ["No paired comparison yet (per-positive hits or a baseline missing).", ""]
     body = [
@@ -432,7 +438,9 @@ def summary_json(grid: Grid, summary: Summary) -> dict:
             "recall": recall,
         }
 
-    selected = {fold: getattr(selected_variant(rows), "name", None) for fold, rows in summary.rows.items()}
+    selected = {
+        fold: getattr(selected_variant(rows, grid), "name", None) for fold, rows in summary.rows.items()
+    }
     return {
         "selection": {"split": VAL, "metric": selection_metric(grid)},
         "folds": [

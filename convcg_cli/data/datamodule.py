@@ -134,6 +134,10 @@ class DataModuleBase(L.LightningDataModule):
             S; conversions are conversion positives). Needs ``use_user_history``; in memory only.
         label_maturity: what the conversion task does with conversions not yet arrived at the
             training cut-off (``convcg_cli.data.maturity``; default ``IgnoreMaturity``); in memory only.
+        train_through_val: the refit of a chosen configuration: the validation days join the
+            training window (examples, item performance, co-engagement factors, user history and
+            the baselines all read up to the first held-out day). Validation is then off: the
+            epochs, the prior's weight and every other choice come from a run trained without them.
 
     ``constructor_options`` holds every constructor argument by name, defaults included (see
     ``__new__``); the shard cache key is derived from it.
@@ -191,8 +195,10 @@ class DataModuleBase(L.LightningDataModule):
         cofactors: Mapping[str, int] | None = None,
         history_examples: Mapping[str, Any] | None = None,
         label_maturity: IgnoreMaturity | None = None,
+        train_through_val: bool = False,
     ) -> None:
         super().__init__()
+        self.train_through_val = bool(train_through_val)
         self.label_maturity = label_maturity or IgnoreMaturity()
         self.use_user_history = bool(use_user_history)
         self.cofactor_dim = int((cofactors or {}).get("dim", 0))
@@ -229,6 +235,22 @@ class DataModuleBase(L.LightningDataModule):
 
     # Shared by both data paths: written once, here.
 
+    def training_days(self) -> tuple[int, int]:
+        """(first, last) day of the training window: the train days, with the validation days too
+        when ``train_through_val`` (set up first: needs ``split_days``)."""
+        last = self.split_days["val" if self.train_through_val else "train"][1]
+        return self.split_days["train"][0], last
+
+    def cutoff(self) -> int:
+        """The training cut-off in seconds: the start of the day after the training window. Nothing
+        at or after it is read for training, features or the baselines' profiles."""
+        return (self.training_days()[1] + 1) * F.SECONDS_PER_DAY
+
+    def training_window(self, split: F.TimeSplit) -> pl.DataFrame:
+        """The impressions of the training window of ``split`` (train rows, plus the validation rows
+        when ``train_through_val``)."""
+        return pl.concat([split.train, split.val]) if self.train_through_val else split.train
+
     def _require_engaged_training_rows(self, n_engaged: int) -> None:
         if n_engaged == 0:
             raise F.SplitError(
@@ -260,7 +282,7 @@ class DataModuleBase(L.LightningDataModule):
         unless ``use_user_history``); ``history_pairs`` their (user position, item position, action
         code), for the baselines. ``train_pairs``: the training window's engaged (user_id, item_id).
         """
-        cutoff = self.split_days["val"][0] * F.SECONDS_PER_DAY
+        cutoff = self.cutoff()
         history = before_cutoff(user_history, cutoff) if self.use_user_history else user_history.clear()
         self.pre_cutoff_history = history
         self.history_pairs = history_positions(history, self.users.user_ids, self.items.item_ids)
@@ -371,9 +393,9 @@ class InMemoryDataModule(DataModuleBase):
         tables = load_tables(self.dir)
         split = F.split_by_time(tables["impressions"], self.val_days, self.heldout_days, self.end_offset_days)
         self.split_days = split.days
-        cutoff = self.split_days["val"][0] * F.SECONDS_PER_DAY
+        cutoff = self.cutoff()
         # The training window as known at the cut-off: everything below reads these labels.
-        train_window = self.label_maturity.training_rows(split.train, cutoff)
+        train_window = self.label_maturity.training_rows(self.training_window(split), cutoff)
         train = F.engaged_rows(train_window, self.tasks)
         self._require_engaged_training_rows(train.height)
         pairs = train.select("user_id", "item_id")
@@ -480,7 +502,7 @@ class StreamedDataModule(DataModuleBase):
             .items()
         }
         F.check_split_rows(self.n_rows, self.split_days)
-        train = lazy.filter(F.in_days(self.split_days["train"]))
+        train = lazy.filter(F.in_days(self.training_days()))
         is_engaged = engaged(self.tasks)
         self._require_engaged_training_rows(
             int(train.select(is_engaged.sum()).collect(engine="streaming").item())
@@ -510,7 +532,7 @@ class StreamedDataModule(DataModuleBase):
                 self.impressions_path,
                 self.shard_dir,
                 self.chunk_rows,
-                self.split_days["train"],
+                self.training_days(),
                 self.inputs,
                 self.tasks,
                 self.positives,
