@@ -190,7 +190,10 @@ def _report_training(result, composed) -> None:
 
     if not tracking.is_global_zero():  # DDP ranks > 0: rank 0 reports the one run
         return
-    _print_metrics(f"Validation (last epoch) of run {result.run_id}", result.metrics)
+    if result.metrics:
+        _print_metrics(f"Validation (last epoch) of run {result.run_id}", result.metrics)
+    else:  # a refit (data.train_through_val) or limit_val_batches=0: no validation ran
+        out.print(f"Run {result.run_id} ran no validation; it keeps its last epoch's weights.")
     out.print(f"MLflow run id: [bold]{result.run_id}[/bold]")
     out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
 

@@ -14,7 +14,7 @@ from convcg_cli import ablate, tracking
 from convcg_cli.ablate import ChildResult, Variant
 from convcg_cli.ablate import report as ablate_report
 from convcg_cli.ablate.figure import plot_recall
-from convcg_cli.ablate.grid import fold_overrides, reproduce_command
+from convcg_cli.ablate.grid import check_refit_of, fold_overrides, reproduce_command
 from convcg_cli.ablate.run import Cell, cells, child_overrides
 from convcg_cli.cli import app
 from convcg_cli.config import compose
@@ -372,3 +372,37 @@ def test_cli_hands_launcher_overrides_to_the_grid_and_the_rest_to_training(home,
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert calls == [(["trainer.max_epochs=1"], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])]
+
+
+def test_a_refit_grid_reports_its_one_design_chosen_by_the_other_grid():
+    rng = np.random.default_rng(1)
+    children = [
+        ChildResult(
+            "refit",
+            seed,
+            f"r{seed}",
+            "FINISHED",
+            {"heldout/conversion/recall_at_100": 0.4},
+            hits=_hits(rng, 0.4),
+        )
+        for seed in (0, 1)
+    ]
+    grid = ablate.Grid("toy_refit", (Variant("refit", ()),), (0, 1), refit_of="kuairand_folds")
+    summary = ablate_report.build_summary(grid, children, "heldout", [100], ablate_report.Pairing(n_boot=50))
+    rows = summary.rows[0]
+    assert ablate_report.selected_variant(rows) is None  # no validation figure of its own
+    assert ablate_report.selected_variant(rows, grid).name == "refit"
+    context = {"command": "c", "parent_run_id": "p", "tracking_uri": "x", "split": "heldout", "data_dirs": []}
+    report = ablate_report.render_report(grid, summary, context)
+    assert "by grid `kuairand_folds`" in report and "vs popularity" in report
+    assert ablate.load_grid("kuairand_refit").refit_of == "kuairand_folds"
+
+
+def test_refit_of_needs_a_known_grid_and_one_design():
+    one, two = (Variant("a", ()),), (Variant("a", ()), Variant("b", ()))
+    assert check_refit_of("g", "kuairand_folds", one) == "kuairand_folds"
+    assert check_refit_of("g", None, two) is None
+    with pytest.raises(ConfigError, match="exactly one design"):
+        check_refit_of("g", "kuairand_folds", two)
+    with pytest.raises(ConfigError, match="must name a grid"):
+        check_refit_of("g", "no_such_grid", one)

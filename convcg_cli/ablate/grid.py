@@ -128,13 +128,7 @@ def load_grid(name: str) -> Grid:
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
         raise ConfigError(f"Grid '{name}': folds must be an integer >= 1, got {folds!r}.")
     select = spec.get("select") or {}
-    refit_of = spec.get("refit_of")
-    designs = [v for v in _variants(name, spec) if not v.baseline]
-    if refit_of is not None and (refit_of not in available_grids() or len(designs) != 1):
-        raise ConfigError(
-            f"Grid '{name}': refit_of must name a grid of {GRID_DIR} (got {refit_of!r}) and the grid must "
-            f"have exactly one design to refit (it has {len(designs)})."
-        )
+    refit_of = check_refit_of(name, spec.get("refit_of"), _variants(name, spec))
     # Train overrides shared by every variant come first, so a variant can still override them.
     common = tuple(str(o) for o in spec.get("train_overrides") or ())
     return Grid(
@@ -147,6 +141,18 @@ def load_grid(name: str) -> Grid:
         folds=folds,
         refit_of=refit_of,
     )
+
+
+def check_refit_of(name: str, refit_of: str | None, variants: Sequence[Variant]) -> str | None:
+    """``refit_of`` as given, or ConfigError unless it names a grid of ``GRID_DIR`` and grid ``name``
+    has exactly one design (the one that grid chose on validation)."""
+    designs = [v for v in variants if not v.baseline]
+    if refit_of is not None and (refit_of not in available_grids() or len(designs) != 1):
+        raise ConfigError(
+            f"Grid '{name}': refit_of must name a grid of {GRID_DIR} (got {refit_of!r}) and the grid must "
+            f"have exactly one design to refit (it has {len(designs)})."
+        )
+    return refit_of
 
 
 def parse_seeds(text: str) -> list[int]:
