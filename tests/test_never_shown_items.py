@@ -40,7 +40,9 @@ def test_items_never_shown_in_training_read_the_out_of_vocabulary_row_and_zero_i
     np.testing.assert_array_equal(codes[~never], np.flatnonzero(~never) + 1)  # shown items keep theirs
     assert content_dm.item_spec.categorical["item_id"] == len(items.item_ids) + 1  # one row per item
     shown_zero = items.features["perf_log_impressions"][~never].min()
-    assert np.all(items.features["perf_log_impressions"][never] == items.never_shown_row["perf_log_impressions"])
+    assert np.all(
+        items.features["perf_log_impressions"][never] == items.never_shown_row["perf_log_impressions"]
+    )
     assert items.never_shown_row["perf_log_impressions"] < shown_zero  # "0 impressions", not the mean
     assert (items.features["content_emb"][never] != 0).any()  # their content stays their own
 
@@ -67,12 +69,16 @@ def test_an_item_embeds_the_same_in_the_evaluation_corpus_and_through_serving(ti
     renamed = table[never[:2]].with_columns(pl.col("item_id") + 10**9)
     new_table = pl.concat([table[shown], table[never[:2]], renamed])
     ids, features = encode_items(bundle.item_encoding, new_table)
-    expected = {k: v.numpy()[np.concatenate([shown, never[:2], never[:2]])] for k, v in dm.item_features.items()}
+    expected = {
+        k: v.numpy()[np.concatenate([shown, never[:2], never[:2]])] for k, v in dm.item_features.items()
+    }
     order = np.argsort(new_table["item_id"].to_numpy())
     for name, values in features.items():
         np.testing.assert_array_equal(values, expected[name][order], err_msg=name)
     served = reindexed(bundle, new_table).item_emb
-    np.testing.assert_allclose(served, corpus[np.concatenate([shown, never[:2], never[:2]])][order], atol=1e-6)
+    np.testing.assert_allclose(
+        served, corpus[np.concatenate([shown, never[:2], never[:2]])][order], atol=1e-6
+    )
 
 
 def test_item_id_dropout_hits_its_share_in_training_batches_only(tiny_content_data):

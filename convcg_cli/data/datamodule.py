@@ -297,7 +297,9 @@ class DataModuleBase(L.LightningDataModule):
         )
         self.items.features.update(factors.item_features())
         # An item without engagement has no co-engagement information: factor 0 (fit_cofactors).
-        self.items.never_shown_row.update({name: np.zeros((), np.float32) for name in factors.item_features()})
+        self.items.never_shown_row.update(
+            {name: np.zeros((), np.float32) for name in factors.item_features()}
+        )
         self.items.spec = F.spec_of(self.items.features)
         self.users.features.update(factors.user_features())
         if self.cofactor_leave_target_out:
