@@ -172,8 +172,8 @@ def test_report_shows_value_and_cold_item_recall_only_where_runs_logged_them():
     )
     assert "| b | baseline (two-tower) | 1 (**1 failed**) | 0.1000 | 0.0200 | 0.2000 | – | – |" in report
     assert (
-        "| popularity | baseline (no training) | – | – | 0.0100 [0.0080, 0.0120] | 0.1000 [0.0800, 0.1200] | – | 0.0050 |"
-        in report
+        "| popularity | baseline (no training) | – | – | 0.0100 [0.0080, 0.0120] | "
+        "0.1000 [0.0800, 0.1200] | – | 0.0050 |" in report
     )
     engagement = report.split("Engagement recall")[1].split("##")[0]
     assert "cold-item" not in engagement

@@ -112,6 +112,32 @@ def test_item_id_dropout_hits_its_share_in_training_batches_only(tiny_content_da
     assert torch.equal(first["item"]["item_id"], next(iter(again.train_set))["item"]["item_id"])
 
 
+def test_item_id_dropout_on_the_streamed_path_keeps_the_shards_and_the_batch_order(
+    tiny_content_data, tmp_path
+):
+    from convcg_cli.data.datamodule import StreamedDataModule
+
+    def streamed(share: float) -> StreamedDataModule:
+        dm = StreamedDataModule(
+            str(tiny_content_data),
+            stream={"chunk_rows": 5000, "cache_dir": str(tmp_path)},
+            batch_size=256,
+            features=CONTENT,
+            item_id_dropout=share,
+        )
+        dm.setup("fit")
+        return dm
+
+    plain, dropped = streamed(0.0), streamed(0.4)
+    assert plain.shard_dir == dropped.shard_dir  # the option draws batches, it is not in the cache key
+    hits = []
+    for with_drop, without in zip(dropped.train_dataloader(), plain.train_dataloader(), strict=True):
+        assert torch.equal(with_drop["item_pos"], without["item_pos"])
+        hits.append(with_drop["item"]["item_id"] == NEVER_SHOWN_CODE)
+    share = float(torch.cat(hits).float().mean())
+    assert abs(share - 0.4) < 0.06
+
+
 def test_item_id_dropout_keeps_two_dimensional_features_per_row():
     drop = ItemIdDropout(0.5, {"item_id": torch.tensor(0), "factor": torch.tensor(0.0)})
     item = {"item_id": torch.arange(1, 101), "factor": torch.ones(100), "emb": torch.ones(100, 3)}
