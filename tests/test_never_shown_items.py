@@ -81,6 +81,32 @@ def test_an_item_embeds_the_same_in_the_evaluation_corpus_and_through_serving(ti
     )
 
 
+def test_a_served_content_model_answers_related_items_requests_with_the_subjects_vector(
+    tiny_content_data, tmp_path
+):
+    from convcg_cli.serve.bundle import ServingBundle
+    from convcg_cli.serve.export import make_bundle, serve_options
+    from convcg_cli.serve.model import CandidateModel
+
+    cfg = compose(
+        "train", [f"data.dir={tiny_content_data}", *TINY_TRAIN, "+experiment=ablation/content_vectors"]
+    ).cfg
+    dm = build_datamodule(cfg, list(cfg.loss.task_weights), stage="validate")
+    model = build_model(cfg, dm).eval()
+    bundle = ServingBundle.read(make_bundle(cfg, dm, model, serve_options(cfg)).write(tmp_path / "bundle"))
+    subjects = dm.items.item_ids[:2]
+    requests = pl.DataFrame(
+        {"user_id": dm.users.user_ids[:2], "surface": ["related_items"] * 2, "subject_item_id": subjects}
+    )
+    out = CandidateModel(bundle).candidates(requests, k=5)
+    assert out.height == 10
+    rows = requests.with_columns(
+        pl.lit(None, pl.Int64).alias("query_id"), pl.lit(None, pl.Int64).alias("timestamp")
+    )
+    queries = bundle.query_features(rows)
+    np.testing.assert_array_equal(queries["subject_content_emb"], dm.items.features["content_emb"][:2])
+
+
 def test_item_id_dropout_hits_its_share_in_training_batches_only(tiny_content_data):
     plain = InMemoryDataModule(str(tiny_content_data), batch_size=512, features=CONTENT)
     plain.setup("fit")

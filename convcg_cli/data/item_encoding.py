@@ -4,7 +4,7 @@ Training encodes the item table once (``features.build_item_table``): categorica
 dense codes over the table's sorted values, numeric ones are scaled with the table's mean and std,
 vector columns are read as they are, and the derived features (the id code, the performance
 features and the co-engagement factors) come from the training window. An :class:`ItemEncoding`
-keeps what that took (the vocabularies, the scalings, the vector lengths, the derived features of
+keeps what that took (the vocabularies, the scalings, the training content vectors, the derived features of
 every corpus item and of a never-shown one) so that another table can be encoded the same way:
 
 - a **corpus item** (its id was in the training item table) keeps its derived features; its table
@@ -45,7 +45,8 @@ class ItemEncoding:
         vocabularies: categorical table column -> its sorted distinct training values.
         scalings: numeric table column -> ``(mean, std)`` of its signed log1p (``F.numeric_scaling``).
         never_shown_row: derived feature -> its value for a never-shown item (``F.encode_never_shown``).
-        vector_lengths: vector table column -> its length.
+        vectors: vector table column -> (N, length) of the training corpus, row i for item position i
+            (a request's subject item reads its training vector; a new table brings its own).
     """
 
     item_ids: np.ndarray
@@ -53,7 +54,7 @@ class ItemEncoding:
     vocabularies: dict[str, np.ndarray]
     scalings: dict[str, tuple[float, float]]
     never_shown_row: dict[str, np.ndarray] = field(default_factory=dict)
-    vector_lengths: dict[str, int] = field(default_factory=dict)
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_arrays(self) -> dict[str, Any]:
         """Flat arrays for ``np.savez`` (see :meth:`from_arrays`)."""
@@ -62,7 +63,7 @@ class ItemEncoding:
         out.update({f"vocabulary/{k}": v for k, v in self.vocabularies.items()})
         out.update({f"scaling/{k}": np.asarray(v, dtype=np.float64) for k, v in self.scalings.items()})
         out.update({f"never_shown/{k}": np.asarray(v) for k, v in self.never_shown_row.items()})
-        out.update({f"vector/{k}": np.asarray(v, dtype=np.int64) for k, v in self.vector_lengths.items()})
+        out.update({f"vector/{k}": v for k, v in self.vectors.items()})
         return out
 
     @classmethod
@@ -73,9 +74,13 @@ class ItemEncoding:
             return {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{prefix}/")}
 
         scalings = {k: (float(v[0]), float(v[1])) for k, v in group("scaling").items()}
-        lengths = {k: int(v) for k, v in group("vector").items()}
         return cls(
-            arrays["item_ids"], group("derived"), group("vocabulary"), scalings, group("never_shown"), lengths
+            arrays["item_ids"],
+            group("derived"),
+            group("vocabulary"),
+            scalings,
+            group("never_shown"),
+            group("vector"),
         )
 
 
@@ -86,9 +91,9 @@ def fit_item_encoding(items: pl.DataFrame, columns: F.FeatureColumns, table: F.I
     vocabularies = {name: _sorted_values(items[name]) for name in categorical}
     scalings = {name: F.numeric_scaling(items[name]) for name in columns.numeric}
     derived = {name: table.features[name] for name in table.never_shown_row}
-    lengths = {name: int(table.features[name].shape[1]) for name in columns.vector}
+    vectors = {name: table.features[name] for name in columns.vector}
     return ItemEncoding(
-        np.asarray(table.item_ids), derived, vocabularies, scalings, dict(table.never_shown_row), lengths
+        np.asarray(table.item_ids), derived, vocabularies, scalings, dict(table.never_shown_row), vectors
     )
 
 
@@ -127,8 +132,8 @@ def encode_items(encoding: ItemEncoding, items: pl.DataFrame) -> tuple[np.ndarra
         )
     for name, scaling in encoding.scalings.items():
         features[name] = F.apply_numeric_scaling(items[name], scaling)
-    for name, length in encoding.vector_lengths.items():
-        features[name] = _vector_column(items, name, length)
+    for name, corpus in encoding.vectors.items():
+        features[name] = _vector_column(items, name, corpus.shape[1])
     return ids, features
 
 

@@ -245,7 +245,10 @@ class ServingBundle:
             np.concatenate([[COLD_START_USER_ID], self.users.user_ids]),
             {name: np.concatenate([cold[name], values]) for name, values in self.users.features.items()},
         )
-        items = F.ItemTable(self.item_encoding.item_ids, {}, self.item_spec, pl.DataFrame())
+        # Subject items read their training content vectors (related-items requests).
+        items = F.ItemTable(
+            self.item_encoding.item_ids, dict(self.item_encoding.vectors), self.item_spec, pl.DataFrame()
+        )
         return F.QueryInputs(
             users=users,
             items=items,
