@@ -93,6 +93,7 @@ NUMERIC_OPTIONS: tuple[NumericOption, ...] = (
     _int("data.end_offset_days", 0),
     _int("data.query_hash_buckets", 1),
     _int("data.hard_negatives", 0),
+    _fraction("data.item_id_dropout"),
     _int("data.history.max_len", 0),
     _int("data.cofactors.dim", 0),
     NumericOption("data.cofactors.item_exponent", minimum=0.0),

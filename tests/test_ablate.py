@@ -137,6 +137,52 @@ def test_summary_report_and_figure_without_training(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def _with_value_and_cold(children: list[ChildResult]) -> list[ChildResult]:
+    """The fake children with value and cold-item recall: the designs' and popularity's (not b's)."""
+    out = []
+    for child in children:
+        extra = {"heldout/baseline_popularity/conversion/cold/recall_at_100": 0.005}
+        if child.variant != "b" and child.status == "FINISHED":
+            base = child.metrics["heldout/conversion/recall_at_100"]
+            extra["heldout/conversion/value_recall_at_100"] = base + 0.1
+            extra["heldout/conversion/cold/recall_at_100"] = base / 10 + 0.01 * child.seed
+        out.append(replace(child, metrics={**child.metrics, **extra}))
+    return out
+
+
+def test_report_shows_value_and_cold_item_recall_only_where_runs_logged_them():
+    variants = (Variant("a", ()), Variant("c", ()), Variant("b", (), baseline=True))
+    grid = ablate.Grid("toy", variants, (0, 1))
+    context = {"command": "x", "parent_run_id": "p", "tracking_uri": "x", "split": "heldout", "data_dirs": []}
+    pairing = ablate_report.Pairing(n_boot=0)
+    plain = ablate_report.build_summary(grid, _fake_children(), "heldout", [10, 100], pairing)
+    plain_report = ablate_report.render_report(grid, plain, context)
+    assert "value recall" not in plain_report and "cold-item" not in plain_report
+    assert all("extras" not in r for r in ablate_report.summary_json(grid, plain)["folds"][0]["rows"])
+
+    summary = ablate_report.build_summary(
+        grid, _with_value_and_cold(_fake_children()), "heldout", [10, 100], pairing
+    )
+    report = ablate_report.render_report(grid, summary, context)
+    # Recall tables are as before, with the extra columns appended (conversion only: engagement has none).
+    assert "| recall@10 | recall@100 | value recall@100 | cold-item recall@100 |" in report
+    assert (
+        "| a | design | 2 | 0.5500 | 0.0320 ± 0.0254 | 0.3200 ± 0.2541 | 0.4200 ± 0.2541 | 0.0370 ± 0.0889 |"
+        in report
+    )
+    assert "| b | baseline (two-tower) | 1 (**1 failed**) | 0.1000 | 0.0200 | 0.2000 | – | – |" in report
+    assert (
+        "| popularity | baseline (no training) | – | – | 0.0100 [0.0080, 0.0120] | "
+        "0.1000 [0.0800, 0.1200] | – | 0.0050 |" in report
+    )
+    engagement = report.split("Engagement recall")[1].split("##")[0]
+    assert "cold-item" not in engagement
+    rows = ablate_report.summary_json(grid, summary)["folds"][0]["rows"]
+    assert rows[0]["extras"]["conversion/cold/recall_at_100"]["mean"] == pytest.approx(0.037)
+    assert set(rows[0]["extras"]) == {"conversion/value_recall_at_100", "conversion/cold/recall_at_100"}
+    assert "extras" not in rows[2]
+
+
 def test_paired_comparison_with_a_trained_baseline_and_the_verdict():
     rng = np.random.default_rng(1)
     grid = ablate.Grid("toy", (Variant("a", ()), Variant("b", (), baseline=True)), (0, 1), select_k=10)

@@ -26,6 +26,8 @@ BAD_TRAIN_OPTIONS = [
     ("trainer.max_epochs=-1", "trainer.max_epochs=-1", "an integer >= 1"),
     ("loss.task_weights.engagement=-1", "loss.task_weights.engagement=-1", "a finite number >= 0"),
     ("val_ks=[0,100]", "val_ks[0]=0", "an integer >= 1"),
+    ("data.item_id_dropout=1.0", "data.item_id_dropout=1.0", "a finite number in [0, 1)"),
+    ("data.item_id_dropout=-0.1", "data.item_id_dropout=-0.1", "a finite number in [0, 1)"),
 ]
 
 

@@ -82,7 +82,7 @@ LEVERS = sorted(p.stem for p in (CONF_DIR / "experiment" / "ablation").glob("*.y
 
 
 # Levers that need columns the plain tiny log lacks, and the fixture of a tiny log that has them.
-LEVER_DATA = {"content_vectors": "tiny_content_data"}
+LEVER_DATA = {"content_vectors": "tiny_content_data", "cold_start": "tiny_content_data"}
 
 
 @pytest.mark.parametrize("lever", LEVERS)

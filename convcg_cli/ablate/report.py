@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import MutableMapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from convcg_cli.evaluate import BASELINE_PREFIX, MODEL_RANKING
 from convcg_cli.markdown import table
 from convcg_cli.metrics.bootstrap import PairedDifference, ci_names, paired_bootstrap_diff
 from convcg_cli.metrics.compare import t_interval, t_quantile
-from convcg_cli.metrics.retrieval import VAL, metric_name
+from convcg_cli.metrics.retrieval import COLD_ITEMS, RECALL, VAL, VALUE_RECALL, metric_name
 from convcg_cli.tasks import CONVERSION, ENGAGEMENT
 
 TASKS = (CONVERSION, ENGAGEMENT)
@@ -26,6 +26,12 @@ DESIGN = "design"
 TRAINED_BASELINE = "baseline (two-tower)"
 FIXED_BASELINE = "baseline (no training)"
 BEATS = "beats"
+# Metrics a run logs only where they apply, shown beside recall when some run of the grid logged them:
+# report label -> (metric pattern, subset of the positives) of ``metric_name``.
+EXTRA_METRICS = {
+    "value recall": (VALUE_RECALL, None),  # share of the positives' value retrieved
+    "cold-item recall": (RECALL, COLD_ITEMS),  # positives whose item had no training impression
+}
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,8 @@ class Row:
     interval: a t-interval across seeds for trained variants (NaN with one seed), the bootstrap-over-
     users CI for a baseline that has no training randomness. ``validation`` is the mean over seeds of
     the validation metric that selects (NaN where there is none, e.g. for untrained baselines).
+    ``extras[(task, label, k)]``: ``(mean, low, high)`` of an ``EXTRA_METRICS`` figure, only for those
+    some finished run logged (bounds as for recall; NaN where none was logged).
     """
 
     name: str
@@ -47,6 +55,7 @@ class Row:
     low: dict[tuple[str, int], float]
     high: dict[tuple[str, int], float]
     validation: float = math.nan
+    extras: dict[tuple[str, str, int], tuple[float, float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -101,10 +110,51 @@ def summarize(
                 mean[(task, k)], low[(task, k)], high[(task, k)] = t_interval(values[(task, k)])
         validation = [c.metrics[selection_metric(grid)] for c in done if selection_metric(grid) in c.metrics]
         kind = TRAINED_BASELINE if variant.baseline else DESIGN
+        extras = _extra_intervals(done, split, ks)
         rows.append(
-            Row(variant.name, kind, len(done), failed, values, mean, low, high, t_interval(validation)[0])
+            Row(
+                variant.name,
+                kind,
+                len(done),
+                failed,
+                values,
+                mean,
+                low,
+                high,
+                t_interval(validation)[0],
+                extras,
+            )
         )
     return rows + _untrained_baseline_rows(children, split, ks)
+
+
+def _extra_intervals(
+    done: list[ChildResult], split: str, ks: Sequence[int]
+) -> dict[tuple[str, str, int], tuple[float, float, float]]:
+    """The t-interval over ``done`` seeds of each ``EXTRA_METRICS`` figure some of them logged."""
+    out = {}
+    for task in TASKS:
+        for label, (pattern, subset) in EXTRA_METRICS.items():
+            for k in ks:
+                name = metric_name(split, task, k, pattern, subset)
+                values = [c.metrics[name] for c in done if name in c.metrics]
+                if values:
+                    out[(task, label, k)] = t_interval(values)
+    return out
+
+
+def _extra_logged(metrics: dict[str, float], prefix: str, ks: Sequence[int]) -> dict:
+    """A deterministic ranking's ``EXTRA_METRICS`` figures as logged, with their CI where logged."""
+    out = {}
+    for task in TASKS:
+        for label, (pattern, subset) in EXTRA_METRICS.items():
+            for k in ks:
+                name = metric_name(prefix, task, k, pattern, subset)
+                if name in metrics:
+                    low_name, high_name = ci_names(name)
+                    bounds = (metrics.get(low_name, math.nan), metrics.get(high_name, math.nan))
+                    out[(task, label, k)] = (metrics[name], *bounds)
+    return out
 
 
 def _untrained_baseline_rows(children: list[ChildResult], split: str, ks: Sequence[int]) -> list[Row]:
@@ -139,7 +189,8 @@ def _fixed_baseline_rows(child: ChildResult, split: str, ks: Sequence[int]) -> l
                 values[(task, k)] = (mean[(task, k)],)
                 low[(task, k)] = child.metrics.get(low_name, math.nan)
                 high[(task, k)] = child.metrics.get(high_name, math.nan)
-        rows.append(Row(name, FIXED_BASELINE, 1, 0, values, mean, low, high))
+        extras = _extra_logged(child.metrics, f"{prefix}{name}", ks)
+        rows.append(Row(name, FIXED_BASELINE, 1, 0, values, mean, low, high, extras=extras))
     return rows
 
 
@@ -238,7 +289,15 @@ def build_summary(
 
 
 def _cell(row: Row, task: str, k: int) -> str:
-    mean, low, high = row.mean[(task, k)], row.low[(task, k)], row.high[(task, k)]
+    return _interval_cell(row, row.mean[(task, k)], row.low[(task, k)], row.high[(task, k)])
+
+
+def _extra_cell(row: Row, task: str, label: str, k: int) -> str:
+    return _interval_cell(row, *row.extras.get((task, label, k), (math.nan,) * 3))
+
+
+def _interval_cell(row: Row, mean: float, low: float, high: float) -> str:
+    """``mean ± half-width`` (across seeds) or ``mean [low, high]`` (a baseline's bootstrap CI)."""
     if math.isnan(mean):
         return "–"
     if math.isnan(low):
@@ -265,6 +324,10 @@ def _recall_tables(grid: Grid, rows: list[Row], split: str, heading: str) -> lis
     headers += [f"recall@{k}" for k in ks]
     lines = []
     for task in TASKS:
+        extras = sorted(
+            {(label, k) for r in rows for (t, label, k) in r.extras if t == task},
+            key=lambda e: (list(EXTRA_METRICS).index(e[0]), e[1]),
+        )
         body = [
             [
                 r.name,
@@ -272,13 +335,18 @@ def _recall_tables(grid: Grid, rows: list[Row], split: str, heading: str) -> lis
                 _seeds_cell(r),
                 "–" if math.isnan(r.validation) else f"{r.validation:.4f}",
                 *(_cell(r, task, k) for k in ks),
+                *(_extra_cell(r, task, label, k) for label, k in extras),
             ]
             for r in rows
         ]
         lines += [
             f"{heading} {task.capitalize()} recall ({split})",
             "",
-            table(headers, body, "lllr" + "r" * len(ks)),
+            table(
+                headers + [f"{label}@{k}" for label, k in extras],
+                body,
+                "lllr" + "r" * (len(ks) + len(extras)),
+            ),
             "",
         ]
     return lines
@@ -414,6 +482,11 @@ def _notes(grid: Grid, children: list[ChildResult]) -> list[str]:
     ]
 
 
+def _extra_key(task: str, label: str, k: int) -> str:
+    """An ``EXTRA_METRICS`` figure's name without its split, e.g. ``conversion/cold/recall_at_100``."""
+    return metric_name(VAL, task, k, *EXTRA_METRICS[label]).split("/", 1)[1]
+
+
 def summary_json(grid: Grid, summary: Summary) -> dict:
     """``summary.json``: rows per fold, the selected variant per fold, paired comparisons, children."""
 
@@ -429,7 +502,7 @@ def summary_json(grid: Grid, summary: Summary) -> dict:
             }
             for (t, k) in r.mean
         }
-        return {
+        out = {
             "name": r.name,
             "kind": r.kind,
             "n": r.n,
@@ -437,6 +510,12 @@ def summary_json(grid: Grid, summary: Summary) -> dict:
             "validation": clean(r.validation),
             "recall": recall,
         }
+        if r.extras:  # only then, so summaries of grids without them are unchanged
+            out["extras"] = {
+                _extra_key(t, label, k): {"mean": clean(m), "low": clean(lo), "high": clean(hi)}
+                for (t, label, k), (m, lo, hi) in sorted(r.extras.items())
+            }
+        return out
 
     selected = {
         fold: getattr(selected_variant(rows, grid), "name", None) for fold, rows in summary.rows.items()

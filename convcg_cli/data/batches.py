@@ -86,6 +86,45 @@ def assemble_batch(
     return out
 
 
+@dataclass(frozen=True)
+class ItemIdDropout:
+    """Cold-start training: each training example's item is encoded, with probability ``share``, as an
+    item never shown in training (``never_shown_row``: the out-of-vocabulary id row, the performance
+    features of 0 impressions, no co-engagement; see ``features.encode_never_shown``), so the
+    out-of-vocabulary row and the content features (table columns, content vectors) learn to score
+    an item alone. Training batches only; its draws come from their own seeded stream, so the batch
+    order and the hard negatives are those of a run without it.
+
+    Example:
+        >>> drop = ItemIdDropout(0.5, {"item_id": torch.tensor(0)})
+        >>> out = drop.apply({"item_id": torch.arange(1, 9)}, drop.stream(seed=0, epoch=0, rank=0))
+        >>> sorted(set(out["item_id"].tolist()) - set(range(1, 9)))
+        [0]
+    """
+
+    share: float
+    never_shown_row: Mapping[str, torch.Tensor]
+
+    def stream(self, seed: int, epoch: int, rank: int) -> torch.Generator:
+        """The generator of one epoch's draws on one rank (independent of the batch-order streams)."""
+        state = np.random.SeedSequence([seed, epoch, rank, _DROPOUT_STREAM]).generate_state(1, np.uint64)
+        return torch.Generator().manual_seed(int(state[0]) >> 1)
+
+    def apply(self, item: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``item`` (a batch's item features, (B,) or (B, d)) with a random share of rows never shown."""
+        n = len(next(iter(item.values())))
+        drop = torch.rand(n, generator=generator) < self.share  # (B,)
+        out = dict(item)
+        for name, value in self.never_shown_row.items():
+            column = item[name]
+            mask = drop.view(-1, *([1] * (column.dim() - 1)))
+            out[name] = torch.where(mask, value.to(column.dtype), column)
+        return out
+
+
+_DROPOUT_STREAM = 0x1D  # tells the dropout's seed sequence apart from other streams of the same seed
+
+
 def draw_hard_negatives(
     start: torch.Tensor, count: torch.Tensor, items: torch.Tensor, per_example: int, g: torch.Generator
 ) -> torch.Tensor:
@@ -119,6 +158,20 @@ class HardNegativeSampler:
         )
 
 
+class _ColdStart:
+    """One epoch's item-id dropout on one rank, applied to each training batch (the batch as it is
+    when there is no dropout)."""
+
+    def __init__(self, dropout: ItemIdDropout | None, seed: int, epoch: int, rank: int) -> None:
+        self.dropout = dropout
+        self.generator = dropout.stream(seed, epoch, rank) if dropout is not None else None
+
+    def __call__(self, batch: dict) -> dict:
+        if self.dropout is None or self.generator is None:
+            return batch
+        return {**batch, "item": self.dropout.apply(batch["item"], self.generator)}
+
+
 class ShuffledBatches(IterableDataset):
     """Yields whole training batches by fancy-indexing column tensors with a shuffled index.
 
@@ -137,11 +190,13 @@ class ShuffledBatches(IterableDataset):
         seed: int,
         hard_negatives: HardNegativeSampler | None = None,
         profile_shares: Mapping[str, torch.Tensor] | None = None,
+        item_id_dropout: ItemIdDropout | None = None,
     ) -> None:
         self.user, self.item_pos, self.weights = user, item_pos, weights
         self.item_features, self.item_log_q = item_features, item_log_q
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.hard_negatives, self.profile_shares = hard_negatives, profile_shares
+        self.item_id_dropout = item_id_dropout
 
     @property
     def n_examples(self) -> int:
@@ -180,6 +235,7 @@ class ShuffledBatches(IterableDataset):
         """
         rank, world = distributed_env.rank_and_world()
         g = torch.Generator().manual_seed(self.seed + self.epoch)
+        cold_start = _ColdStart(self.item_id_dropout, self.seed, self.epoch, rank)
         self.epoch += 1
         perm = torch.randperm(len(self.item_pos), generator=g)
         # Fewer rows than world * batch_size: one smaller batch per rank, equal on every rank.
@@ -188,7 +244,7 @@ class ShuffledBatches(IterableDataset):
             g = torch.Generator().manual_seed(int(torch.randint(1 << 62, (1,), generator=g)) + rank)
         for i in range(len(self)):
             start = (i * world + rank) * size
-            yield self.batch(perm[start : start + size], g)
+            yield cold_start(self.batch(perm[start : start + size], g))
 
 
 class SequentialBatches(IterableDataset):
@@ -228,10 +284,12 @@ class ShardedBatches(IterableDataset):
         seed: int,
         hard_negatives: int = 0,
         profile_shares: Mapping[str, torch.Tensor] | None = None,
+        item_id_dropout: ItemIdDropout | None = None,
     ) -> None:
         self.index, self.item_features, self.item_log_q = index, item_features, item_log_q
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.hard_negatives, self.profile_shares = hard_negatives, profile_shares
+        self.item_id_dropout = item_id_dropout
         if hard_negatives and not index.has_hard_negatives:
             raise ConfigError("data.hard_negatives > 0 needs shards written with hard negative pools.")
 
@@ -288,6 +346,7 @@ class ShardedBatches(IterableDataset):
         shards, n_batches, min_rows = self._assignment(self.epoch)
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         g = torch.Generator().manual_seed(int(torch.randint(1 << 62, (1,), generator=g)) + rank)
+        cold_start = _ColdStart(self.item_id_dropout, self.seed, self.epoch, rank)
         self.epoch += 1
         done, rest = 0, None
         for shard in shards[rank]:
@@ -300,9 +359,9 @@ class ShardedBatches(IterableDataset):
             for i in range(full):
                 if done == n_batches:
                     return
-                yield self.batch(cols, perm[i * self.batch_size : (i + 1) * self.batch_size])
+                yield cold_start(self.batch(cols, perm[i * self.batch_size : (i + 1) * self.batch_size]))
                 done += 1
             left = perm[full * self.batch_size :]
             rest = {k: v[left] for k, v in cols.items()}
         if n_batches == 0 and rest is not None and min_rows > 0:  # fewer rows than one batch per rank
-            yield self.batch(rest, torch.arange(min_rows))
+            yield cold_start(self.batch(rest, torch.arange(min_rows)))

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from convcg_cli.data import features as F
 from convcg_cli.data.batches import (
     HardNegativeSampler,
+    ItemIdDropout,
     SequentialBatches,
     ShardedBatches,
     ShuffledBatches,
@@ -50,10 +51,12 @@ from convcg_cli.specs import FeatureSpec
 from convcg_cli.tasks import CONVERSION, TASK_LABELS, engaged
 
 # Constructor options that cannot change what the data holds (training examples, features, splits,
-# queries): how batches are cut and ordered, and where the shard cache lives. Every other option,
-# including any added later, is part of the shard cache key (``content_options``). Dotted names
-# reach into a mapping option (``stream.cache_dir``).
-NON_CONTENT_OPTIONS = frozenset({"batch_size", "eval_batch_size", "seed", "stream.cache_dir"})
+# queries): how batches are cut, ordered and item-id dropped out, and where the shard cache lives.
+# Every other option, including any added later, is part of the shard cache key (``content_options``).
+# Dotted names reach into a mapping option (``stream.cache_dir``).
+NON_CONTENT_OPTIONS = frozenset(
+    {"batch_size", "eval_batch_size", "seed", "stream.cache_dir", "item_id_dropout"}
+)
 
 # Columns the user history reads from the impressions (``history.engagement_events``).
 _HISTORY_COLUMNS = ["user_id", "timestamp", "item_id", "clicked", "saved", "converted"]
@@ -138,6 +141,9 @@ class DataModuleBase(L.LightningDataModule):
             training window (examples, item performance, co-engagement factors, user history and
             the baselines all read up to the first held-out day). Validation is then off: the
             epochs, the prior's weight and every other choice come from a run trained without them.
+        item_id_dropout: cold-start training: the share of training examples whose item is encoded as
+            never shown (``batches.ItemIdDropout``), so the towers learn to score an item from its
+            content. 0 = off; evaluation is never affected.
 
     ``constructor_options`` holds every constructor argument by name, defaults included (see
     ``__new__``); the shard cache key is derived from it.
@@ -196,9 +202,13 @@ class DataModuleBase(L.LightningDataModule):
         history_examples: Mapping[str, Any] | None = None,
         label_maturity: IgnoreMaturity | None = None,
         train_through_val: bool = False,
+        item_id_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.train_through_val = bool(train_through_val)
+        self.item_id_dropout = float(item_id_dropout)
+        if not 0.0 <= self.item_id_dropout < 1.0:
+            raise ConfigError(f"data.item_id_dropout must be in [0, 1), got {item_id_dropout}.")
         self.label_maturity = label_maturity or IgnoreMaturity()
         self.use_user_history = bool(use_user_history)
         self.cofactor_dim = int((cofactors or {}).get("dim", 0))
@@ -268,10 +278,17 @@ class DataModuleBase(L.LightningDataModule):
     ) -> None:
         """The item corpus (performance features from the training window ``train``) and the users,
         with what the user history before the cut-off adds (``_add_pre_cutoff_context``); the item
-        spec and tensors are made once, from the finished table."""
+        spec and tensors are made once, from the finished table.
+
+        An item neither shown in the training window nor in the user history before the cut-off is
+        encoded as never shown (``F.encode_never_shown``): as serving encodes an item id it never had.
+        """
         self.items = F.build_item_table(items, train, self.item_columns)
         self.users = F.build_user_table(users, self.user_columns)
         self._add_pre_cutoff_context(user_history, train_pairs)
+        seen = self.items.performance["impressions"].to_numpy() > 0
+        seen[self.history_pairs[1]] = True
+        self.items = F.mark_never_shown(self.items, ~seen)
         self.item_spec = self.items.spec
         self.item_features = _to_torch(self.items.features)
 
@@ -301,6 +318,10 @@ class DataModuleBase(L.LightningDataModule):
             item_exponent=self.cofactor_item_exponent,
         )
         self.items.features.update(factors.item_features())
+        # An item without engagement has no co-engagement information: factor 0 (fit_cofactors).
+        self.items.never_shown_row.update(
+            {name: np.zeros((), np.float32) for name in factors.item_features()}
+        )
         self.items.spec = F.spec_of(self.items.features)
         self.users.features.update(factors.user_features())
         if self.cofactor_leave_target_out:
@@ -346,6 +367,13 @@ class DataModuleBase(L.LightningDataModule):
             )
             for name, frame in frames.items()
         }
+
+    def _cold_start(self) -> ItemIdDropout | None:
+        """The training batches' item-id dropout (None when ``item_id_dropout`` is 0)."""
+        if self.item_id_dropout == 0.0:
+            return None
+        row = {name: torch.as_tensor(value) for name, value in self.items.never_shown_row.items()}
+        return ItemIdDropout(self.item_id_dropout, row)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs besides the weights: the training batches' epoch counter, so the
@@ -423,6 +451,7 @@ class InMemoryDataModule(DataModuleBase):
             seed=self.seed,
             hard_negatives=sampler,
             profile_shares=self.profile_shares,
+            item_id_dropout=self._cold_start(),
         )
         self._build_queries({"val": split.val, "heldout": split.heldout})
         self.n_rows = {
@@ -548,6 +577,7 @@ class StreamedDataModule(DataModuleBase):
             seed=self.seed,
             hard_negatives=self.hard_negatives,
             profile_shares=self.profile_shares,
+            item_id_dropout=self._cold_start(),
         )
 
 

@@ -215,34 +215,104 @@ def item_performance(items: pl.DataFrame, train: pl.DataFrame | pl.LazyFrame) ->
         .collect(engine="streaming")
         .row(0)
     )
-    ctr0 = float(clicks) / max(float(n), 1.0)
-    cvr0 = float(conversions) / max(float(clicks), 1.0)
-    prior = 20.0
+    ctr0, cvr0 = global_rates(n, clicks, conversions)
     return (
         items.select("item_id")
         .join(counts, on="item_id", how="left", maintain_order="left")
         .fill_null(0)
-        .with_columns(
-            ((pl.col("clicks") + prior * ctr0) / (pl.col("impressions") + prior)).alias("ctr"),
-            ((pl.col("conversions") + prior * cvr0) / (pl.col("clicks") + prior)).alias("cvr"),
-        )
+        .with_columns(smoothed_rates(ctr0, cvr0))
     )
+
+
+def global_rates(impressions: int, clicks: int, conversions: int) -> tuple[float, float]:
+    """The training window's click-through and post-click conversion rates (0 without rows)."""
+    return float(clicks) / max(float(impressions), 1.0), float(conversions) / max(float(clicks), 1.0)
+
+
+def smoothed_rates(ctr0: float, cvr0: float, prior: float = 20.0) -> list[pl.Expr]:
+    """``ctr`` and ``cvr`` of per-item counts, shrunk towards the global rates ``ctr0`` / ``cvr0`` by a
+    Beta prior worth ``prior`` impressions / clicks."""
+    return [
+        ((pl.col("clicks") + prior * ctr0) / (pl.col("impressions") + prior)).alias("ctr"),
+        ((pl.col("conversions") + prior * cvr0) / (pl.col("clicks") + prior)).alias("cvr"),
+    ]
+
+
+NEVER_SHOWN_CODE = 0  # the item-id code of an item never shown in training: the out-of-vocabulary row
 
 
 @dataclass
 class ItemTable:
-    """The whole item corpus as model inputs; row i is item ``item_ids[i]`` (sorted ids)."""
+    """The whole item corpus as model inputs; row i is item ``item_ids[i]`` (sorted ids).
+
+    ``never_shown_row``: derived feature (not read from the item table: the id code, the training-window
+    performance, the co-engagement factors) -> its value for an item never shown in training (see
+    :func:`encode_never_shown`). ``never_shown``: (N,) true for the corpus items encoded so (None until
+    ``mark_never_shown``).
+    """
 
     item_ids: np.ndarray
     features: dict[str, np.ndarray]
     spec: FeatureSpec
     performance: pl.DataFrame  # training-window counts, for baselines and reports
+    never_shown_row: dict[str, np.ndarray] = field(default_factory=dict)
+    never_shown: np.ndarray | None = None
+
+
+def encode_never_shown(
+    features: Mapping[str, np.ndarray], never_shown: np.ndarray, row: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``features`` with the derived features (the keys of ``row``) of the items where ``never_shown``
+    is true set to ``row``: the one encoding of an item the model never saw in training.
+
+    Such an item reads the out-of-vocabulary id row (``NEVER_SHOWN_CODE``), the performance features of
+    0 impressions and no co-engagement, because that is the truth about it; its table columns (category,
+    price, content vectors) stay its own. The evaluation corpus (``mark_never_shown``) and serving
+    (``item_encoding.encode_items``, for ids training never had) both encode through here.
+
+    Example:
+        >>> out = encode_never_shown(
+        ...     {"item_id": np.array([1, 2]), "price": np.array([0.5, 0.7], np.float32)},
+        ...     np.array([False, True]), {"item_id": np.array(0)})
+        >>> out["item_id"].tolist(), out["price"].tolist() == [np.float32(0.5), np.float32(0.7)]
+        ([1, 0], True)
+    """
+    out = dict(features)
+    if not never_shown.any():
+        return out
+    for name, value in row.items():
+        column = np.array(out[name], copy=True)
+        column[never_shown] = value
+        out[name] = column
+    return out
+
+
+def never_shown_row(perf: pl.DataFrame) -> dict[str, np.ndarray]:
+    """The derived features of an item with no training-window impression: the out-of-vocabulary id
+    code and the performance features of 0 impressions, scaled as the corpus's ``perf`` columns
+    (``item_performance``) are."""
+    # The rates item_performance shrinks towards (every impression is of a corpus item).
+    ctr0, cvr0 = global_rates(*(int(perf[c].sum()) for c in ("impressions", "clicks", "conversions")))
+    zero = pl.DataFrame({"impressions": [0], "clicks": [0], "conversions": [0]}).with_columns(
+        smoothed_rates(ctr0, cvr0)
+    )
+    row = {"item_id": np.array(NEVER_SHOWN_CODE, dtype=np.int64)}
+    for name, column in PERFORMANCE_FEATURES.items():
+        row[name] = apply_numeric_scaling(zero[column], numeric_scaling(perf[column]))[0]
+    return row
+
+
+PERFORMANCE_FEATURES = {"perf_log_impressions": "impressions", "perf_ctr": "ctr", "perf_cvr": "cvr"}
 
 
 def build_item_table(
     items: pl.DataFrame, train: pl.DataFrame | pl.LazyFrame, columns: FeatureColumns
 ) -> ItemTable:
-    """Item ID, advertiser, the configured item columns, and training-window performance features."""
+    """Item ID, advertiser, the configured item columns, and training-window performance features.
+
+    Every item keeps its own id code here; ``mark_never_shown`` then encodes the items never shown in
+    training as such (once the rest of the derived features, e.g. the co-engagement factors, are in).
+    """
     items = items.sort("item_id")
     perf = item_performance(items, train)
     n = items.height
@@ -250,11 +320,22 @@ def build_item_table(
         "item_id": np.arange(1, n + 1, dtype=np.int64),
         "advertiser_id": dense_codes(items["advertiser_id"]),
         **table_features(items, columns, "items.parquet"),
-        "perf_log_impressions": scaled_numeric(perf["impressions"]),
-        "perf_ctr": scaled_numeric(perf["ctr"]),
-        "perf_cvr": scaled_numeric(perf["cvr"]),
+        **{name: scaled_numeric(perf[column]) for name, column in PERFORMANCE_FEATURES.items()},
     }
-    return ItemTable(items["item_id"].to_numpy(), features, spec_of(features), perf)
+    row = never_shown_row(perf)
+    return ItemTable(items["item_id"].to_numpy(), features, spec_of(features), perf, row)
+
+
+def mark_never_shown(items: ItemTable, never_shown: np.ndarray) -> ItemTable:
+    """``items`` with the items where ``never_shown`` is true encoded by :func:`encode_never_shown`.
+
+    The spec is kept: the id table still has a row per corpus item (an item shown later, e.g. after
+    ``convcg index``, is the same model), so its size does not depend on which items were shown.
+    """
+    features = encode_never_shown(items.features, never_shown, items.never_shown_row)
+    return ItemTable(
+        items.item_ids, features, items.spec, items.performance, items.never_shown_row, never_shown
+    )
 
 
 def spec_of(features: dict[str, np.ndarray]) -> FeatureSpec:
@@ -425,7 +506,9 @@ def build_query_set(
     ):
         value = rows["conversion_value"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
         values[CONVERSION] = value[labels[CONVERSION]]
-    new_items = inputs.items.performance["impressions"].to_numpy() == 0
+    new_items = inputs.items.never_shown
+    if new_items is None:
+        new_items = inputs.items.performance["impressions"].to_numpy() == 0
     return QuerySet(q.features, positives, rows["surface"].to_numpy(), days, values, new_items)
 
 

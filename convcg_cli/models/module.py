@@ -62,11 +62,22 @@ class RetrievalModule(L.LightningModule):
         self.item_tower = Tower(
             item_features, interaction=cross, head=head, embedding_dim=feature_embedding_dim
         )
+        self._zero_never_shown_item_row()
         self.loss = loss
         self.optimizer_factory = optimizer
         self.val_ks = list(val_ks)
         self.interference_every_n_steps = interference_every_n_steps
         self._val_query_emb: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def _zero_never_shown_item_row(self) -> None:
+        """Start row 0 of the item tower's ``item_id`` table (the out-of-vocabulary row every item never
+        shown in training reads, in evaluation and in serving alike) at zero: "no id information".
+        Training reads it only under ``data.item_id_dropout``; otherwise it stays zero. Set after the
+        random initialisation, so no other weight changes."""
+        tables = self.item_tower.embedder.embeddings
+        if "item_id" in tables:
+            cast(torch.Tensor, tables["item_id"].weight)[0].zero_()
 
     @property
     def tasks(self) -> list[str]:

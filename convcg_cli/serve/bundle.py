@@ -19,6 +19,9 @@ Unknown ids never fail a request (the documented fallback, see the README's "Ser
 - an unknown ``user_id`` is a *cold-start* user: its ``user_id`` code is 0, a row training never
   reads, which the bundle sets to the mean of the trained users' id embeddings; its attributes are
   missing (categorical code 0, numeric 0 = the mean) and its history is empty;
+- an item id unknown to training (``convcg index``) is encoded as a never-shown item
+  (``features.encode_never_shown``: the item tower's out-of-vocabulary id row, 0 impressions), as
+  evaluation encodes a corpus item without a training-window impression;
 - an unknown ``subject_item_id`` (one not in the training corpus) counts as no subject item (code 0,
   as on the home feed);
 - a ``query_id`` needs no vocabulary (it is hashed into ``data.query_hash_buckets``).
@@ -242,7 +245,10 @@ class ServingBundle:
             np.concatenate([[COLD_START_USER_ID], self.users.user_ids]),
             {name: np.concatenate([cold[name], values]) for name, values in self.users.features.items()},
         )
-        items = F.ItemTable(self.item_encoding.item_ids, {}, self.item_spec, pl.DataFrame())
+        # Subject items read their training content vectors (related-items requests).
+        items = F.ItemTable(
+            self.item_encoding.item_ids, dict(self.item_encoding.vectors), self.item_spec, pl.DataFrame()
+        )
         return F.QueryInputs(
             users=users,
             items=items,

@@ -21,7 +21,7 @@ import polars as pl
 
 from convcg_cli import tracking
 from convcg_cli.builders import build_datamodule, embed_split, load_trained_model, read_checkpoint
-from convcg_cli.data.item_encoding import ITEM_CODE, fit_item_encoding
+from convcg_cli.data.item_encoding import fit_item_encoding
 from convcg_cli.data.schema import load_schemas, load_tables
 from convcg_cli.errors import ConfigError
 from convcg_cli.metrics.retrieval import ExactIndex, overlap_at_k
@@ -81,11 +81,17 @@ def index_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return {"kind": "ivf", "nlist": int(options["nlist"]), "nprobe": int(options["nprobe"])}
 
 
+def tower_state(tower) -> dict[str, Any]:
+    """A CPU copy of ``tower``'s state. The item tower's is served as trained: its ``item_id`` row 0
+    is the never-shown item's row, the one evaluation reads too (``RetrievalModule``)."""
+    return {k: v.detach().clone().cpu() for k, v in tower.state_dict().items()}
+
+
 def cold_start_state(tower, id_feature: str) -> dict[str, Any]:
     """A copy of ``tower``'s state with row 0 of the ``id_feature`` table (never read in training:
-    every trained user or item has code >= 1) set to the mean trained row: the cold-start user of the
-    query tower (``user_id``), the unseen item of the item tower (``item_id``)."""
-    state = {k: v.detach().clone().cpu() for k, v in tower.state_dict().items()}
+    every trained user has code >= 1) set to the mean trained row: the cold-start user of the query
+    tower (``user_id``)."""
+    state = tower_state(tower)
     key = f"embedder.embeddings.{id_feature}.weight"
     state[key][0] = state[key][1:].mean(dim=0)
     return state
@@ -98,7 +104,7 @@ def make_bundle(train_cfg, dm, model, options: Mapping[str, Any]) -> ServingBund
     return ServingBundle(
         config=train_cfg,
         query_tower_state=cold_start_state(model.user_tower, "user_id"),
-        item_tower_state=cold_start_state(model.item_tower, ITEM_CODE),
+        item_tower_state=tower_state(model.item_tower),
         user_spec=dm.user_spec,
         item_spec=dm.item_spec,
         users=dm.users,

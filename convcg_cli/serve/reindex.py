@@ -1,8 +1,8 @@
 """``convcg index``: a fresh corpus without retraining.
 
 A new or changed item table (in the ``items`` contract of data_schemas/) is encoded as the training
-corpus was (:mod:`convcg_cli.data.item_encoding`: trained items keep their id and training-window
-features, unseen items get the item tower's cold-start id row and no performance), embedded by the
+corpus was (:mod:`convcg_cli.data.item_encoding`: corpus items keep their id and training-window
+features, unseen items are encoded as never shown, as evaluation encodes them), embedded by the
 run's trained item tower, and logged as a new model of the run (``runs:/ID/model`` then resolves to
 it; optionally registered as a new version). The query side is unchanged: requests are encoded with
 the training corpus (a subject item unseen in training counts as none).
