@@ -421,7 +421,10 @@ def baselines_for(
 
 
 def evaluate(
-    composed: Composed, run: str, baseline_cache: MutableMapping[str, RankingScores] | None = None
+    composed: Composed,
+    run: str,
+    baseline_cache: MutableMapping[str, RankingScores] | None = None,
+    data_cache=None,
 ) -> EvalResult:
     """Rebuild the run's model from its saved config and checkpoint, score ``split``, log the model's
     metrics, the data as a dataset input, a recall@K figure and the per-positive hit flags of every
@@ -433,6 +436,8 @@ def evaluate(
         run: an MLflow run id, or ``latest``.
         baseline_cache: optional dict shared across calls (``convcg ablate``): baselines do not depend
             on the trained model, so runs on the same data and evaluation options reuse their scores.
+        data_cache: optional :class:`~convcg_cli.data.prepared.PreparedDataCache` shared across calls
+            (``convcg ablate``): the data set up for the run's training are reused, not read again.
     """
     cfg = composed.cfg
     if cfg.split not in SPLITS:
@@ -447,7 +452,8 @@ def evaluate(
         train_cfg.data.dir = str(cfg.data_dir)
     tasks = list(train_cfg.loss.task_weights.keys())
     with progress.step(f"Loading and checking {train_cfg.data.dir}"):
-        dm = build_datamodule(train_cfg, tasks, stage="validate")  # no training examples needed
+        # No training examples needed (stage): a cached set-up of the training's data has them anyway.
+        dm = build_datamodule(train_cfg, tasks, stage="validate", data_cache=data_cache)
     queries = dm.queries[cfg.split]
     _check_has_conversions(dm, cfg.split)
     mlflow_client = tracking.client(cfg.logger)
