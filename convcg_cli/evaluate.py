@@ -469,7 +469,8 @@ def evaluate(
         query_emb, item_emb = embed_split(model, dm, cfg.split), model.embed_items(dm.item_features)
     metrics: dict[str, float] = {}
     if cfg.popularity_prior.betas:
-        query_emb, item_emb, beta = _apply_prior(model, dm, query_emb, item_emb, cfg.popularity_prior)
+        with progress.step("Choosing the popularity prior's weight on validation"):
+            query_emb, item_emb, beta = _apply_prior(model, dm, query_emb, item_emb, cfg.popularity_prior)
         metrics[f"{cfg.split}/{PRIOR_WEIGHT_METRIC}"] = beta
     with progress.step(f"Searching the top {max(cfg.ks)} items"):
         _, topk = ExactIndex(item_emb).search(query_emb, max(cfg.ks))  # the served model's search

@@ -186,6 +186,36 @@ def lightning_loop(train_cfg: DictConfig, model, dm, logger, warmup: int, batche
     return clock, time.perf_counter() - start
 
 
+def flops_vs_gemm(model, dm, step_ms: dict[str, float], repeats: int) -> dict:
+    """A training step's achieved GFLOP/s (FLOPs of its forward and backward, from
+    :func:`~convcg_cli.bench.flops.step_flops`, over the median step time of each path in
+    ``step_ms``) against a bare GEMM loop of the same matrix shapes in this process."""
+    from convcg_cli.bench.flops import gemm_seconds, step_flops
+
+    batch = next(iter(dm.train_dataloader()))
+    model.train()
+
+    def forward_backward() -> None:
+        model.training_step(batch, 0).backward()
+
+    with _without_logging(model):
+        flops, matmuls = step_flops(forward_backward)
+    model.zero_grad(set_to_none=True)  # the counted step leaves the weights as they were
+    gemm_s = gemm_seconds(matmuls, repeats)
+    gemm_flops = sum(m.flops for m in matmuls)
+    out = {
+        "step_gflop": flops / 1e9,
+        "matmul_gflop": gemm_flops / 1e9,
+        "matmuls": len(matmuls),
+        "gemm_ms": 1e3 * gemm_s,
+        "gemm_gflops_per_s": gemm_flops / gemm_s / 1e9,
+    }
+    for path, ms in step_ms.items():
+        out[f"{path}_gflops_per_s"] = flops / (ms / 1e3) / 1e9
+        out[f"{path}_vs_gemm"] = out[f"{path}_gflops_per_s"] / out["gemm_gflops_per_s"]
+    return out
+
+
 def step_data(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     """Datamodule setup time and the training data path's batches/s."""
     dm, _, setup_s = _setup(_train_config(cfg, data_dir, workdir))
@@ -245,8 +275,14 @@ def step_train(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     total = {k: sum(r[k] for r in rounds) for k in ("bare_s", "lightning_s", "bare_cpu_s", "lightning_cpu_s")}
     data_rate = sum(r["data_n"] for r in rounds) / sum(r["data_s"] for r in rounds)
     model_rate = n * len(rounds) / total["lightning_s"]  # batches/s the Lightning path consumes
+    step_ms = {
+        path: float(np.median([r[f"{path}_step_ms_median"] for r in rounds]))
+        for path in ("bare", "lightning")
+    }
+    flops = flops_vs_gemm(model, dm, step_ms, int(t.gemm_repeats))
     _save_embeddings(cfg, dm, model, Path(workdir) / "embeddings.npz")
     return {
+        "flops": flops,
         "setup_s": setup_s,
         "batch_size": b,
         "batches": n,
@@ -469,6 +505,13 @@ def step_eval(cfg: DictConfig, workdir: str, data_dir: str, preset: str | None =
     }
 
 
+def step_grid(cfg: DictConfig, workdir: str, case: str) -> dict:
+    """(i) a reduced grid's time per phase, data set up per cell vs once (``convcg_cli.bench.grid``)."""
+    from convcg_cli.bench.grid import step_grid as time_grid
+
+    return time_grid(cfg, workdir, case)
+
+
 def _items_in(data_dir: str) -> int:
     import polars as pl
 
@@ -485,4 +528,5 @@ STEPS: dict[str, Callable[..., dict]] = {
     "scale": step_scale,
     "memory": step_memory,
     "eval": step_eval,
+    "grid": step_grid,
 }
