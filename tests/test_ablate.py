@@ -416,3 +416,21 @@ def test_data_set_up_once_per_grid_give_the_figures_of_data_set_up_per_cell(
     assert per_cell[True] == per_cell[False]  # every figure of every cell, exactly
     assert figures(summaries[True]) == figures(summaries[False])
     assert scored[True] == scored[False] == ["Scoring baseline itemcf", "Scoring baseline popularity"]
+
+
+def test_baselines_and_data_are_set_up_once_per_fold(home, tiny_overrides, monkeypatch):
+    """Two folds of one seed of the smoke grid: each fold (its own split) sets its data up once and
+    scores its baselines once; its second variant and its evaluations reuse both."""
+    from convcg_cli import progress
+    from convcg_cli.data import datamodule
+
+    reads: list = []
+    original = datamodule.load_tables
+    monkeypatch.setattr(datamodule, "load_tables", lambda *a, **k: reads.append(a[0]) or original(*a, **k))
+    grid = replace(ablate.select(ablate.load_grid("smoke"), [0]), folds=2)
+    with progress.recorded() as steps:
+        result = ablate.run_ablation(grid, tiny_overrides)
+    assert result.n_failed == 0 and len(result.children) == 4
+    assert len(reads) == 2
+    scored = sorted(name for name, _ in steps if name.startswith(("Scoring baseline", "Reading baseline")))
+    assert scored == 2 * ["Scoring baseline itemcf"] + 2 * ["Scoring baseline popularity"]

@@ -98,7 +98,7 @@ def _same_figures(runs: Sequence[Mapping[str, Any]], decimals: int = 4) -> bool:
 
 def step_grid(cfg: DictConfig, workdir: str, case: str) -> dict:
     """(i) the reduced grid ``grid_timing.cases[case]`` without and with the data set up once per
-    grid, ``grid_timing.rounds`` times each, the order alternating round by round."""
+    grid, the case's ``rounds`` times each, the order alternating round by round."""
     from convcg_cli.ablate import load_grid, select
     from convcg_cli.data import synth
 
@@ -111,7 +111,7 @@ def step_grid(cfg: DictConfig, workdir: str, case: str) -> dict:
     overrides = [*spec.train_overrides, f"data.dir={data_dir}", "trainer.enable_progress_bar=false"]
     store = _empty_store(work)
     runs = []
-    for r in range(int(cfg.grid_timing.rounds)):
+    for r in range(int(spec.rounds)):
         for reuse_data in (False, True) if r % 2 == 0 else (True, False):
             home = work / f"grid-{case}-{r}-{'reused' if reuse_data else 'per-cell'}"
             runs.append({"round": r, **_timed_grid(grid, overrides, home, store, reuse_data)})

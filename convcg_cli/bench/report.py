@@ -501,7 +501,9 @@ def grid_section(results: Mapping[str, Any]) -> list[str]:
         "run starts from an empty MLflow store, so both score their baselines once (the first cell) "
         "and reuse them in the later cells (`baseline_cache`, `reuse_baseline_runs`). Phases are "
         "the steps `convcg ablate` shows; the load average (1 min) is read before and after each run, "
-        "since the machine is shared: the per-phase ratios are the figures to read.",
+        "since the machine is shared: the per-phase ratios are the figures to read. A case on data "
+        "not at hand is skipped (`kuairand` runs once `grid_timing.cases.kuairand.data_dir` names "
+        "the imported logs).",
         "",
     ]
     for case in results["grid"]:
