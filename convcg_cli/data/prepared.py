@@ -72,7 +72,11 @@ class PreparedDataCache:
         return {**vars(self), "_states": OrderedDict()}
 
     def setup(self, dm: DataModuleBase, stage: str) -> None:
-        """``dm.setup(stage)``, from a cached state when one has ``dm``'s key, else done and cached."""
+        """``dm.setup(stage)``, from a cached state when one has ``dm``'s key, else done and cached.
+
+        The state is every attribute ``setup`` assigned (new or replaced): a datamodule's setup
+        builds new objects and leaves what its constructor made as it was (the tests check that
+        a cached set-up gives the batches and figures of a fresh one)."""
         key = prepared_key(dm)
         state = self._states.get(key) or self._read(key)
         if state is not None:
