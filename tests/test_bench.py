@@ -235,6 +235,8 @@ def test_quick_bench_writes_every_section_and_one_mlflow_run(tmp_path):
     for section in SECTIONS:
         assert section in report
     assert "| baseline |" in report and "| scale_1 |" in report and "| step_cpu_ms |" in report
+    assert "| bare GEMM loop, the step's" in report and "## (i) A grid's wall time" in report
+    assert "to the 4th decimal: identical" in report
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve()}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("convcg-bench").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["quick"] == "True"
@@ -362,3 +364,19 @@ def test_grid_step_times_the_grid_both_ways_with_the_same_figures(tmp_path, monk
     assert (before["reuse_data"], after["reuse_data"]) == (False, True)
     assert after["phases"]["data setup"] < before["phases"]["data setup"]
     assert before["phases"][TRAINING] > 0 and before["figures"].keys() == after["figures"].keys()
+
+
+def test_flops_figures_read_each_round_against_its_own_gemm_timing():
+    from convcg_cli.bench.flops import Matmul
+    from convcg_cli.bench.steps import flops_figures
+
+    matmuls = [Matmul(1, 10, 10, 10)] * 5  # 10,000 FLOPs
+    rounds = [  # the machine twice as slow in round 2: both the step and the GEMM
+        {"bare_step_ms_median": 2.0, "lightning_step_ms_median": 4.0, "gemm_ms": 1.0},
+        {"bare_step_ms_median": 4.0, "lightning_step_ms_median": 8.0, "gemm_ms": 2.0},
+        {"bare_step_ms_median": 2.0, "lightning_step_ms_median": 4.0, "gemm_ms": 1.0},
+    ]
+    out = flops_figures(10_000, matmuls, rounds)
+    assert out["bare_vs_gemm"] == pytest.approx(0.5) and out["lightning_vs_gemm"] == pytest.approx(0.25)
+    assert out["gemm_gflops_per_s"] == pytest.approx(10_000 / 1.0 / 1e6)
+    assert out["bare_gflops_per_s"] == pytest.approx(10_000 / 2.0 / 1e6)

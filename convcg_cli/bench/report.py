@@ -173,9 +173,10 @@ def flops_lines(flops: Mapping[str, Any] | None) -> list[str]:
         "(`torch.utils.flop_counter.FlopCounterMode`: matrix products; element-wise work is not counted); "
         f"its {flops['matmuls']} matrix products (recorded with their shapes, {flops['matmul_gflop']:.3f} "
         "GFLOP) are then run bare, `torch.matmul` on random float32 operands of the same shapes, "
-        f"in the same process ({flops['gemm_ms']:.1f} ms a pass, median). The step's GFLOP/s use the "
-        "median step time of each path above (which also holds the optimizer step, gathering the batch "
-        "and the element-wise work).",
+        f"in the same process, once per round after the two paths ({flops['gemm_ms']:.1f} ms a pass, "
+        "median). The step's GFLOP/s use the median step time of each path above (which also holds "
+        "the optimizer step, gathering the batch and the element-wise work); `vs bare GEMM` is the "
+        "median of the per-round ratios, so a burst of load in one round does not swing it.",
         "",
         table(["path", "GFLOP/s", "vs bare GEMM"], rows, align="lrr"),
         "",

@@ -186,11 +186,13 @@ def lightning_loop(train_cfg: DictConfig, model, dm, logger, warmup: int, batche
     return clock, time.perf_counter() - start
 
 
-def flops_vs_gemm(model, dm, step_ms: dict[str, float], repeats: int) -> dict:
-    """A training step's achieved GFLOP/s (FLOPs of its forward and backward, from
-    :func:`~convcg_cli.bench.flops.step_flops`, over the median step time of each path in
-    ``step_ms``) against a bare GEMM loop of the same matrix shapes in this process."""
-    from convcg_cli.bench.flops import gemm_seconds, step_flops
+def count_step_flops(model, dm) -> tuple[int, list]:
+    """FLOPs and matrix products (:func:`~convcg_cli.bench.flops.step_flops`) of one training step's
+    forward and backward on the first batch; the gradients and the random streams are left as they
+    were, so the timed rounds after it do what they would without it."""
+    import torch
+
+    from convcg_cli.bench.flops import step_flops
 
     batch = next(iter(dm.train_dataloader()))
     model.train()
@@ -198,21 +200,32 @@ def flops_vs_gemm(model, dm, step_ms: dict[str, float], repeats: int) -> dict:
     def forward_backward() -> None:
         model.training_step(batch, 0).backward()
 
-    with _without_logging(model):
-        flops, matmuls = step_flops(forward_backward)
-    model.zero_grad(set_to_none=True)  # the counted step leaves the weights as they were
-    gemm_s = gemm_seconds(matmuls, repeats)
+    with torch.random.fork_rng(), _without_logging(model):
+        counted = step_flops(forward_backward)
+    model.zero_grad(set_to_none=True)
+    return counted
+
+
+def flops_figures(flops: int, matmuls: list, rounds: list[dict]) -> dict:
+    """Each path's achieved GFLOP/s (``flops`` over its median step time) and the bare GEMM loop's
+    (timed in every round, ``gemm_ms``); ``<path>_vs_gemm`` is the median of the per-round ratios,
+    which a burst of load in one round cannot swing."""
     gemm_flops = sum(m.flops for m in matmuls)
+    gemm_ms = float(np.median([r["gemm_ms"] for r in rounds]))
     out = {
         "step_gflop": flops / 1e9,
         "matmul_gflop": gemm_flops / 1e9,
         "matmuls": len(matmuls),
-        "gemm_ms": 1e3 * gemm_s,
-        "gemm_gflops_per_s": gemm_flops / gemm_s / 1e9,
+        "gemm_ms": gemm_ms,
+        "gemm_gflops_per_s": gemm_flops / gemm_ms / 1e6,
     }
-    for path, ms in step_ms.items():
-        out[f"{path}_gflops_per_s"] = flops / (ms / 1e3) / 1e9
-        out[f"{path}_vs_gemm"] = out[f"{path}_gflops_per_s"] / out["gemm_gflops_per_s"]
+    for path in ("bare", "lightning"):
+        step_ms = [r[f"{path}_step_ms_median"] for r in rounds]
+        per_round = [
+            (flops / ms) / (gemm_flops / r["gemm_ms"]) for ms, r in zip(step_ms, rounds, strict=True)
+        ]
+        out[f"{path}_gflops_per_s"] = flops / float(np.median(step_ms)) / 1e6
+        out[f"{path}_vs_gemm"] = float(np.median(per_round))
     return out
 
 
@@ -237,12 +250,14 @@ def step_train(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     which a burst of load in one round cannot swing.
     """
     from convcg_cli import tracking
+    from convcg_cli.bench.flops import gemm_seconds
 
     train_cfg = _train_config(cfg, data_dir, workdir)
     dm, model, setup_s = _setup(train_cfg)
     t = cfg.throughput
     warmup, n = int(t.warmup), int(t.batches)
     clip = train_cfg.trainer.get("gradient_clip_val")
+    flops, matmuls = count_step_flops(model, dm)
     rounds = []
     # The run and logger convcg train uses (in a throwaway store), so logging costs what it costs.
     with tracking.tracked_run(train_cfg, {}, []) as run:
@@ -257,6 +272,7 @@ def step_train(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
                 else:
                     clocks[path], fit_s = lightning_loop(train_cfg, model, dm, run.logger, warmup, n, workdir)
             bare, light = clocks["bare"], clocks["lightning"]
+            gemm_s = gemm_seconds(matmuls, int(t.gemm_repeats))  # the step's matrix products, bare
             rounds.append(
                 {
                     "bare_s": bare.seconds,
@@ -269,20 +285,16 @@ def step_train(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
                     "fit_overhead_s": fit_s - light.seconds,
                     "data_s": data_s,
                     "data_n": data_n,
+                    "gemm_ms": 1e3 * gemm_s,
                 }
             )
     b = dm.batch_size
     total = {k: sum(r[k] for r in rounds) for k in ("bare_s", "lightning_s", "bare_cpu_s", "lightning_cpu_s")}
     data_rate = sum(r["data_n"] for r in rounds) / sum(r["data_s"] for r in rounds)
     model_rate = n * len(rounds) / total["lightning_s"]  # batches/s the Lightning path consumes
-    step_ms = {
-        path: float(np.median([r[f"{path}_step_ms_median"] for r in rounds]))
-        for path in ("bare", "lightning")
-    }
-    flops = flops_vs_gemm(model, dm, step_ms, int(t.gemm_repeats))
     _save_embeddings(cfg, dm, model, Path(workdir) / "embeddings.npz")
     return {
-        "flops": flops,
+        "flops": flops_figures(flops, matmuls, rounds),
         "setup_s": setup_s,
         "batch_size": b,
         "batches": n,
