@@ -17,12 +17,17 @@ from convcg_cli.errors import ConfigError, ConvcgError, first_line
 from convcg_cli.retrieval import encode_queries
 
 
-def build_datamodule(cfg, tasks: list[str], stage: str = "fit"):
+def build_datamodule(cfg, tasks: list[str], stage: str = "fit", data_cache=None):
     """Instantiate and set up ``cfg.data``: loads, validates and splits the logs (raises on bad input).
 
-    ``stage="validate"`` may skip what only training needs (data.stream: the training shards)."""
+    ``stage="validate"`` may skip what only training needs (data.stream: the training shards).
+    ``data_cache`` (a :class:`~convcg_cli.data.prepared.PreparedDataCache`, ``convcg ablate``): the
+    set-up state of an earlier datamodule of the same data and content options is reused."""
     dm = instantiate(cfg.data, tasks=tasks)
-    dm.setup(stage)
+    if data_cache is None:
+        dm.setup(stage)
+    else:
+        data_cache.setup(dm, stage)
     return dm
 
 

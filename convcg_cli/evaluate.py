@@ -447,7 +447,10 @@ def baselines_for(
 
 
 def evaluate(
-    composed: Composed, run: str, baseline_cache: MutableMapping[str, RankingScores] | None = None
+    composed: Composed,
+    run: str,
+    baseline_cache: MutableMapping[str, RankingScores] | None = None,
+    data_cache=None,
 ) -> EvalResult:
     """Rebuild the run's model from its saved config and checkpoint, score ``split``, log the model's
     metrics, the data as a dataset input, a recall@K figure and the per-positive hit flags of every
@@ -459,6 +462,8 @@ def evaluate(
         run: an MLflow run id, or ``latest``.
         baseline_cache: optional dict shared across calls (``convcg ablate``): baselines do not depend
             on the trained model, so runs on the same data and evaluation options reuse their scores.
+        data_cache: optional :class:`~convcg_cli.data.prepared.PreparedDataCache` shared across calls
+            (``convcg ablate``): the data set up for the run's training are reused, not read again.
     """
     cfg = composed.cfg
     if cfg.split not in SPLITS:
@@ -475,7 +480,8 @@ def evaluate(
     if train_cfg.data.get("train_through_val", False):
         check_refit_evaluation(cfg, run_id)
     with progress.step(f"Loading and checking {train_cfg.data.dir}"):
-        dm = build_datamodule(train_cfg, tasks, stage="validate")  # no training examples needed
+        # No training examples needed (stage): a cached set-up of the training's data has them anyway.
+        dm = build_datamodule(train_cfg, tasks, stage="validate", data_cache=data_cache)
     queries = dm.queries[cfg.split]
     _check_has_conversions(dm, cfg.split)
     mlflow_client = tracking.client(cfg.logger)
@@ -491,7 +497,8 @@ def evaluate(
         query_emb, item_emb = embed_split(model, dm, cfg.split), model.embed_items(dm.item_features)
     metrics: dict[str, float] = {}
     if cfg.popularity_prior.betas:
-        query_emb, item_emb, beta = _apply_prior(model, dm, query_emb, item_emb, cfg.popularity_prior)
+        with progress.step("Choosing the popularity prior's weight on validation"):
+            query_emb, item_emb, beta = _apply_prior(model, dm, query_emb, item_emb, cfg.popularity_prior)
         metrics[f"{cfg.split}/{PRIOR_WEIGHT_METRIC}"] = beta
     with progress.step(f"Searching the top {max(cfg.ks)} items"):
         _, topk = ExactIndex(item_emb).search(query_emb, max(cfg.ks))  # the served model's search

@@ -79,8 +79,9 @@ def _callbacks(cfg, checkpoint_dir: Path) -> list:
     return callbacks
 
 
-def _build(cfg):
-    """Check the tasks, seed everything and build ``(datamodule, model)`` as ``cfg`` says."""
+def _build(cfg, data_cache=None):
+    """Check the tasks, seed everything and build ``(datamodule, model)`` as ``cfg`` says (the data
+    set up from ``data_cache`` when it holds them: see :func:`~convcg_cli.builders.build_datamodule`)."""
     import lightning as L
 
     # Expected here: our batches come from an in-process IterableDataset of known length.
@@ -91,17 +92,19 @@ def _build(cfg):
     check_levers(cfg)  # before any data is loaded: a lever the data cannot feed is a config error
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     with progress.step(f"Loading and checking {cfg.data.dir}"):
-        dm = build_datamodule(cfg, tasks)
+        dm = build_datamodule(cfg, tasks, data_cache=data_cache)
     return dm, build_model(cfg, dm)
 
 
-def train(composed: Composed) -> TrainResult:
+def train(composed: Composed, data_cache=None) -> TrainResult:
     """Train one model as ``composed.cfg`` says and return its MLflow run id and checkpoint.
 
     Data are validated before any MLflow run is created, so bad input leaves no empty run behind.
+    ``data_cache``: optional :class:`~convcg_cli.data.prepared.PreparedDataCache` shared across calls
+    (``convcg ablate``): data already set up with the same options are reused, not read again.
     """
     cfg = composed.cfg
-    dm, model = _build(cfg)
+    dm, model = _build(cfg, data_cache)
 
     if not tracking.is_global_zero():
         # Rank > 0 of a multi-process launch (Lightning's DDP launcher re-runs this very command;

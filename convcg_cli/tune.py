@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -25,6 +25,9 @@ from convcg_cli import tracking
 from convcg_cli.config import CONF_DIR, Composed, compose, instantiate
 from convcg_cli.errors import ConfigError
 from convcg_cli.kept_checkpoint import validation_figure
+
+if TYPE_CHECKING:
+    from convcg_cli.data.prepared import PreparedDataCache
 
 SEARCH_DIR = CONF_DIR / "hparams_search"
 STORAGE_FILE = Path("tune") / "optuna.db"  # under paths.root_dir
@@ -183,8 +186,12 @@ def _trial_config(search: Search, overrides: list[str], parent_run_id: str, numb
     return composed
 
 
-def _run_trial(search: Search, study, dists: dict, base: list[str], parent_run_id: str) -> bool:
-    """Ask the study for one trial, train it, tell the study its objective; False if it failed."""
+def _run_trial(
+    search: Search, study, dists: dict, base: list[str], parent_run_id: str, data_cache: PreparedDataCache
+) -> bool:
+    """Ask the study for one trial, train it, tell the study its objective; False if it failed.
+    Trials whose data options are identical (e.g. only model options or the batch size are searched)
+    set their data up once (``data_cache``)."""
     from optuna.trial import TrialState
 
     from convcg_cli.train import train
@@ -194,7 +201,7 @@ def _run_trial(search: Search, study, dists: dict, base: list[str], parent_run_i
     trial.set_user_attr("overrides", overrides)
     try:
         composed = _trial_config(search, overrides, parent_run_id, trial.number)
-        result = train(composed)
+        result = train(composed, data_cache=data_cache)
         trial.set_user_attr("mlflow_run_id", result.run_id)
         value = validation_figure(composed.cfg, result.run_id, search.optimized_metric)
         if math.isnan(value):
@@ -222,6 +229,8 @@ def run_tune(
     import optuna
     from optuna.trial import TrialState
 
+    from convcg_cli.data.prepared import PreparedDataCache
+
     base = [*search.overrides, *train_overrides]
     dists = distributions(search.params)
     plain = compose("train", base)  # a typo fails here, before any study or run exists
@@ -247,8 +256,9 @@ def run_tune(
     )
     with opened as parent:
         study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
+        data_cache = PreparedDataCache()
         for _ in range(max(0, (n_trials or search.n_trials) - done)):
-            _run_trial(search, study, dists, base, parent.run_id)
+            _run_trial(search, study, dists, base, parent.run_id, data_cache)
         result = _best_experiment(search, study, name, root, parent)
     trials = study.get_trials(deepcopy=False, states=finished)
     n_failed = sum(t.state == TrialState.FAIL for t in trials)

@@ -393,6 +393,7 @@ def test_cells_through_a_hydra_launcher_give_the_sequential_figures(
     trained = [r for r in runs_in(home) if r.data.tags.get("kind") != "baseline"]
     assert len(trained) == 3  # the parent and its 2 cells (the baselines are runs of their own)
     summary = (home / "reports" / "smoke" / "summary.json").read_text()
+    assert not list(home.glob("outputs/ablate/*/data"))  # the jobs' shared set-up data are removed
 
     sequential_home = tmp_path_factory.mktemp("sequential")
     shutil.copyfile(empty_mlflow_store, sequential_home / "mlflow.db")
@@ -452,3 +453,64 @@ def test_refit_of_needs_a_known_grid_and_one_design():
         check_refit_of("g", "kuairand_folds", two)
     with pytest.raises(ConfigError, match="must name a grid"):
         check_refit_of("g", "no_such_grid", one)
+
+
+def test_data_set_up_once_per_grid_give_the_figures_of_data_set_up_per_cell(
+    home, tiny_overrides, tmp_path_factory, empty_mlflow_store, monkeypatch
+):
+    """The smoke grid (2 variants x 2 seeds) with the data set up once per distinct data options
+    (``reuse_data``) reports the same figures as with the data set up for every training and every
+    evaluation; the baselines are scored once per grid either way."""
+    from convcg_cli import progress
+    from convcg_cli.data import datamodule
+
+    reads: list = []
+    original = datamodule.load_tables
+
+    def counting(*args, **kwargs):
+        reads.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(datamodule, "load_tables", counting)
+    grid = ablate.select(ablate.load_grid("smoke"), [0, 1])
+    summaries, scored, per_cell = {}, {}, {}
+    for reuse_data in (True, False):
+        store = tmp_path_factory.mktemp(f"reuse-{reuse_data}")
+        shutil.copyfile(empty_mlflow_store, store / "mlflow.db")
+        monkeypatch.setenv("CONVCG_HOME", str(store))
+        reads.clear()
+        with progress.recorded() as steps:
+            result = ablate.run_ablation(grid, tiny_overrides, reuse_data=reuse_data)
+        assert result.n_failed == 0
+        summaries[reuse_data] = (store / "reports" / "smoke" / "summary.json").read_text()
+        per_cell[reuse_data] = {(c.variant, c.seed): c.metrics for c in result.children}
+        scored[reuse_data] = sorted(name for name, _ in steps if name.startswith("Scoring baseline"))
+        if reuse_data:  # the two variants read the same data with the same options: one set-up
+            assert len(reads) == 1
+        else:  # every training and every evaluation sets its data up
+            assert len(reads) == 2 * 4
+
+    def figures(text: str) -> str:
+        return "\n".join(line for line in text.splitlines() if "run_id" not in line)
+
+    assert per_cell[True] == per_cell[False]  # every figure of every cell, exactly
+    assert figures(summaries[True]) == figures(summaries[False])
+    assert scored[True] == scored[False] == ["Scoring baseline itemcf", "Scoring baseline popularity"]
+
+
+def test_baselines_and_data_are_set_up_once_per_fold(home, tiny_overrides, monkeypatch):
+    """Two folds of one seed of the smoke grid: each fold (its own split) sets its data up once and
+    scores its baselines once; its second variant and its evaluations reuse both."""
+    from convcg_cli import progress
+    from convcg_cli.data import datamodule
+
+    reads: list = []
+    original = datamodule.load_tables
+    monkeypatch.setattr(datamodule, "load_tables", lambda *a, **k: reads.append(a[0]) or original(*a, **k))
+    grid = replace(ablate.select(ablate.load_grid("smoke"), [0]), folds=2)
+    with progress.recorded() as steps:
+        result = ablate.run_ablation(grid, tiny_overrides)
+    assert result.n_failed == 0 and len(result.children) == 4
+    assert len(reads) == 2
+    scored = sorted(name for name, _ in steps if name.startswith(("Scoring baseline", "Reading baseline")))
+    assert scored == 2 * ["Scoring baseline itemcf"] + 2 * ["Scoring baseline popularity"]

@@ -235,6 +235,8 @@ def test_quick_bench_writes_every_section_and_one_mlflow_run(tmp_path):
     for section in SECTIONS:
         assert section in report
     assert "| baseline |" in report and "| scale_1 |" in report and "| step_cpu_ms |" in report
+    assert "| bare GEMM loop, the step's" in report and "## (i) A grid's wall time" in report
+    assert "to the 4th decimal: identical" in report
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve()}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("convcg-bench").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["quick"] == "True"
@@ -292,3 +294,89 @@ def test_eval_section_times_every_step_of_convcg_eval(tiny_data, tmp_path):
     text = "\n".join(report.eval_section({"eval": [figures_]}))
     assert text.startswith("## (h)") and "all of `convcg eval`" in text
     assert report.eval_section({}) == []
+
+
+def test_step_flops_count_forward_and_backward_matmuls_with_their_shapes():
+    import torch
+
+    from convcg_cli.bench.flops import Matmul, gemm_seconds, step_flops
+
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(16, 8)
+
+    def step() -> None:
+        layer(x).sum().backward()
+
+    total, matmuls = step_flops(step)
+    # forward (16, 8) x (8, 4); backward: only the weight gradient (4, 16) x (16, 8) (x needs none)
+    assert total == sum(m.flops for m in matmuls) == 2 * 16 * 8 * 4 * 2
+    assert Matmul(1, 16, 8, 4) in matmuls
+    assert gemm_seconds(matmuls, repeats=2) > 0
+
+
+def test_report_renders_the_flops_and_grid_sections():
+    from convcg_cli.bench.grid import PHASES, TRAINING
+
+    results = _fake_results()
+    results["train"]["flops"] = {
+        "step_gflop": 1.5,
+        "matmul_gflop": 1.5,
+        "matmuls": 40,
+        "gemm_ms": 20.0,
+        "gemm_gflops_per_s": 75.0,
+    } | {
+        "bare_gflops_per_s": 30.0,
+        "bare_vs_gemm": 0.4,
+        "lightning_gflops_per_s": 27.0,
+        "lightning_vs_gemm": 0.36,
+    }
+
+    def run(reuse_data: bool, data_s: float) -> dict:
+        phases = dict.fromkeys(PHASES, 1.0) | {"data setup": data_s, TRAINING: 10.0}
+        total = sum(phases.values())
+        return {"round": 0, "reuse_data": reuse_data, "total_s": total, "phases": phases}
+
+    results["grid"] = [
+        {"case": "small", "grid": "designs", "data": "grid-small-data", "variants": ["a", "b"], "seeds": [0]}
+        | {"cells": 2, "train_overrides": ["trainer.max_epochs=1"], "same_figures": True}
+        | {"runs": [r | {"load_before": 1.0, "load_after": 1.5} for r in (run(False, 4.0), run(True, 1.0))]}
+    ]
+    text = report.render_report(bench_config([], quick=True), results)
+    assert "| bare GEMM loop, the step's 40 matrix shapes | 75.0 | 1.00 |" in text
+    assert "| Lightning step | 27.0 | 0.36 |" in text
+    assert "## (i) A grid's wall time" in text and "to the 4th decimal: identical" in text
+    assert (
+        "| data setup | 4.0 | 1.0 | 0.25 |" in text
+        and "| **grid wall time** | **20.0** | **17.0** | **0.85** |" in text
+    )
+    assert report.grid_section({}) == [] and report.flops_lines(None) == []
+
+
+@pytest.mark.slow  # the smoke grid on the tiny logs, twice: ~30 s
+def test_grid_step_times_the_grid_both_ways_with_the_same_figures(tmp_path, monkeypatch):
+    from convcg_cli.bench.grid import TRAINING
+    from convcg_cli.bench.steps import step_grid
+
+    monkeypatch.setenv("CONVCG_HOME", str(tmp_path / "home"))  # the step sets it per run
+    figures_ = step_grid(bench_config([], quick=True), str(tmp_path), "small")
+    assert figures_["same_figures"] and figures_["cells"] == 2
+    before, after = figures_["runs"]
+    assert (before["reuse_data"], after["reuse_data"]) == (False, True)
+    assert after["phases"]["data setup"] < before["phases"]["data setup"]
+    assert before["phases"][TRAINING] > 0 and before["figures"].keys() == after["figures"].keys()
+
+
+def test_flops_figures_read_each_round_against_its_own_gemm_timing():
+    from convcg_cli.bench.flops import Matmul
+    from convcg_cli.bench.steps import flops_figures
+
+    matmuls = [Matmul(1, 10, 10, 10)] * 5  # 10,000 FLOPs
+    rounds = [  # the machine twice as slow in round 2: both the step and the GEMM
+        {"bare_step_ms_median": 2.0, "lightning_step_ms_median": 4.0, "gemm_ms": 1.0},
+        {"bare_step_ms_median": 4.0, "lightning_step_ms_median": 8.0, "gemm_ms": 2.0},
+        {"bare_step_ms_median": 2.0, "lightning_step_ms_median": 4.0, "gemm_ms": 1.0},
+    ]
+    out = flops_figures(10_000, matmuls, rounds)
+    assert out["bare_vs_gemm"] == pytest.approx(0.5) and out["lightning_vs_gemm"] == pytest.approx(0.25)
+    assert out["gemm_gflops_per_s"] == pytest.approx(10_000 / 1.0 / 1e6)
+    assert out["bare_gflops_per_s"] == pytest.approx(10_000 / 2.0 / 1e6)

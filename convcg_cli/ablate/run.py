@@ -7,9 +7,11 @@ child is recorded as FAILED and the grid goes on. The report is rewritten after 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from convcg_cli.ablate.report import (
     summary_json,
 )
 from convcg_cli.config import compose
+from convcg_cli.data.prepared import PreparedDataCache
 from convcg_cli.errors import ConfigError
 from convcg_cli.kept_checkpoint import validation_figure
 from convcg_cli.progress import cell_line
@@ -170,6 +173,7 @@ def run_ablation(
     train_fn: Callable | None = None,
     evaluate_fn: Callable | None = None,
     launcher_overrides: Sequence[str] = (),
+    reuse_data: bool = True,
 ) -> AblationResult:
     """Train and evaluate every cell of ``grid`` under one parent run, then report.
 
@@ -183,6 +187,10 @@ def run_ablation(
         launcher_overrides: Hydra overrides choosing a launcher (``hydra/launcher=joblib``,
             ``hydra.launcher.n_jobs=2``): the cells then run as the jobs of a Hydra multirun
             (:func:`_launch_cells`) and the report is built from their runs once all are done.
+        reuse_data: the default trainings and evaluations share one
+            :class:`~convcg_cli.data.prepared.PreparedDataCache`: cells (and a cell's evaluation)
+            whose data and data options are identical set the data up once; False sets them up
+            for every training and every evaluation (the figures are the same either way).
 
     Every config is composed and checked before the parent run is created, so a typo in the grid
     fails at once and leaves no half-run grid behind.
@@ -192,7 +200,9 @@ def run_ablation(
     from convcg_cli.evaluate import evaluate
     from convcg_cli.train import train
 
-    train_fn, evaluate_fn = train_fn or train, evaluate_fn or evaluate
+    data_cache = PreparedDataCache() if reuse_data else None
+    train_fn = train_fn or functools.partial(train, data_cache=data_cache)
+    evaluate_fn = evaluate_fn or functools.partial(evaluate, data_cache=data_cache)
     train_overrides = list(train_overrides)
     shared = [o for o in train_overrides if o.lstrip("+~").split(".")[0].split("=")[0] in _SHARED_GROUPS]
     eval_composed = compose("eval", [*grid.eval_overrides, *shared])
@@ -220,7 +230,8 @@ def run_ablation(
         ]
         if launcher_overrides:
             paths = [o for o in shared if o.lstrip("+~").startswith("paths")]
-            _launch_cells(grid, jobs, eval_composed, [*paths, *launcher_overrides])
+            shared_dir = _prepared_data_dir(eval_composed.cfg, parent.run_id) if reuse_data else None
+            _launch_cells(grid, jobs, eval_composed, [*paths, *launcher_overrides], shared_dir)
             children = _children_from_runs(grid, eval_composed.cfg, parent.run_id)
             summary = writer.write(children)
         else:
@@ -296,23 +307,39 @@ def _children_from_runs(grid: Grid, eval_cfg, parent_run_id: str) -> list[ChildR
     return sorted(children, key=lambda c: order.get((c.variant, c.seed, c.fold), len(order)))
 
 
-def _launch_cells(grid: Grid, jobs: list, eval_composed, launcher_overrides: Sequence[str]) -> None:
+def _prepared_data_dir(eval_cfg, parent_run_id: str) -> Path:
+    """Where a launched grid's jobs share their set-up data: ``outputs/ablate/<parent run>/data``
+    (a grid's own, removed when it ends, so no state outlives the code and data that made it)."""
+    return Path(eval_cfg.paths.output_dir) / "ablate" / parent_run_id / "data"
+
+
+def _launch_cells(
+    grid: Grid, jobs: list, eval_composed, launcher_overrides: Sequence[str], shared_dir: Path | None
+) -> None:
     """Run the cells as the jobs of one Hydra multirun (``conf/ablate_cell.yaml``, ``cell=0,...,N-1``)
     on the launcher ``launcher_overrides`` choose: joblib uses local cores, submitit a SLURM cluster,
     Ray a Ray cluster. Each job trains and evaluates its cell under the parent run; a failed cell is
-    recorded in its run and does not stop the others."""
+    recorded in its run and does not stop the others. With ``shared_dir`` the jobs share their set-up
+    data there (a job on another host without that file system just sets its data up itself)."""
     from convcg_cli import hydra_cli
     from convcg_cli.evaluate import evaluate
     from convcg_cli.train import train
 
     baseline_cache: dict = {}  # shared by the jobs the basic launcher runs in this process
+    data_cache = PreparedDataCache(shared_dir) if shared_dir is not None else None
+    train_fn = functools.partial(train, data_cache=data_cache)
+    evaluate_fn = functools.partial(evaluate, data_cache=data_cache)
 
     def run_cell(composed) -> None:
         cell, child = jobs[int(composed.cfg.cell)]
-        _run_child(grid, cell, child, eval_composed, train, evaluate, baseline_cache)
+        _run_child(grid, cell, child, eval_composed, train_fn, evaluate_fn, baseline_cache)
 
     sweep = ["-m", f"cell={','.join(str(i) for i in range(len(jobs)))}", *launcher_overrides]
-    hydra_cli.run("ablate_cell", ["convcg", "ablate", grid.name], sweep, run_cell)
+    try:
+        hydra_cli.run("ablate_cell", ["convcg", "ablate", grid.name], sweep, run_cell)
+    finally:
+        if shared_dir is not None:
+            shutil.rmtree(shared_dir, ignore_errors=True)
 
 
 def _run_child(grid: Grid, cell: Cell, composed, eval_composed, train_fn, evaluate_fn, cache) -> ChildResult:

@@ -32,7 +32,7 @@ def verdict(value: float, target: float) -> str:
 
 
 def render_report(cfg: DictConfig, results: Mapping[str, Any]) -> str:
-    """The markdown report: the targets, then every section (a)-(h), from the figures alone."""
+    """The markdown report: the targets, then every section (a)-(i), from the figures alone."""
     sections = [
         _header(cfg, results),
         _throughput(cfg, results),
@@ -43,6 +43,7 @@ def render_report(cfg: DictConfig, results: Mapping[str, Any]) -> str:
         _bounded_memory(cfg, results),
         serving_section(results),
         eval_section(results),
+        grid_section(results),
     ]
     return "\n".join(line for section in sections for line in section)
 
@@ -144,6 +145,40 @@ def _throughput(cfg: DictConfig, results: Mapping[str, Any]) -> list[str]:
         f"call outside the steps (setup, teardown): {train['fit_overhead_s']:.2f} s. Trainer settings: "
         + ", ".join(f"`{k}={v}`" for k, v in train["trainer"].items())
         + ".",
+        "",
+        *flops_lines(train.get("flops")),
+    ]
+
+
+def flops_lines(flops: Mapping[str, Any] | None) -> list[str]:
+    """(a), continued: the step's achieved GFLOP/s against a bare GEMM of its matrix shapes (absent
+    from older results: no lines)."""
+    if not flops:
+        return []
+    rows = [
+        [label, f"{flops[f'{key}_gflops_per_s']:.1f}", f"{flops[f'{key}_vs_gemm']:.2f}"]
+        for label, key in (("bare loop step", "bare"), ("Lightning step", "lightning"))
+    ]
+    rows.append(
+        [
+            f"bare GEMM loop, the step's {flops['matmuls']} matrix shapes",
+            f"{flops['gemm_gflops_per_s']:.1f}",
+            "1.00",
+        ]
+    )
+    return [
+        "### How close a training step is to what the machine can do",
+        "",
+        f"One step's forward and backward are {flops['step_gflop']:.3f} GFLOP "
+        "(`torch.utils.flop_counter.FlopCounterMode`: matrix products; element-wise work is not counted); "
+        f"its {flops['matmuls']} matrix products (recorded with their shapes, {flops['matmul_gflop']:.3f} "
+        "GFLOP) are then run bare, `torch.matmul` on random float32 operands of the same shapes, "
+        f"in the same process, once per round after the two paths ({flops['gemm_ms']:.1f} ms a pass, "
+        "median). The step's GFLOP/s use the median step time of each path above (which also holds "
+        "the optimizer step, gathering the batch and the element-wise work); `vs bare GEMM` is the "
+        "median of the per-round ratios, so a burst of load in one round does not swing it.",
+        "",
+        table(["path", "GFLOP/s", "vs bare GEMM"], rows, align="lrr"),
         "",
     ]
 
@@ -448,3 +483,72 @@ def serving_section(results: Mapping[str, Any]) -> list[str]:
         "(serialisation, HTTP, MLflow's schema checks, predict); the server and the client share the cores.",
         "",
     ]
+
+
+def grid_section(results: Mapping[str, Any]) -> list[str]:
+    """(i): a reduced ablation grid with its data set up per training and evaluation (before) and
+    once per grid (after), per phase (absent from older results: no section)."""
+    from convcg_cli.bench.grid import PHASES, TRAINING
+
+    if not results.get("grid"):
+        return []
+    lines = [
+        "## (i) A grid's wall time: data set up per cell (before) vs once per grid (after)",
+        "",
+        "A reduced grid through `run_ablation` (`grid_timing` in conf/bench.yaml), in one process, "
+        "with the data set up by every training and every evaluation (before) and with the set-up "
+        "data reused by every cell whose data and data options are identical (after: "
+        "`PreparedDataCache`, `convcg ablate`'s default), the order alternating round by round. Each "
+        "run starts from an empty MLflow store, so both score their baselines once (the first cell) "
+        "and reuse them in the later cells (`baseline_cache`, `reuse_baseline_runs`). Phases are "
+        "the steps `convcg ablate` shows; the load average (1 min) is read before and after each run, "
+        "since the machine is shared: the per-phase ratios are the figures to read. A case on data "
+        "not at hand is skipped (`kuairand` runs once `grid_timing.cases.kuairand.data_dir` names "
+        "the imported logs).",
+        "",
+    ]
+    for case in results["grid"]:
+        before = _mean_phases([r for r in case["runs"] if not r["reuse_data"]])
+        after = _mean_phases([r for r in case["runs"] if r["reuse_data"]])
+        rows = [
+            [phase, f"{before[phase]:.1f}", f"{after[phase]:.1f}", _ratio(after[phase], before[phase])]
+            for phase in [*PHASES, TRAINING]
+        ]
+        total = [f"{before[WALL]:.1f}", f"{after[WALL]:.1f}", _ratio(after[WALL], before[WALL])]
+        rows.append([f"**{cell}**" for cell in ["grid wall time", *total]])
+        load_rows = [
+            [
+                str(r["round"]),
+                "after" if r["reuse_data"] else "before",
+                f"{r['total_s']:.1f}",
+                f"{r['load_before']:.2f}",
+                f"{r['load_after']:.2f}",
+            ]
+            for r in case["runs"]
+        ]
+        same = "identical" if case["same_figures"] else "**NOT identical**"
+        variants = ", ".join(f"`{v}`" for v in case["variants"])
+        lines += [
+            f"`{case['grid']}` on `{case['data']}`: variants {variants}, seeds {case['seeds']} "
+            f"({case['cells']} cells), train overrides `{case['train_overrides']}`. Every cell's figures "
+            f"before and after, to the 4th decimal: {same}.",
+            "",
+            table(["phase", "before s", "after s", "after/before"], rows, align="lrrr"),
+            "",
+            table(["round", "run", "wall s", "load before", "load after"], load_rows, align="llrrr"),
+            "",
+        ]
+    return lines
+
+
+WALL = "wall"
+
+
+def _mean_phases(runs: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Mean seconds per phase (and of the wall time, ``WALL``) over ``runs`` of one way."""
+    names = [*runs[0]["phases"], WALL]
+    return {n: float(np.mean([r["total_s"] if n == WALL else r["phases"][n] for r in runs])) for n in names}
+
+
+def _ratio(after: float, before: float) -> str:
+    return f"{after / before:.2f}" if before > 0 else "-"

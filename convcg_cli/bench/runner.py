@@ -67,6 +67,11 @@ def run(cfg: DictConfig, workdir: Path) -> dict:
         )
         shutil.rmtree(other, ignore_errors=True)
     results["eval"].append(_run_step("eval", f"eval-{cfg.preset}", workdir, env, data_dir=data_dir))
+    results["grid"] = [
+        _run_step("grid", f"grid-{case}", workdir, env, case=str(case))
+        for case, spec in cfg.grid_timing.cases.items()
+        if spec.get("data_dir") or spec.get("preset")  # a case on data not given here is skipped
+    ]
     results["scale"] = []
     for factor in cfg.scale.factors:
         scaled = workdir / f"scale-{factor}"

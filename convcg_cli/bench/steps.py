@@ -186,6 +186,49 @@ def lightning_loop(train_cfg: DictConfig, model, dm, logger, warmup: int, batche
     return clock, time.perf_counter() - start
 
 
+def count_step_flops(model, dm) -> tuple[int, list]:
+    """FLOPs and matrix products (:func:`~convcg_cli.bench.flops.step_flops`) of one training step's
+    forward and backward on the first batch; the gradients and the random streams are left as they
+    were, so the timed rounds after it do what they would without it."""
+    import torch
+
+    from convcg_cli.bench.flops import step_flops
+
+    batch = next(iter(dm.train_dataloader()))
+    model.train()
+
+    def forward_backward() -> None:
+        model.training_step(batch, 0).backward()
+
+    with torch.random.fork_rng(), _without_logging(model):
+        counted = step_flops(forward_backward)
+    model.zero_grad(set_to_none=True)
+    return counted
+
+
+def flops_figures(flops: int, matmuls: list, rounds: list[dict]) -> dict:
+    """Each path's achieved GFLOP/s (``flops`` over its median step time) and the bare GEMM loop's
+    (timed in every round, ``gemm_ms``); ``<path>_vs_gemm`` is the median of the per-round ratios,
+    which a burst of load in one round cannot swing."""
+    gemm_flops = sum(m.flops for m in matmuls)
+    gemm_ms = float(np.median([r["gemm_ms"] for r in rounds]))
+    out = {
+        "step_gflop": flops / 1e9,
+        "matmul_gflop": gemm_flops / 1e9,
+        "matmuls": len(matmuls),
+        "gemm_ms": gemm_ms,
+        "gemm_gflops_per_s": gemm_flops / gemm_ms / 1e6,
+    }
+    for path in ("bare", "lightning"):
+        step_ms = [r[f"{path}_step_ms_median"] for r in rounds]
+        per_round = [
+            (flops / ms) / (gemm_flops / r["gemm_ms"]) for ms, r in zip(step_ms, rounds, strict=True)
+        ]
+        out[f"{path}_gflops_per_s"] = flops / float(np.median(step_ms)) / 1e6
+        out[f"{path}_vs_gemm"] = float(np.median(per_round))
+    return out
+
+
 def step_data(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     """Datamodule setup time and the training data path's batches/s."""
     dm, _, setup_s = _setup(_train_config(cfg, data_dir, workdir))
@@ -207,12 +250,14 @@ def step_train(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     which a burst of load in one round cannot swing.
     """
     from convcg_cli import tracking
+    from convcg_cli.bench.flops import gemm_seconds
 
     train_cfg = _train_config(cfg, data_dir, workdir)
     dm, model, setup_s = _setup(train_cfg)
     t = cfg.throughput
     warmup, n = int(t.warmup), int(t.batches)
     clip = train_cfg.trainer.get("gradient_clip_val")
+    flops, matmuls = count_step_flops(model, dm)
     rounds = []
     # The run and logger convcg train uses (in a throwaway store), so logging costs what it costs.
     with tracking.tracked_run(train_cfg, {}, []) as run:
@@ -227,6 +272,7 @@ def step_train(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
                 else:
                     clocks[path], fit_s = lightning_loop(train_cfg, model, dm, run.logger, warmup, n, workdir)
             bare, light = clocks["bare"], clocks["lightning"]
+            gemm_s = gemm_seconds(matmuls, int(t.gemm_repeats))  # the step's matrix products, bare
             rounds.append(
                 {
                     "bare_s": bare.seconds,
@@ -239,6 +285,7 @@ def step_train(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
                     "fit_overhead_s": fit_s - light.seconds,
                     "data_s": data_s,
                     "data_n": data_n,
+                    "gemm_ms": 1e3 * gemm_s,
                 }
             )
     b = dm.batch_size
@@ -247,6 +294,7 @@ def step_train(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     model_rate = n * len(rounds) / total["lightning_s"]  # batches/s the Lightning path consumes
     _save_embeddings(cfg, dm, model, Path(workdir) / "embeddings.npz")
     return {
+        "flops": flops_figures(flops, matmuls, rounds),
         "setup_s": setup_s,
         "batch_size": b,
         "batches": n,
@@ -469,6 +517,13 @@ def step_eval(cfg: DictConfig, workdir: str, data_dir: str, preset: str | None =
     }
 
 
+def step_grid(cfg: DictConfig, workdir: str, case: str) -> dict:
+    """(i) a reduced grid's time per phase, data set up per cell vs once (``convcg_cli.bench.grid``)."""
+    from convcg_cli.bench.grid import step_grid as time_grid
+
+    return time_grid(cfg, workdir, case)
+
+
 def _items_in(data_dir: str) -> int:
     import polars as pl
 
@@ -485,4 +540,5 @@ STEPS: dict[str, Callable[..., dict]] = {
     "scale": step_scale,
     "memory": step_memory,
     "eval": step_eval,
+    "grid": step_grid,
 }

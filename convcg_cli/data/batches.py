@@ -11,6 +11,7 @@ used for the whole training window in memory and for each chunk when writing sha
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -245,6 +246,14 @@ class ShuffledBatches(IterableDataset):
         for i in range(len(self)):
             start = (i * world + rank) * size
             yield cold_start(self.batch(perm[start : start + size], g))
+
+
+def reordered(batches: ShuffledBatches | ShardedBatches, batch_size: int, seed: int):
+    """The same training examples cut into batches of ``batch_size`` in the order of ``seed``, from
+    epoch 0: a shallow copy (the example tensors are shared, read-only)."""
+    out = copy.copy(batches)
+    out.batch_size, out.seed, out.epoch = batch_size, seed, 0
+    return out
 
 
 class SequentialBatches(IterableDataset):

@@ -30,6 +30,7 @@ from convcg_cli.data.batches import (
     ShardedBatches,
     ShuffledBatches,
     impression_negatives,
+    reordered,
 )
 from convcg_cli.data.cofactors import engagement_matrix, fit_cofactors
 from convcg_cli.data.history import engagement_events
@@ -374,6 +375,15 @@ class DataModuleBase(L.LightningDataModule):
             return None
         row = {name: torch.as_tensor(value) for name, value in self.items.never_shown_row.items()}
         return ItemIdDropout(self.item_id_dropout, row)
+
+    def adopt_prepared(self, state: Mapping[str, Any]) -> None:
+        """Take over what ``setup`` built on another datamodule of the same data, class and content
+        options (``convcg_cli.data.prepared``): the tables, features, queries and training examples
+        are shared, read-only; the training batches keep this datamodule's size and order (``seed``)
+        and start at epoch 0."""
+        vars(self).update(state)
+        if self.train_set is not None:
+            self.train_set = reordered(self.train_set, self.batch_size, self.seed)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs besides the weights: the training batches' epoch counter, so the

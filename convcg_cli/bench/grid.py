@@ -1,0 +1,129 @@
+"""(i) Where a grid's time goes, with its data set up for every training and evaluation (before) and
+once per grid (after: :class:`~convcg_cli.data.prepared.PreparedDataCache`), interleaved.
+
+A reduced grid (``grid_timing.cases``: a few variants and seeds of a grid of ``conf/ablate``) runs
+through ``run_ablation`` both ways in one process, each run in a fresh convcg home (so both score
+their baselines once, as a first grid on these data does); every step it shows (``progress``) is
+timed and put into a phase. Both ways must give the same figures for every cell.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+# The steps ``convcg ablate`` shows, by the phase they belong to (a prefix of the step's text);
+# the rest of a grid's wall time is training (Lightning's fit, validation) and run bookkeeping.
+PHASES = {
+    "data setup": ("Loading and checking",),
+    "baselines": ("Scoring baseline", "Reading baseline"),
+    "eval: embedding": ("Embedding",),
+    "eval: prior weight": ("Choosing the popularity prior",),
+    "eval: search": ("Searching",),
+    "eval: recall and bootstrap": ("Scoring the model",),
+    "MLflow logging": ("Logging",),
+}
+TRAINING = "training and the rest"
+
+
+def phase_seconds(steps: Sequence[tuple[str, float]], total: float) -> dict[str, float]:
+    """Seconds per phase of ``PHASES`` from ``(step text, seconds)`` records; what no step covers of
+    ``total`` is ``TRAINING``.
+
+    Example:
+        >>> phases = phase_seconds([("Loading and checking d", 2.0), ("Searching the top 10", 1.0)], 10.0)
+        >>> phases["data setup"], phases["eval: search"], phases["training and the rest"]
+        (2.0, 1.0, 7.0)
+    """
+    out = dict.fromkeys(PHASES, 0.0)
+    for text, seconds in steps:
+        phase = next((p for p, prefixes in PHASES.items() if text.startswith(prefixes)), None)
+        if phase is not None:
+            out[phase] += seconds
+    out[TRAINING] = total - sum(out.values())
+    return out
+
+
+def _empty_store(workdir: Path) -> Path:
+    """An MLflow store with its tables made, copied into each run's home (its migrations would cost
+    every run the same seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    store = workdir / "grid-empty-mlflow.db"
+    if not store.exists():
+        MlflowClient(tracking_uri=f"sqlite:///{store}").search_experiments()
+    return store
+
+
+def _timed_grid(grid, overrides: list[str], home: Path, store: Path, reuse_data: bool) -> dict[str, Any]:
+    """One run of ``grid`` in the convcg home ``home``: wall time, phases, each cell's figures."""
+    from convcg_cli import progress
+    from convcg_cli.ablate import run_ablation
+
+    home.mkdir(parents=True)
+    shutil.copyfile(store, home / "mlflow.db")
+    os.environ["CONVCG_HOME"] = str(home)  # this step's own process: compose reads it
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    with progress.recorded() as steps:
+        result = run_ablation(grid, overrides, reuse_data=reuse_data)
+    total = time.perf_counter() - start
+    if result.n_failed:
+        raise RuntimeError(f"{result.n_failed} cell(s) of the timed grid failed; see the step's log.")
+    return {
+        "reuse_data": reuse_data,
+        "total_s": total,
+        "phases": phase_seconds(steps, total),
+        "load_before": load,
+        "load_after": os.getloadavg()[0],
+        "figures": {f"{c.variant}/seed={c.seed}": c.metrics for c in result.children},
+    }
+
+
+def _same_figures(runs: Sequence[Mapping[str, Any]], decimals: int = 4) -> bool:
+    """Whether every run gave every cell the same figures, to ``decimals`` decimals."""
+
+    def rounded(figures: Mapping[str, Mapping[str, float]]) -> dict:
+        return {cell: {k: round(v, decimals) for k, v in m.items()} for cell, m in figures.items()}
+
+    first = rounded(runs[0]["figures"])
+    return all(rounded(run["figures"]) == first for run in runs[1:])
+
+
+def step_grid(cfg: DictConfig, workdir: str, case: str) -> dict:
+    """(i) the reduced grid ``grid_timing.cases[case]`` without and with the data set up once per
+    grid, the case's ``rounds`` times each, the order alternating round by round."""
+    from convcg_cli.ablate import load_grid, select
+    from convcg_cli.data import synth
+
+    spec = cfg.grid_timing.cases[case]
+    work = Path(workdir)
+    data_dir = Path(str(spec.data_dir)) if spec.get("data_dir") else work / f"grid-{case}-data"
+    if not spec.get("data_dir"):
+        synth.synthesize(synth.resolve_config(str(spec.preset)), data_dir, seed=cfg.seed)
+    grid = select(load_grid(str(spec.grid)), [int(s) for s in spec.seeds], [str(v) for v in spec.variants])
+    overrides = [*spec.train_overrides, f"data.dir={data_dir}", "trainer.enable_progress_bar=false"]
+    store = _empty_store(work)
+    runs = []
+    for r in range(int(spec.rounds)):
+        for reuse_data in (False, True) if r % 2 == 0 else (True, False):
+            home = work / f"grid-{case}-{r}-{'reused' if reuse_data else 'per-cell'}"
+            runs.append({"round": r, **_timed_grid(grid, overrides, home, store, reuse_data)})
+            shutil.rmtree(home, ignore_errors=True)
+    return {
+        "case": case,
+        "grid": grid.name,
+        "data": data_dir.name,
+        "variants": [v.name for v in grid.variants],
+        "seeds": list(grid.seeds),
+        "cells": len(grid.variants) * len(grid.seeds),
+        "train_overrides": list(spec.train_overrides),
+        "runs": runs,
+        "same_figures": _same_figures(runs),
+    }
