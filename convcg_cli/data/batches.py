@@ -248,11 +248,18 @@ class ShuffledBatches(IterableDataset):
             yield cold_start(self.batch(perm[start : start + size], g))
 
 
-def reordered(batches: ShuffledBatches | ShardedBatches, batch_size: int, seed: int):
+def reordered(
+    batches: ShuffledBatches | ShardedBatches,
+    batch_size: int,
+    seed: int,
+    item_id_dropout: ItemIdDropout | None = None,
+):
     """The same training examples cut into batches of ``batch_size`` in the order of ``seed``, from
-    epoch 0: a shallow copy (the example tensors are shared, read-only)."""
+    epoch 0, with ``item_id_dropout`` (none by default): a shallow copy (the example tensors are
+    shared, read-only)."""
     out = copy.copy(batches)
     out.batch_size, out.seed, out.epoch = batch_size, seed, 0
+    out.item_id_dropout = item_id_dropout
     return out
 
 

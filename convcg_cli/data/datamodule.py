@@ -379,11 +379,11 @@ class DataModuleBase(L.LightningDataModule):
     def adopt_prepared(self, state: Mapping[str, Any]) -> None:
         """Take over what ``setup`` built on another datamodule of the same data, class and content
         options (``convcg_cli.data.prepared``): the tables, features, queries and training examples
-        are shared, read-only; the training batches keep this datamodule's size and order (``seed``)
-        and start at epoch 0."""
+        are shared, read-only; the training batches keep this datamodule's size, order (``seed``)
+        and item-id dropout (not a content option: it is drawn per batch) and start at epoch 0."""
         vars(self).update(state)
         if self.train_set is not None:
-            self.train_set = reordered(self.train_set, self.batch_size, self.seed)
+            self.train_set = reordered(self.train_set, self.batch_size, self.seed, self._cold_start())
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs besides the weights: the training batches' epoch counter, so the

@@ -82,6 +82,21 @@ def test_a_cache_hit_gives_the_batches_of_a_fresh_setup(tiny_dir, counted_reads)
         assert (hit.queries["heldout"].features[name] == values).all(), name
 
 
+@pytest.mark.parametrize("first_p, then_p", [(0.0, 0.5), (0.5, 0.0)])
+def test_a_cache_hit_keeps_its_own_item_id_dropout(tiny_dir, counted_reads, first_p, then_p):
+    """Cold-start training (``item_id_dropout``) is drawn per batch, not part of the set-up data: a
+    cell with another dropout shares the set-up and still gets its own batches."""
+    cache = PreparedDataCache()
+    cache.setup(_dm(tiny_dir, item_id_dropout=first_p), "fit")
+    hit = _dm(tiny_dir, item_id_dropout=then_p)
+    cache.setup(hit, "fit")
+    assert cache.hits == 1
+    fresh = _dm(tiny_dir, item_id_dropout=then_p)
+    fresh.setup("fit")
+    assert (hit.train_set.item_id_dropout is None) == (then_p == 0.0)
+    _assert_same_batches(_batches(hit), _batches(fresh))
+
+
 def test_another_option_is_set_up_anew(tiny_dir, counted_reads):
     cache = PreparedDataCache()
     cache.setup(_dm(tiny_dir), "fit")
