@@ -514,3 +514,14 @@ def test_baselines_and_data_are_set_up_once_per_fold(home, tiny_overrides, monke
     assert len(reads) == 2
     scored = sorted(name for name, _ in steps if name.startswith(("Scoring baseline", "Reading baseline")))
     assert scored == 2 * ["Scoring baseline itemcf"] + 2 * ["Scoring baseline popularity"]
+
+
+def test_a_grid_of_the_users_config_dir_is_found(tmp_path, monkeypatch):
+    (tmp_path / "ablate").mkdir()
+    (tmp_path / "ablate" / "mine.yaml").write_text(
+        "seeds: [0]\nvariants:\n  - {name: a, overrides: [+experiment=unified_parallel]}\n"
+    )
+    assert "mine" not in ablate.available_grids()
+    monkeypatch.setenv("CONVCG_CONFIG_DIR", str(tmp_path))
+    assert "mine" in ablate.available_grids() and "smoke" in ablate.available_grids()
+    assert [v.name for v in ablate.load_grid("mine").variants] == ["a"]

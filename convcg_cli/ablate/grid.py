@@ -10,11 +10,12 @@ import itertools
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, cast
 
 from omegaconf import OmegaConf
 
-from convcg_cli.config import CONF_DIR, compose
+from convcg_cli.config import CONF_DIR, compose, extra_config_dir
 from convcg_cli.errors import ConfigError
 from convcg_cli.evaluate import PositiveHits
 from convcg_cli.tasks import CONVERSION
@@ -85,7 +86,14 @@ class ChildResult:
 
 def available_grids() -> list[str]:
     """Names of the grids in ``conf/ablate/``."""
-    return sorted(p.stem for p in GRID_DIR.glob("*.yaml"))
+    return sorted({p.stem for directory in grid_dirs() for p in directory.glob("*.yaml")})
+
+
+def grid_dirs() -> list[Path]:
+    """Where grids are found: the shipped ``conf/ablate/``, then ``ablate/`` of the user's config
+    directory (``convcg --config-dir`` / ``$CONVCG_CONFIG_DIR``) when it has one."""
+    extra = extra_config_dir()
+    return [GRID_DIR, *([extra / "ablate"] if extra is not None and (extra / "ablate").is_dir() else [])]
 
 
 def _sweep_name(key: str, value) -> str:
@@ -116,12 +124,13 @@ def _variants(name: str, spec: dict[str, Any]) -> list[Variant]:
 def load_grid(name: str) -> Grid:
     """Compose ``conf/ablate/<name>.yaml`` and expand its sweep; ConfigError for a bad or unknown grid."""
     if name not in available_grids():
-        raise ConfigError(f"Unknown ablation grid '{name}'; choose one of {available_grids()} ({GRID_DIR}).")
-    spec = cast(dict[str, Any], OmegaConf.to_container(compose(f"ablate/{name}").cfg.ablate, resolve=True))
+        dirs = ", ".join(str(d) for d in grid_dirs())
+        raise ConfigError(f"Unknown ablation grid '{name}'; choose one of {available_grids()} ({dirs}).")
+    spec = cast(dict[str, Any], OmegaConf.to_container(compose("ablate_cell", [f"+ablate={name}"]).cfg.ablate, resolve=True))
     unknown = set(spec) - _GRID_KEYS
     if unknown or not spec.get("variants") or not spec.get("seeds"):
         raise ConfigError(
-            f"Grid {GRID_DIR / name}.yaml needs 'variants' and 'seeds' (optional: select, eval_overrides, "
+            f"Grid {name}.yaml needs 'variants' and 'seeds' (optional: select, eval_overrides, "
             f"train_overrides, sweep, folds, refit_of); unknown keys: {sorted(unknown)}."
         )
     folds = spec.get("folds", 1)
@@ -144,13 +153,13 @@ def load_grid(name: str) -> Grid:
 
 
 def check_refit_of(name: str, refit_of: str | None, variants: Sequence[Variant]) -> str | None:
-    """``refit_of`` as given, or ConfigError unless it names a grid of ``GRID_DIR`` and grid ``name``
+    """``refit_of`` as given, or ConfigError unless it names a known grid and grid ``name``
     has exactly one design (the one that grid chose on validation)."""
     designs = [v for v in variants if not v.baseline]
     if refit_of is not None and (refit_of not in available_grids() or len(designs) != 1):
         raise ConfigError(
-            f"Grid '{name}': refit_of must name a grid of {GRID_DIR} (got {refit_of!r}) and the grid must "
-            f"have exactly one design to refit (it has {len(designs)})."
+            f"Grid '{name}': refit_of must name a grid of {available_grids()} (got {refit_of!r}) and "
+            f"the grid must have exactly one design to refit (it has {len(designs)})."
         )
     return refit_of
 
