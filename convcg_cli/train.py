@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from convcg_cli import figures, progress, tracking
 from convcg_cli.builders import build_datamodule, build_model  # also imported from here (bench, tests)
@@ -67,16 +68,25 @@ def _log_interval_callback():
     return LogEveryShortEpoch()
 
 
-def _callbacks(cfg, checkpoint_dir: Path) -> list:
+def _callbacks(cfg, checkpoint_dir: Path, validates: bool) -> list:
+    """The configured callbacks, checkpoints written to ``checkpoint_dir``; without validation
+    (``validates`` false) the checkpoint monitors nothing and keeps the last epoch."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     for cb in callbacks:
         if isinstance(cb, ModelCheckpoint):
             cb.dirpath = str(checkpoint_dir)
-            if cfg.data.get("train_through_val", False):
-                cb.monitor = None  # a refit has no validation: it keeps its last epoch
+            if not validates:
+                cb.monitor = None
     return callbacks
+
+
+def _validation_options(cfg) -> dict[str, Any]:
+    """Trainer options that turn validation off where it would mislead: a refit
+    (``data.train_through_val``) trains on the validation days, so their figure would measure
+    training data."""
+    return {"limit_val_batches": 0} if cfg.data.get("train_through_val", False) else {}
 
 
 def _build(cfg, data_cache=None):
@@ -195,17 +205,17 @@ def _fit(cfg, model, dm, logger, run_id: str | None, ckpt_path: Path | None = No
     """
     runs_dir = Path(cfg.paths.output_dir) / "runs"
     checkpoint_dir = _checkpoint_dir(cfg, run_id)
-    callbacks = _callbacks(cfg, checkpoint_dir)
+    validation = _validation_options(cfg)
+    validates = validation.get("limit_val_batches", cfg.trainer.get("limit_val_batches", 1.0)) != 0
+    callbacks = _callbacks(cfg, checkpoint_dir, validates)
     quiet = {} if progress.interactive() else {"enable_progress_bar": False}  # -q, or not a terminal
-    # A refit trains on the validation days: a validation figure would measure training data.
-    refit = {"limit_val_batches": 0} if cfg.data.get("train_through_val", False) else {}
     trainer = instantiate(
         cfg.trainer,
         logger=logger,
         callbacks=[*callbacks, _log_interval_callback()],
         default_root_dir=str(checkpoint_dir),
         **quiet,
-        **refit,
+        **validation,
     )
     resume_from = {"ckpt_path": str(ckpt_path), "weights_only": True} if ckpt_path else {}
     trainer.fit(model, datamodule=dm, **resume_from)

@@ -63,7 +63,7 @@ def signal_after_epochs(monkeypatch):
     def plant(signum: int, epochs: int) -> None:
         original = train_module._callbacks
         monkeypatch.setattr(
-            train_module, "_callbacks", lambda cfg, d: [*original(cfg, d), SignalAfterEpochs(signum, epochs)]
+            train_module, "_callbacks", lambda *args: [*original(*args), SignalAfterEpochs(signum, epochs)]
         )
 
     return plant

@@ -126,7 +126,10 @@ def load_grid(name: str) -> Grid:
     if name not in available_grids():
         dirs = ", ".join(str(d) for d in grid_dirs())
         raise ConfigError(f"Unknown ablation grid '{name}'; choose one of {available_grids()} ({dirs}).")
-    spec = cast(dict[str, Any], OmegaConf.to_container(compose("ablate_cell", [f"+ablate={name}"]).cfg.ablate, resolve=True))
+    # Composed as a config group: Hydra finds a primary config only on its first search path, a
+    # group option on every one (the user's --config-dir too).
+    grid_cfg = compose("ablate_cell", [f"+ablate={name}"]).cfg.ablate
+    spec = cast(dict[str, Any], OmegaConf.to_container(grid_cfg, resolve=True))
     unknown = set(spec) - _GRID_KEYS
     if unknown or not spec.get("variants") or not spec.get("seeds"):
         raise ConfigError(
