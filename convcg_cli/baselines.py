@@ -23,7 +23,9 @@ history, whose scores are all 0) are broken by popularity, so a cold user gets t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import hashlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +39,32 @@ from convcg_cli.metrics.retrieval import popularity_topk
 
 # Users scored at a time: bounds the dense (users x items) score block to about 4M cells.
 _SCORE_CHUNK_CELLS = 1 << 22
+
+# EASE weights by (l2, profiles), kept inside a ``shared_ease_weights()`` block only (None outside).
+_SHARED_EASE: dict[tuple, np.ndarray] | None = None
+
+
+@contextlib.contextmanager
+def shared_ease_weights() -> Iterator[None]:
+    """Inside the block, EASE baselines fitted on the same profiles with the same ``l2`` (``ease`` and
+    ``ease_popularity`` of one evaluation) share one Gram-matrix inverse instead of computing it each:
+    the same array, so the same figures, at half the cost. The weights are dropped when the
+    outermost block ends (a dense N x N matrix is not kept for the rest of the process)."""
+    global _SHARED_EASE
+    outer = _SHARED_EASE
+    _SHARED_EASE = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SHARED_EASE = outer
+
+
+def _profiles_key(x: sp.csr_matrix, l2: float) -> tuple:
+    """What EASE's weights depend on: ``l2`` and the profile matrix (shape and a digest of its arrays)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (x.indptr, x.indices, x.data):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    return (l2, x.shape, digest.hexdigest())
 
 
 class BaselineRefusedError(ConfigError):
@@ -347,6 +375,17 @@ class EASE(_ItemToItem):
         self.l2, self.max_items = float(l2), int(max_items)
 
     def _weights(self, x: sp.csr_matrix) -> np.ndarray:
+        key = _profiles_key(x, self.l2) if _SHARED_EASE is not None else None
+        if key is not None and key in (_SHARED_EASE or {}):
+            return (_SHARED_EASE or {})[key]
+        b = self._solve(x)
+        if key is not None and _SHARED_EASE is not None:
+            b.flags.writeable = False  # shared by every EASE of the block: nobody may change it
+            _SHARED_EASE[key] = b
+        return b
+
+    def _solve(self, x: sp.csr_matrix) -> np.ndarray:
+        """B = I - P diag(1/diag P) with diag 0, P = (X^T X + l2 I)^-1 (a Cholesky solve)."""
         import scipy.linalg
 
         n = x.shape[1]

@@ -26,6 +26,7 @@ from convcg_cli.baselines import (
     BASELINES,
     BaselineRefusedError,
     make_baseline,
+    shared_ease_weights,
     training_history,
 )
 from convcg_cli.builders import (  # noqa: F401  (read_checkpoint: also imported from here)
@@ -166,10 +167,12 @@ def score_baselines(dm, queries, tasks: Sequence[str], cfg) -> dict[str, Ranking
     (:class:`~convcg_cli.baselines.BaselineRefusedError`) is skipped with a logged warning."""
     history = training_history(dm)
     scores: dict[str, RankingScores] = {}
-    for name in cfg.baselines:
-        found = _unless_refused(name, functools.partial(score_baseline, name, history, queries, tasks, cfg))
-        if found is not None:
-            scores[f"{BASELINE_PREFIX}{name}"] = found
+    with shared_ease_weights():  # ease and ease_popularity invert the same Gram matrix once
+        for name in cfg.baselines:
+            score = functools.partial(score_baseline, name, history, queries, tasks, cfg)
+            found = _unless_refused(name, score)
+            if found is not None:
+                scores[f"{BASELINE_PREFIX}{name}"] = found
     return scores
 
 
@@ -420,30 +423,41 @@ def baselines_for(
     """
     scores: dict[str, RankingScores] = {}
     run_ids: list[str] = []
-    for name in ctx.cfg.baselines:
-        key, ranking = (
-            baseline_key(ctx.digest, ctx.train_cfg, ctx.tasks, ctx.cfg, name),
-            f"{BASELINE_PREFIX}{name}",
-        )
-        found = cache.get(key) if cache is not None else None
-        run_id = (
-            tracking.find_baseline_run(ctx.cfg.logger, key)
-            if ctx.cfg.get("reuse_baseline_runs", True)
-            else None
-        )
-        if found is None and run_id is not None:
-            with progress.step(f"Reading baseline {name} from run {run_id}"):
-                found = _read_baseline_run(ctx.cfg.logger, run_id, str(ctx.cfg.split), ranking)
-        if found is None:
-            logged = _score_and_log_baseline(ctx, name, key)
-            if logged is None:  # refused the data: skipped with a warning
-                continue
-            found, run_id = logged
-        if cache is not None:
-            cache[key] = found
-        scores[ranking] = found
-        run_ids += [run_id] if run_id else []
+    with shared_ease_weights():  # ease and ease_popularity invert the same Gram matrix once
+        for name in ctx.cfg.baselines:
+            _baseline_for(ctx, name, cache, scores, run_ids)
     return scores, run_ids
+
+
+def _baseline_for(
+    ctx: BaselineContext,
+    name: str,
+    cache: MutableMapping[str, RankingScores] | None,
+    scores: dict[str, RankingScores],
+    run_ids: list[str],
+) -> None:
+    """One baseline of :func:`baselines_for`, added to ``scores`` (and its run to ``run_ids``)."""
+    key, ranking = (
+        baseline_key(ctx.digest, ctx.train_cfg, ctx.tasks, ctx.cfg, name),
+        f"{BASELINE_PREFIX}{name}",
+    )
+    found = cache.get(key) if cache is not None else None
+    run_id = (
+        tracking.find_baseline_run(ctx.cfg.logger, key) if ctx.cfg.get("reuse_baseline_runs", True) else None
+    )
+    if found is None and run_id is not None:
+        with progress.step(f"Reading baseline {name} from run {run_id}"):
+            found = _read_baseline_run(ctx.cfg.logger, run_id, str(ctx.cfg.split), ranking)
+    if found is None:
+        logged = _score_and_log_baseline(ctx, name, key)
+        if logged is None:  # refused the data: skipped with a warning
+            return
+        found, run_id = logged
+    if cache is not None:
+        cache[key] = found
+    scores[ranking] = found
+    if run_id:
+        run_ids.append(run_id)
 
 
 def evaluate(

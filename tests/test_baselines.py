@@ -5,13 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from convcg_cli import baselines
 from convcg_cli.baselines import (
     EASE,
     BaselineRefusedError,
+    EASEPopularity,
     ItemCF,
     MostPopular,
     TrainHistory,
     make_baseline,
+    shared_ease_weights,
     topk_rows,
     training_history,
 )
@@ -213,6 +216,27 @@ def test_ease_popularity_is_the_brute_force_blend_with_the_weight_chosen_on_vali
     assert untuned.chosen_weight == 0.0  # no validation data: the first weight
     with pytest.raises(ConfigError, match="weights"):
         make_baseline("ease_popularity", {"weights": []})
+
+
+def test_ease_and_ease_popularity_share_one_inverse_inside_the_block_only(monkeypatch):
+    solve = EASE._solve
+    calls = []
+    monkeypatch.setattr(EASE, "_solve", lambda self, x: calls.append(self.l2) or solve(self, x))
+    hist = _history(3)
+    users = np.arange(hist.n_users)
+    alone = [EASE(l2=2.0).fit(hist), EASEPopularity(l2=2.0, weights=[0.5]).fit(hist)]
+    assert calls == [2.0, 2.0]  # outside the block each computes its own
+    calls.clear()
+    with shared_ease_weights():
+        shared = [EASE(l2=2.0).fit(hist), EASEPopularity(l2=2.0, weights=[0.5]).fit(hist)]
+        EASE(l2=3.0).fit(hist)  # another penalty: its own inverse
+        EASE(l2=2.0).fit(_history(4))  # other profiles: their own inverse
+    assert calls == [2.0, 3.0, 2.0]
+    assert shared[0].weights is shared[1].weights and not shared[0].weights.flags.writeable
+    for a, b in zip(alone, shared, strict=True):  # the same figures as without sharing
+        np.testing.assert_array_equal(a.weights, b.weights)
+        np.testing.assert_array_equal(a.score_topk(users, 5), b.score_topk(users, 5))
+    assert baselines._SHARED_EASE is None  # nothing N x N is kept after the block
 
 
 def test_itemcf_auto_self_follows_the_training_window_repeats():
