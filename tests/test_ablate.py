@@ -222,6 +222,66 @@ def test_folds_add_the_end_offset_override_and_are_reported():
     assert {c.fold for c in summary.comparisons} == {0, 1}
 
 
+def _fold_child(variant: str, fold: int, val: float, hits: PositiveHits, seed: int = 0) -> ChildResult:
+    metrics = {"val/conversion/recall_at_100": val, "heldout/conversion/recall_at_100": 0.9 - val}
+    return ChildResult(variant, seed, f"{variant}{fold}{seed}", "FINISHED", metrics, fold=fold, hits=hits)
+
+
+def test_pooled_verdict_takes_each_folds_validation_choice_and_resamples_users_across_folds():
+    """All folds together: per seed, the design validation chose in each fold (not the one with the
+    better held-out figure), users as clusters across folds, equal to a brute-force bootstrap loop."""
+    from convcg_cli.metrics.bootstrap import resample_weights
+
+    rng = np.random.default_rng(3)
+    grid = ablate.Grid("toy", (Variant("a", ()), Variant("c", ())), (0,), select_k=100, folds=2)
+    fold0, fold1 = _hits(rng, 0.3), _hits(rng, 0.5)
+    fold1 = replace(fold1, user=fold1.user + 30)  # users 30..59 hold positives in both folds
+    children = [
+        _fold_child("a", 0, 0.6, fold0),
+        _fold_child("c", 0, 0.5, _hits(rng, 0.9)),
+        _fold_child("a", 1, 0.4, _hits(rng, 0.9)),
+        _fold_child("c", 1, 0.7, fold1),
+    ]
+    summary = ablate_report.build_summary(grid, children, "heldout", [10, 100], ablate_report.Pairing(300, 7))
+    (pooled,) = summary.pooled
+    assert pooled.variants == ("a", "c") and pooled.baseline == "popularity" and pooled.positives == 360
+
+    model = np.concatenate([fold0.rankings["model"][:, 1], fold1.rankings["model"][:, 1]])
+    base = np.concatenate([f.rankings["baseline_popularity"][:, 1] for f in (fold0, fold1)])
+    users = np.concatenate([fold0.user, fold1.user])
+    ids = np.unique(users)
+    assert len(ids) == 90  # one unit per person, not one per (person, fold)
+    diffs = []
+    for draw in np.concatenate(list(resample_weights(len(ids), 300, 7))):
+        weight = dict(zip(ids.tolist(), draw.tolist(), strict=True))
+        per_positive = np.array([weight[u] for u in users.tolist()], dtype=float)
+        diffs.append((per_positive @ model - per_positive @ base) / per_positive.sum())
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    assert pooled.difference.difference == pytest.approx((model.sum() - base.sum()) / len(model))
+    assert (pooled.difference.low, pooled.difference.high) == pytest.approx((low, high))
+
+    context = {"command": "c", "parent_run_id": "p", "tracking_uri": "x", "split": "heldout", "data_dirs": []}
+    report = ablate_report.render_report(grid, summary, context)
+    assert "## All 2 held-out windows together" in report and "fold 1: **c**" in report
+    assert ablate_report.summary_json(grid, summary)["pooled"][0]["variants"] == ["a", "c"]
+
+
+def test_pooled_verdict_needs_every_folds_selected_cell_and_several_folds():
+    rng = np.random.default_rng(4)
+    grid = ablate.Grid("toy", (Variant("a", ()),), (0, 1), select_k=100, folds=2)
+    children = [_fold_child("a", f, 0.5, _hits(rng, 0.4), seed=s) for f in (0, 1) for s in (0, 1)]
+    pairing = ablate_report.Pairing(100)
+    summary = ablate_report.build_summary(grid, children, "heldout", [100], pairing)
+    assert {c.seed for c in summary.pooled} == {0, 1}
+    summary = ablate_report.build_summary(grid, children[:-1], "heldout", [100], pairing)
+    assert {c.seed for c in summary.pooled} == {0}  # seed 1 has no fold-1 cell
+    one_fold = replace(grid, folds=1)
+    summary = ablate_report.build_summary(one_fold, children[:2], "heldout", [100], pairing)
+    assert summary.pooled == [] and "pooled" not in ablate_report.summary_json(one_fold, summary)
+    context = {"command": "c", "parent_run_id": "p", "tracking_uri": "x", "split": "heldout", "data_dirs": []}
+    assert "held-out windows together" not in ablate_report.render_report(one_fold, summary, context)
+
+
 def test_validation_figure_is_the_kept_checkpoints():
     monitor = [(10, 0.2), (20, 0.5), (30, 0.5), (40, 0.4)]
     assert value_at_best_epoch(monitor, [(10, 0.1), (20, 0.3), (30, 0.9), (40, 0.2)], "max") == 0.3

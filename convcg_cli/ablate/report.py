@@ -70,6 +70,18 @@ class Comparison:
 
 
 @dataclass(frozen=True)
+class PooledComparison:
+    """Paired difference (selected variant - baseline) of recall@k over the held-out days of every
+    fold together, for one seed. ``variants[f]`` is the design validation selected in fold f."""
+
+    baseline: str
+    seed: int
+    variants: tuple[str, ...]
+    difference: PairedDifference
+    positives: int
+
+
+@dataclass(frozen=True)
 class Pairing:
     """How paired comparisons resample: ``eval.yaml``'s ``bootstrap`` options (n_boot 0: none)."""
 
@@ -85,6 +97,7 @@ class Summary:
     rows: dict[int, list[Row]]
     comparisons: list[Comparison]
     children: list[ChildResult]
+    pooled: list[PooledComparison] = field(default_factory=list)
 
 
 def selection_metric(grid: Grid) -> str:
@@ -251,13 +264,70 @@ def paired_comparisons(
     return out
 
 
+def pooled_comparisons(
+    grid: Grid, rows: dict[int, list[Row]], children: list[ChildResult], pairing: Pairing
+) -> list[PooledComparison]:
+    """The rolling-origin verdict: per seed, the design validation selected in each fold vs every
+    baseline, on the held-out positives of all folds together, paired on users.
+
+    One bootstrap replicate draws users with replacement from those with a held-out positive in any
+    fold and keeps ALL their positives of EVERY fold (a user is one cluster across the windows, so
+    the interval is not narrowed by counting the same person's tastes once per window); recall is
+    micro recall over all folds' positives. Empty unless the grid has several folds, every fold has
+    a selected design, and each seed's selected cell of every fold has its hits, on one data set.
+    """
+    if grid.folds < 2 or pairing.n_boot < 1:
+        return []
+    selected = [selected_variant(rows.get(fold, []), grid) for fold in range(grid.folds)]
+    if any(s is None for s in selected):
+        return []
+    names = tuple(s.name for s in selected if s is not None)
+    done = {(c.fold, c.variant, c.seed): c for c in children if c.status == FINISHED and c.hits is not None}
+    if len({c.data_dir for c in done.values()}) > 1:
+        return []  # user positions are positions in one data set's user table
+    trained_baselines = [v.name for v in grid.variants if v.baseline]
+    out = []
+    for seed in grid.seeds:
+        cells = [done.get((fold, name, seed)) for fold, name in enumerate(names)]
+        if any(c is None or c.hits is None or grid.select_k not in c.hits.ks for c in cells):
+            continue
+        flags = [_flags_at(grid, c) for c in cells if c is not None]
+        for fold, (cell, own) in enumerate(zip(cells, flags, strict=True)):
+            for baseline in trained_baselines:  # the trained baseline's cell of the same seed and fold
+                other = done.get((fold, baseline, seed))
+                if cell is not None and other is not None and _same_positives(cell, other):
+                    own[baseline] = _flags_at(grid, other).get(MODEL_RANKING)
+        baselines = set.intersection(*({b for b, f in own.items() if f is not None} for own in flags))
+        users = np.concatenate([c.hits.user for c in cells if c is not None and c.hits is not None])
+        model = np.concatenate([own[MODEL_RANKING] for own in flags])
+        for baseline in sorted(baselines - {MODEL_RANKING}):
+            other_flags = np.concatenate([own[baseline] for own in flags])
+            difference = paired_bootstrap_diff(
+                model, other_flags, users, [grid.select_k], pairing.n_boot, pairing.seed, pairing.level
+            )[grid.select_k]
+            out.append(PooledComparison(baseline, seed, names, difference, len(users)))
+    return out
+
+
+def _flags_at(grid: Grid, child: ChildResult) -> dict[str, np.ndarray | None]:
+    """``{ranking: (P, 1) hit flags at grid.select_k}`` of one cell: ``model`` and every untrained
+    baseline saved beside it (by the baseline's name); empty without hits at that cutoff."""
+    if child.hits is None or grid.select_k not in child.hits.ks:
+        return {}
+    column = child.hits.ks.index(grid.select_k)
+    return {
+        (name if name == MODEL_RANKING else name.removeprefix(BASELINE_PREFIX)): flags[:, [column]]
+        for name, flags in child.hits.rankings.items()
+    }
+
+
 def _same_positives(a: ChildResult, b: ChildResult) -> bool:
     """Whether two cells were scored on the same held-out positives (the pairing needs it)."""
     assert a.hits is not None and b.hits is not None
     return np.array_equal(a.hits.query, b.hits.query) and np.array_equal(a.hits.user, b.hits.user)
 
 
-def verdict(comparisons: Sequence[Comparison], seeds: Sequence[int]) -> str:
+def verdict(comparisons: Sequence[Comparison | PooledComparison], seeds: Sequence[int]) -> str:
     """``beats`` when the paired CI's lower bound is > 0 on every seed of the grid, else how many.
 
     Example:
@@ -280,7 +350,8 @@ def build_summary(
 ) -> Summary:
     """Rows of every fold and the paired comparisons of the cells done so far."""
     rows = {fold: summarize(grid, children, split, ks, fold) for fold in range(grid.folds)}
-    return Summary(rows, paired_comparisons(grid, children, pairing, cache), children)
+    comparisons = paired_comparisons(grid, children, pairing, cache)
+    return Summary(rows, comparisons, children, pooled_comparisons(grid, rows, children, pairing))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,9 +505,36 @@ def render_report(grid: Grid, summary: Summary, context: dict) -> str:
         lines += _recall_tables(grid, rows, context["split"], heading)
         lines += _selected_section(grid, rows, comparisons, heading)
         lines += _all_variants_section(grid, rows, comparisons, heading)
+    lines += _pooled_section(grid, summary.pooled)
     lines += _failures(summary.children)
     lines += _notes(grid, summary.children)
     return "\n".join(lines)
+
+
+def _pooled_section(grid: Grid, pooled: list[PooledComparison]) -> list[str]:
+    """The rolling-origin verdict: every fold's selected design vs every baseline, all folds together."""
+    if not pooled:
+        return []
+    task, k = grid.select_task, grid.select_k
+    chosen = ", ".join(f"fold {fold}: **{name}**" for fold, name in enumerate(pooled[0].variants))
+    lines = [
+        f"## All {grid.folds} held-out windows together ({task} recall@{k}, paired on users)",
+        "",
+        f"The design selected on validation in each window ({chosen}) against every baseline, on the "
+        f"{pooled[0].positives:,} held-out {task} positives of the {grid.folds} windows together. A "
+        "bootstrap replicate draws users and keeps all their positives of every window, so a user "
+        "counted in several windows is still one unit; recall is micro recall over all the windows.",
+        "",
+    ]
+    body = [
+        [c.baseline, c.seed, _difference_cell(c.difference), "yes" if c.difference.above_zero else "no"]
+        for c in sorted(pooled, key=lambda c: (c.baseline, c.seed))
+    ]
+    lines += [table(["baseline", "seed", "difference [95% CI]", "CI > 0"], body, "lrrl"), ""]
+    for baseline in sorted({c.baseline for c in pooled}):
+        outcome = verdict([c for c in pooled if c.baseline == baseline], grid.seeds)
+        lines.append(f"- vs {baseline}: **{outcome}**")
+    return lines + [""]
 
 
 def _fold_title(fold: int) -> str:
@@ -543,6 +641,7 @@ def summary_json(grid: Grid, summary: Summary) -> dict:
             }
             for c in summary.comparisons
         ],
+        **({"pooled": [_pooled_json(c) for c in summary.pooled]} if summary.pooled else {}),
         "children": [
             {
                 "variant": c.variant,
@@ -554,4 +653,19 @@ def summary_json(grid: Grid, summary: Summary) -> dict:
             }
             for c in summary.children
         ],
+    }
+
+
+def _pooled_json(c: PooledComparison) -> dict:
+    """One all-folds paired comparison in ``summary.json``."""
+    d = c.difference
+    return {
+        "baseline": c.baseline,
+        "seed": c.seed,
+        "variants": list(c.variants),
+        "positives": c.positives,
+        "k": d.k,
+        "difference": d.difference,
+        "low": d.low,
+        "high": d.high,
     }
