@@ -340,8 +340,12 @@ def test_report_renders_the_flops_and_grid_sections():
         {"case": "small", "grid": "designs", "data": "grid-small-data", "variants": ["a", "b"], "seeds": [0]}
         | {"cells": 2, "train_overrides": ["trainer.max_epochs=1"], "same_figures": True}
         | {"runs": [r | {"load_before": 1.0, "load_after": 1.5} for r in (run(False, 4.0), run(True, 1.0))]}
+        | {"step": {"variant": "a", "batch_size": 64, "threads": 1, "matmuls": 12, "matmul_gflop": 3.0}}
     ]
+    results["grid"][0]["step"] |= {"step_ms": 40.0, "gemm_ms": 30.0, "step_gflops_per_s": 75.0}
+    results["grid"][0]["step"] |= {"gemm_gflops_per_s": 100.0, "vs_gemm": 0.75}
     text = report.render_report(bench_config([], quick=True), results)
+    assert "runs at **0.75 of a bare GEMM** (75.0 against 100.0 GFLOP/s)" in text and "is 25% of it" in text
     assert "| bare GEMM loop, the step's 40 matrix shapes | 75.0 | 1.00 |" in text
     assert "| Lightning step | 27.0 | 0.36 |" in text
     assert "## (i) A grid's wall time" in text and "to the 4th decimal: identical" in text
@@ -364,6 +368,20 @@ def test_grid_step_times_the_grid_both_ways_with_the_same_figures(tmp_path, monk
     assert (before["reuse_data"], after["reuse_data"]) == (False, True)
     assert after["phases"]["data setup"] < before["phases"]["data setup"]
     assert before["phases"][TRAINING] > 0 and before["figures"].keys() == after["figures"].keys()
+    step = figures_["step"]
+    assert step["matmuls"] > 0 and step["matmul_gflop"] > 0 and 0 < step["vs_gemm"] < 5
+
+
+def test_recorded_matmuls_hold_the_flops_the_counter_counts():
+    import torch
+
+    from convcg_cli.bench.flops import record_matmuls, step_flops
+
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    x = torch.randn(5, 16)
+    counted, _ = step_flops(lambda: net(x).sum().backward())
+    recorded = record_matmuls(lambda: net(x).sum().backward())
+    assert sum(m.flops for m in recorded) == counted and len(recorded) == 5  # 2 forward, 3 backward
 
 
 def test_flops_figures_read_each_round_against_its_own_gemm_timing():

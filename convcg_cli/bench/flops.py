@@ -68,6 +68,16 @@ def step_flops(step: Callable[[], None]) -> tuple[int, list[Matmul]]:
     return int(counter.get_total_flops()), recorder.matmuls
 
 
+def record_matmuls(step: Callable[[], None]) -> list[Matmul]:
+    """The matrix products of one call of ``step``, with their shapes (no FLOP counter: for models
+    whose backward ``FlopCounterMode``'s module hooks cannot follow). Their FLOPs are what
+    :func:`step_flops` counts for a model both can run, since it counts matrix products only."""
+    recorder = _MatmulRecorder()
+    with recorder:
+        step()
+    return recorder.matmuls
+
+
 def gemm_seconds(matmuls: list[Matmul], repeats: int, seed: int = 0) -> float:
     """Median seconds of one pass of ``torch.mm``/``torch.bmm`` over ``matmuls`` (random float32
     operands made beforehand), over ``repeats`` passes after one untimed pass."""

@@ -116,8 +116,10 @@ def step_grid(cfg: DictConfig, workdir: str, case: str) -> dict:
             home = work / f"grid-{case}-{r}-{'reused' if reuse_data else 'per-cell'}"
             runs.append({"round": r, **_timed_grid(grid, overrides, home, store, reuse_data)})
             shutil.rmtree(home, ignore_errors=True)
+    step = step_vs_gemm(grid, overrides, int(spec.step_rounds), int(spec.step_batches))
     return {
         "case": case,
+        "step": step,
         "grid": grid.name,
         "data": data_dir.name,
         "variants": [v.name for v in grid.variants],
@@ -126,4 +128,50 @@ def step_grid(cfg: DictConfig, workdir: str, case: str) -> dict:
         "train_overrides": list(spec.train_overrides),
         "runs": runs,
         "same_figures": _same_figures(runs),
+    }
+
+
+def step_vs_gemm(grid, overrides: list[str], rounds: int, batches: int, warmup: int = 3) -> dict[str, Any]:
+    """A training step of the grid's first cell (its model, on the case's data) against a bare GEMM
+    loop of the step's own matrix products, ``rounds`` times in turn: how much of a cell's training
+    time is arithmetic the machine cannot do faster (the measure of (a), for the model a grid trains).
+
+    Step time is the median over rounds of the mean of ``batches`` bare-loop steps (the module's
+    ``training_step``, backward, clipping, optimizer step; data included); FLOPs are the recorded
+    matrix products' (``record_matmuls``), as (a) counts them.
+    """
+    import numpy as np
+    import torch
+
+    from convcg_cli.ablate.run import Cell, child_overrides
+    from convcg_cli.bench.flops import gemm_seconds, record_matmuls
+    from convcg_cli.bench.steps import _setup, _without_logging, bare_loop
+    from convcg_cli.config import compose
+
+    cell = Cell(grid.variants[0], grid.seeds[0])
+    train_cfg = compose("train", child_overrides(cell, overrides, 1)).cfg
+    dm, model, _ = _setup(train_cfg)
+    batch = next(iter(dm.train_dataloader()))
+    model.train()
+    with torch.random.fork_rng(), _without_logging(model):
+        matmuls = record_matmuls(lambda: model.training_step(batch, 0).backward())
+    model.zero_grad(set_to_none=True)
+    clip = train_cfg.trainer.get("gradient_clip_val")
+    step_s, gemm_s = [], []
+    for _ in range(rounds):
+        clock = bare_loop(model, dm, warmup, batches, clip)
+        step_s.append(clock.seconds / batches)
+        gemm_s.append(gemm_seconds(matmuls, 3))
+    flops = sum(m.flops for m in matmuls)
+    return {
+        "variant": cell.variant.name,
+        "threads": torch.get_num_threads(),
+        "batch_size": dm.batch_size,
+        "matmuls": len(matmuls),
+        "matmul_gflop": flops / 1e9,
+        "step_ms": 1e3 * float(np.median(step_s)),
+        "gemm_ms": 1e3 * float(np.median(gemm_s)),
+        "step_gflops_per_s": flops / float(np.median(step_s)) / 1e9,
+        "gemm_gflops_per_s": flops / float(np.median(gemm_s)) / 1e9,
+        "vs_gemm": float(np.median([g / s for s, g in zip(step_s, gemm_s, strict=True)])),
     }

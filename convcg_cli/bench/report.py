@@ -537,8 +537,28 @@ def grid_section(results: Mapping[str, Any]) -> list[str]:
             "",
             table(["round", "run", "wall s", "load before", "load after"], load_rows, align="llrrr"),
             "",
+            *_step_lines(case.get("step")),
         ]
     return lines
+
+
+def _step_lines(step: Mapping[str, Any] | None) -> list[str]:
+    """What bounds the training phase: a cell's training step against a bare GEMM of its own matrix
+    products (absent from older results: nothing)."""
+    if not step:
+        return []
+    rest = 1.0 - step["vs_gemm"]
+    return [
+        f"What bounds its training: a training step of `{step['variant']}` on these data (batch "
+        f"{step['batch_size']}, {step['threads']} thread(s), bare loop) takes {step['step_ms']:.1f} ms; "
+        f"its {step['matmuls']} matrix products ({step['matmul_gflop']:.2f} GFLOP) run bare, on random "
+        f"operands of the same shapes, in {step['gemm_ms']:.1f} ms. The step runs at "
+        f"**{step['vs_gemm']:.2f} of a bare GEMM** ({step['step_gflops_per_s']:.1f} against "
+        f"{step['gemm_gflops_per_s']:.1f} GFLOP/s): everything else (data, element-wise work, the "
+        f"optimizer) is {rest:.0%} of it, so a faster step that does the same arithmetic can save at "
+        f"most that share.",
+        "",
+    ]
 
 
 WALL = "wall"
