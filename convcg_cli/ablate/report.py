@@ -517,10 +517,15 @@ def _pooled_section(grid: Grid, pooled: list[PooledComparison]) -> list[str]:
         return []
     task, k = grid.select_task, grid.select_k
     chosen = ", ".join(f"fold {fold}: **{name}**" for fold, name in enumerate(pooled[0].variants))
+    how = (
+        f"chosen on validation by grid `{grid.refit_of}` and refitted here"
+        if grid.refit_of
+        else "selected on validation"
+    )
     lines = [
         f"## All {grid.folds} held-out windows together ({task} recall@{k}, paired on users)",
         "",
-        f"The design selected on validation in each window ({chosen}) against every baseline, on the "
+        f"The design {how} in each window ({chosen}) against every baseline, on the "
         f"{pooled[0].positives:,} held-out {task} positives of the {grid.folds} windows together. A "
         "bootstrap replicate draws users and keeps all their positives of every window, so a user "
         "counted in several windows is still one unit; recall is micro recall over all the windows.",
