@@ -441,15 +441,7 @@ def _selected_section(grid: Grid, rows: list[Row], comparisons: list[Comparison]
     lines = head + [f"{how}; its held-out figures below were read after selecting.", ""]
     if not mine:
         return lines + ["No paired comparison yet (per-positive hits or a baseline missing).", ""]
-    body = [
-        [c.baseline, c.seed, _difference_cell(c.difference), "yes" if c.difference.above_zero else "no"]
-        for c in sorted(mine, key=lambda c: (c.baseline, c.seed))
-    ]
-    lines += [table(["baseline", "seed", "difference [95% CI]", "CI > 0"], body, "lrrl"), ""]
-    for baseline in sorted({c.baseline for c in mine}):
-        outcome = verdict([c for c in mine if c.baseline == baseline], grid.seeds)
-        lines.append(f"- vs {baseline}: **{outcome}**")
-    return lines + [""]
+    return lines + _per_seed_lines(grid, mine)
 
 
 def _all_variants_section(
@@ -531,13 +523,18 @@ def _pooled_section(grid: Grid, pooled: list[PooledComparison]) -> list[str]:
         "counted in several windows is still one unit; recall is micro recall over all the windows.",
         "",
     ]
+    return lines + _per_seed_lines(grid, pooled)
+
+
+def _per_seed_lines(grid: Grid, comparisons: Sequence[Comparison | PooledComparison]) -> list[str]:
+    """One row per (baseline, seed) with the paired difference and its CI, then each verdict."""
     body = [
         [c.baseline, c.seed, _difference_cell(c.difference), "yes" if c.difference.above_zero else "no"]
-        for c in sorted(pooled, key=lambda c: (c.baseline, c.seed))
+        for c in sorted(comparisons, key=lambda c: (c.baseline, c.seed))
     ]
-    lines += [table(["baseline", "seed", "difference [95% CI]", "CI > 0"], body, "lrrl"), ""]
-    for baseline in sorted({c.baseline for c in pooled}):
-        outcome = verdict([c for c in pooled if c.baseline == baseline], grid.seeds)
+    lines = [table(["baseline", "seed", "difference [95% CI]", "CI > 0"], body, "lrrl"), ""]
+    for baseline in sorted({c.baseline for c in comparisons}):
+        outcome = verdict([c for c in comparisons if c.baseline == baseline], grid.seeds)
         lines.append(f"- vs {baseline}: **{outcome}**")
     return lines + [""]
 
