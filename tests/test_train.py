@@ -78,6 +78,21 @@ def test_same_seed_same_validation_metrics(home, tiny_overrides):
     assert a == b
 
 
+def test_bf16_mixed_trains_and_its_checkpoint_evaluates_in_float32(home, tiny_overrides):
+    """``trainer.precision=bf16-mixed`` (Lightning's autocast): validation reads bfloat16 outputs, the
+    kept weights stay float32, and ``convcg eval`` scores the run as any other."""
+    import torch
+
+    from convcg_cli.evaluate import evaluate
+
+    result = train(compose("train", ["trainer.precision=bf16-mixed", *tiny_overrides]))
+    assert 0.0 <= result.metrics["val/conversion/recall_at_100"] <= 1.0
+    weights = torch.load(result.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
+    metrics = evaluate(compose("eval", ["bootstrap.n_boot=0"]), result.run_id).metrics
+    assert 0.0 <= metrics["heldout/conversion/recall_at_100"] <= 1.0
+
+
 LEVERS = sorted(p.stem for p in (CONF_DIR / "experiment" / "ablation").glob("*.yaml"))
 
 
