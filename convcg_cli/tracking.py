@@ -242,12 +242,22 @@ def lineage_tags(logger_cfg: Mapping[str, Any]) -> dict[str, str]:
 
 
 HOST_TAG, PID_TAG = "convcg.host", "convcg.pid"  # the process that holds a RUNNING run open
+# The threads torch computed with: in float32 a trained figure depends on it (a matrix product's
+# partial sums are ordered by how the work is split), so a run reproduces with its seed AND this.
+THREADS_TAG = "torch_threads"
 
 
 def process_tags() -> dict[str, str]:
     """Host and pid of this process, set on every run it opens, so that a later command on the same
     host can tell a run whose process died (SIGKILL, out of memory, power loss) from a live one."""
     return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def _torch_threads() -> int:
+    """torch's intra-op thread count (imported here: training has torch loaded already)."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _process_alive(pid: int) -> bool:
@@ -435,6 +445,7 @@ def tracked_run(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str
     tags = {**choice_tags(choices), "seed": str(cfg.seed), "mlflow.source.name": "convcg train"}
     tags.update(lineage_tags(cfg.logger))
     tags.update(process_tags())
+    tags[THREADS_TAG] = str(_torch_threads())
     mark_dead_runs(mlflow_client, [exp])
     run = mlflow_client.create_run(exp, tags=tags, run_name=run_name(cfg, choices))
     run_id = run.info.run_id

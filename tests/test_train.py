@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from convcg_cli.config import CONF_DIR, compose
@@ -23,6 +24,7 @@ def test_train_logs_everything_a_run_needs(home, tiny_overrides):
     assert tags["head"] == "multi_head" and tags["cross"] == "sequential"
     assert tags["experiment"] == "multihead_sequential" and tags["seed"] == "7"
     assert tags["checkpoint"] == "yes"
+    assert tags["torch_threads"] == str(torch.get_num_threads())  # float32 figures depend on it
     assert params["seed"] == "7" and params["loss.task_weights.conversion"] == "1.0"
     for name in ("train/loss", "train/conversion/loss", "train/engagement/loss"):
         assert name in metrics
@@ -81,8 +83,6 @@ def test_same_seed_same_validation_metrics(home, tiny_overrides):
 def test_bf16_mixed_trains_and_its_checkpoint_evaluates_in_float32(home, tiny_overrides):
     """``trainer.precision=bf16-mixed`` (Lightning's autocast): validation reads bfloat16 outputs, the
     kept weights stay float32, and ``convcg eval`` scores the run as any other."""
-    import torch
-
     from convcg_cli.evaluate import evaluate
 
     result = train(compose("train", ["trainer.precision=bf16-mixed", *tiny_overrides]))
