@@ -83,11 +83,12 @@ def test_same_seed_same_validation_metrics(home, tiny_overrides):
 def test_bf16_mixed_trains_and_its_checkpoint_evaluates_in_float32(home, tiny_overrides):
     """``trainer.precision=bf16-mixed`` (Lightning's autocast): validation reads bfloat16 outputs, the
     kept weights stay float32, and ``convcg eval`` scores the run as any other."""
+    from convcg_cli.builders import read_checkpoint
     from convcg_cli.evaluate import evaluate
 
     result = train(compose("train", ["trainer.precision=bf16-mixed", *tiny_overrides]))
     assert 0.0 <= result.metrics["val/conversion/recall_at_100"] <= 1.0
-    weights = torch.load(result.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    weights = read_checkpoint(result.checkpoint)["state_dict"]  # as data only, as convcg reads it
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
     metrics = evaluate(compose("eval", ["bootstrap.n_boot=0"]), result.run_id).metrics
     assert 0.0 <= metrics["heldout/conversion/recall_at_100"] <= 1.0
