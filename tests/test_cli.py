@@ -57,9 +57,16 @@ def test_help_lists_commands():
         assert command in result.output
 
 
-def test_importing_the_cli_does_not_import_heavy_libraries():
-    heavy = ("torch", "lightning", "mlflow", "polars")
-    code = f"import sys, convcg_cli.cli; print(sorted(m for m in {heavy} if m in sys.modules))"
+@pytest.mark.parametrize(
+    "module, heavy",
+    [
+        ("convcg_cli.cli", ("torch", "lightning", "mlflow", "polars")),
+        # grids load and reports are written without the training stack (e.g. --report-only)
+        ("convcg_cli.ablate", ("torch", "lightning", "mlflow")),
+    ],
+)
+def test_importing_the_cli_does_not_import_heavy_libraries(module, heavy):
+    code = f"import sys, {module}; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

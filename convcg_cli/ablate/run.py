@@ -41,7 +41,6 @@ from convcg_cli.ablate.report import (
     summary_json,
 )
 from convcg_cli.config import compose
-from convcg_cli.data.prepared import PreparedDataCache
 from convcg_cli.errors import ConfigError
 from convcg_cli.kept_checkpoint import validation_figure
 from convcg_cli.progress import cell_line
@@ -197,6 +196,7 @@ def run_ablation(
     Slightly over 60 lines: preflight, the parent run and the per-cell loop with its report rewrite
     share the run's state; the per-cell work itself is ``_run_child``.
     """
+    from convcg_cli.data.prepared import PreparedDataCache  # imports lightning: not at module import
     from convcg_cli.evaluate import evaluate
     from convcg_cli.train import train
 
@@ -322,6 +322,7 @@ def _launch_cells(
     recorded in its run and does not stop the others. With ``shared_dir`` the jobs share their set-up
     data there (a job on another host without that file system just sets its data up itself)."""
     from convcg_cli import hydra_cli
+    from convcg_cli.data.prepared import PreparedDataCache
     from convcg_cli.evaluate import evaluate
     from convcg_cli.train import train
 
