@@ -145,17 +145,13 @@ def step_vs_gemm(grid, overrides: list[str], rounds: int, batches: int, warmup: 
 
     from convcg_cli.ablate.run import Cell, child_overrides
     from convcg_cli.bench.flops import gemm_seconds, record_matmuls
-    from convcg_cli.bench.steps import _setup, _without_logging, bare_loop
+    from convcg_cli.bench.steps import _setup, bare_loop, measure_first_step
     from convcg_cli.config import compose
 
     cell = Cell(grid.variants[0], grid.seeds[0])
     train_cfg = compose("train", child_overrides(cell, overrides, 1)).cfg
     dm, model, _ = _setup(train_cfg)
-    batch = next(iter(dm.train_dataloader()))
-    model.train()
-    with torch.random.fork_rng(), _without_logging(model):
-        matmuls = record_matmuls(lambda: model.training_step(batch, 0).backward())
-    model.zero_grad(set_to_none=True)
+    matmuls = measure_first_step(model, dm, record_matmuls)
     clip = train_cfg.trainer.get("gradient_clip_val")
     step_s, gemm_s = [], []
     for _ in range(rounds):

@@ -12,11 +12,14 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from omegaconf import DictConfig
 
 from convcg_cli.bench.measure import Clock, peak_rss_mib, time_data_path, topk_overlap, torch_topk
+
+T = TypeVar("T")  # what a first-step measure returns
 
 
 def quiet() -> None:
@@ -186,13 +189,11 @@ def lightning_loop(train_cfg: DictConfig, model, dm, logger, warmup: int, batche
     return clock, time.perf_counter() - start
 
 
-def count_step_flops(model, dm) -> tuple[int, list]:
-    """FLOPs and matrix products (:func:`~convcg_cli.bench.flops.step_flops`) of one training step's
-    forward and backward on the first batch; the gradients and the random streams are left as they
-    were, so the timed rounds after it do what they would without it."""
+def measure_first_step(model, dm, measure: Callable[[Callable[[], None]], T]) -> T:
+    """``measure(forward_backward)`` for one training step's forward and backward on the first batch
+    (e.g. ``flops.step_flops`` or ``flops.record_matmuls``); the gradients and the random streams are
+    left as they were, so the timed rounds after it do what they would without it."""
     import torch
-
-    from convcg_cli.bench.flops import step_flops
 
     batch = next(iter(dm.train_dataloader()))
     model.train()
@@ -201,9 +202,9 @@ def count_step_flops(model, dm) -> tuple[int, list]:
         model.training_step(batch, 0).backward()
 
     with torch.random.fork_rng(), _without_logging(model):
-        counted = step_flops(forward_backward)
+        measured = measure(forward_backward)
     model.zero_grad(set_to_none=True)
-    return counted
+    return measured
 
 
 def flops_figures(flops: int, matmuls: list, rounds: list[dict]) -> dict:
@@ -250,14 +251,14 @@ def step_train(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     which a burst of load in one round cannot swing.
     """
     from convcg_cli import tracking
-    from convcg_cli.bench.flops import gemm_seconds
+    from convcg_cli.bench.flops import gemm_seconds, step_flops
 
     train_cfg = _train_config(cfg, data_dir, workdir)
     dm, model, setup_s = _setup(train_cfg)
     t = cfg.throughput
     warmup, n = int(t.warmup), int(t.batches)
     clip = train_cfg.trainer.get("gradient_clip_val")
-    flops, matmuls = count_step_flops(model, dm)
+    flops, matmuls = measure_first_step(model, dm, step_flops)
     rounds = []
     # The run and logger convcg train uses (in a throwaway store), so logging costs what it costs.
     with tracking.tracked_run(train_cfg, {}, []) as run:
