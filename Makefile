@@ -9,7 +9,7 @@ DEMO_EXPERIMENT ?= unified_parallel
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo data test test-all lint format typecheck clean
+.PHONY: help install demo data test test-all test-extras lint format typecheck clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,6 +52,11 @@ test: $(STAMP) ## Run the fast test suite: -m "not slow", about 2.5 min on 2 idl
 
 test-all: $(STAMP) ## Run every test: the fast suite plus the slow ones (full trainings, DDP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+.PHONY: test-extras
+test-extras: $(STAMP) ## Install the optional extras (tune, joblib, slurm) and run the tests that need them (CI skips those)
+	$(BIN)/pip install -q -e '.[tune,joblib,slurm]'
+	$(BIN)/python -m pytest -q tests/test_tune.py tests/test_hydra_cli.py tests/test_ablate.py $(PYTEST_ARGS)
 
 .PHONY: faults
 faults: $(STAMP) ## Run the fault-injection tests (marker faults, slow ones included; ~5 min): README "Reliability"
