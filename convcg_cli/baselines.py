@@ -34,8 +34,8 @@ import polars as pl
 import scipy.sparse as sp
 
 from convcg_cli.errors import ConfigError
+from convcg_cli.index import popularity_topk
 from convcg_cli.metrics.prior import log_prior
-from convcg_cli.metrics.retrieval import popularity_topk
 
 # Users scored at a time: bounds the dense (users x items) score block to about 4M cells.
 _SCORE_CHUNK_CELLS = 1 << 22
@@ -132,9 +132,9 @@ def training_history(dm) -> TrainHistory:
     The logs are split again with the datamodule's own split options, so the profile window is
     exactly the window the two-tower model trained on.
     """
-    from convcg_cli.data import features as F
-    from convcg_cli.data.history import ACTION_CONVERSION
-    from convcg_cli.data.schema import load_tables
+    from convcg_cli.data.contract import load_tables
+    from convcg_cli.data.features import ACTION_CONVERSION
+    from convcg_cli.data.features import encodings as F
     from convcg_cli.tasks import PRIMARY_TASK
 
     tables = load_tables(dm.dir)

@@ -14,14 +14,14 @@ import numpy as np
 
 from convcg_cli.config import instantiate
 from convcg_cli.errors import ConfigError, ConvcgError, first_line
-from convcg_cli.retrieval import encode_queries
+from convcg_cli.index import encode_queries
 
 
 def build_datamodule(cfg, tasks: list[str], stage: str = "fit", data_cache=None):
     """Instantiate and set up ``cfg.data``: loads, validates and splits the logs (raises on bad input).
 
     ``stage="validate"`` may skip what only training needs (data.stream: the training shards).
-    ``data_cache`` (a :class:`~convcg_cli.data.prepared.PreparedDataCache`, ``convcg ablate``): the
+    ``data_cache`` (a :class:`~convcg_cli.data.loading.PreparedDataCache`, ``convcg ablate``): the
     set-up state of an earlier datamodule of the same data and content options is reused."""
     dm = instantiate(cfg.data, tasks=tasks)
     if data_cache is None:
@@ -66,7 +66,7 @@ def build_model(cfg, dm):
     tables start from the co-engagement factors instead of at random (training only: a checkpoint
     overwrites them at evaluation).
     """
-    from convcg_cli.data.cofactors import item_factor_matrix
+    from convcg_cli.data.features.cofactors import item_factor_matrix
 
     model = model_from_config(cfg, dm.user_spec, dm.item_spec)
     if cfg.model.get(INIT_FROM_COFACTORS_KEY, False):
@@ -82,7 +82,7 @@ def build_model(cfg, dm):
 
 def embed_split(model, dm, split: str) -> np.ndarray:
     """Served query embeddings of every query of ``split``, in query order (the retrieval path's
-    :func:`~convcg_cli.retrieval.encode_queries`, ``data.eval_batch_size`` queries at a time)."""
+    :func:`~convcg_cli.index.encode_queries`, ``data.eval_batch_size`` queries at a time)."""
     return encode_queries(model.embed_queries, dm.queries[split].features, dm.eval_batch_size)
 
 

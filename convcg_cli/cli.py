@@ -72,7 +72,7 @@ def data_synth(
 ) -> None:
     """Generate synthetic impression logs (items, users, impressions) with a planted structure."""
     with user_errors():
-        from convcg_cli.data import synth
+        from convcg_cli.data.importing import synth
 
         if preset not in synth.PRESETS:
             raise ConfigError(f"Unknown preset '{preset}'; choose one of {sorted(synth.PRESETS)}.")
@@ -91,7 +91,7 @@ def data_synth(
 def data_validate(directory: Path = typer.Argument(..., help="Directory holding the log tables.")) -> None:
     """Check the tables in DIRECTORY against data_schemas/ and report every violation."""
     with user_errors():
-        from convcg_cli.data.schema import load_tables
+        from convcg_cli.data.contract import load_tables
 
         tables = load_tables(directory)
         rows = ", ".join(f"{name}: {frame.height:,} rows" for name, frame in tables.items())
@@ -112,7 +112,7 @@ def data_import(
     with user_errors():
         from rich.markup import escape
 
-        from convcg_cli.data.importers import import_logs, load_mapping
+        from convcg_cli.data.importing import import_logs, load_mapping
 
         report = import_logs(load_mapping(source), in_dir, out_dir)
         for line in report.summary():
@@ -130,7 +130,7 @@ def data_attribute(
 ) -> None:
     """Attribute conversion events to impressions: writes converted, conversion_value, delay."""
     with user_errors():
-        from convcg_cli.data.attribution import AttributionRule, attribute_dir
+        from convcg_cli.data.importing import AttributionRule, attribute_dir
 
         result = attribute_dir(in_dir, out_dir, AttributionRule(click_window_days, view_window_days))
         for line in result.summary():
@@ -204,7 +204,7 @@ def _store(overrides: list[str] | None):
     from convcg_cli.config import compose
 
     tracking.quiet()
-    return compose("eval", overrides).cfg.logger
+    return tracking.Store.from_config(compose("eval", overrides).cfg.logger)
 
 
 def _train_job(composed) -> None:
@@ -296,8 +296,8 @@ def export(
     with user_errors():
         from convcg_cli.serve.export import export_run
 
-        logger = _store(overrides)
-        result = export_run(logger, run, {"index": index, "nlist": nlist, "nprobe": nprobe})
+        store = _store(overrides)
+        result = export_run(store, run, {"index": index, "nlist": nlist, "nprobe": nprobe})
         for name, value in result.overlap.items():
             out.print(f"{name}: {value:.4f}")
         out.print(f"Logged model: [bold]{result.model_uri}[/bold] (index: {result.index})")
@@ -315,8 +315,8 @@ def register(
         from convcg_cli import tracking
         from convcg_cli.serve.export import register as register_model
 
-        logger = _store(overrides)
-        version = register_model(logger, f"runs:/{run}/{tracking.SERVED_MODEL_NAME}", name, alias)
+        store = _store(overrides)
+        version = register_model(store, f"runs:/{run}/{tracking.SERVED_MODEL_NAME}", name, alias)
         target = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
         out.print(f"Registered {name} version {version}: [bold]{target}[/bold]")
 
@@ -339,8 +339,8 @@ def retrieve(
         from convcg_cli.serve.batch import load_candidate_model, retrieve_file
         from convcg_cli.serve.bundle import RequestError
 
-        logger = _store(overrides)
-        model = load_candidate_model(logger, run)
+        store = _store(overrides)
+        model = load_candidate_model(store, run)
         try:
             result = retrieve_file(model, requests, out_file, k, chunk_rows)
         except RequestError as exc:
@@ -366,8 +366,8 @@ def index_(
     with user_errors():
         from convcg_cli.serve.reindex import reindex_run
 
-        logger = _store(overrides)
-        result, version = reindex_run(logger, run, items, name, alias)
+        store = _store(overrides)
+        result, version = reindex_run(store, run, items, name, alias)
         out.print(f"Logged model: [bold]{result.model_uri}[/bold] (the newest model of the run)")
         if version is not None:
             out.print(f"Registered {name} version {version}" + (f" as @{alias}" if alias else ""))

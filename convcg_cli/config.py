@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from convcg_cli.errors import ConfigError, ConvcgError
 from convcg_cli.options import check_numeric_options
 from convcg_cli.resources import resource_dir
+from convcg_cli.targets import check_buildable, check_override_targets, upgrade_moved_targets
 
 CONF_DIR = resource_dir("conf")
 CONFIG_DIR_VARIABLE = "CONVCG_CONFIG_DIR"  # a user's own conf/ tree (also set by ``convcg --config-dir``)
@@ -119,9 +120,33 @@ def config_error(config_name: str, overrides: list[str], exc: Exception) -> Conf
     )
 
 
+def check_overrides(overrides: list[str]) -> None:
+    """ConfigError, before Hydra reads anything, for an override that would load or build something
+    outside convcg: a config-group option that climbs out of the config search path
+    (``+experiment=../../elsewhere``: options resolve only inside conf/ and ``$CONVCG_CONFIG_DIR``),
+    or a ``_target_`` outside the registry (``targets.BUILDABLE_TARGETS``)."""
+    extra = extra_config_dir()
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        group = key.lstrip("+~").split("@", 1)[0]
+        roots = [CONF_DIR, *([extra] if extra else [])]
+        if not sep or "." in group or not ("/" in group or any((r / group).is_dir() for r in roots)):
+            continue  # a value (data_dir=/abs/path), not a config-group option
+        options = [o.strip().strip("'\"[]") for o in value.split(",")]
+        if any(o.startswith("/") or ".." in o.split("/") for o in options):
+            raise ConfigError(
+                f"The override {override!r} names a config outside the config search path: the "
+                f"options of '{group}' are names of files in conf/{group}/ (or in "
+                f"${CONFIG_DIR_VARIABLE}/{group}/), e.g. +experiment=unified_parallel."
+            )
+    check_override_targets(overrides)
+
+
 def _finish(cfg: DictConfig, choices: dict[str, str], overrides: list[str]) -> Composed:
     """Resolve ``cfg`` (every interpolation, once), freeze its keys (struct mode) and check its
     numeric options (``convcg_cli.options``)."""
+    upgrade_moved_targets(cfg)
+    check_buildable(cfg, "the composed config")  # before resolving: an override may name any class
     OmegaConf.resolve(cfg)
     OmegaConf.set_struct(cfg, True)
     check_numeric_options(cfg)
@@ -142,6 +167,7 @@ def compose(config_name: str, overrides: list[str] | None = None) -> Composed:
 
     register_resolvers()
     overrides = list(overrides or [])
+    check_overrides(overrides)
     extra = extra_config_dir()
     search = [f"hydra.searchpath=[file://{extra}]"] if extra else []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="convcg"):
@@ -179,6 +205,7 @@ def instantiate(node, **kwargs):
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
 
+    check_buildable(node, "the config to build")  # whatever built it, a node is data until checked
     try:
         return hydra_instantiate(node, **kwargs)
     except InstantiationException as exc:
@@ -189,40 +216,3 @@ def instantiate(node, **kwargs):
             target = node.get("_target_", "?") if hasattr(node, "get") else "?"
             raise ConfigError(f"The config for {target} was rejected: {cause}") from None
         raise
-
-
-# Modules whose classes a run's saved config may name as ``_target_``. A saved config is read back
-# from the tracking store (possibly a shared server), so it is data to check, not code to trust.
-TRUSTED_TARGET_PREFIXES = ("convcg_cli.", "torch.optim.", "torch.nn.", "lightning.")
-
-
-def _targets(node, path: str = "") -> list[tuple[str, str]]:
-    """``(dotted key, value)`` of every ``_target_`` in a config tree."""
-    from omegaconf import ListConfig
-
-    out: list[tuple[str, str]] = []
-    if isinstance(node, DictConfig):
-        for key, value in node.items():
-            where = f"{path}.{key!s}" if path else str(key)
-            out += [(where, str(value))] if key == "_target_" else _targets(value, where)
-    elif isinstance(node, ListConfig):
-        for i, value in enumerate(node):
-            out += _targets(value, f"{path}[{i}]")
-    return out
-
-
-def check_trusted_targets(cfg: DictConfig, source: str) -> None:
-    """ConfigError when a ``_target_`` in ``cfg`` is outside ``TRUSTED_TARGET_PREFIXES``.
-
-    Args:
-        cfg: a config read back from outside this process (a run's saved ``resolved.yaml``).
-        source: what it is, for the message (e.g. ``the saved config of run 3f2a...``).
-    """
-    bad = [(key, target) for key, target in _targets(cfg) if not target.startswith(TRUSTED_TARGET_PREFIXES)]
-    if bad:
-        listed = ", ".join(f"{key}={target!r}" for key, target in bad)
-        raise ConfigError(
-            f"Refusing {source}: {listed} is not a class convcg builds (allowed module prefixes: "
-            f"{', '.join(TRUSTED_TARGET_PREFIXES)}). The run's config was edited outside convcg; it is "
-            "not instantiated."
-        )

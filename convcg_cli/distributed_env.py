@@ -1,6 +1,6 @@
 """Where this process sits in a distributed run: a leaf that the data and model layers both read.
 
-The training data (``convcg_cli.data.batches``) splits batches by rank and the loss
+The training data (``convcg_cli.data.loading.batches``) splits batches by rank and the loss
 (``convcg_cli.models.distributed``) gathers across ranks; both ask the same question here, so that
 ``data`` does not import ``models``.
 """

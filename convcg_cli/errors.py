@@ -31,6 +31,10 @@ class RunNotFoundError(ConvcgError):
     """The MLflow run asked for does not exist or has no checkpoint."""
 
 
+class RunClaimedError(ConvcgError):
+    """Another process holds the run this command would write into (e.g. it is resuming it)."""
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a ConvcgError into a one-paragraph message on stderr and a non-zero exit.

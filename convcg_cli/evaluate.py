@@ -38,12 +38,12 @@ from convcg_cli.builders import (  # noqa: F401  (read_checkpoint: also imported
 from convcg_cli.config import Composed
 from convcg_cli.errors import ConfigError, ConvcgError
 from convcg_cli.figures import recall_figure
+from convcg_cli.index import ExactIndex
 from convcg_cli.metrics.bootstrap import CI_HIGH, CI_LOW, bootstrap_recall_ci, ci_names
 from convcg_cli.metrics.prior import choose_prior_weight, log_prior, with_item_prior
-from convcg_cli.metrics.retrieval import ExactIndex, metric_name, positive_hits
+from convcg_cli.metrics.retrieval import metric_name, positive_hits
 from convcg_cli.metrics.suite import report_from_topk
 from convcg_cli.tasks import PRIMARY_TASK
-from convcg_cli.tracking import TrackedRun
 
 SPLITS = ("val", "heldout")
 EVAL_ARTIFACT_DIR = "eval"
@@ -351,6 +351,7 @@ def baseline_key(digest: str, train_cfg, tasks: Sequence[str], cfg, name: str) -
 class BaselineContext:
     """What scoring or finding the baselines of one evaluation needs."""
 
+    store: tracking.Store
     dm: Any
     queries: Any
     tasks: list[str]
@@ -367,31 +368,25 @@ class BaselineContext:
         return self._history
 
 
-def _read_baseline_run(logger_cfg, run_id: str, split: str, ranking: str) -> RankingScores | None:
+def _read_baseline_run(store: tracking.Store, run_id: str, split: str, ranking: str) -> RankingScores | None:
     """A baseline run's scores: its full metrics (``eval/<split>_metrics.json``) and hit flags
     (``eval/<split>_hits.npz``); None when either is missing."""
-    metrics = tracking.read_json_artifact(logger_cfg, run_id, f"{EVAL_ARTIFACT_DIR}/{split}_metrics.json")
+    metrics = tracking.read_json_artifact(store, run_id, f"{EVAL_ARTIFACT_DIR}/{split}_metrics.json")
     if metrics is None:
         return None
     hits = load_hits(
-        tracking.download_artifact(logger_cfg, run_id, f"{EVAL_ARTIFACT_DIR}/{HITS_FILE.format(split=split)}")
+        tracking.download_artifact(store, run_id, f"{EVAL_ARTIFACT_DIR}/{HITS_FILE.format(split=split)}")
     )
     if any(ranking not in h.rankings for h in hits.values()):
         return None
     return RankingScores(metrics, {task: (h.query, h.rankings[ranking]) for task, h in hits.items()})
 
 
-def _log_eval_artifacts(mlflow_client, run_id: str, split: str, metrics: Mapping[str, float], hits) -> None:
+def _log_eval_artifacts(run: tracking.TrackedRun, split: str, metrics: Mapping[str, float], hits) -> None:
     """The full metrics as ``eval/<split>_metrics.json`` and the hit flags as ``eval/<split>_hits.npz``."""
-    tracking.log_text(
-        mlflow_client,
-        run_id,
-        json.dumps(metrics, indent=2, sort_keys=True),
-        f"{EVAL_ARTIFACT_DIR}/{split}_metrics.json",
-    )
-    tracking.log_arrays(
-        mlflow_client, run_id, hits_arrays(hits), f"{EVAL_ARTIFACT_DIR}/{HITS_FILE.format(split=split)}"
-    )
+    metrics_json = json.dumps(metrics, indent=2, sort_keys=True)
+    tracking.log_text(run, metrics_json, f"{EVAL_ARTIFACT_DIR}/{split}_metrics.json")
+    tracking.log_arrays(run, hits_arrays(hits), f"{EVAL_ARTIFACT_DIR}/{HITS_FILE.format(split=split)}")
 
 
 def _score_and_log_baseline(ctx: BaselineContext, name: str, key: str) -> tuple[RankingScores, str] | None:
@@ -405,11 +400,11 @@ def _score_and_log_baseline(ctx: BaselineContext, name: str, key: str) -> tuple[
     if scores is None:
         return None
     data_name = Path(str(ctx.train_cfg.data.dir)).name
-    with tracking.baseline_run(cfg.logger, name, key, data_name, str(cfg.split), {"data": data_name}) as run:
-        tracking.log_dataset(run.client, run.run_id, ctx.train_cfg.data.dir, ctx.profile, "evaluation")
-        tracking.log_metrics(run.client, run.run_id, logged_metrics(scores.metrics, str(cfg.split), ranking))
+    with tracking.baseline_run(ctx.store, name, key, data_name, str(cfg.split), {"data": data_name}) as run:
+        tracking.log_dataset(run, ctx.train_cfg.data.dir, ctx.profile, "evaluation")
+        tracking.log_metrics(run, logged_metrics(scores.metrics, str(cfg.split), ranking))
         hits = collect_hits({ranking: scores}, query_users(ctx.queries), list(cfg.ks))
-        _log_eval_artifacts(run.client, run.run_id, str(cfg.split), scores.metrics, hits)
+        _log_eval_artifacts(run, str(cfg.split), scores.metrics, hits)
     return scores, run.run_id
 
 
@@ -442,12 +437,10 @@ def _baseline_for(
         f"{BASELINE_PREFIX}{name}",
     )
     found = cache.get(key) if cache is not None else None
-    run_id = (
-        tracking.find_baseline_run(ctx.cfg.logger, key) if ctx.cfg.get("reuse_baseline_runs", True) else None
-    )
+    run_id = tracking.find_baseline_run(ctx.store, key) if ctx.cfg.get("reuse_baseline_runs", True) else None
     if found is None and run_id is not None:
         with progress.step(f"Reading baseline {name} from run {run_id}"):
-            found = _read_baseline_run(ctx.cfg.logger, run_id, str(ctx.cfg.split), ranking)
+            found = _read_baseline_run(ctx.store, run_id, str(ctx.cfg.split), ranking)
     if found is None:
         logged = _score_and_log_baseline(ctx, name, key)
         if logged is None:  # refused the data: skipped with a warning
@@ -476,7 +469,7 @@ def evaluate(
         run: an MLflow run id, or ``latest``.
         baseline_cache: optional dict shared across calls (``convcg ablate``): baselines do not depend
             on the trained model, so runs on the same data and evaluation options reuse their scores.
-        data_cache: optional :class:`~convcg_cli.data.prepared.PreparedDataCache` shared across calls
+        data_cache: optional :class:`~convcg_cli.data.loading.PreparedDataCache` shared across calls
             (``convcg ablate``): the data set up for the run's training are reused, not read again.
     """
     cfg = composed.cfg
@@ -485,11 +478,15 @@ def evaluate(
     unknown = [b for b in cfg.baselines if b not in BASELINES]
     if unknown:
         raise ConfigError(f"Unknown baseline(s) {unknown}; known: {sorted(BASELINES)}.")
-    run_id = tracking.resolve_run(cfg.logger, run)
-    checkpoint = tracking.download_checkpoint(cfg.logger, run_id)  # before the baselines: fail fast
-    train_cfg = tracking.load_run_config(cfg.logger, run_id)
+    store = tracking.Store.from_config(cfg.logger)
+    run_id = tracking.resolve_run(store, run)
+    checkpoint = tracking.download_checkpoint(store, run_id)  # before the baselines: fail fast
+    train_cfg = tracking.load_run_config(store, run_id)
     if cfg.data_dir:
         train_cfg.data.dir = str(cfg.data_dir)
+    own_data = tracking.check_training_data(
+        store, run_id, train_cfg.data.dir, cfg.get("allow_other_data", False)
+    )
     tasks = list(train_cfg.loss.task_weights.keys())
     if train_cfg.data.get("train_through_val", False):
         check_refit_evaluation(cfg, run_id)
@@ -498,12 +495,12 @@ def evaluate(
         dm = build_datamodule(train_cfg, tasks, stage="validate", data_cache=data_cache)
     queries = dm.queries[cfg.split]
     _check_has_conversions(dm, cfg.split)
-    mlflow_client = tracking.client(cfg.logger)
+    trained = tracking.existing_run(store, run_id)
     profile = tracking.dataset_profile(dm.n_rows, dm.split_days)
-    digest = tracking.log_dataset(mlflow_client, run_id, train_cfg.data.dir, profile, "evaluation")
+    digest = tracking.log_dataset(trained, train_cfg.data.dir, profile, "evaluation", tag=own_data)
 
     # Baselines first: a bad baseline option fails fast (one that refuses the corpus is skipped).
-    context = BaselineContext(dm, queries, tasks, cfg, train_cfg, digest, profile)
+    context = BaselineContext(store, dm, queries, tasks, cfg, train_cfg, digest, profile)
     baselines, baseline_runs = baselines_for(context, baseline_cache) if cfg.baselines else ({}, [])
 
     model = load_trained_model(train_cfg, dm, checkpoint, run_id)
@@ -523,14 +520,12 @@ def evaluate(
     everything = {m: v for scores in baselines.values() for m, v in scores.metrics.items()} | metrics
 
     with progress.step("Logging to MLflow"):
-        tracking.log_metrics(mlflow_client, run_id, logged_metrics(metrics, str(cfg.split)))
+        tracking.log_metrics(trained, logged_metrics(metrics, str(cfg.split)))
         if baseline_runs:
-            tracking.set_tags(
-                TrackedRun(run_id, mlflow_client, None), {BASELINE_RUNS_TAG: ",".join(baseline_runs)}
-            )
-        _log_eval_artifacts(mlflow_client, run_id, str(cfg.split), everything, hits)
+            tracking.set_tags(trained, {BASELINE_RUNS_TAG: ",".join(baseline_runs)})
+        _log_eval_artifacts(trained, str(cfg.split), everything, hits)
         figure = recall_figure(everything, str(cfg.split), tasks, list(cfg.ks), list(rankings))
-        tracking.log_figure(mlflow_client, run_id, figure, f"{EVAL_ARTIFACT_DIR}/{cfg.split}_recall.png")
+        tracking.log_figure(trained, figure, f"{EVAL_ARTIFACT_DIR}/{cfg.split}_recall.png")
     return EvalResult(run_id, cfg.split, everything, hits, n_queries=len(queries.surface))
 
 

@@ -21,4 +21,4 @@ class TrackingStoreReady(Callback):
             return
         from convcg_cli import tracking
 
-        tracking.experiment_id(tracking.client(config.logger), config.logger)
+        tracking.Store.from_config(config.logger).experiment_id()

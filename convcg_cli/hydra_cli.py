@@ -19,6 +19,7 @@ from convcg_cli.config import (
     CONF_DIR,
     CONFIG_DIR_VARIABLE,
     Composed,
+    check_overrides,
     config_error,
     from_hydra_job,
     register_resolvers,
@@ -155,6 +156,7 @@ def run(
     from omegaconf.errors import OmegaConfBaseException
 
     register_resolvers()
+    check_overrides([a for a in args if not a.startswith("-")])
     hydra_args = with_config_dir(args, os.environ)
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")

@@ -39,12 +39,13 @@ def value_at_best_epoch(
     return next((v for s, v in reversed(history) if s == step), math.nan)
 
 
-def validation_figure(cfg, run_id: str, metric: str) -> float:
-    """``metric`` (a ``val/`` metric) of the checkpoint a training run kept, read from its history."""
-    history = tracking.metric_history(cfg.logger, run_id, metric)
+def validation_figure(store: tracking.Store, cfg, run_id: str, metric: str) -> float:
+    """``metric`` (a ``val/`` metric) of the checkpoint a training run (config ``cfg``) kept, read
+    from its history in ``store``."""
+    history = tracking.metric_history(store, run_id, metric)
     monitor = checkpoint_monitor(cfg)
     if monitor is None:
         return value_at_best_epoch([], history, "max")
     name, mode = monitor
-    monitor_history = history if name == metric else tracking.metric_history(cfg.logger, run_id, name)
+    monitor_history = history if name == metric else tracking.metric_history(store, run_id, name)
     return value_at_best_epoch(monitor_history, history, mode)

@@ -1,6 +1,6 @@
 """Shared specs: what the data layer hands the model layer, in a leaf both import.
 
-``FeatureSpec`` describes one tower's inputs; ``convcg_cli.data.features`` builds it from the tables
+``FeatureSpec`` describes one tower's inputs; ``convcg_cli.data.features.encodings`` builds it from the tables
 and ``convcg_cli.models.towers`` builds embeddings from it. It lives here so that ``data`` never
 imports ``models`` (``convcg_cli.models.towers`` re-exports it).
 """

@@ -10,7 +10,7 @@ from typing import Any
 from convcg_cli import figures, progress, tracking
 from convcg_cli.builders import build_datamodule, build_model  # also imported from here (bench, tests)
 from convcg_cli.config import Composed, instantiate
-from convcg_cli.data.levers import check_levers
+from convcg_cli.data.features import check_levers
 from convcg_cli.errors import ConfigError, RunNotFoundError
 from convcg_cli.interrupts import StopOnSignals
 from convcg_cli.serve.export import log_trained_model
@@ -110,7 +110,7 @@ def train(composed: Composed, data_cache=None) -> TrainResult:
     """Train one model as ``composed.cfg`` says and return its MLflow run id and checkpoint.
 
     Data are validated before any MLflow run is created, so bad input leaves no empty run behind.
-    ``data_cache``: optional :class:`~convcg_cli.data.prepared.PreparedDataCache` shared across calls
+    ``data_cache``: optional :class:`~convcg_cli.data.loading.PreparedDataCache` shared across calls
     (``convcg ablate``): data already set up with the same options are reused, not read again.
     """
     cfg = composed.cfg
@@ -122,10 +122,15 @@ def train(composed: Composed, data_cache=None) -> TrainResult:
         # only trains its shard and learns the run id from rank 0.
         return _fit(cfg, model, dm, logger=False, run_id=None)
 
-    with StopOnSignals() as stop, tracking.tracked_run(cfg, composed.choices, composed.overrides) as run:
+    with (
+        StopOnSignals() as stop,
+        tracking.tracked_run(
+            tracking.Store.from_config(cfg.logger), cfg, composed.choices, composed.overrides
+        ) as run,
+    ):
         stop.run_id = run.run_id
         profile = tracking.dataset_profile(dm.n_rows, dm.split_days)
-        tracking.log_dataset(run.client, run.run_id, cfg.data.dir, profile, "training")
+        tracking.log_dataset(run, cfg.data.dir, profile, "training")
         result = _fit_and_log(cfg, model, dm, run)
     return result
 
@@ -137,23 +142,32 @@ def resume(composed: Composed, run_id: str) -> TrainResult:
     from its ``checkpoints/last.ckpt`` artifact (logged when it was interrupted) or, on the host
     that trained it, from ``outputs/runs/<run_id>/last.ckpt`` (a run whose process was killed).
     """
-    if tracking.is_global_zero():  # ranks > 0 start once rank 0 has reopened the run (RUNNING)
-        tracking.check_resumable(composed.cfg.logger, run_id)
-    cfg = tracking.load_run_config(composed.cfg.logger, run_id)
-    checkpoint = _last_checkpoint(cfg, run_id)
-    dm, model = _build(cfg)
-    if not tracking.is_global_zero():
+    store = tracking.Store.from_config(composed.cfg.logger)
+    if not tracking.is_global_zero():  # ranks > 0 start once rank 0 has reopened the run (RUNNING)
+        cfg, checkpoint, dm, model = _resume_state(store, run_id)
         return _fit(cfg, model, dm, logger=False, run_id=None, ckpt_path=checkpoint)
-    with StopOnSignals() as stop, tracking.reopened_run(cfg.logger, run_id) as run:
-        stop.run_id = run_id
-        result = _fit_and_log(cfg, model, dm, run, ckpt_path=checkpoint)
+    # The claim first: of two `--resume` of one run, the second exits 2 here, naming the first.
+    with tracking.claim_run(store, run_id):
+        tracking.check_resumable(store, run_id)
+        cfg, checkpoint, dm, model = _resume_state(store, run_id)
+        with StopOnSignals() as stop, tracking.reopened_run(store, run_id) as run:
+            stop.run_id = run_id
+            result = _fit_and_log(cfg, model, dm, run, ckpt_path=checkpoint)
     return result
 
 
-def _last_checkpoint(cfg, run_id: str) -> Path:
+def _resume_state(store: tracking.Store, run_id: str):
+    """The saved config, the checkpoint to continue from, the data module and the model of a run."""
+    cfg = tracking.load_run_config(store, run_id)
+    checkpoint = _last_checkpoint(store, cfg, run_id)
+    dm, model = _build(cfg)
+    return cfg, checkpoint, dm, model
+
+
+def _last_checkpoint(store: tracking.Store, cfg, run_id: str) -> Path:
     """The state ``resume`` continues from: the logged resume artifact, else the local ``last.ckpt``."""
-    if tracking.has_artifact(cfg.logger, run_id, tracking.RESUME_CHECKPOINT_ARTIFACT):
-        return tracking.download_checkpoint(cfg.logger, run_id, tracking.RESUME_CHECKPOINT_ARTIFACT)
+    if tracking.has_artifact(store, run_id, tracking.RESUME_CHECKPOINT_ARTIFACT):
+        return tracking.download_checkpoint(store, run_id, tracking.RESUME_CHECKPOINT_ARTIFACT)
     local = _checkpoint_dir(cfg, run_id) / LAST_CHECKPOINT
     if local.exists():
         return local
@@ -171,7 +185,7 @@ def _fit_and_log(cfg, model, dm, run: tracking.TrackedRun, ckpt_path: Path | Non
     tracking.log_checkpoint(run, result.checkpoint)
     log_training_figures(run, list(model.tasks))
     with progress.step("Logging the served model"):
-        log_trained_model(cfg, dm, model, run.run_id, result.checkpoint)  # runs:/<run id>/model
+        log_trained_model(cfg, dm, model, run, result.checkpoint)  # runs:/<run id>/model
     return result
 
 
@@ -182,11 +196,11 @@ def log_training_figures(run: tracking.TrackedRun, tasks: list[str]) -> None:
     """The run's training curves per task (``figures/training.png``) and, when balancing is on (a
     weight moved or a gradient cosine was computed), the weight and cosine traces
     (``figures/balancing.png``), drawn from the metric histories the run logged."""
-    names = [n for n in tracking.run_metric_names(run.client, run.run_id) if n.startswith(("train/", "val/"))]
-    histories = {n: tracking.metric_history_of(run.client, run.run_id, n) for n in names}
-    tracking.log_figure(run.client, run.run_id, figures.training_figure(histories, tasks), TRAINING_FIGURE)
+    names = [n for n in tracking.run_metric_names(run.store, run.run_id) if n.startswith(("train/", "val/"))]
+    histories = {n: tracking.metric_history(run.store, run.run_id, n) for n in names}
+    tracking.log_figure(run, figures.training_figure(histories, tasks), TRAINING_FIGURE)
     if figures.balancing_is_on(histories):
-        tracking.log_figure(run.client, run.run_id, figures.balancing_figure(histories), BALANCING_FIGURE)
+        tracking.log_figure(run, figures.balancing_figure(histories), BALANCING_FIGURE)
 
 
 def _checkpoint_dir(cfg, run_id: str | None) -> Path:

@@ -27,7 +27,7 @@ from convcg_cli.errors import ConfigError
 from convcg_cli.kept_checkpoint import validation_figure
 
 if TYPE_CHECKING:
-    from convcg_cli.data.prepared import PreparedDataCache
+    from convcg_cli.data.loading import PreparedDataCache
 
 SEARCH_DIR = CONF_DIR / "hparams_search"
 STORAGE_FILE = Path("tune") / "optuna.db"  # under paths.root_dir
@@ -203,7 +203,8 @@ def _run_trial(
         composed = _trial_config(search, overrides, parent_run_id, trial.number)
         result = train(composed, data_cache=data_cache)
         trial.set_user_attr("mlflow_run_id", result.run_id)
-        value = validation_figure(composed.cfg, result.run_id, search.optimized_metric)
+        store = tracking.Store.from_config(composed.cfg.logger)
+        value = validation_figure(store, composed.cfg, result.run_id, search.optimized_metric)
         if math.isnan(value):
             raise ConfigError(f"run {result.run_id} logged no {search.optimized_metric}")
     except Exception as exc:  # a failed trial does not stop the study; its error stays with it
@@ -229,7 +230,7 @@ def run_tune(
     import optuna
     from optuna.trial import TrialState
 
-    from convcg_cli.data.prepared import PreparedDataCache
+    from convcg_cli.data.loading import PreparedDataCache
 
     base = [*search.overrides, *train_overrides]
     dists = distributions(search.params)
@@ -249,10 +250,11 @@ def run_tune(
     done = len(study.get_trials(deepcopy=False, states=finished))
     parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
     tags = {"tune": search.name, "study": name, "optimized_metric": search.optimized_metric}
+    store = tracking.Store.from_config(plain.cfg.logger)
     opened = (
-        tracking.reopened_run(plain.cfg.logger, parent_id)
+        tracking.reopened_run(store, parent_id)
         if parent_id
-        else tracking.parent_run(plain.cfg.logger, f"tune/{name}", tags)
+        else tracking.parent_run(store, f"tune/{name}", tags)
     )
     with opened as parent:
         study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
@@ -284,8 +286,8 @@ def _best_experiment(search: Search, study, name: str, root: Path, parent) -> tu
     path = config_dir / "experiment" / "tuned" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-    tracking.log_text(parent.client, parent.run_id, text, f"tuned/{name}.yaml")
-    tracking.log_metrics(parent.client, parent.run_id, {"tune/best_value": float(best.value)})
+    tracking.log_text(parent, text, f"tuned/{name}.yaml")
+    tracking.log_metrics(parent, {"tune/best_value": float(best.value)})
     tracking.set_tags(
         parent, {"best_trial": str(best.number), "best_run_id": str(best.user_attrs.get("mlflow_run_id"))}
     )

@@ -24,7 +24,7 @@ TINY_TRAIN = [
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """The tiny preset, seed 0, written in the data_schemas/ contract."""
-    from convcg_cli.data import synth
+    from convcg_cli.data.importing import synth
 
     return synth.write_tables(synth.generate("tiny", seed=0), tmp_path_factory.mktemp("tiny") / "logs")
 
@@ -32,7 +32,7 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_content_data(tmp_path_factory) -> Path:
     """The tiny preset, seed 0, with item content vectors and new items (``--content-vectors``)."""
-    from convcg_cli.data import synth
+    from convcg_cli.data.importing import synth
 
     out = tmp_path_factory.mktemp("tiny-content") / "logs"
     synth.synthesize("tiny", out, seed=0, content_vectors=True)

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from convcg_cli import ablate, tracking
 from convcg_cli.ablate import ChildResult, Variant
 from convcg_cli.ablate import report as ablate_report
+from convcg_cli.ablate import summary as ablate_summary
 from convcg_cli.ablate.figure import plot_recall
 from convcg_cli.ablate.grid import check_refit_of, fold_overrides, reproduce_command
 from convcg_cli.ablate.run import Cell, cells, child_overrides
@@ -102,18 +103,18 @@ def test_summary_report_and_figure_without_training(tmp_path):
     variants = (Variant("a", ()), Variant("c", ()), Variant("b", (), baseline=True))
     grid = ablate.Grid("toy", variants, (0, 1))
     children = _fake_children()
-    pairing = ablate_report.Pairing(n_boot=300)
-    summary = ablate_report.build_summary(grid, children, "heldout", [10, 100], pairing)
+    pairing = ablate_summary.Pairing(n_boot=300)
+    summary = ablate_summary.build_summary(grid, children, "heldout", [10, 100], pairing)
     rows = summary.rows[0]
     assert [(r.name, r.kind, r.n, r.n_failed) for r in rows] == [
-        ("a", ablate_report.DESIGN, 2, 0),
-        ("c", ablate_report.DESIGN, 2, 0),
-        ("b", ablate_report.TRAINED_BASELINE, 1, 1),
-        ("popularity", ablate_report.FIXED_BASELINE, 1, 0),
+        ("a", ablate_summary.DESIGN, 2, 0),
+        ("c", ablate_summary.DESIGN, 2, 0),
+        ("b", ablate_summary.TRAINED_BASELINE, 1, 1),
+        ("popularity", ablate_summary.FIXED_BASELINE, 1, 0),
     ]
     assert rows[0].mean[("conversion", 100)] == pytest.approx(0.32)
     assert rows[0].validation == pytest.approx(0.55)
-    assert ablate_report.selected_variant(rows).name == "a"  # by validation, not by held-out recall
+    assert ablate_summary.selected_variant(rows).name == "a"  # by validation, not by held-out recall
     by_pair = {(c.variant, c.baseline, c.seed): c.difference for c in summary.comparisons}
     assert set(by_pair) == {(v, "popularity", s) for v in "ac" for s in (0, 1)}  # b has no hits
     assert by_pair[("a", "popularity", 0)].above_zero and by_pair[("a", "popularity", 1)].above_zero
@@ -154,13 +155,13 @@ def test_report_shows_value_and_cold_item_recall_only_where_runs_logged_them():
     variants = (Variant("a", ()), Variant("c", ()), Variant("b", (), baseline=True))
     grid = ablate.Grid("toy", variants, (0, 1))
     context = {"command": "x", "parent_run_id": "p", "tracking_uri": "x", "split": "heldout", "data_dirs": []}
-    pairing = ablate_report.Pairing(n_boot=0)
-    plain = ablate_report.build_summary(grid, _fake_children(), "heldout", [10, 100], pairing)
+    pairing = ablate_summary.Pairing(n_boot=0)
+    plain = ablate_summary.build_summary(grid, _fake_children(), "heldout", [10, 100], pairing)
     plain_report = ablate_report.render_report(grid, plain, context)
     assert "value recall" not in plain_report and "cold-item" not in plain_report
     assert all("extras" not in r for r in ablate_report.summary_json(grid, plain)["folds"][0]["rows"])
 
-    summary = ablate_report.build_summary(
+    summary = ablate_summary.build_summary(
         grid, _with_value_and_cold(_fake_children()), "heldout", [10, 100], pairing
     )
     report = ablate_report.render_report(grid, summary, context)
@@ -188,15 +189,15 @@ def test_paired_comparison_with_a_trained_baseline_and_the_verdict():
     grid = ablate.Grid("toy", (Variant("a", ()), Variant("b", (), baseline=True)), (0, 1), select_k=10)
     trained = [ChildResult("b", s, f"b{s}", "FINISHED", hits=_hits(rng, 0.0)) for s in (0, 1)]
     design = [ChildResult("a", s, f"a{s}", "FINISHED", hits=_hits(rng, 0.5)) for s in (0, 1)]
-    comparisons = ablate_report.paired_comparisons(grid, design + trained, ablate_report.Pairing(200))
+    comparisons = ablate_summary.paired_comparisons(grid, design + trained, ablate_summary.Pairing(200))
     assert {(c.baseline, c.seed) for c in comparisons} == {
         (b, s) for b in ("popularity", "b") for s in (0, 1)
     }
     assert all(c.difference.k == 10 and c.difference.above_zero for c in comparisons)
     mine = [c for c in comparisons if c.baseline == "b"]
-    assert ablate_report.verdict(mine, grid.seeds) == "beats"
-    assert ablate_report.verdict(mine[:1], grid.seeds) == "CI > 0 on 1 of 2 seeds"
-    assert ablate_report.paired_comparisons(grid, design + trained, ablate_report.Pairing(0)) == []
+    assert ablate_summary.verdict(mine, grid.seeds) == "beats"
+    assert ablate_summary.verdict(mine[:1], grid.seeds) == "CI > 0 on 1 of 2 seeds"
+    assert ablate_summary.paired_comparisons(grid, design + trained, ablate_summary.Pairing(0)) == []
 
 
 def test_folds_add_the_end_offset_override_and_are_reported():
@@ -212,7 +213,7 @@ def test_folds_add_the_end_offset_override_and_are_reported():
     grid = ablate.Grid("toy", (Variant("a", ()),), (0,), folds=2)
     assert [(c.fold, c.seed) for c in cells(grid)] == [(0, 0), (1, 0)]
     children = _fake_children()[:1] + [replace(_fake_children()[0], fold=1, run_id="r9")]
-    summary = ablate_report.build_summary(grid, children, "heldout", [10, 100], ablate_report.Pairing(100))
+    summary = ablate_summary.build_summary(grid, children, "heldout", [10, 100], ablate_summary.Pairing(100))
     report = ablate_report.render_report(
         grid,
         summary,
@@ -242,7 +243,9 @@ def test_pooled_verdict_takes_each_folds_validation_choice_and_resamples_users_a
         _fold_child("a", 1, 0.4, _hits(rng, 0.9)),
         _fold_child("c", 1, 0.7, fold1),
     ]
-    summary = ablate_report.build_summary(grid, children, "heldout", [10, 100], ablate_report.Pairing(300, 7))
+    summary = ablate_summary.build_summary(
+        grid, children, "heldout", [10, 100], ablate_summary.Pairing(300, 7)
+    )
     (pooled,) = summary.pooled
     assert pooled.variants == ("a", "c") and pooled.baseline == "popularity" and pooled.positives == 360
 
@@ -270,13 +273,13 @@ def test_pooled_verdict_needs_every_folds_selected_cell_and_several_folds():
     rng = np.random.default_rng(4)
     grid = ablate.Grid("toy", (Variant("a", ()),), (0, 1), select_k=100, folds=2)
     children = [_fold_child("a", f, 0.5, _hits(rng, 0.4), seed=s) for f in (0, 1) for s in (0, 1)]
-    pairing = ablate_report.Pairing(100)
-    summary = ablate_report.build_summary(grid, children, "heldout", [100], pairing)
+    pairing = ablate_summary.Pairing(100)
+    summary = ablate_summary.build_summary(grid, children, "heldout", [100], pairing)
     assert {c.seed for c in summary.pooled} == {0, 1}
-    summary = ablate_report.build_summary(grid, children[:-1], "heldout", [100], pairing)
+    summary = ablate_summary.build_summary(grid, children[:-1], "heldout", [100], pairing)
     assert {c.seed for c in summary.pooled} == {0}  # seed 1 has no fold-1 cell
     one_fold = replace(grid, folds=1)
-    summary = ablate_report.build_summary(one_fold, children[:2], "heldout", [100], pairing)
+    summary = ablate_summary.build_summary(one_fold, children[:2], "heldout", [100], pairing)
     assert summary.pooled == [] and "pooled" not in ablate_report.summary_json(one_fold, summary)
     context = {"command": "c", "parent_run_id": "p", "tracking_uri": "x", "split": "heldout", "data_dirs": []}
     assert "held-out windows together" not in ablate_report.render_report(one_fold, summary, context)
@@ -294,7 +297,12 @@ def test_failed_evaluation_marks_the_child_failed_and_the_grid_goes_on(home):
     """Fake training (a real, empty MLflow run) and an evaluation that fails for one variant."""
 
     def fake_train(composed):
-        with tracking.tracked_run(composed.cfg, composed.choices, composed.overrides) as run:
+        with tracking.tracked_run(
+            tracking.Store.from_config(composed.cfg.logger),
+            composed.cfg,
+            composed.choices,
+            composed.overrides,
+        ) as run:
             pass
         return TrainResult(run.run_id, home / "none.ckpt", {})
 
@@ -322,7 +330,9 @@ def test_smoke_grid_end_to_end(home, tiny_overrides):
     client = _client(home)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["failed_children"] == "1"
-    children = tracking.child_runs(compose("eval").cfg.logger, result.parent_run_id)
+    children = tracking.child_runs(
+        tracking.Store.from_config(compose("eval").cfg.logger), result.parent_run_id
+    )
     assert sorted((r.data.tags["variant"], r.info.status) for r in children) == [
         ("broken", "FAILED"),
         ("engagement_only", "FINISHED"),
@@ -336,7 +346,7 @@ def test_smoke_grid_end_to_end(home, tiny_overrides):
     assert not any("baseline" in name for name in metrics)
     assert "heldout_by_surface/search/conversion/recall_at_100" in metrics
     full = tracking.read_json_artifact(
-        compose("eval").cfg.logger, done.info.run_id, "eval/heldout_metrics.json"
+        tracking.Store.from_config(compose("eval").cfg.logger), done.info.run_id, "eval/heldout_metrics.json"
     )
     name = "heldout/baseline_itemcf/conversion/recall_at_100"
     assert full[f"{name}_ci_low"] <= full[name] <= full[f"{name}_ci_high"]
@@ -349,7 +359,7 @@ def test_smoke_grid_end_to_end(home, tiny_overrides):
     assert itemcf.data.metrics["heldout/conversion/recall_at_100"] == pytest.approx(full[name])
 
     hits_file = tracking.download_artifact(
-        compose("eval").cfg.logger, done.info.run_id, "eval/heldout_hits.npz"
+        tracking.Store.from_config(compose("eval").cfg.logger), done.info.run_id, "eval/heldout_hits.npz"
     )
     hits = load_hits(hits_file)["conversion"]
     assert set(hits.rankings) == {"model", "baseline_popularity", "baseline_itemcf"} and hits.ks == (
@@ -376,7 +386,10 @@ def test_smoke_grid_end_to_end(home, tiny_overrides):
     (result.report_dir / "report.md").unlink()
     again = ablate.rewrite_report(grid, result.parent_run_id, tiny_overrides)
     assert (again.report_dir / "report.md").read_text() == written
-    assert len(tracking.child_runs(compose("eval").cfg.logger, result.parent_run_id)) == 3
+    assert (
+        len(tracking.child_runs(tracking.Store.from_config(compose("eval").cfg.logger), result.parent_run_id))
+        == 3
+    )
 
 
 def test_cli_routing_and_errors(home):
@@ -495,10 +508,12 @@ def test_a_refit_grid_reports_its_one_design_chosen_by_the_other_grid():
         for seed in (0, 1)
     ]
     grid = ablate.Grid("toy_refit", (Variant("refit", ()),), (0, 1), refit_of="kuairand_folds")
-    summary = ablate_report.build_summary(grid, children, "heldout", [100], ablate_report.Pairing(n_boot=50))
+    summary = ablate_summary.build_summary(
+        grid, children, "heldout", [100], ablate_summary.Pairing(n_boot=50)
+    )
     rows = summary.rows[0]
-    assert ablate_report.selected_variant(rows) is None  # no validation figure of its own
-    assert ablate_report.selected_variant(rows, grid).name == "refit"
+    assert ablate_summary.selected_variant(rows) is None  # no validation figure of its own
+    assert ablate_summary.selected_variant(rows, grid).name == "refit"
     context = {"command": "c", "parent_run_id": "p", "tracking_uri": "x", "split": "heldout", "data_dirs": []}
     report = ablate_report.render_report(grid, summary, context)
     assert "by grid `kuairand_folds`" in report and "vs popularity" in report
@@ -522,7 +537,7 @@ def test_data_set_up_once_per_grid_give_the_figures_of_data_set_up_per_cell(
     (``reuse_data``) reports the same figures as with the data set up for every training and every
     evaluation; the baselines are scored once per grid either way."""
     from convcg_cli import progress
-    from convcg_cli.data import datamodule
+    from convcg_cli.data.loading import datamodules as datamodule
 
     reads: list = []
     original = datamodule.load_tables
@@ -562,7 +577,7 @@ def test_baselines_and_data_are_set_up_once_per_fold(home, tiny_overrides, monke
     """Two folds of one seed of the smoke grid: each fold (its own split) sets its data up once and
     scores its baselines once; its second variant and its evaluations reuse both."""
     from convcg_cli import progress
-    from convcg_cli.data import datamodule
+    from convcg_cli.data.loading import datamodules as datamodule
 
     reads: list = []
     original = datamodule.load_tables

@@ -20,7 +20,7 @@ from convcg_cli.baselines import (
 )
 from convcg_cli.config import compose
 from convcg_cli.errors import ConfigError
-from convcg_cli.metrics.retrieval import popularity_topk
+from convcg_cli.index import popularity_topk
 from convcg_cli.train import build_datamodule, check_served_embedding_is_trained
 
 TASKS = ["conversion", "engagement"]
@@ -120,8 +120,8 @@ def tiny_dm(tiny_data):
 
 
 def test_history_holds_only_training_window_engagements(tiny_dm):
-    from convcg_cli.data import features as F
-    from convcg_cli.data.schema import load_tables
+    from convcg_cli.data.contract import load_tables
+    from convcg_cli.data.features import encodings as F
 
     split = F.split_by_time(load_tables(tiny_dm.dir)["impressions"], tiny_dm.val_days, tiny_dm.heldout_days)
     engaged = {

@@ -8,16 +8,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
 
-from convcg_cli.bench import figures, measure, report
-from convcg_cli.bench.ann import IVFFlat
+from convcg_cli.bench import figures, measure, report, report_commands
 from convcg_cli.bench.cli import bench_config
 from convcg_cli.config import instantiate
-from convcg_cli.metrics.retrieval import exact_topk
+from convcg_cli.index import exact_topk
+from convcg_cli.report_paths import Places
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = [
@@ -106,14 +106,6 @@ def test_configured_ann_indexes_build_and_search(name):
     assert name in ann.description.lower().replace("-", "_")
 
 
-def test_ivf_probing_every_cell_is_exact():
-    queries, items = _unit(50, 5), _unit(2000, 6)
-    ann = IVFFlat(nlist=16)
-    ann.build(items)
-    _, exact = exact_topk(queries, items, 20)
-    assert measure.topk_overlap(ann.search(queries, 20, effort=16), exact) == 1.0
-
-
 def test_quick_config_merges_over_the_full_one():
     full, quick = bench_config([], quick=False), bench_config(["seed=3"], quick=True)
     assert full.preset == "large" and quick.preset == "tiny" and quick.seed == 3
@@ -185,6 +177,21 @@ def test_report_renders_every_section_and_target_from_the_results():
     assert "| ANN, nprobe=2 | 0.05 | 2.00x | 0.900 | 0.4500 |" in text
     assert "| baseline | 1.0 | 500 |" in text and "| scale_1 |" in text and "| step_cpu_ms |" in text
     assert figures.LIGHTNING_VS_BARE in figures.metrics(_fake_results())
+
+
+def test_eval_section_writes_the_paths_of_a_step_portably():
+    point = {"data": "eval-small", "items": 50, "queries": 9, "k": 10, "total_s": 2.0, "exact_topk_s": 0.5}
+    point["steps"] = [{"step": "Loading and checking /tmp/convcg-bench-x1/eval-small", "seconds": 1.0}]
+    point["steps_again"] = [{"step": "Loading and checking /srv/h/data/bench-large", "seconds": 1.0}]
+    point["total_again_s"] = 2.0
+    named = {"CONVCG_HOME": PurePosixPath("/srv/h"), "WORKDIR": PurePosixPath("/tmp/convcg-bench-x1")}
+    text = "\n".join(
+        report_commands.eval_section({"eval": [point]}, Places(PurePosixPath("/work/main"), named))
+    )
+    assert "| Loading and checking $WORKDIR/eval-small | 1.0 | 50% |" in text
+    assert "| next run: Loading and checking $CONVCG_HOME/data/bench-large | 1.0 | 50% |" in text
+    here = "\n".join(report_commands.eval_section({"eval": [point], "workdir": "/tmp/convcg-bench-x1"}))
+    assert "| Loading and checking $WORKDIR/eval-small | 1.0 | 50% |" in here and "/tmp/" not in here
 
 
 def test_a_crashed_bench_run_is_marked_failed(tmp_path, monkeypatch):
@@ -261,9 +268,9 @@ def test_serving_section_measures_the_pyfunc_model_and_batch_retrieve(tiny_data,
     assert 0 < figures_["p50_ms"] <= figures_["p99_ms"]
     assert figures_["retrieve_rps"] > 0 and figures_["retrieve_vs_exact"] > 0
     assert figures_["exact_build_s"] >= 0 and figures_["ivf_build_s"] >= 0
-    text = "\n".join(report.serving_section({"serve": figures_}))
+    text = "\n".join(report_commands.serving_section({"serve": figures_}))
     assert text.startswith("## (g) Serving") and "ratio to exact_topk" in text
-    assert report.serving_section({}) == []
+    assert report_commands.serving_section({}) == []
 
 
 @pytest.mark.slow  # starts `mlflow models serve`: ~10 s
@@ -273,7 +280,7 @@ def test_serving_section_times_the_http_server(tiny_data, tmp_path):
     cfg = bench_config(["quick.serve.http_requests=3"], quick=True)
     figures_ = step_serve(cfg, str(tmp_path), str(tiny_data))
     assert figures_["http_requests"] == 3 and 0 < figures_["http_p50_ms"] <= figures_["http_p99_ms"]
-    text = "\n".join(report.serving_section({"serve": figures_}))
+    text = "\n".join(report_commands.serving_section({"serve": figures_}))
     assert "`mlflow models serve` `/invocations`" in text
 
 
@@ -291,9 +298,9 @@ def test_eval_section_times_every_step_of_convcg_eval(tiny_data, tmp_path):
     again = [s["step"] for s in figures_["steps_again"]]  # the next run reads the baselines' runs
     assert any(n.startswith("Reading baseline popularity") for n in again)
     assert not any(n.startswith("Scoring baseline") for n in again)
-    text = "\n".join(report.eval_section({"eval": [figures_]}))
+    text = "\n".join(report_commands.eval_section({"eval": [figures_]}))
     assert text.startswith("## (h)") and "all of `convcg eval`" in text
-    assert report.eval_section({}) == []
+    assert report_commands.eval_section({}) == []
 
 
 def test_step_flops_count_forward_and_backward_matmuls_with_their_shapes():
@@ -353,7 +360,7 @@ def test_report_renders_the_flops_and_grid_sections():
         "| data setup | 4.0 | 1.0 | 0.25 |" in text
         and "| **grid wall time** | **20.0** | **17.0** | **0.85** |" in text
     )
-    assert report.grid_section({}) == [] and report.flops_lines(None) == []
+    assert report_commands.grid_section({}) == [] and report.flops_lines(None) == []
 
 
 @pytest.mark.slow  # the smoke grid on the tiny logs, twice: ~30 s

@@ -218,6 +218,8 @@ def test_empty_heldout_split_is_a_clear_error(trained, tiny_data, tmp_path):
     )
     imp.write_parquet(bad / "impressions.parquet")
     result = invoke("eval", "--run", "latest", f"data_dir={bad}")
+    assert result.exit_code == 2 and "are not the data run" in result.output  # other bytes: asked for?
+    result = invoke("eval", "--run", "latest", f"data_dir={bad}", "allow_other_data=true")
     assert result.exit_code == 2
     assert "heldout split" in result.output and "0 conversions" in result.output
 
@@ -247,7 +249,7 @@ def test_eval_on_logs_with_another_corpus_is_a_clear_error(trained, tiny_data, t
         item_id=pl.lit(items["item_id"].max() + 1, dtype=items["item_id"].dtype)
     )
     pl.concat([items, extra]).write_parquet(other / "items.parquet")
-    result = invoke("eval", "--run", "latest", f"data_dir={other}", "baselines=[]")
+    result = invoke("eval", "--run", "latest", f"data_dir={other}", "baselines=[]", "allow_other_data=true")
     assert result.exit_code == 2, result.output
     assert "does not fit the model rebuilt" in result.output and "Traceback" not in result.output
 

@@ -9,10 +9,18 @@ import pytest
 import torch
 
 from convcg_cli.config import compose
-from convcg_cli.data.contract import VECTOR, ColumnSchema, load_schemas
-from convcg_cli.data.features import FeatureColumns, table_features
-from convcg_cli.data.schema import NOT_FINITE, WRONG_LENGTH, conform_frames, load_tables, write_tables
-from convcg_cli.data.synth import generate
+from convcg_cli.data.contract import (
+    NOT_FINITE,
+    VECTOR,
+    WRONG_LENGTH,
+    ColumnSchema,
+    conform_frames,
+    load_schemas,
+    load_tables,
+    write_tables,
+)
+from convcg_cli.data.features.encodings import FeatureColumns, table_features
+from convcg_cli.data.importing import generate
 from convcg_cli.errors import ConfigError, DataValidationError
 from convcg_cli.metrics.retrieval import COLD_ITEMS, HELDOUT, metric_name
 from convcg_cli.models.towers import FeatureEmbedder, FeatureSpec
@@ -25,7 +33,7 @@ def content_tables():
     """The tiny preset with content vectors, as frames."""
     import dataclasses
 
-    from convcg_cli.data.synth import _generate, resolve_config
+    from convcg_cli.data.importing.synth import _generate, resolve_config
 
     return _generate(dataclasses.replace(resolve_config("tiny"), content_vectors=True), 0)[0]
 
@@ -52,7 +60,7 @@ def test_wrong_length_and_nan_vectors_are_clear_errors(tmp_path, content_tables)
 
 
 def test_a_pinned_length_is_enforced_and_only_vectors_have_one(tmp_path):
-    from convcg_cli.data.checks import conform_vector
+    from convcg_cli.data.contract import conform_vector
 
     column = ColumnSchema("emb", VECTOR, length=3)
     vectors, violations = conform_vector("items", "items.parquet", column, pl.Series([[1.0, 2.0]] * 2))
@@ -118,7 +126,7 @@ def test_tiny_training_and_evaluation_with_content_vectors(home, tiny_overrides,
 
 
 def test_datamodule_reads_item_and_subject_vectors(tiny_content_data):
-    from convcg_cli.data.datamodule import InMemoryDataModule
+    from convcg_cli.data.loading import InMemoryDataModule
 
     dm = InMemoryDataModule(
         str(tiny_content_data), batch_size=128, features={"item": {"vector": ["content_emb"]}}

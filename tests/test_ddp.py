@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convcg_cli.data.datamodule import ShuffledBatches
+from convcg_cli.data.loading import ShuffledBatches
 from convcg_cli.models.losses import MultiTaskSampledSoftmax, StreamingLogQ
 from tests.conftest import TINY_TRAIN
 

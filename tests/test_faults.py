@@ -120,8 +120,8 @@ def test_a_signal_ends_the_run_killed_with_its_metrics_and_last_checkpoint(
 def test_a_running_run_whose_process_died_is_marked_killed_by_the_next_command(home):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    logger_cfg = compose("eval").cfg.logger
-    with tracking.open_run(logger_cfg, "victim", {}) as run:
+    store = tracking.Store.from_config(compose("eval").cfg.logger)
+    with tracking.open_run(store, "victim", {}) as run:
         client = run.client
         client.set_tag(run.run_id, tracking.PID_TAG, str(dead.pid))  # as if that process opened it
         client.set_tag(run.run_id, tracking.CHECKPOINT_TAG, "yes")
@@ -131,7 +131,7 @@ def test_a_running_run_whose_process_died_is_marked_killed_by_the_next_command(h
         assert info.info.status == "KILLED"
         assert f"pid {dead.pid}" in info.data.tags[tracking.ERROR_TAG]
         alive = client.create_run(info.info.experiment_id, tags=tracking.process_tags())
-        assert tracking.mark_dead_runs(client, [info.info.experiment_id]) == []  # this process: alive
+        assert tracking.mark_dead_runs(store, [info.info.experiment_id]) == []  # this process: alive
         assert client.get_run(alive.info.run_id).info.status == "RUNNING"
 
 
@@ -195,9 +195,8 @@ def _planted_run(home: Path, tiny_overrides: list[str], *, target: str | None = 
     cfg = compose("train", tiny_overrides).cfg
     if target:
         OmegaConf.update(cfg, "model._target_", target)
-    logger_cfg = cfg.logger
-    with tracking.open_run(logger_cfg, "planted", {}) as run:
-        tracking.log_text(run.client, run.run_id, OmegaConf.to_yaml(cfg), tracking.CONFIG_ARTIFACT)
+    with tracking.open_run(tracking.Store.from_config(cfg.logger), "planted", {}) as run:
+        tracking.log_text(run, OmegaConf.to_yaml(cfg), tracking.CONFIG_ARTIFACT)
         if checkpoint is not None:
             path = home / "planted.ckpt"
             torch.save(checkpoint, path)
@@ -262,9 +261,9 @@ def test_eval_on_an_empty_home_creates_nothing(tmp_path, monkeypatch):
 OPEN_STORE = """
 from convcg_cli import tracking
 from convcg_cli.config import compose
-logger_cfg = compose("eval").cfg.logger
-with tracking.open_run(logger_cfg, "concurrent", {}) as run:
-    tracking.log_metrics(run.client, run.run_id, {"opened": 1.0})
+store = tracking.Store.from_config(compose("eval").cfg.logger)
+with tracking.open_run(store, "concurrent", {}) as run:
+    tracking.log_metrics(run, {"opened": 1.0})
 """
 
 

@@ -8,7 +8,7 @@ import torch
 
 from convcg_cli.builders import build_datamodule, build_model
 from convcg_cli.config import compose
-from convcg_cli.data.cofactors import item_factor_matrix
+from convcg_cli.data.features.cofactors import item_factor_matrix
 from convcg_cli.errors import ConfigError
 
 TASKS = ["conversion", "engagement"]

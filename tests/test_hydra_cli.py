@@ -156,12 +156,11 @@ def test_a_multirun_creates_the_mlflow_store_before_its_jobs_start(monkeypatch):
     from convcg_cli.hydra_callbacks import TrackingStoreReady
 
     opened = []
-    monkeypatch.setattr(tracking, "client", lambda logger_cfg: f"client of {logger_cfg.tracking_uri}")
-    monkeypatch.setattr(tracking, "experiment_id", lambda client, logger_cfg: opened.append(client))
+    monkeypatch.setattr(tracking.Store, "experiment_id", lambda store: opened.append(store.uri))
     logger = {"tracking_uri": "sqlite:///x.db", "experiment_name": "convcg"}
     TrackingStoreReady().on_multirun_start(OmegaConf.create({"logger": logger}))
     TrackingStoreReady().on_multirun_start(OmegaConf.create({"cell": 0}))  # no logger: nothing to do
-    assert opened == ["client of sqlite:///x.db"]
+    assert opened == ["sqlite:///x.db"]
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from convcg_cli.data import synth
+from convcg_cli.data.importing import synth
 
 LEARNABLE = synth.SynthConfig(
     n_users=1_000, n_items=3_000, n_advertisers=100, n_categories=20, n_days=10, n_impressions=300_000

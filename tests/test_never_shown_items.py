@@ -10,11 +10,10 @@ import torch
 
 from convcg_cli.builders import build_datamodule, build_model
 from convcg_cli.config import compose
-from convcg_cli.data.batches import ItemIdDropout
-from convcg_cli.data.datamodule import InMemoryDataModule
-from convcg_cli.data.features import NEVER_SHOWN_CODE
-from convcg_cli.data.item_encoding import encode_items
-from convcg_cli.data.schema import load_tables
+from convcg_cli.data.contract import load_tables
+from convcg_cli.data.features import encode_items
+from convcg_cli.data.features.encodings import NEVER_SHOWN_CODE
+from convcg_cli.data.loading import InMemoryDataModule, ItemIdDropout
 from convcg_cli.errors import ConfigError
 from tests.conftest import TINY_TRAIN
 
@@ -141,7 +140,7 @@ def test_item_id_dropout_hits_its_share_in_training_batches_only(tiny_content_da
 def test_item_id_dropout_on_the_streamed_path_keeps_the_shards_and_the_batch_order(
     tiny_content_data, tmp_path
 ):
-    from convcg_cli.data.datamodule import StreamedDataModule
+    from convcg_cli.data.loading import StreamedDataModule
 
     def streamed(share: float) -> StreamedDataModule:
         dm = StreamedDataModule(

@@ -12,8 +12,8 @@ from convcg_cli.baselines import training_history
 from convcg_cli.builders import build_datamodule
 from convcg_cli.cli import app
 from convcg_cli.config import compose
-from convcg_cli.data import features as F
-from convcg_cli.data.schema import load_tables
+from convcg_cli.data.contract import load_tables
+from convcg_cli.data.features import encodings as F
 from convcg_cli.errors import ConfigError
 from convcg_cli.evaluate import check_refit_evaluation
 

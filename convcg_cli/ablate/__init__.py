@@ -6,8 +6,9 @@ metric that selects the best variant (``select``), optional rolling-origin ``fol
 ``conf/eval.yaml``.
 
 Modules: :mod:`.grid` (the grid and its cells' results), :mod:`.run` (training and evaluating the
-cells under one MLflow parent run), :mod:`.report` (statistics, the validation-selected variant,
-paired comparisons, markdown), :mod:`.figure` (``recall.png``).
+cells under one MLflow parent run), :mod:`.summary` (statistics, the validation-selected variant,
+paired comparisons per fold and pooled), :mod:`.report` (the markdown report and ``summary.json``),
+:mod:`.figure` (``recall.png``).
 
 The parent run gets ``report.md`` (reproduce command, mean +- 95% t-interval across seeds per variant,
 the variant selected on validation and its paired bootstrap differences to every baseline per seed,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convcg_cli.ablate.report import DESIGN, TASKS, Row
+from convcg_cli.ablate.summary import DESIGN, TASKS, Row
 from convcg_cli.figures import recall_axes
 
 FIGURE_FILE = "recall.png"

@@ -31,15 +31,8 @@ from convcg_cli.ablate.grid import (
     grid_yaml,
     reproduce_command,
 )
-from convcg_cli.ablate.report import (
-    Pairing,
-    Row,
-    Summary,
-    build_summary,
-    render_report,
-    selection_metric,
-    summary_json,
-)
+from convcg_cli.ablate.report import render_report, summary_json
+from convcg_cli.ablate.summary import Pairing, Row, Summary, build_summary, selection_metric
 from convcg_cli.config import compose
 from convcg_cli.errors import ConfigError
 from convcg_cli.kept_checkpoint import validation_figure
@@ -187,7 +180,7 @@ def run_ablation(
             ``hydra.launcher.n_jobs=2``): the cells then run as the jobs of a Hydra multirun
             (:func:`_launch_cells`) and the report is built from their runs once all are done.
         reuse_data: the default trainings and evaluations share one
-            :class:`~convcg_cli.data.prepared.PreparedDataCache`: cells (and a cell's evaluation)
+            :class:`~convcg_cli.data.loading.prepared.PreparedDataCache`: cells (and a cell's evaluation)
             whose data and data options are identical set the data up once; False sets them up
             for every training and every evaluation (the figures are the same either way).
 
@@ -196,7 +189,7 @@ def run_ablation(
     Slightly over 60 lines: preflight, the parent run and the per-cell loop with its report rewrite
     share the run's state; the per-cell work itself is ``_run_child``.
     """
-    from convcg_cli.data.prepared import PreparedDataCache  # imports lightning: not at module import
+    from convcg_cli.data.loading import PreparedDataCache  # imports lightning: not at module import
     from convcg_cli.evaluate import evaluate
     from convcg_cli.train import train
 
@@ -208,18 +201,18 @@ def run_ablation(
     eval_composed = compose("eval", [*grid.eval_overrides, *shared])
     heldout_days = _preflight(grid, train_overrides)
 
-    logger_cfg = eval_composed.cfg.logger
+    store = tracking.Store.from_config(eval_composed.cfg.logger)
     report_dir = Path(eval_composed.cfg.paths.root_dir) / "reports" / grid.name
     command = reproduce_command(grid, train_overrides, patterns)
     tags = {"mlflow.source.name": "convcg ablate", "ablation": grid.name, "command": command[:500]}
     children: list[ChildResult] = []
     baseline_cache: dict = {}
-    with tracking.parent_run(logger_cfg, f"ablate/{grid.name}", tags) as parent:
-        tracking.log_text(parent.client, parent.run_id, grid_yaml(grid, train_overrides), "config/grid.yaml")
+    with tracking.parent_run(store, f"ablate/{grid.name}", tags) as parent:
+        tracking.log_text(parent, grid_yaml(grid, train_overrides), "config/grid.yaml")
         context = {
             "command": command,
             "parent_run_id": parent.run_id,
-            "tracking_uri": str(logger_cfg.tracking_uri),
+            "tracking_uri": store.uri,
             "split": str(eval_composed.cfg.split),
         }
         writer = ReportWriter(grid, eval_composed.cfg, report_dir, context)
@@ -232,7 +225,7 @@ def run_ablation(
             paths = [o for o in shared if o.lstrip("+~").startswith("paths")]
             shared_dir = _prepared_data_dir(eval_composed.cfg, parent.run_id) if reuse_data else None
             _launch_cells(grid, jobs, eval_composed, [*paths, *launcher_overrides], shared_dir)
-            children = _children_from_runs(grid, eval_composed.cfg, parent.run_id)
+            children = _children_from_runs(store, grid, eval_composed.cfg, parent.run_id)
             summary = writer.write(children)
         else:
             start = time.perf_counter()
@@ -241,7 +234,7 @@ def run_ablation(
                 children.append(
                     _run_child(grid, cell, composed, eval_composed, train_fn, evaluate_fn, baseline_cache)
                 )
-                _mark_lost_run(logger_cfg, parent.run_id, children[-1])
+                _mark_lost_run(store, parent.run_id, children[-1])
                 summary = writer.write(children)  # a long grid that is stopped still leaves a report
         plot_recall(summary.rows[0], writer.ks, report_dir / FIGURE_FILE)
         files = [report_dir / name for name in (REPORT_FILE, FIGURE_FILE, SUMMARY_FILE)]
@@ -261,13 +254,13 @@ def rewrite_report(grid: Grid, parent_run_id: str, train_overrides: Sequence[str
     """
     shared = [o for o in train_overrides if o.lstrip("+~").split(".")[0].split("=")[0] in _SHARED_GROUPS]
     eval_cfg = compose("eval", [*grid.eval_overrides, *shared]).cfg
-    logger_cfg, split = eval_cfg.logger, str(eval_cfg.split)
-    children = _children_from_runs(grid, eval_cfg, parent_run_id)
-    parent = tracking.client(logger_cfg).get_run(parent_run_id)
+    store, split = tracking.Store.from_config(eval_cfg.logger), str(eval_cfg.split)
+    children = _children_from_runs(store, grid, eval_cfg, parent_run_id)
+    parent = tracking.run_info(store, parent_run_id)
     context = {
         "command": parent.data.tags.get("command", ""),
         "parent_run_id": parent_run_id,
-        "tracking_uri": str(logger_cfg.tracking_uri),
+        "tracking_uri": store.uri,
         "split": split,
     }
     report_dir = Path(eval_cfg.paths.root_dir) / "reports" / grid.name
@@ -276,14 +269,14 @@ def rewrite_report(grid: Grid, parent_run_id: str, train_overrides: Sequence[str
     return AblationResult(parent_run_id, report_dir, children, summary)
 
 
-def _children_from_runs(grid: Grid, eval_cfg, parent_run_id: str) -> list[ChildResult]:
+def _children_from_runs(store: tracking.Store, grid: Grid, eval_cfg, parent_run_id: str) -> list[ChildResult]:
     """Each child run's figures, per-positive hits and kept-checkpoint validation figure, read back
     from MLflow, in the grid's cell order (a parallel launcher finishes them in any order)."""
     from convcg_cli.evaluate import HITS_FILE, load_hits
 
-    logger_cfg, split = eval_cfg.logger, str(eval_cfg.split)
+    split = str(eval_cfg.split)
     children = []
-    for run in tracking.child_runs(logger_cfg, parent_run_id):
+    for run in tracking.child_runs(store, parent_run_id):
         tags, run_id = run.data.tags, run.info.run_id
         name, seed, fold = tags.get("variant"), int(tags.get("seed", 0)), int(tags.get("fold", 0))
         if run.info.status != FINISHED or f"{split}/conversion/recall_at_100" not in run.data.metrics:
@@ -291,13 +284,13 @@ def _children_from_runs(grid: Grid, eval_cfg, parent_run_id: str) -> list[ChildR
                 ChildResult(name, seed, run_id, FAILED, error=tags.get(tracking.ERROR_TAG), fold=fold)
             )
             continue
-        train_cfg = tracking.load_run_config(logger_cfg, run_id)
+        train_cfg = tracking.load_run_config(store, run_id)
         # The full figures (baselines', CIs under their own names) are the eval metrics artifact;
         # the run's own MLflow metrics hold the model's headline ones.
         metrics = dict(run.data.metrics)
-        metrics.update(tracking.read_json_artifact(logger_cfg, run_id, f"eval/{split}_metrics.json") or {})
-        metrics[selection_metric(grid)] = validation_figure(train_cfg, run_id, selection_metric(grid))
-        hits_path = tracking.download_artifact(logger_cfg, run_id, f"eval/{HITS_FILE.format(split=split)}")
+        metrics.update(tracking.read_json_artifact(store, run_id, f"eval/{split}_metrics.json") or {})
+        metrics[selection_metric(grid)] = validation_figure(store, train_cfg, run_id, selection_metric(grid))
+        hits_path = tracking.download_artifact(store, run_id, f"eval/{HITS_FILE.format(split=split)}")
         hits = load_hits(hits_path).get(grid.select_task)
         data_dir = str(train_cfg.data.dir)
         children.append(
@@ -322,7 +315,7 @@ def _launch_cells(
     recorded in its run and does not stop the others. With ``shared_dir`` the jobs share their set-up
     data there (a job on another host without that file system just sets its data up itself)."""
     from convcg_cli import hydra_cli
-    from convcg_cli.data.prepared import PreparedDataCache
+    from convcg_cli.data.loading import PreparedDataCache
     from convcg_cli.evaluate import evaluate
     from convcg_cli.train import train
 
@@ -345,13 +338,14 @@ def _launch_cells(
 
 def _run_child(grid: Grid, cell: Cell, composed, eval_composed, train_fn, evaluate_fn, cache) -> ChildResult:
     """Train and evaluate one cell; any error is recorded, not raised (Ctrl-C still stops the grid)."""
+    store = tracking.Store.from_config(eval_composed.cfg.logger)
     run_id, data_dir = None, str(composed.cfg.data.dir)
     name, seed, fold = cell.variant.name, cell.seed, cell.fold
     try:
         run_id = train_fn(composed).run_id
         result = evaluate_fn(eval_composed, run_id, baseline_cache=cache)
         metrics = dict(result.metrics)
-        selecting = validation_figure(composed.cfg, run_id, selection_metric(grid))
+        selecting = validation_figure(store, composed.cfg, run_id, selection_metric(grid))
         if not math.isnan(selecting):
             metrics[selection_metric(grid)] = selecting
         hits = result.hits.get(grid.select_task)
@@ -361,15 +355,15 @@ def _run_child(grid: Grid, cell: Cell, composed, eval_composed, train_fn, evalua
         # The traceback goes to stderr for debugging; the report and the run get the one-line error.
         log.warning("ablation cell %s failed, continuing", cell.run_name, exc_info=True)
         if run_id is not None:  # training finished, evaluation failed: the cell failed
-            tracking.mark_failed(tracking.client(eval_composed.cfg.logger), run_id, error)
+            tracking.mark_failed(tracking.existing_run(store, run_id), error)
         return ChildResult(name, seed, run_id, FAILED, error=error, data_dir=data_dir, fold=fold)
 
 
-def _mark_lost_run(logger_cfg, parent_run_id: str, child: ChildResult) -> None:
+def _mark_lost_run(store: tracking.Store, parent_run_id: str, child: ChildResult) -> None:
     """A child whose training raised has a FAILED run but no id in hand: find it by its tags."""
     if child.status == FINISHED or child.run_id is not None:
         return
-    for run in reversed(tracking.child_runs(logger_cfg, parent_run_id)):
+    for run in reversed(tracking.child_runs(store, parent_run_id)):
         tags = run.data.tags
         if (tags.get("variant"), tags.get("seed"), tags.get("fold", "0")) == (
             child.variant,

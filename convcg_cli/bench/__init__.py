@@ -22,8 +22,13 @@ Steps:
     scale      synthesis, setup, a training step and exact top-k at several sizes; log-log slopes
     memory     peak memory of a training process, streamed vs in memory, as the log grows
 
-Modules: ``measure`` (pure measuring helpers), ``ann`` (ANN index wrappers), ``serving`` (the served
-model's step), ``steps`` (the measured
-steps, one per subprocess), ``runner`` (runs them in order), ``figures`` (headline metrics and growth
-exponents from the raw results), ``report`` (the markdown report), ``cli`` (the Typer app).
+Modules: ``measure`` (pure measuring helpers), ``training`` (the training pieces the steps share:
+config, datamodule and model, the bare loop, the first-step measure), ``serving`` (the served model's
+step), ``grid`` (a grid's time per phase), ``flops`` (FLOPs and the bare GEMM), ``steps`` (the
+measured steps, one per subprocess), ``runner`` (runs them in order), ``figures`` (headline metrics
+and growth exponents from the raw results), ``report`` and ``report_commands`` (the markdown
+report), ``cli`` (the Typer app). The indexes searched (exact, IVF, HNSW) are :mod:`convcg_cli.index`'s.
+
+Imports point one way: ``cli`` -> ``runner`` / ``steps`` / ``report``; ``steps`` -> ``serving`` /
+``grid`` -> ``training`` -> ``measure``.
 """

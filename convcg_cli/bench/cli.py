@@ -57,7 +57,9 @@ def run_command(
         cfg = bench_config(overrides or [], quick)
         print(f"convcg bench: preset {cfg.preset}{' (quick)' if quick else ''}; report -> {cfg.report}")
         tags = {"mlflow.source.name": "convcg bench", "preset": str(cfg.preset), "quick": str(cfg.is_quick)}
-        with tracking.open_run(cfg.logger, f"bench-{cfg.preset}", tags) as tracked:
+        with tracking.open_run(
+            tracking.Store.from_config(cfg.logger), f"bench-{cfg.preset}", tags
+        ) as tracked:
             tracking.log_config_params(tracked, cfg, skip_prefixes=("quick.",))
             with tempfile.TemporaryDirectory(prefix="convcg-bench-") as tmp:
                 results = run(cfg, Path(tmp))
@@ -66,10 +68,10 @@ def run_command(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(report)
             figures = metrics(results)
-            tracking.log_metrics(tracked.client, tracked.run_id, figures)
-            tracking.log_text(tracked.client, tracked.run_id, report, REPORT_ARTIFACT)
+            tracking.log_metrics(tracked, figures)
+            tracking.log_text(tracked, report, REPORT_ARTIFACT)
             raw = json.dumps(results, indent=2, default=str)
-            tracking.log_text(tracked.client, tracked.run_id, raw, RESULTS_ARTIFACT)
+            tracking.log_text(tracked, raw, RESULTS_ARTIFACT)
         print(
             f"Lightning/bare {figures[LIGHTNING_VS_BARE]:.3f}, data/model {figures[DATA_VS_MODEL]:.0f}x, "
             "ANN speed-up/overlap "

@@ -1,5 +1,5 @@
 """(i) Where a grid's time goes, with its data set up for every training and evaluation (before) and
-once per grid (after: :class:`~convcg_cli.data.prepared.PreparedDataCache`), interleaved.
+once per grid (after: :class:`~convcg_cli.data.loading.prepared.PreparedDataCache`), interleaved.
 
 A reduced grid (``grid_timing.cases``: a few variants and seeds of a grid of ``conf/ablate``) runs
 through ``run_ablation`` both ways in one process, each run in a fresh convcg home (so both score
@@ -53,11 +53,11 @@ def phase_seconds(steps: Sequence[tuple[str, float]], total: float) -> dict[str,
 def _empty_store(workdir: Path) -> Path:
     """An MLflow store with its tables made, copied into each run's home (its migrations would cost
     every run the same seconds)."""
-    from mlflow.tracking import MlflowClient
+    from convcg_cli import tracking
 
     store = workdir / "grid-empty-mlflow.db"
     if not store.exists():
-        MlflowClient(tracking_uri=f"sqlite:///{store}").search_experiments()
+        tracking.Store(f"sqlite:///{store}", "Default").create_tables()
     return store
 
 
@@ -100,7 +100,7 @@ def step_grid(cfg: DictConfig, workdir: str, case: str) -> dict:
     """(i) the reduced grid ``grid_timing.cases[case]`` without and with the data set up once per
     grid, the case's ``rounds`` times each, the order alternating round by round."""
     from convcg_cli.ablate import load_grid, select
-    from convcg_cli.data import synth
+    from convcg_cli.data.importing import synth
 
     spec = cfg.grid_timing.cases[case]
     work = Path(workdir)
@@ -145,12 +145,12 @@ def step_vs_gemm(grid, overrides: list[str], rounds: int, batches: int, warmup: 
 
     from convcg_cli.ablate.run import Cell, child_overrides
     from convcg_cli.bench.flops import gemm_seconds, record_matmuls
-    from convcg_cli.bench.steps import _setup, bare_loop, measure_first_step
+    from convcg_cli.bench.training import bare_loop, measure_first_step, setup_model
     from convcg_cli.config import compose
 
     cell = Cell(grid.variants[0], grid.seeds[0])
     train_cfg = compose("train", child_overrides(cell, overrides, 1)).cfg
-    dm, model, _ = _setup(train_cfg)
+    dm, model, _ = setup_model(train_cfg)
     matmuls = measure_first_step(model, dm, record_matmuls)
     clip = train_cfg.trainer.get("gradient_clip_val")
     step_s, gemm_s = [], []

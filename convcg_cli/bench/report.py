@@ -1,11 +1,11 @@
 """The benchmark report (``reports/bench/bench.md``): markdown from the raw results alone.
 
-One function per section; every table goes through ``convcg_cli.markdown.table``.
+One function per section: the header and sections (a)-(f) here, (g)-(i) (what convcg's own commands
+cost) in :mod:`.report_commands`; every table goes through ``convcg_cli.markdown.table``.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 from collections.abc import Mapping
@@ -23,6 +23,7 @@ from convcg_cli.bench.figures import (
     scale_exponents,
     step_figures,
 )
+from convcg_cli.bench.report_commands import eval_section, grid_section, serving_section
 from convcg_cli.markdown import table
 
 
@@ -394,181 +395,3 @@ def _bounded_memory(cfg: DictConfig, results: Mapping[str, Any]) -> list[str]:
         "the training impressions.",
         "",
     ]
-
-
-def eval_section(results: Mapping[str, Any]) -> list[str]:
-    """(h): ``convcg eval``'s steps and their share of its time, per data set, against the bare
-    ``exact_topk`` of as many queries over as many items (absent from older results: no section)."""
-    if not results.get("eval"):
-        return []
-    lines = [
-        "## (h) Where `convcg eval`'s time goes",
-        "",
-        "A run of the default design trained for a few batches, then evaluated as `convcg eval` does "
-        "(the baselines of the KuaiRand grids, bootstrap CIs, MLflow logging), each step it shows timed "
-        "in one process; the reference is the bare `exact_topk` of as many random queries over as many "
-        "items, in the same process.",
-        "",
-    ]
-    for point in results["eval"]:
-        total, again = float(point["total_s"]), float(point.get("total_again_s", float("nan")))
-        rows = [
-            [step["step"], f"{step['seconds']:.1f}", f"{100 * step['seconds'] / total:.0f}%"]
-            for step in point["steps"]
-        ]
-        rows.append(["**all of `convcg eval`, first run on these data**", f"**{total:.1f}**", "100%"])
-        rows += [
-            [f"next run: {step['step']}", f"{step['seconds']:.1f}", f"{100 * step['seconds'] / again:.0f}%"]
-            for step in point.get("steps_again", [])
-        ]
-        if "steps_again" in point:
-            rows.append(["**all of `convcg eval`, next run (baselines reused)**", f"**{again:.1f}**", "100%"])
-        rows.append(
-            [
-                f"bare `exact_topk`, {point['queries']:,} queries x {point['items']:,} items, k={point['k']}",
-                f"{point['exact_topk_s']:.2f}",
-                f"{100 * point['exact_topk_s'] / (total if math.isnan(again) else again):.0f}% (of the last)",
-            ]
-        )
-        lines += [f"`{point['data']}`:", "", table(["step", "seconds", "share"], rows, align="lrr"), ""]
-    return lines
-
-
-def serving_section(results: Mapping[str, Any]) -> list[str]:
-    """(g): the served model's single-request latency, batch retrieve vs the bare exact path, index
-    build times (absent from results saved before the step existed: no section)."""
-    if "serve" not in results:
-        return []
-    srv = results["serve"]
-    rows = [
-        [f"pyfunc `predict`, 1 request, k={srv['k']}", f"{srv['p50_ms']:.1f}", f"{srv['p99_ms']:.1f}"],
-    ]
-    if "http_p50_ms" in srv:  # absent from results saved before the server was timed
-        rows.append(
-            [
-                f"`mlflow models serve` `/invocations`, 1 request, k={srv['k']} "
-                f"({srv['http_requests']:,} posts)",
-                f"{srv['http_p50_ms']:.1f}",
-                f"{srv['http_p99_ms']:.1f}",
-            ]
-        )
-    batch = [
-        [
-            "`convcg retrieve` (encode + search + write)",
-            f"{srv['retrieve_rps']:,.0f}",
-            f"{srv['retrieve_vs_exact']:.2f}",
-        ],
-        ["bare `exact_topk` of (c) (search only: the limit)", f"{srv['exact_qps']:,.0f}", "1.00"],
-    ]
-    builds = [
-        ["exact (IndexFlatIP)", f"{srv['exact_build_s']:.3f}"],
-        ["IVF-Flat", f"{srv['ivf_build_s']:.3f}"],
-    ]
-    return [
-        "## (g) Serving: the pyfunc model and batch candidates",
-        "",
-        f"The run's served model over {srv['items']:,} items, saved and loaded as MLflow serves it (schema "
-        f"checks included); {srv['requests']:,} single requests of random known users, the surfaces in turn.",
-        "",
-        table(["call", "p50 ms", "p99 ms"], rows, align="lrr"),
-        "",
-        f"Batch: {srv['batch_requests']:,} requests, k={srv['batch_k']}, one process, interleaved rounds, "
-        "the fastest of each; the ratio is retrieve's requests/s over the bare path's queries/s.",
-        "",
-        table(["path", "requests/s", "ratio to exact_topk"], batch, align="lrr"),
-        "",
-        table(["index build", "seconds"], builds, align="lr"),
-        "",
-        "The HTTP rows time a local client's JSON request to the server's `/invocations` end to end "
-        "(serialisation, HTTP, MLflow's schema checks, predict); the server and the client share the cores.",
-        "",
-    ]
-
-
-def grid_section(results: Mapping[str, Any]) -> list[str]:
-    """(i): a reduced ablation grid with its data set up per training and evaluation (before) and
-    once per grid (after), per phase (absent from older results: no section)."""
-    from convcg_cli.bench.grid import PHASES, TRAINING
-
-    if not results.get("grid"):
-        return []
-    lines = [
-        "## (i) A grid's wall time: data set up per cell (before) vs once per grid (after)",
-        "",
-        "A reduced grid through `run_ablation` (`grid_timing` in conf/bench.yaml), in one process, "
-        "with the data set up by every training and every evaluation (before) and with the set-up "
-        "data reused by every cell whose data and data options are identical (after: "
-        "`PreparedDataCache`, `convcg ablate`'s default), the order alternating round by round. Each "
-        "run starts from an empty MLflow store, so both score their baselines once (the first cell) "
-        "and reuse them in the later cells (`baseline_cache`, `reuse_baseline_runs`). Phases are "
-        "the steps `convcg ablate` shows; the load average (1 min) is read before and after each run, "
-        "since the machine is shared: the per-phase ratios are the figures to read. A case on data "
-        "not at hand is skipped (`kuairand` runs once `grid_timing.cases.kuairand.data_dir` names "
-        "the imported logs).",
-        "",
-    ]
-    for case in results["grid"]:
-        before = _mean_phases([r for r in case["runs"] if not r["reuse_data"]])
-        after = _mean_phases([r for r in case["runs"] if r["reuse_data"]])
-        rows = [
-            [phase, f"{before[phase]:.1f}", f"{after[phase]:.1f}", _ratio(after[phase], before[phase])]
-            for phase in [*PHASES, TRAINING]
-        ]
-        total = [f"{before[WALL]:.1f}", f"{after[WALL]:.1f}", _ratio(after[WALL], before[WALL])]
-        rows.append([f"**{cell}**" for cell in ["grid wall time", *total]])
-        load_rows = [
-            [
-                str(r["round"]),
-                "after" if r["reuse_data"] else "before",
-                f"{r['total_s']:.1f}",
-                f"{r['load_before']:.2f}",
-                f"{r['load_after']:.2f}",
-            ]
-            for r in case["runs"]
-        ]
-        same = "identical" if case["same_figures"] else "**NOT identical**"
-        variants = ", ".join(f"`{v}`" for v in case["variants"])
-        lines += [
-            f"`{case['grid']}` on `{case['data']}`: variants {variants}, seeds {case['seeds']} "
-            f"({case['cells']} cells), train overrides `{case['train_overrides']}`. Every cell's figures "
-            f"before and after, to the 4th decimal: {same}.",
-            "",
-            table(["phase", "before s", "after s", "after/before"], rows, align="lrrr"),
-            "",
-            table(["round", "run", "wall s", "load before", "load after"], load_rows, align="llrrr"),
-            "",
-            *_step_lines(case.get("step")),
-        ]
-    return lines
-
-
-def _step_lines(step: Mapping[str, Any] | None) -> list[str]:
-    """What bounds the training phase: a cell's training step against a bare GEMM of its own matrix
-    products (absent from older results: nothing)."""
-    if not step:
-        return []
-    rest = 1.0 - step["vs_gemm"]
-    return [
-        f"What bounds its training: a training step of `{step['variant']}` on these data (batch "
-        f"{step['batch_size']}, {step['threads']} thread(s), bare loop) takes {step['step_ms']:.1f} ms; "
-        f"its {step['matmuls']} matrix products ({step['matmul_gflop']:.2f} GFLOP) run bare, on random "
-        f"operands of the same shapes, in {step['gemm_ms']:.1f} ms. The step runs at "
-        f"**{step['vs_gemm']:.2f} of a bare GEMM** ({step['step_gflops_per_s']:.1f} against "
-        f"{step['gemm_gflops_per_s']:.1f} GFLOP/s): everything else (data, element-wise work, the "
-        f"optimizer) is {rest:.0%} of it, so a faster step that does the same arithmetic can save at "
-        f"most that share.",
-        "",
-    ]
-
-
-WALL = "wall"
-
-
-def _mean_phases(runs: list[Mapping[str, Any]]) -> dict[str, float]:
-    """Mean seconds per phase (and of the wall time, ``WALL``) over ``runs`` of one way."""
-    names = [*runs[0]["phases"], WALL]
-    return {n: float(np.mean([r["total_s"] if n == WALL else r["phases"][n] for r in runs])) for n in names}
-
-
-def _ratio(after: float, before: float) -> str:
-    return f"{after / before:.2f}" if before > 0 else "-"

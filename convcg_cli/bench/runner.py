@@ -46,6 +46,7 @@ def run(cfg: DictConfig, workdir: Path) -> dict:
     """Every step, in order; returns all figures (the report is rendered from them)."""
     OmegaConf.save(cfg, workdir / "bench.yaml")
     results: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_before": os.getloadavg()}
+    results["workdir"] = str(workdir)  # the report writes paths under it as $WORKDIR
     start = time.perf_counter()
     data_dir = str(Path(cfg.data_dir))
     env = dict(os.environ)

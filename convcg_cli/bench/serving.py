@@ -40,7 +40,7 @@ def bench_requests(user_ids: np.ndarray, surfaces: list[str], n: int, seed: int)
 
 def index_build_seconds(item_emb: np.ndarray, nlist: int) -> dict[str, float]:
     """Seconds to build the exact and the IVF index of the served corpus."""
-    from convcg_cli.metrics.retrieval import ExactIndex, IVFIndex
+    from convcg_cli.index import ExactIndex, IVFIndex
 
     start = time.perf_counter()
     ExactIndex(item_emb)
@@ -78,20 +78,20 @@ def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     import pandas as pd
 
     from convcg_cli import tracking
-    from convcg_cli.bench.steps import _setup, _train_config
-    from convcg_cli.metrics.retrieval import exact_topk
+    from convcg_cli.bench.training import setup_model, train_config
+    from convcg_cli.index import exact_topk
     from convcg_cli.serve.batch import retrieve_file
     from convcg_cli.serve.bundle import request_rows
     from convcg_cli.serve.export import make_bundle, save_bundle, serve_options
     from convcg_cli.serve.model import CandidateModel
 
     s = cfg.serve
-    train_cfg = _train_config(cfg, data_dir, workdir)
-    dm, model, _ = _setup(train_cfg)
+    train_cfg = train_config(cfg, data_dir, workdir)
+    dm, model, _ = setup_model(train_cfg)
     model.eval()
     bundle = make_bundle(train_cfg, dm, model, serve_options(train_cfg, {"index": "exact"}))
     model_dir = save_bundle(bundle, Path(workdir) / "pyfunc")
-    served = tracking.load_served_model(train_cfg.logger, str(model_dir))
+    served = tracking.load_served_model(tracking.Store.from_config(train_cfg.logger), str(model_dir))
     k = min(int(s.k), len(bundle.item_ids))
     single = bench_requests(bundle.users.user_ids, bundle.surfaces, int(s.requests), cfg.seed).to_pandas()
     served.predict(single.iloc[:1], params={"k": k})  # warm-up: first-call costs are not latency

@@ -9,17 +9,20 @@ import json
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 from omegaconf import DictConfig
 
 from convcg_cli.bench.measure import Clock, peak_rss_mib, time_data_path, topk_overlap, torch_topk
-
-T = TypeVar("T")  # what a first-step measure returns
+from convcg_cli.bench.training import (
+    bare_loop,
+    measure_first_step,
+    setup_model,
+    train_config,
+    train_overrides,
+)
 
 
 def quiet() -> None:
@@ -35,7 +38,7 @@ def quiet() -> None:
 def _synth_config(cfg: DictConfig, factor: float, days: bool = False):
     """The preset's SynthConfig with users, items, advertisers and impressions scaled by ``factor``;
     with ``days``, days and impressions instead (a longer log of the same corpus and daily traffic)."""
-    from convcg_cli.data import synth
+    from convcg_cli.data.importing import synth
 
     base = synth.resolve_config(str(cfg.preset))
     if days:
@@ -55,15 +58,16 @@ def _synth_config(cfg: DictConfig, factor: float, days: bool = False):
 
 def step_baseline(cfg: DictConfig, workdir: str) -> dict:
     """Peak memory of the imports alone: of the synth step's libraries, then of every step's."""
-    from convcg_cli.data import synth  # noqa: F401  (polars, numpy)
+    from convcg_cli.data.importing import synth  # noqa: F401  (polars, numpy)
 
     synth_mib = peak_rss_mib()
     import faiss  # noqa: F401
     import lightning  # noqa: F401
-    import mlflow  # noqa: F401
     import torch  # noqa: F401
 
-    from convcg_cli import train  # noqa: F401
+    from convcg_cli import tracking, train  # noqa: F401
+
+    tracking.import_mlflow()
 
     return {"synth_mib": synth_mib, "train_mib": peak_rss_mib()}
 
@@ -72,8 +76,8 @@ def step_synth(
     cfg: DictConfig, workdir: str, factor: float, out_dir: str, reuse: bool, days: bool = False
 ) -> dict:
     """Generate and write the scaled preset; with ``reuse``, keep ``out_dir`` if it holds the same logs."""
-    from convcg_cli.data import synth
-    from convcg_cli.data.tables import METADATA_FILE
+    from convcg_cli.data.contract import METADATA_FILE
+    from convcg_cli.data.importing import synth
 
     config = _synth_config(cfg, factor, days)
     wanted = json.loads(json.dumps(dataclasses.asdict(config)))
@@ -85,76 +89,6 @@ def step_synth(
     start = time.perf_counter()
     synth.synthesize(config, out_dir, seed=cfg.seed)
     return {"reused": False, "seconds": time.perf_counter() - start, "impressions": config.n_impressions}
-
-
-def _train_overrides(cfg: DictConfig, data_dir: str, workdir: str) -> list[str]:
-    return [
-        f"data.dir={data_dir}",
-        f"logger.tracking_uri=sqlite:///{workdir}/timing-mlflow.db",
-        f"logger.artifact_location={workdir}/timing-artifacts",
-        f"seed={cfg.seed}",
-        *cfg.train_overrides,
-    ]
-
-
-def _train_config(cfg: DictConfig, data_dir: str, workdir: str) -> DictConfig:
-    """conf/train.yaml on ``data_dir``, tracking into a throwaway store in ``workdir``."""
-    from convcg_cli.config import compose
-
-    return compose("train", _train_overrides(cfg, data_dir, workdir)).cfg
-
-
-def _setup(train_cfg: DictConfig):
-    """Seed, then build the datamodule (timed) and the model exactly as ``convcg train`` does."""
-    import lightning as L
-
-    from convcg_cli.tasks import check_task_names
-    from convcg_cli.train import build_datamodule, build_model
-
-    L.seed_everything(train_cfg.seed, workers=True, verbose=False)
-    start = time.perf_counter()
-    dm = build_datamodule(train_cfg, check_task_names(train_cfg.loss.task_weights.keys()))
-    seconds = time.perf_counter() - start
-    return dm, build_model(train_cfg, dm), seconds
-
-
-@contextmanager
-def _without_logging(model) -> Iterator[None]:
-    """``self.log`` as a no-op: the bare loop has no logger, as a hand-written loop would not."""
-    model.log = model.log_dict = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        del model.log, model.log_dict
-
-
-def _epochs(dm) -> Iterator[dict]:
-    """Training batches, epoch after epoch (a small dataset may have fewer batches than asked for)."""
-    while True:
-        yield from dm.train_dataloader()
-
-
-def bare_loop(model, dm, warmup: int, batches: int, clip: float | None) -> Clock:
-    """``batches`` training steps after ``warmup`` by hand: the module's own ``training_step``, then
-    zero_grad, backward, gradient clipping and the optimizer step, as Lightning does them."""
-    import torch
-
-    optimizer = model.configure_optimizers()
-    model.train()
-    clock = Clock()
-    with _without_logging(model):
-        for i, batch in enumerate(_epochs(dm)):
-            if i >= warmup:
-                clock.tick()
-            if i == warmup + batches:
-                break
-            loss = model.training_step(batch, i)
-            optimizer.zero_grad()
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
-    return clock
 
 
 def lightning_loop(train_cfg: DictConfig, model, dm, logger, warmup: int, batches: int, root: str):
@@ -189,24 +123,6 @@ def lightning_loop(train_cfg: DictConfig, model, dm, logger, warmup: int, batche
     return clock, time.perf_counter() - start
 
 
-def measure_first_step(model, dm, measure: Callable[[Callable[[], None]], T]) -> T:
-    """``measure(forward_backward)`` for one training step's forward and backward on the first batch
-    (e.g. ``flops.step_flops`` or ``flops.record_matmuls``); the gradients and the random streams are
-    left as they were, so the timed rounds after it do what they would without it."""
-    import torch
-
-    batch = next(iter(dm.train_dataloader()))
-    model.train()
-
-    def forward_backward() -> None:
-        model.training_step(batch, 0).backward()
-
-    with torch.random.fork_rng(), _without_logging(model):
-        measured = measure(forward_backward)
-    model.zero_grad(set_to_none=True)
-    return measured
-
-
 def flops_figures(flops: int, matmuls: list, rounds: list[dict]) -> dict:
     """Each path's achieved GFLOP/s (``flops`` over its median step time) and the bare GEMM loop's
     (timed in every round, ``gemm_ms``); ``<path>_vs_gemm`` is the median of the per-round ratios,
@@ -232,7 +148,7 @@ def flops_figures(flops: int, matmuls: list, rounds: list[dict]) -> dict:
 
 def step_data(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     """Datamodule setup time and the training data path's batches/s."""
-    dm, _, setup_s = _setup(_train_config(cfg, data_dir, workdir))
+    dm, _, setup_s = setup_model(train_config(cfg, data_dir, workdir))
     seconds, n = time_data_path(dm, int(cfg.data_path.batches))
     return {
         "setup_s": setup_s,
@@ -253,15 +169,15 @@ def step_train(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     from convcg_cli import tracking
     from convcg_cli.bench.flops import gemm_seconds, step_flops
 
-    train_cfg = _train_config(cfg, data_dir, workdir)
-    dm, model, setup_s = _setup(train_cfg)
+    train_cfg = train_config(cfg, data_dir, workdir)
+    dm, model, setup_s = setup_model(train_cfg)
     t = cfg.throughput
     warmup, n = int(t.warmup), int(t.batches)
     clip = train_cfg.trainer.get("gradient_clip_val")
     flops, matmuls = measure_first_step(model, dm, step_flops)
     rounds = []
     # The run and logger convcg train uses (in a throwaway store), so logging costs what it costs.
-    with tracking.tracked_run(train_cfg, {}, []) as run:
+    with tracking.tracked_run(tracking.Store.from_config(train_cfg.logger), train_cfg, {}, []) as run:
         for r in range(int(t.rounds)):
             dm.train_set.epoch = 0  # the same batches for every path and round
             data_s, data_n = time_data_path(dm, int(cfg.data_path.batches))
@@ -338,7 +254,8 @@ def _save_embeddings(cfg: DictConfig, dm, model, path: Path) -> None:
 def step_retrieval(cfg: DictConfig, workdir: str) -> dict:
     """Exact top-k by faiss (``exact_topk``) vs torch vs the configured ANN index, same sizes."""
     from convcg_cli.config import instantiate
-    from convcg_cli.metrics.retrieval import exact_topk, recall_at_k
+    from convcg_cli.index import exact_topk
+    from convcg_cli.metrics.retrieval import recall_at_k
 
     saved = np.load(Path(workdir) / "embeddings.npz")
     queries, items = saved["queries"], saved["items"]
@@ -397,10 +314,10 @@ def step_retrieval(cfg: DictConfig, workdir: str) -> dict:
 
 def step_scale(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     """At one size: setup, ms per training step (bare loop) and exact top-k of a fixed query count."""
-    from convcg_cli.metrics.retrieval import exact_topk
+    from convcg_cli.index import exact_topk
 
-    train_cfg = _train_config(cfg, data_dir, workdir)
-    dm, model, setup_s = _setup(train_cfg)
+    train_cfg = train_config(cfg, data_dir, workdir)
+    dm, model, setup_s = setup_model(train_cfg)
     s = cfg.scale
     clip = train_cfg.trainer.get("gradient_clip_val")
     # Medians and minima: a burst of load from another process must not bend the growth curve.
@@ -434,10 +351,10 @@ def step_memory(cfg: DictConfig, workdir: str, data_dir: str, streamed: bool) ->
     overrides = ["data/stream=streamed", f"data.stream.chunk_rows={int(m.chunk_rows)}"] if streamed else []
     from convcg_cli.config import compose
 
-    train_cfg = compose("train", [*_train_overrides(cfg, data_dir, workdir), *overrides]).cfg
+    train_cfg = compose("train", [*train_overrides(cfg, data_dir, workdir), *overrides]).cfg
     if streamed:
         train_cfg.data.stream.cache_dir = str(cache)
-    dm, model, setup_s = _setup(train_cfg)
+    dm, model, setup_s = setup_model(train_cfg)
     setup_mib = peak_rss_mib()
     clock = bare_loop(model, dm, int(m.warmup), int(m.steps), train_cfg.trainer.get("gradient_clip_val"))
     out = {
@@ -470,15 +387,15 @@ def step_eval(cfg: DictConfig, workdir: str, data_dir: str, preset: str | None =
 
     from convcg_cli import progress
     from convcg_cli.config import compose
-    from convcg_cli.data import synth
+    from convcg_cli.data.importing import synth
     from convcg_cli.evaluate import evaluate
-    from convcg_cli.metrics.retrieval import exact_topk
+    from convcg_cli.index import exact_topk
     from convcg_cli.train import train
 
     e = cfg.eval_breakdown
     if preset is not None:
         synth.synthesize(synth.resolve_config(preset), data_dir, seed=cfg.seed)
-    overrides = _train_overrides(cfg, data_dir, workdir)
+    overrides = train_overrides(cfg, data_dir, workdir)
     trained_cfg = compose(
         "train", [*overrides, "trainer.max_epochs=1", f"+trainer.limit_train_batches={int(e.train_batches)}"]
     )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from convcg_cli.metrics.retrieval import check_k
+from convcg_cli.index.checks import check_k
 
 CI_LOW = "_ci_low"
 CI_HIGH = "_ci_high"

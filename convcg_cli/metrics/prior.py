@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from convcg_cli.metrics.retrieval import exact_topk, recall_at_k
+from convcg_cli.index import exact_topk
+from convcg_cli.metrics.retrieval import recall_at_k
 
 
 def log_prior(counts: np.ndarray) -> np.ndarray:

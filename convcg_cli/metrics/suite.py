@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from convcg_cli.index import exact_topk
 from convcg_cli.metrics.retrieval import (
     COLD_ITEMS,
     VALUE_RECALL,
-    exact_topk,
     metric_name,
     recall_at_k,
     recall_at_k_by_group,

@@ -1,0 +1,1 @@
+"""The two-tower model: cross networks, towers, heads, history encoder, losses, LightningModule."""

@@ -1,6 +1,6 @@
 """A small Transformer over the user's recent engaged items (TransAct-style), pooled to one vector.
 
-Input is what ``convcg_cli.data.history.history_before`` produces: (B, L) item codes (corpus position
+Input is what ``convcg_cli.data.features.history.history_before`` produces: (B, L) item codes (corpus position
 + 1, 0 = padding) and (B, L) action codes (0 = padding), most recent first and right-padded.
 """
 

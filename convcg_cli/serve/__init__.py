@@ -8,5 +8,5 @@
     batch.py     ``convcg retrieve``: candidates for a request file, streamed in chunks
     reindex.py   ``convcg index``: a new item table embedded by the trained item tower
 
-Every ranking goes through :mod:`convcg_cli.retrieval`, the path ``convcg eval`` scores.
+Every ranking goes through :mod:`convcg_cli.index` (its ``Retriever``), the path ``convcg eval`` scores.
 """

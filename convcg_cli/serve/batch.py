@@ -33,17 +33,17 @@ class RetrieveResult:
     seconds: float
 
 
-def served_model_uri(logger_cfg, model: str) -> str:
+def served_model_uri(store: tracking.Store, model: str) -> str:
     """A model URI from ``--run``: ``models:/NAME@ALIAS`` (or any ``models:/``, ``runs:/`` URI) as
     given; a run id or ``latest`` becomes that run's ``runs:/ID/model``."""
     if model.startswith(("models:/", "runs:/")):
         return model
-    return f"runs:/{tracking.resolve_run(logger_cfg, model)}/{tracking.SERVED_MODEL_NAME}"
+    return f"runs:/{tracking.resolve_run(store, model)}/{tracking.SERVED_MODEL_NAME}"
 
 
-def load_candidate_model(logger_cfg, model: str) -> CandidateModel:
+def load_candidate_model(store: tracking.Store, model: str) -> CandidateModel:
     """The served model behind ``model`` (see :func:`served_model_uri`), loaded as MLflow loads it."""
-    served = tracking.load_served_model(logger_cfg, served_model_uri(logger_cfg, model))
+    served = tracking.load_served_model(store, served_model_uri(store, model))
     return served.unwrap_python_model().model
 
 

@@ -42,8 +42,8 @@ import numpy as np
 import polars as pl
 from omegaconf import DictConfig, OmegaConf
 
-from convcg_cli.data import features as F
-from convcg_cli.data.item_encoding import ItemEncoding
+from convcg_cli.data.features import ItemEncoding
+from convcg_cli.data.features import encodings as F
 from convcg_cli.errors import ConvcgError
 from convcg_cli.specs import FeatureSpec
 

@@ -21,11 +21,11 @@ import polars as pl
 
 from convcg_cli import tracking
 from convcg_cli.builders import build_datamodule, embed_split, load_trained_model, read_checkpoint
-from convcg_cli.data.item_encoding import fit_item_encoding
-from convcg_cli.data.schema import load_schemas, load_tables
+from convcg_cli.data.contract import load_schemas, load_tables
+from convcg_cli.data.features import fit_item_encoding
 from convcg_cli.errors import ConfigError
-from convcg_cli.metrics.retrieval import ExactIndex, overlap_at_k
-from convcg_cli.retrieval import build_index
+from convcg_cli.index import ExactIndex, build_index
+from convcg_cli.metrics.retrieval import overlap_at_k
 from convcg_cli.serve.bundle import ServingBundle
 from convcg_cli.serve.model import DEFAULT_K
 
@@ -162,26 +162,24 @@ def save_bundle(bundle: ServingBundle, path: Path) -> Path:
     return path
 
 
-def log_bundle(logger_cfg, run_id: str, bundle: ServingBundle, tags: Mapping[str, str] | None = None) -> str:
+def log_bundle(run: tracking.TrackedRun, bundle: ServingBundle, tags: Mapping[str, str] | None = None) -> str:
     """Log ``bundle`` as the run's pyfunc model (signature, input example) and return its URI."""
     with pyfunc_parts(bundle) as parts:
-        return tracking.log_served_model(
-            logger_cfg, run_id, tags={"index": bundle.index["kind"], **(tags or {})}, **parts
-        )
+        return tracking.log_served_model(run, tags={"index": bundle.index["kind"], **(tags or {})}, **parts)
 
 
-def _log(logger_cfg, run_id: str, train_cfg, dm, model, options: Mapping[str, Any]) -> ExportResult:
+def _log(run: tracking.TrackedRun, train_cfg, dm, model, options: Mapping[str, Any]) -> ExportResult:
     """Bundle, measure the index overlap (approximate index only), log both; the shared tail of
     :func:`log_trained_model` and :func:`export_run`."""
     bundle = make_bundle(train_cfg, dm, model, options)
     overlap = {}
     if bundle.index["kind"] != "exact":
         overlap = measure_overlap(bundle, embed_split(model, dm, "val"), int(options["overlap_k"]))
-        tracking.log_metrics(tracking.client(logger_cfg), run_id, overlap)
-    return ExportResult(log_bundle(logger_cfg, run_id, bundle), bundle.index, overlap)
+        tracking.log_metrics(run, overlap)
+    return ExportResult(log_bundle(run, bundle), bundle.index, overlap)
 
 
-def log_trained_model(cfg, dm, model, run_id: str, checkpoint: Path) -> ExportResult | None:
+def log_trained_model(cfg, dm, model, run: tracking.TrackedRun, checkpoint: Path) -> ExportResult | None:
     """At the end of ``convcg train``: the kept checkpoint's weights, bundled and logged as the run's
     model (None when ``serve.log_model`` is false)."""
     options = serve_options(cfg)
@@ -189,22 +187,23 @@ def log_trained_model(cfg, dm, model, run_id: str, checkpoint: Path) -> ExportRe
         return None
     model.load_state_dict(read_checkpoint(checkpoint)["state_dict"])
     model.eval()
-    return _log(cfg.logger, run_id, cfg, dm, model, options)
+    return _log(run, cfg, dm, model, options)
 
 
-def export_run(logger_cfg, run: str, overrides: Mapping[str, Any] | None = None) -> ExportResult:
+def export_run(store: tracking.Store, run: str, overrides: Mapping[str, Any] | None = None) -> ExportResult:
     """Log the served model of an existing run (``convcg export``): rebuilt from its saved config and
     checkpoint, on its own data, with the run's ``serve`` options updated by ``overrides``."""
-    run_id = tracking.resolve_run(logger_cfg, run)
-    train_cfg = tracking.load_run_config(logger_cfg, run_id)
+    run_id = tracking.resolve_run(store, run)
+    train_cfg = tracking.load_run_config(store, run_id)
+    tracking.check_training_data(store, run_id, train_cfg.data.dir)  # the corpus served is the trained one
     options = serve_options(train_cfg, overrides)
     dm = build_datamodule(train_cfg, list(train_cfg.loss.task_weights.keys()), stage="validate")
-    model = load_trained_model(train_cfg, dm, tracking.download_checkpoint(logger_cfg, run_id), run_id)
-    return _log(logger_cfg, run_id, train_cfg, dm, model, options)
+    model = load_trained_model(train_cfg, dm, tracking.download_checkpoint(store, run_id), run_id)
+    return _log(tracking.existing_run(store, run_id), train_cfg, dm, model, options)
 
 
-def register(logger_cfg, model_uri: str, name: str, alias: str | None = None) -> int:
+def register(store: tracking.Store, model_uri: str, name: str, alias: str | None = None) -> int:
     """Register ``model_uri`` (``runs:/ID/model``) as a new version of ``name``; returns the version."""
     if model_uri.startswith("runs:/"):
-        tracking.resolve_run(logger_cfg, model_uri.split("/")[1])  # a clear error for an unknown run
-    return tracking.register_served_model(logger_cfg, model_uri, name, alias)
+        tracking.resolve_run(store, model_uri.split("/")[1])  # a clear error for an unknown run
+    return tracking.register_served_model(store, model_uri, name, alias)

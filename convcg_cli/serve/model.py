@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 
 from convcg_cli.builders import model_from_config
-from convcg_cli.retrieval import Retriever, build_index
+from convcg_cli.index import Retriever, build_index
 from convcg_cli.serve.bundle import CANDIDATE_COLUMNS, RequestError, ServingBundle, request_rows
 
 DEFAULT_K = 100

@@ -1,7 +1,7 @@
 """The MLflow pyfunc model: ``mlflow.pyfunc.load_model("runs:/ID/model").predict(requests, params={"k": 10})``
 and ``mlflow models serve -m runs:/ID/model --env-manager local``.
 
-The class subclasses MLflow's ``PythonModel`` (the one MLflow import outside ``tracking.py``: MLflow
+The class subclasses MLflow's ``PythonModel`` (the one MLflow import outside ``tracking/``: MLflow
 loads a model through this base class); the work is :class:`~convcg_cli.serve.model.CandidateModel`'s.
 A malformed request becomes MLflow's INVALID_PARAMETER_VALUE error, which its server answers with 400.
 """

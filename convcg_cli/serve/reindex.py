@@ -1,7 +1,7 @@
 """``convcg index``: a fresh corpus without retraining.
 
 A new or changed item table (in the ``items`` contract of data_schemas/) is encoded as the training
-corpus was (:mod:`convcg_cli.data.item_encoding`: corpus items keep their id and training-window
+corpus was (:mod:`convcg_cli.data.features.item_encoding`: corpus items keep their id and training-window
 features, unseen items are encoded as never shown, as evaluation encodes them), embedded by the
 run's trained item tower, and logged as a new model of the run (``runs:/ID/model`` then resolves to
 it; optionally registered as a new version). The query side is unchanged: requests are encoded with
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import polars as pl
 
-from convcg_cli.data.checks import conform_frames
-from convcg_cli.data.item_encoding import encode_items
-from convcg_cli.data.schema import load_schemas
+from convcg_cli import tracking
+from convcg_cli.data.contract import conform_frames, load_schemas
+from convcg_cli.data.features import encode_items
 from convcg_cli.errors import ConvcgError, DataValidationError
 from convcg_cli.serve.batch import load_candidate_model, served_model_uri
 from convcg_cli.serve.bundle import ServingBundle
@@ -49,13 +49,13 @@ def reindexed(bundle: ServingBundle, items: pl.DataFrame) -> ServingBundle:
 
 
 def reindex_run(
-    logger_cfg, run: str, items_path: Path, name: str | None = None, alias: str | None = None
+    store: tracking.Store, run: str, items_path: Path, name: str | None = None, alias: str | None = None
 ) -> tuple[ExportResult, int | None]:
     """Log the run's model with the corpus of ``items_path``; register it as a new version of
     ``name`` (with ``alias``) when given. Returns the logged model and the registered version."""
-    model_uri = served_model_uri(logger_cfg, run)
+    model_uri = served_model_uri(store, run)
     run_id = model_uri.split("/")[1]
-    bundle = reindexed(load_candidate_model(logger_cfg, model_uri).bundle, read_items(items_path))
-    uri = log_bundle(logger_cfg, run_id, bundle, tags={"items": str(items_path)})
-    version = register(logger_cfg, uri, name, alias) if name else None
+    bundle = reindexed(load_candidate_model(store, model_uri).bundle, read_items(items_path))
+    uri = log_bundle(tracking.existing_run(store, run_id), bundle, tags={"items": str(items_path)})
+    version = register(store, uri, name, alias) if name else None
     return ExportResult(uri, bundle.index, {}), version

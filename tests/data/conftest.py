@@ -5,8 +5,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from convcg_cli.data.schema import TableSchema, load_schemas
-from convcg_cli.data.synth import generate, write_tables
+from convcg_cli.data.contract import TableSchema, load_schemas, write_tables
+from convcg_cli.data.importing import generate
 
 
 @pytest.fixture(scope="session")

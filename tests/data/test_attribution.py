@@ -5,8 +5,8 @@ import json
 import polars as pl
 import pytest
 
-from convcg_cli.data.attribution import AttributionRule, attribute
-from convcg_cli.data.schema import conform_table, load_schemas, validate_frames
+from convcg_cli.data.contract import conform_table, load_schemas, validate_frames
+from convcg_cli.data.importing import AttributionRule, attribute
 from convcg_cli.errors import ConfigError
 
 H = 3600
@@ -99,7 +99,7 @@ def test_synth_with_delays_reports_attributed_conversion_events(tmp_path, tiny_t
     from typer.testing import CliRunner
 
     from convcg_cli.cli import app
-    from convcg_cli.data.schema import load_tables
+    from convcg_cli.data.contract import load_tables
 
     out = tmp_path / "delays"
     result = CliRunner().invoke(app, ["data", "synth", "--preset", "tiny", "--out", str(out), "--delays"])

@@ -8,14 +8,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from convcg_cli.data.features import engaged_rows, split_by_time
-from convcg_cli.data.history import (
+from convcg_cli.data.features import (
     ACTION_CLICK,
     ACTION_CONVERSION,
     ACTION_SAVE,
     engagement_events,
     history_before,
 )
+from convcg_cli.data.features.encodings import engaged_rows, split_by_time
 from convcg_cli.tasks import TASK_LABELS
 
 

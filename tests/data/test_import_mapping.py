@@ -14,15 +14,15 @@ import yaml
 from typer.testing import CliRunner
 
 from convcg_cli.cli import app
-from convcg_cli.data.importers import (
+from convcg_cli.data.contract import load_tables, validate_frames
+from convcg_cli.data.importing import (
     DWELL_WEIGHTED_POSITIVES,
     IMPRESSION_HARD_NEGATIVES,
     import_logs,
     load_mapping,
 )
-from convcg_cli.data.schema import load_tables, validate_frames
-from convcg_cli.data.source_files import SourceFile, TimeSpec, parse_times, read_table, source_files
-from convcg_cli.data.user_keys import UserKeySpec, assign_user_ids
+from convcg_cli.data.importing.source_files import SourceFile, TimeSpec, parse_times, read_table, source_files
+from convcg_cli.data.importing.user_keys import UserKeySpec, assign_user_ids
 from convcg_cli.errors import ConfigError, ConvcgError
 
 SHOP = Path(__file__).parent / "fixtures" / "shop_sample"

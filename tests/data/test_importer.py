@@ -14,18 +14,16 @@ import yaml
 from typer.testing import CliRunner
 
 from convcg_cli.cli import app
-from convcg_cli.data.importers import (
+from convcg_cli.data.contract import load_tables, validate_frames
+from convcg_cli.data.importing import (
     DWELL_WEIGHTED_POSITIVES,
     IMPRESSION_HARD_NEGATIVES,
     SURFACE_CONTEXT,
     ImportReport,
-    advertiser_groups,
     import_logs,
     load_mapping,
-    map_impressions,
-    map_surface,
 )
-from convcg_cli.data.schema import load_tables, validate_frames
+from convcg_cli.data.importing.frames import advertiser_groups, map_impressions, map_surface
 from convcg_cli.errors import ConfigError
 
 SAMPLE = Path(__file__).parent / "fixtures" / "kuairand_sample"

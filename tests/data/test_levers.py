@@ -10,16 +10,14 @@ from typer.testing import CliRunner
 
 from convcg_cli.cli import app
 from convcg_cli.config import compose
-from convcg_cli.data.importers import import_logs, load_mapping
-from convcg_cli.data.levers import (
+from convcg_cli.data.features import check_levers, disabled_levers, levers_in_use, refused_levers
+from convcg_cli.data.importing import (
     ADVERTISER_SOFTMAX,
     DWELL_WEIGHTED_POSITIVES,
     IMPRESSION_HARD_NEGATIVES,
     USER_HISTORY,
-    check_levers,
-    disabled_levers,
-    levers_in_use,
-    refused_levers,
+    import_logs,
+    load_mapping,
 )
 from convcg_cli.errors import ConfigError
 from tests.conftest import runs_in

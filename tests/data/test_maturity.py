@@ -3,9 +3,14 @@
 import numpy as np
 import polars as pl
 
-from convcg_cli.data.datamodule import InMemoryDataModule
-from convcg_cli.data.maturity import DropImmature, IgnoreMaturity, WeightByDelay, delay_cdf_weights
-from convcg_cli.data.synth import synthesize
+from convcg_cli.data.importing import (
+    DropImmature,
+    IgnoreMaturity,
+    WeightByDelay,
+    delay_cdf_weights,
+    synthesize,
+)
+from convcg_cli.data.loading import InMemoryDataModule
 
 D = 86_400
 CUTOFF = 20 * D
@@ -64,7 +69,7 @@ def test_a_conversion_arriving_after_the_cutoff_never_reaches_training(tmp_path)
     ignore.setup("fit")
     drop.setup("fit")
     cutoff = drop.split_days["val"][0] * D
-    from convcg_cli.data.schema import load_tables
+    from convcg_cli.data.contract import load_tables
 
     imp = load_tables(data)["impressions"]
     late = imp.filter(
@@ -90,7 +95,7 @@ def test_a_conversion_arriving_after_the_cutoff_never_reaches_training(tmp_path)
 def test_streamed_data_refuses_maturity_policies(tmp_path):
     import pytest
 
-    from convcg_cli.data.datamodule import StreamedDataModule
+    from convcg_cli.data.loading import StreamedDataModule
     from convcg_cli.errors import ConfigError
 
     with pytest.raises(

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from convcg_cli.data.positives import DualPositives, LabelPositives, click_dwell_weight
+from convcg_cli.data.features import DualPositives, LabelPositives, click_dwell_weight
 from convcg_cli.errors import ConfigError
 
 ROWS = pl.DataFrame(
@@ -63,7 +63,7 @@ def test_dual_positives_validates_its_config():
 
 
 def test_value_positives_weigh_conversions_by_log_value():
-    from convcg_cli.data.positives import ValuePositives
+    from convcg_cli.data.features import ValuePositives
 
     rows = pl.DataFrame(
         {

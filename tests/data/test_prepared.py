@@ -7,10 +7,9 @@ import os
 import pytest
 import torch
 
-from convcg_cli.data import datamodule as datamodule_module
-from convcg_cli.data.datamodule import InMemoryDataModule, StreamedDataModule
-from convcg_cli.data.positives import DualPositives
-from convcg_cli.data.prepared import PreparedDataCache, prepared_key
+from convcg_cli.data.features import DualPositives
+from convcg_cli.data.loading import InMemoryDataModule, PreparedDataCache, StreamedDataModule, prepared_key
+from convcg_cli.data.loading import datamodules as datamodule_module
 
 TASKS = ["conversion", "engagement"]
 

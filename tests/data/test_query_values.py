@@ -3,10 +3,10 @@
 import numpy as np
 import polars as pl
 
-from convcg_cli.data.datamodule import InMemoryDataModule
-from convcg_cli.data.features import in_days
-from convcg_cli.data.schema import load_tables
-from convcg_cli.data.synth import synthesize
+from convcg_cli.data.contract import load_tables
+from convcg_cli.data.features.encodings import in_days
+from convcg_cli.data.importing import synthesize
+from convcg_cli.data.loading import InMemoryDataModule
 
 
 def test_heldout_conversion_positives_carry_their_conversion_value(tmp_path):

@@ -5,8 +5,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from convcg_cli.data import schema as S
-from convcg_cli.data.schema import (
+from convcg_cli.data import contract as S
+from convcg_cli.data.contract import (
     ColumnSchema,
     Violation,
     load_schemas,

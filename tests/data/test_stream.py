@@ -9,11 +9,9 @@ import polars as pl
 import pytest
 import torch
 
-from convcg_cli.data import stream
-from convcg_cli.data.datamodule import DataModuleBase, InMemoryDataModule, StreamedDataModule
-from convcg_cli.data.positives import DualPositives
-from convcg_cli.data.schema import load_schemas
-from convcg_cli.data.synth import write_tables
+from convcg_cli.data.contract import load_schemas, write_tables
+from convcg_cli.data.features import DualPositives
+from convcg_cli.data.loading import DataModuleBase, InMemoryDataModule, StreamedDataModule, stream
 from convcg_cli.errors import DataValidationError
 
 TASKS = ["conversion", "engagement"]
@@ -136,11 +134,11 @@ def test_the_file_is_read_in_chunks_never_whole(tiny_data, tmp_path, monkeypatch
 
     monkeypatch.setattr(stream, "iter_chunks", spy)
     monkeypatch.setattr(
-        "convcg_cli.data.datamodule.load_tables",
+        "convcg_cli.data.loading.datamodules.load_tables",
         lambda d, schemas: (
             pytest.fail("streamed setup loaded whole tables")
             if "impressions" in schemas
-            else __import__("convcg_cli.data.schema", fromlist=["x"]).load_tables(d, schemas)
+            else __import__("convcg_cli.data.contract", fromlist=["x"]).load_tables(d, schemas)
         ),
     )
     dm = _dm(tiny_data, tmp_path / "cache", True)
@@ -158,10 +156,11 @@ def test_shards_are_cached_and_evaluation_writes_none(tiny_data, tmp_path, monke
     first.setup("fit")
     (key,) = [p.name for p in cache.iterdir()]
     monkeypatch.setattr(
-        "convcg_cli.data.datamodule.write_shards", lambda *a, **k: pytest.fail("rewrote cached shards")
+        "convcg_cli.data.loading.datamodules.write_shards",
+        lambda *a, **k: pytest.fail("rewrote cached shards"),
     )
     monkeypatch.setattr(
-        "convcg_cli.data.datamodule.validate_chunks", lambda *a, **k: pytest.fail("revalidated")
+        "convcg_cli.data.loading.datamodules.validate_chunks", lambda *a, **k: pytest.fail("revalidated")
     )
     again = _dm(tiny_data, cache, True)
     again.setup("fit")

@@ -8,9 +8,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from convcg_cli.data.schema import load_tables, validate_frames
-from convcg_cli.data.synth import PRESETS, SURFACES, SynthConfig, generate, synthesize
-from convcg_cli.data.tables import write_tables
+from convcg_cli.data.contract import load_tables, validate_frames, write_tables
+from convcg_cli.data.importing import PRESETS, SURFACES, SynthConfig, generate, synthesize
 from convcg_cli.errors import ConfigError, ConvcgError
 
 DAY = 86_400

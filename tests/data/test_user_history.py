@@ -7,12 +7,12 @@ import polars as pl
 import pytest
 import torch
 
-from convcg_cli.data.cofactors import ITEM_PREFIX, USER_PREFIX, engagement_matrix, fit_cofactors
-from convcg_cli.data.datamodule import ImpressionDataModule
-from convcg_cli.data.features import SECONDS_PER_DAY, split_by_time
-from convcg_cli.data.schema import load_tables, validate_tables
-from convcg_cli.data.tables import write_tables
-from convcg_cli.data.user_history import as_training_rows, before_cutoff, events_from_lists, history_positions
+from convcg_cli.data.contract import load_tables, validate_tables, write_tables
+from convcg_cli.data.features import ACTION_CODES, as_training_rows, before_cutoff, history_positions
+from convcg_cli.data.features.cofactors import ITEM_PREFIX, USER_PREFIX, engagement_matrix, fit_cofactors
+from convcg_cli.data.features.encodings import SECONDS_PER_DAY, split_by_time
+from convcg_cli.data.importing import HISTORY_ACTIONS, events_from_lists
+from convcg_cli.data.loading import ImpressionDataModule
 
 TASKS = ["conversion", "engagement"]
 
@@ -56,6 +56,14 @@ def test_events_from_lists_keeps_order_and_places_events_before_the_last_time():
     ]
     with pytest.raises(ValueError, match="unknown action"):
         events_from_lists(frame, "u", {"watch": "like"}, "t", 1e-3)
+
+
+def test_the_importer_and_the_features_know_the_contract_s_history_actions(schemas):
+    # Importing writes them (HISTORY_ACTIONS), training codes them (ACTION_CODES): the same three.
+    allowed = schemas["user_history"].column("action").allowed
+    assert set(HISTORY_ACTIONS) == set(allowed) == set(ACTION_CODES)
+    with pytest.raises(ValueError, match=r"expected one of \['click', 'conversion', 'save'\]"):
+        events_from_lists(pl.DataFrame({"u": [1], "l": [[2]]}), "u", {"l": "like"}, None, 1.0)
 
 
 def test_history_positions_drop_unknown_ids():
@@ -167,7 +175,7 @@ def test_cofactors_recover_a_planted_block_structure():
 
 
 def test_streamed_path_gets_the_same_history_features(tmp_path, tiny_dir):
-    from convcg_cli.data.datamodule import InMemoryDataModule, StreamedDataModule
+    from convcg_cli.data.loading import InMemoryDataModule, StreamedDataModule
 
     kw = {"tasks": TASKS, "use_user_history": True, "cofactors": {"dim": 8}}
     memory = InMemoryDataModule(str(tiny_dir), **kw)

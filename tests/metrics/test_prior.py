@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from convcg_cli.index import exact_topk
 from convcg_cli.metrics.prior import choose_prior_weight, log_prior, with_item_prior
-from convcg_cli.metrics.retrieval import exact_topk, recall_at_k
+from convcg_cli.metrics.retrieval import recall_at_k
 
 
 def test_extra_coordinate_adds_beta_times_prior_to_every_inner_product():

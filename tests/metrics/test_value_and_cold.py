@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from convcg_cli.data.features import QuerySet
+from convcg_cli.data.features.encodings import QuerySet
 from convcg_cli.metrics.retrieval import (
     COLD_ITEMS,
     HELDOUT,

@@ -36,6 +36,8 @@ def served(served_home, monkeypatch) -> tuple[Path, str]:
     return home, run_id
 
 
-def logger_of(home: Path) -> dict[str, str]:
-    """The logger config of a convcg home's default store."""
-    return {"tracking_uri": f"sqlite:///{home}/mlflow.db", "experiment_name": "convcg"}
+def store_of(home: Path):
+    """The tracking store of a convcg home (its default experiment)."""
+    from convcg_cli import tracking
+
+    return tracking.Store(f"sqlite:///{home}/mlflow.db", "convcg")

@@ -12,8 +12,8 @@ from mlflow.exceptions import MlflowException
 from convcg_cli import tracking
 from convcg_cli.builders import build_datamodule
 from convcg_cli.evaluate import embed_split, load_trained_model
-from convcg_cli.metrics.retrieval import ExactIndex
-from tests.serve.conftest import logger_of
+from convcg_cli.index import ExactIndex
+from tests.serve.conftest import store_of
 
 K = 20
 
@@ -36,10 +36,10 @@ def heldout_requests(dm, n: int) -> pd.DataFrame:
 def eval_side(served_home):
     """The run rebuilt as ``convcg eval`` rebuilds it: data module, model, held-out top-K."""
     home, run_id = served_home
-    logger = logger_of(home)
-    train_cfg = tracking.load_run_config(logger, run_id)
+    store = store_of(home)
+    train_cfg = tracking.load_run_config(store, run_id)
     dm = build_datamodule(train_cfg, list(train_cfg.loss.task_weights.keys()), stage="validate")
-    model = load_trained_model(train_cfg, dm, tracking.download_checkpoint(logger, run_id), run_id)
+    model = load_trained_model(train_cfg, dm, tracking.download_checkpoint(store, run_id), run_id)
     scores, ids = ExactIndex(model.embed_items(dm.item_features)).search(embed_split(model, dm, "heldout"), K)
     return dm, scores, ids
 

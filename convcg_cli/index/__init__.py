@@ -1,0 +1,39 @@
+"""Item indexes: exact and approximate top-k search over item embeddings, and the retriever on top.
+
+The one place convcg ranks items: evaluation (``convcg eval``, validation), the served model's
+``predict``, batch candidate generation (``convcg retrieve``) and the benchmarks all build and search
+an index from here. Metrics of the ranked ids live in :mod:`convcg_cli.metrics`.
+
+Modules: :mod:`.checks` (the checks of a cutoff and of an embedding matrix), :mod:`.exact`
+(:func:`exact_topk`, :class:`ExactIndex`, :func:`popularity_topk`), :mod:`.approximate` (faiss IVF
+and HNSW: :class:`IVFIndex` served, :class:`IVFFlat` and :class:`HNSW` benchmarked along their search
+knob), :mod:`.retriever` (:func:`build_index`, :func:`encode_queries`, :class:`Retriever`).
+
+Ranking convention, followed by every exact search here: items are ordered by descending score, and
+equal scores by *ascending item index*. So a positive tied with the k-th item counts as retrieved
+exactly when its index is lower than the indices of the tied items it would displace.
+
+faiss (and torch, for :func:`encode_queries`) is imported inside the functions that need it, so that
+importing this package (e.g. for ``convcg --help``) stays cheap.
+"""
+
+from convcg_cli.index.approximate import HNSW, IVFFlat, IVFIndex
+from convcg_cli.index.checks import PADDING_ID, check_k
+from convcg_cli.index.exact import ExactIndex, exact_topk, popularity_topk
+from convcg_cli.index.retriever import EMBED_BATCH_SIZE, ItemIndex, Retriever, build_index, encode_queries
+
+__all__ = [
+    "EMBED_BATCH_SIZE",
+    "HNSW",
+    "PADDING_ID",
+    "ExactIndex",
+    "IVFFlat",
+    "IVFIndex",
+    "ItemIndex",
+    "Retriever",
+    "build_index",
+    "check_k",
+    "encode_queries",
+    "exact_topk",
+    "popularity_topk",
+]

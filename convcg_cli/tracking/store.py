@@ -1,0 +1,185 @@
+"""The MLflow store a command works on: its URI, the experiment runs go into, and one client.
+
+A command builds one :class:`Store` from its ``logger`` config (:meth:`Store.from_config`) and passes
+it down; nothing below holds a config mapping and a raw MLflow client side by side.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the run under its parent
+
+
+class _DropAdverts(logging.Filter):
+    """Lightning advertises a hosted logger at every fit; our logger is MLflow."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet() -> None:
+    """Keep MLflow/alembic/Lightning chatter (sqlite migrations, progress bars, adverts) off the console."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropAdverts())
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that opens the MLflow UI on this store."""
+    return f".venv/bin/mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI; None for a server or another store."""
+    prefix = "sqlite:///"
+    return Path(tracking_uri[len(prefix) :]) if tracking_uri.startswith(prefix) else None
+
+
+@functools.cache
+def _prepare_store(tracking_uri: str) -> None:
+    """Create and migrate a sqlite store once, under an exclusive lock on ``<db>.lock`` beside it.
+
+    MLflow creates its tables on first use with alembic migrations that are not safe to run twice at
+    once: processes starting together on a fresh home would die mid-migration and could leave the
+    store half-migrated for good. Behind the lock the first process migrates and the others find
+    the tables made. Done once per process and URI.
+    """
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+
+
+def import_mlflow() -> None:
+    """Load MLflow now (what every tracked command loads; the bench measures its memory)."""
+    import mlflow  # noqa: F401
+
+
+@dataclass(frozen=True)
+class Store:
+    """One MLflow tracking store and the experiment a command's runs go into.
+
+    Args:
+        uri: the tracking URI (``sqlite:///ABS/mlflow.db`` or a team's ``http://`` server).
+        experiment_name: the experiment new runs are created in (and ``--run latest`` looks in).
+        artifact_location: where a new experiment keeps its artifacts (None: the server's default).
+        lineage: tags every run opened through this store inherits (``convcg ablate`` sets the
+            parent run and the grid's tags on each child's logger config).
+
+    The client is made on first use (a sqlite store is created and migrated then, under a lock);
+    :meth:`exists` looks without creating anything.
+
+    Example:
+        >>> store = Store.from_config({"tracking_uri": "sqlite:////tmp/x.db", "experiment_name": "e"})
+        >>> store.uri, store.experiment_name, store.lineage
+        ('sqlite:////tmp/x.db', 'e', {})
+    """
+
+    uri: str
+    experiment_name: str
+    artifact_location: str | None = None
+    lineage: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, logger_cfg: Mapping[str, Any]) -> Store:
+        """The store of a ``logger`` config (conf/logger/): ``tracking_uri``, ``experiment_name``,
+        ``artifact_location``, and the lineage ``parent_run_id`` / ``run_tags``."""
+        lineage = {str(k): str(v) for k, v in (logger_cfg.get("run_tags") or {}).items()}
+        if logger_cfg.get("parent_run_id"):
+            lineage[PARENT_RUN_TAG] = str(logger_cfg["parent_run_id"])
+        location = logger_cfg.get("artifact_location")
+        return cls(
+            uri=str(logger_cfg["tracking_uri"]),
+            experiment_name=str(logger_cfg["experiment_name"]),
+            artifact_location=str(location) if location else None,
+            lineage=lineage,
+        )
+
+    @functools.cached_property
+    def client(self):
+        """The store's MlflowClient; a sqlite store is created and migrated first, once, under a
+        file lock (:func:`_prepare_store`)."""
+        from mlflow.tracking import MlflowClient
+
+        quiet()
+        _prepare_store(self.uri)
+        return MlflowClient(tracking_uri=self.uri)
+
+    def create_tables(self) -> None:
+        """Make the store's tables now (a sqlite store is created and migrated; a server is asked)."""
+        self.client.search_experiments(max_results=1)
+
+    def exists(self) -> bool:
+        """False when the URI is a sqlite file that does not exist yet (nothing trained here)."""
+        db = sqlite_path(self.uri)
+        return db is None or db.exists()
+
+    def ui_command(self) -> str:
+        """The command that opens the MLflow UI on this store."""
+        return ui_command(self.uri)
+
+    def find_experiment_id(self) -> str | None:
+        """Id of the experiment, or None when it was never created (looking creates nothing)."""
+        exp = self.client.get_experiment_by_name(self.experiment_name)
+        return None if exp is None else exp.experiment_id
+
+    def experiment_id(self) -> str:
+        """Id of the experiment, created (with its artifact location) on first use."""
+        found = self.find_experiment_id()
+        if found is not None:
+            return found
+        from mlflow.exceptions import MlflowException
+
+        location = self.artifact_location
+        uri = Path(location).resolve().as_uri() if location and "://" not in location else location
+        try:
+            return self.client.create_experiment(self.experiment_name, artifact_location=uri)
+        except MlflowException:  # another process created it between the lookup and here
+            found = self.find_experiment_id()
+            if found is None:
+                raise
+            return found
+
+    def use_globally(self) -> None:
+        """Point MLflow's module-level model functions (which read the global URIs) at this store;
+        the model registry lives in the same store."""
+        import mlflow
+
+        quiet()
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+
+    def where(self) -> str:
+        """``experiment 'NAME' at URI``, for messages."""
+        return f"experiment '{self.experiment_name}' at {self.uri}"
+
+
+@dataclass
+class TrackedRun:
+    """A run of a store: its id and, for a training run open in this process, a Lightning logger
+    that writes into it. Everything logged into a run goes through one of these."""
+
+    store: Store
+    run_id: str
+    logger: Any = None
+
+    @property
+    def client(self):
+        """The store's MlflowClient (for the tracking package's own modules)."""
+        return self.store.client
