@@ -118,6 +118,8 @@ BASELINE_DATA_OPTIONS = (
     "val_days",
     "heldout_days",
     "end_offset_days",
+    "split",
+    "min_conversions",
     "use_user_history",
     "train_through_val",
 )
@@ -129,7 +131,7 @@ def training_history(dm) -> TrainHistory:
     the user history before the cut-off that the datamodule kept (``dm.history_pairs``; empty unless the run
     reads it).
 
-    The logs are split again with the datamodule's own split options, so the profile window is
+    The logs are cut at the datamodule's own days (``dm.split_days``), so the profile window is
     exactly the window the two-tower model trained on.
     """
     from convcg_cli.data.contract import load_tables
@@ -138,7 +140,7 @@ def training_history(dm) -> TrainHistory:
     from convcg_cli.tasks import PRIMARY_TASK
 
     tables = load_tables(dm.dir)
-    split = F.split_by_time(tables["impressions"], dm.val_days, dm.heldout_days, dm.end_offset_days)
+    split = F.split_frame(tables["impressions"], dm.split_days)
     engaged = F.engaged_rows(dm.training_window(split), dm.tasks)
     user_pos = F.positions(dm.users.user_ids, engaged["user_id"].to_numpy())
     item_pos = F.positions(dm.items.item_ids, engaged["item_id"].to_numpy())

@@ -195,7 +195,17 @@ def _report_training(result, composed) -> None:
     else:  # a refit (data.train_through_val) or limit_val_batches=0: no validation ran
         out.print(f"Run {result.run_id} ran no validation; it keeps its last epoch's weights.")
     out.print(f"MLflow run id: [bold]{result.run_id}[/bold]")
-    out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
+    out.print(f"Open the MLflow UI: {ui_command(composed.cfg.logger.tracking_uri)}", highlight=False)
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that opens the MLflow UI on ``tracking_uri``, naming this installation's mlflow
+    (``resources.mlflow_command``), so it runs from any folder."""
+    import shlex
+
+    from convcg_cli.resources import mlflow_command
+
+    return f"{mlflow_command()} ui --backend-store-uri {shlex.quote(tracking_uri)}"
 
 
 def _store(overrides: list[str] | None):
@@ -242,7 +252,7 @@ def _eval_job(composed, run: str, as_json: bool) -> None:
         print(json.dumps({"run_id": result.run_id, **result.metrics}, sort_keys=True))
         return
     _print_metrics(f"{result.split} evaluation of run {result.run_id}", result.metrics)
-    out.print(f"Open the MLflow UI: {tracking.ui_command(composed.cfg.logger.tracking_uri)}")
+    out.print(f"Open the MLflow UI: {ui_command(composed.cfg.logger.tracking_uri)}", highlight=False)
 
 
 def _prog() -> str:
@@ -290,6 +300,8 @@ def export(
     index: str = typer.Option(None, "--index", help="exact or ivf (default: the run's serve.index)."),
     nlist: int = typer.Option(None, "--nlist", help="IVF cells (default: the run's serve.nlist)."),
     nprobe: int = typer.Option(None, "--nprobe", help="IVF cells probed per query (serve.nprobe)."),
+    max_k: int = typer.Option(None, "--max-k", help="Most candidates one request may ask for (serve.max_k)."),
+    max_rows: int = typer.Option(None, "--max-rows", help="Most requests in one call (serve.max_rows)."),
     overrides: list[str] = typer.Argument(None, help=LOGGER_OVERRIDES_HELP),
 ) -> None:
     """Log a trained run's servable MLflow model (runs:/ID/model); convcg train does it for new runs."""
@@ -297,7 +309,8 @@ def export(
         from convcg_cli.serve.export import export_run
 
         store = _store(overrides)
-        result = export_run(store, run, {"index": index, "nlist": nlist, "nprobe": nprobe})
+        options = {"index": index, "nlist": nlist, "nprobe": nprobe, "max_k": max_k, "max_rows": max_rows}
+        result = export_run(store, run, options)
         for name, value in result.overlap.items():
             out.print(f"{name}: {value:.4f}")
         out.print(f"Logged model: [bold]{result.model_uri}[/bold] (index: {result.index})")
@@ -417,12 +430,22 @@ def ablate(
             raise typer.Exit(1)
 
 
-def _print_metrics(title: str, metrics: dict[str, float]) -> None:
-    """Recall table: one row per model and task, one column per k (per-surface figures are in MLflow).
+# How the recall table names a subset of a task's positives (``metrics.retrieval.COLD_ITEMS``).
+SUBSET_LABELS = {"cold": "items never shown"}
 
-    Names look like ``heldout/conversion/recall_at_100`` (the trained model) or
-    ``heldout/baseline_popularity/conversion/recall_at_100`` (a baseline). A recall whose bootstrap
-    bounds were computed (``..._ci_low``, ``..._ci_high``) is printed with them: ``0.5000 [0.4500, 0.5500]``.
+
+def metric_rows(metrics: dict[str, float]) -> dict[tuple[str, str], dict[int, str]]:
+    """The recall table's cells: (task label, model) -> k -> ``0.5000`` (with ``[low, high]`` when
+    bootstrap bounds were computed). Per-surface figures are left out (they are in MLflow).
+
+    Names look like ``heldout/conversion/recall_at_100`` (the trained model),
+    ``heldout/baseline_popularity/conversion/recall_at_100`` (a baseline) and
+    ``heldout[/baseline_X]/conversion/cold/recall_at_100`` (recall on the positives whose item was
+    never shown in training: task label ``conversion (items never shown)``).
+
+    Example:
+        >>> metric_rows({"heldout/baseline_ease/conversion/cold/recall_at_10": 0.25})
+        {('conversion (items never shown)', 'ease'): {10: '0.2500'}}
     """
     from convcg_cli.metrics.bootstrap import ci_names
 
@@ -433,17 +456,27 @@ def _print_metrics(title: str, metrics: dict[str, float]) -> None:
         prefix, k_text = name.rsplit("/recall_at_", 1)
         if not k_text.isdigit():  # e.g. recall_at_100_ci_low
             continue
-        parts = prefix.split("/")
-        model = parts[1].removeprefix("baseline_") if len(parts) == 3 else "two-tower"
+        _, *path = prefix.split("/")  # [baseline_X/]task[/subset]
+        model = path.pop(0).removeprefix("baseline_") if path[0].startswith("baseline_") else "two-tower"
+        task = path[0] if len(path) == 1 else f"{path[0]} ({SUBSET_LABELS.get(path[1], path[1])})"
         low, high = (metrics.get(bound) for bound in ci_names(name))
         ci = f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else ""
-        rows.setdefault((parts[-1], model), {})[int(k_text)] = f"{value:.4f}{ci}"
+        rows.setdefault((task, model), {})[int(k_text)] = f"{value:.4f}{ci}"
+    return rows
+
+
+def _print_metrics(title: str, metrics: dict[str, float]) -> None:
+    """Recall table: one row per task (or subset of its positives) and model, one column per k
+    (:func:`metric_rows`). The task and model columns wrap first, so every recall header stays
+    whole in 80 columns."""
+    rows = metric_rows(metrics)
     ks = sorted({k for values in rows.values() for k in values})
     table = Table(title=title)
-    table.add_column("task")
-    table.add_column("model")
+    table.add_column("task", overflow="fold")
+    table.add_column("model", overflow="fold")
     for k in ks:
-        table.add_column(f"recall@{k}", justify="right")
+        header = f"recall@{k}"
+        table.add_column(header, justify="right", min_width=len(header))
     for task, model in sorted(rows, key=lambda r: (r[0], r[1] != "two-tower", r[1])):
         values = rows[(task, model)]
         table.add_row(task, model, *(values.get(k, "") for k in ks))

@@ -19,6 +19,7 @@ from convcg_cli.config import (
     CONF_DIR,
     CONFIG_DIR_VARIABLE,
     Composed,
+    check_home,
     check_overrides,
     config_error,
     from_hydra_job,
@@ -156,8 +157,10 @@ def run(
     from omegaconf.errors import OmegaConfBaseException
 
     register_resolvers()
+    check_home()
     check_overrides([a for a in args if not a.startswith("-")])
     hydra_args = with_config_dir(args, os.environ)
+    failed: list[BaseException] = []  # a single run's error, raised after Hydra returns
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
     def hydra_job(cfg: DictConfig) -> Any:
@@ -170,12 +173,22 @@ def run(
             if threads is not None:
                 _limit_threads(threads)
         with _argv(job_argv(command_argv, hydra_args, composed.overrides)):
-            return job(composed)
+            if hydra_cfg.mode == RunMode.MULTIRUN:  # a failed job stops the sweep; Hydra names it
+                return job(composed)
+            try:
+                return job(composed)
+            except Exception as exc:
+                # Hydra would print "Error executing job with overrides: [...]" before re-raising it;
+                # convcg's own message is enough, so a single run's error passes Hydra by.
+                failed.append(exc)
+                return None
 
     prog = " ".join(os.path.basename(a) for a in command_argv[:2])
     try:
         with _argv([prog, *hydra_args]), _full_errors(), _root_logging_kept():
             hydra_job()
+        if failed:
+            raise failed[0]
     except (HydraException, OmegaConfBaseException) as exc:
         raise config_error(config_name, [a for a in hydra_args if not a.startswith("-")], exc) from None
     finally:

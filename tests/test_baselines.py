@@ -22,6 +22,7 @@ from convcg_cli.config import compose
 from convcg_cli.errors import ConfigError
 from convcg_cli.index import popularity_topk
 from convcg_cli.train import build_datamodule, check_served_embedding_is_trained
+from tests.conftest import TINY_SPLIT
 
 TASKS = ["conversion", "engagement"]
 
@@ -116,7 +117,7 @@ def test_bad_baseline_config_is_a_config_error():
 
 @pytest.fixture(scope="module")
 def tiny_dm(tiny_data):
-    return build_datamodule(compose("train", [f"data.dir={tiny_data}"]).cfg, TASKS)
+    return build_datamodule(compose("train", [f"data.dir={tiny_data}", TINY_SPLIT]).cfg, TASKS)
 
 
 def test_history_holds_only_training_window_engagements(tiny_dm):
@@ -266,9 +267,9 @@ def test_repeat_share_counts_last_day_conversions_seen_before():
 
 
 def test_baselines_see_the_history_only_when_the_run_does(tiny_data):
-    cfg = compose("train", [f"data.dir={tiny_data}"]).cfg
+    cfg = compose("train", [f"data.dir={tiny_data}", TINY_SPLIT]).cfg
     plain = training_history(build_datamodule(cfg, TASKS, stage="validate"))
-    cfg = compose("train", [f"data.dir={tiny_data}", "data.use_user_history=true"]).cfg
+    cfg = compose("train", [f"data.dir={tiny_data}", TINY_SPLIT, "data.use_user_history=true"]).cfg
     dm = build_datamodule(cfg, TASKS, stage="validate")
     with_history = training_history(dm)
     assert len(with_history.user_pos) == len(plain.user_pos) + len(dm.history_pairs[0]) > len(plain.user_pos)

@@ -3,6 +3,7 @@ end in the fast suite (the other three: ``slow``), and the error text for bad in
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -78,7 +79,7 @@ def test_design_trains_and_evaluates_from_the_cli(home, tiny_overrides, experime
     run_id = trained.output.split("MLflow run id:")[1].split()[0]
     evaluated = invoke("eval", "--run", run_id, "--json")
     assert evaluated.exit_code == 0, evaluated.output
-    metrics = json.loads(evaluated.output)
+    metrics = json.loads(evaluated.stdout)
     assert metrics["run_id"] == run_id
     for task in ("conversion", "engagement"):
         for k in (10, 50, 100, 1000):
@@ -193,6 +194,7 @@ def test_missing_table_is_a_clear_error(home, tiny_data, tmp_path):
         result = invoke(*args)
         assert result.exit_code == 2
         assert "items.parquet" in result.output and "Traceback" not in result.output
+        assert "Error executing job" not in result.output  # convcg's message alone, not Hydra's line too
     assert runs_in(home) == []  # data are checked before any MLflow run is created
 
 
@@ -272,3 +274,56 @@ def test_eval_with_the_popularity_prior_and_the_blend_baseline(trained):
     assert metrics["heldout/prior/beta"] in (0.0, 0.1, 0.5)
     assert 0 <= metrics["heldout/baseline_ease_popularity/conversion/recall_at_100"] <= 1
     assert 0 <= metrics["heldout/conversion/recall_at_100"] <= 1
+
+
+def test_the_recall_table_says_which_rows_are_items_never_shown_and_keeps_its_headers_in_80_columns(
+    monkeypatch,
+):
+    from rich.console import Console
+
+    from convcg_cli import cli
+
+    metrics = {}
+    for k in (10, 50, 100, 1000):
+        for prefix in ("heldout", "heldout/baseline_ease"):
+            metrics[f"{prefix}/conversion/recall_at_{k}"] = 0.5
+            metrics[f"{prefix}/conversion/recall_at_{k}_ci_low"] = 0.4125
+            metrics[f"{prefix}/conversion/recall_at_{k}_ci_high"] = 0.5875
+            metrics[f"{prefix}/conversion/cold/recall_at_{k}"] = 0.25
+    assert cli.metric_rows(metrics)[("conversion (items never shown)", "two-tower")][100] == "0.2500"
+    assert cli.metric_rows(metrics)[("conversion (items never shown)", "ease")][10] == "0.2500"
+    assert set(cli.metric_rows(metrics)) == {
+        ("conversion", "two-tower"),
+        ("conversion", "ease"),
+        ("conversion (items never shown)", "two-tower"),
+        ("conversion (items never shown)", "ease"),
+    }
+    console = Console(width=80, record=True, file=io.StringIO())
+    monkeypatch.setattr(cli, "out", console)
+    cli._print_metrics("heldout evaluation of run r1", metrics)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    header = next(line for line in text.splitlines() if "recall@10 " in line)
+    assert all(f"recall@{k}" in header for k in (10, 50, 100, 1000)) and "…" not in text
+    assert "cold" not in text and "(items" in text
+
+
+def test_the_ui_hint_names_the_mlflow_of_this_installation(tmp_path):
+    from convcg_cli.cli import ui_command
+    from convcg_cli.resources import mlflow_command
+
+    scripts, elsewhere = tmp_path / "venv bin", tmp_path / "other"
+    for folder in (scripts, elsewhere):
+        folder.mkdir()
+        (folder / "mlflow").write_text("#!/bin/sh\n")
+        (folder / "mlflow").chmod(0o755)
+    python = str(scripts / "python")
+    assert mlflow_command(python, path=str(scripts)) == "mlflow"  # PATH finds this very one
+    assert mlflow_command(python, path=str(elsewhere)) == f"'{scripts / 'mlflow'}'"  # another: this one
+    assert mlflow_command(python, path="") == f"'{scripts / 'mlflow'}'"
+    assert mlflow_command(str(tmp_path / "python"), path=str(elsewhere)) == "mlflow"  # a wheel's, on PATH
+    assert mlflow_command(str(tmp_path / "python"), path="") == f"{tmp_path / 'python'} -m mlflow"
+    assert ui_command("sqlite:////tmp/a/mlflow.db").endswith(
+        " ui --backend-store-uri sqlite:////tmp/a/mlflow.db"
+    )
+    assert not ui_command("sqlite:////x.db").startswith(".venv/")

@@ -10,9 +10,10 @@ from convcg_cli.builders import build_datamodule, build_model
 from convcg_cli.config import compose
 from convcg_cli.data.features.cofactors import item_factor_matrix
 from convcg_cli.errors import ConfigError
+from tests.conftest import TINY_SPLIT
 
 TASKS = ["conversion", "engagement"]
-SMALL = ["model.hidden_dim=16", "model.embedding_dim=8", "model.feature_embedding_dim=8"]
+SMALL = [TINY_SPLIT, "model.hidden_dim=16", "model.embedding_dim=8", "model.feature_embedding_dim=8"]
 
 
 def _built(tiny_data, *overrides: str):

@@ -16,12 +16,13 @@ from convcg_cli.data.contract import load_tables
 from convcg_cli.data.features import encodings as F
 from convcg_cli.errors import ConfigError
 from convcg_cli.evaluate import check_refit_evaluation
+from tests.conftest import TINY_SPLIT
 
 TASKS = ["conversion", "engagement"]
 
 
 def _dm(tiny_data, *overrides: str):
-    cfg = compose("train", [f"data.dir={tiny_data}", *overrides]).cfg
+    cfg = compose("train", [f"data.dir={tiny_data}", TINY_SPLIT, *overrides]).cfg
     return build_datamodule(cfg, TASKS, stage="fit")
 
 
@@ -76,7 +77,7 @@ def test_a_refit_trains_without_validation_and_evaluates_on_the_heldout_days(hom
     assert refused.exit_code == 2 and "train_through_val" in refused.output
     evaluated = runner.invoke(app, ["eval", "--run", run_id, "--json", *chosen])
     assert evaluated.exit_code == 0, evaluated.output
-    metrics = json.loads(evaluated.output)
+    metrics = json.loads(evaluated.stdout)
     assert metrics["heldout/prior/beta"] == 0.05
     assert 0.0 <= metrics["heldout/conversion/recall_at_100"] <= 1.0
     assert not any(name.startswith("val/") for name in metrics)

@@ -84,6 +84,7 @@ def test_schemas_load_in_dependency_order(schemas):
         min=0,
         max=6,
         description="coarse age band, 0 = youngest",
+        feature="categorical",
     )
     assert imp.polars_schema["clicked"] == pl.Boolean
 

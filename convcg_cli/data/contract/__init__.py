@@ -23,6 +23,7 @@ from convcg_cli.data.contract.checks import (
 )
 from convcg_cli.data.contract.schemas import (
     DTYPES,
+    FEATURE_KINDS,
     SCHEMA_DIR,
     VECTOR,
     ColumnSchema,
@@ -46,6 +47,7 @@ __all__ = [
     "DTYPES",
     "DUPLICATE_KEY",
     "EMPTY_TABLE",
+    "FEATURE_KINDS",
     "METADATA_FILE",
     "MISSING_COLUMN",
     "MISSING_DIR",

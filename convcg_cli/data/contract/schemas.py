@@ -36,6 +36,10 @@ DTYPES: dict[str, pl.DataType] = {
 # A fixed-length float vector (e.g. a pretrained content embedding): loaded as Array(Float32, length).
 # ``length`` pins it; without it every row must have the length of the column's first non-null row.
 VECTOR = "vector"
+# How a column feeds the towers when data.features derives its lists from the tables (``auto``):
+# categorical (an embedding), numeric (scaled) or vector (projected). A declared column without one
+# (an id, a log field) is no table feature.
+FEATURE_KINDS = ("categorical", "numeric", VECTOR)
 
 _COLUMN_KEYS = {
     "name",
@@ -48,6 +52,7 @@ _COLUMN_KEYS = {
     "allowed",
     "references",
     "description",
+    "feature",
 }
 _TABLE_KEYS = {"table", "file", "required", "primary_key", "columns", "rules", "description", "extra_columns"}
 _EXTRA_COLUMNS = ("drop", "keep")
@@ -72,6 +77,8 @@ class ColumnSchema:
         allowed: the only values permitted, or None for any.
         references: ``"<table>.<column>"`` every non-null value must exist in, or None.
         description: free text.
+        feature: one of :data:`FEATURE_KINDS` when the column is a feature of its table's tower
+            (``data.features`` lists left as ``auto`` use it so), None when it is not.
     """
 
     name: str
@@ -84,6 +91,7 @@ class ColumnSchema:
     references: str | None = None
     description: str = ""
     length: int | None = None
+    feature: str | None = None
 
     @property
     def is_vector(self) -> bool:
@@ -291,6 +299,15 @@ def _column(raw: Mapping, where: str) -> ColumnSchema:
             )
     elif length is not None:
         raise ConfigError(f"{where}, column '{raw['name']}': only a {VECTOR} column has a length.")
+    feature = raw.get("feature")
+    if feature is not None and feature not in FEATURE_KINDS:
+        raise ConfigError(
+            f"{where}, column '{raw['name']}': feature {feature!r} is not one of {list(FEATURE_KINDS)}."
+        )
+    if feature is not None and (feature == VECTOR) != (raw["dtype"] == VECTOR):
+        raise ConfigError(
+            f"{where}, column '{raw['name']}': feature {VECTOR} goes with dtype {VECTOR}, and only with it."
+        )
     allowed = raw.get("allowed")
     return ColumnSchema(
         name=raw["name"],
@@ -303,6 +320,7 @@ def _column(raw: Mapping, where: str) -> ColumnSchema:
         references=raw.get("references"),
         description=raw.get("description", ""),
         length=length,
+        feature=feature,
     )
 
 

@@ -26,6 +26,7 @@ from convcg_cli.data.contract.checks import (
 )
 from convcg_cli.data.contract.schemas import TableSchema, load_schemas
 from convcg_cli.errors import ConvcgError, DataValidationError, first_line
+from convcg_cli.workdir import sweep_stale, temp_beside
 
 # Written next to the tables: row counts and the provenance the writer passes (seed, config, source).
 METADATA_FILE = "synth.json"
@@ -161,8 +162,9 @@ def write_tables(
                 f"(it holds {', '.join(foreign[:5]) or 'a file'}); choose another --out."
             )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(out_dir)  # what writers of out_dir that were killed left beside it (named by pid)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_beside(out_dir, "tmp"), dir=out_dir.parent))
     try:
         written = [name for name in schemas if name in tables]
         for name in written:
@@ -182,7 +184,7 @@ def _replace_dir(new: Path, target: Path) -> None:
     if not target.exists():
         os.replace(new, target)
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    aside = Path(tempfile.mkdtemp(prefix=temp_beside(target, "old"), dir=target.parent))
     os.replace(target, aside / target.name)
     try:
         os.replace(new, target)

@@ -1,4 +1,5 @@
-"""From validated log tables to model inputs: time split, feature building, training examples.
+"""From validated log tables to model inputs: feature building, training examples (the time split,
+``time_split``, is re-exported here).
 
 Pure functions over polars frames and numpy arrays, vectorised (no per-row Python). Everything that
 looks at impressions for a *feature* (item performance, logQ frequencies, popularity) reads the
@@ -15,95 +16,24 @@ import polars as pl
 
 from convcg_cli.data.contract import VECTOR, ColumnSchema, conform_vector
 from convcg_cli.data.features.history import history_before
-from convcg_cli.errors import ConfigError, ConvcgError, DataValidationError
+from convcg_cli.data.features.time_split import (  # noqa: F401  (the split's names, as encodings.*)
+    IMPRESSIONS_FILE,
+    SECONDS_PER_DAY,
+    SplitError,
+    TimeSplit,
+    check_end_offset_days,
+    check_split_rows,
+    daily_counts,
+    in_days,
+    split_by_time,
+    split_days,
+    split_frame,
+    split_rule,
+    window_sum,
+)
+from convcg_cli.errors import ConvcgError, DataValidationError
 from convcg_cli.specs import FeatureSpec
 from convcg_cli.tasks import CONVERSION, TASK_LABELS, engaged
-
-SECONDS_PER_DAY = 86_400
-IMPRESSIONS_FILE = "impressions.parquet"
-
-
-class SplitError(ConvcgError):
-    """A time split is empty or impossible for the data at hand."""
-
-
-@dataclass(frozen=True)
-class TimeSplit:
-    """Impressions cut into consecutive whole UTC days: train | val | heldout."""
-
-    train: pl.DataFrame
-    val: pl.DataFrame
-    heldout: pl.DataFrame
-    days: dict[str, tuple[int, int]]  # split -> (first day, last day), days since the unix epoch
-
-
-def in_days(days: tuple[int, int]) -> pl.Expr:
-    """Rows whose UTC day lies in ``days`` (first and last day, inclusive)."""
-    day = pl.col("timestamp") // SECONDS_PER_DAY
-    return (day >= days[0]) & (day <= days[1])
-
-
-def check_end_offset_days(days: int) -> int:
-    """``data.end_offset_days`` as an int, or a ConfigError when it is negative."""
-    if days < 0:
-        raise ConfigError(f"data.end_offset_days must be >= 0 (days to drop from the end), got {days}.")
-    return int(days)
-
-
-def split_days(
-    first: int, last: int, val_days: int, heldout_days: int, end_offset_days: int = 0
-) -> dict[str, tuple[int, int]]:
-    """(first day, last day) of train | val | heldout, counted back from ``last - end_offset_days``.
-
-    ``end_offset_days`` (rolling-origin evaluation) drops the last N logged days: no split holds them.
-    """
-    end = last - check_end_offset_days(end_offset_days)
-    heldout_start = end - heldout_days + 1
-    val_start = heldout_start - val_days
-    n_days = end - first + 1
-    if val_days < 1 or heldout_days < 1 or val_start <= first:
-        dropped = f" once data.end_offset_days={end_offset_days} are dropped" if end_offset_days else ""
-        raise SplitError(
-            f"{IMPRESSIONS_FILE} covers {max(n_days, 0)} day(s){dropped} (days {first}..{end} since "
-            f"1970-01-01); data.val_days={val_days} and data.heldout_days={heldout_days} need at least "
-            f"{val_days + heldout_days + 1} days so that at least one day is left to train on."
-        )
-    return {
-        "train": (first, val_start - 1),
-        "val": (val_start, heldout_start - 1),
-        "heldout": (heldout_start, end),
-    }
-
-
-def check_split_rows(rows: dict[str, int], days: dict[str, tuple[int, int]]) -> None:
-    """Every split must have rows."""
-    for name, n in rows.items():
-        if n == 0:
-            lo, hi = days[name]
-            raise SplitError(
-                f"The {name} split (days {lo}..{hi} since 1970-01-01) of {IMPRESSIONS_FILE} has 0 rows; "
-                f"expected impressions on those days. Adjust data.val_days / data.heldout_days."
-            )
-
-
-def split_by_time(
-    impressions: pl.DataFrame, val_days: int, heldout_days: int, end_offset_days: int = 0
-) -> TimeSplit:
-    """Split by whole days counted back from the last logged day (minus ``end_offset_days``).
-
-    The last ``heldout_days`` days are held out, the ``val_days`` before them validate, the rest trains;
-    the ``end_offset_days`` after the held-out days are in no split.
-    """
-    if impressions.height == 0:
-        raise SplitError(f"{IMPRESSIONS_FILE} has 0 rows; expected impressions over several days.")
-    day = pl.col("timestamp") // SECONDS_PER_DAY
-    first, last = (
-        int(x) for x in impressions.select(day.min().alias("first"), day.max().alias("last")).row(0)
-    )
-    bounds = split_days(first, last, val_days, heldout_days, end_offset_days)
-    parts = {name: impressions.filter(in_days(days)) for name, days in bounds.items()}
-    check_split_rows({name: frame.height for name, frame in parts.items()}, bounds)
-    return TimeSplit(**parts, days=bounds)
 
 
 def dense_codes(column: pl.Series) -> np.ndarray:

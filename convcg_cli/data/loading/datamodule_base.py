@@ -20,6 +20,7 @@ import polars as pl
 import torch
 from torch.utils.data import DataLoader
 
+from convcg_cli import progress
 from convcg_cli.data.contract import load_schemas
 from convcg_cli.data.features import (
     ACTION_CODES,
@@ -30,6 +31,7 @@ from convcg_cli.data.features import (
 )
 from convcg_cli.data.features import encodings as F
 from convcg_cli.data.features.cofactors import engagement_matrix, fit_cofactors
+from convcg_cli.data.features.table_columns import choose_features
 from convcg_cli.data.importing import IgnoreMaturity
 from convcg_cli.data.loading.batches import (
     ItemIdDropout,
@@ -100,13 +102,20 @@ class DataModuleBase(L.LightningDataModule):
     Args:
         dir: directory with items/users/impressions parquet files.
         val_days, heldout_days: whole days at the end of the log for validation and held-out eval.
+        split: how the days are chosen (``convcg_cli.data.features.time_split``): ``days`` (exactly
+            ``val_days`` / ``heldout_days``) or ``auto`` (those, each window grown by whole days until
+            it holds ``min_conversions[split]`` converted impressions; conf/data's default). ``days``
+            here, so a run saved before the option existed is rebuilt on the days it trained on.
+        min_conversions: {"heldout": n, "val": m}: the ``auto`` split's minimums (default 300, 200).
         batch_size: training batch size (the in-batch negatives of each example).
         query_hash_buckets: number of hash buckets for search query ids.
         seed: batch-order seed.
         tasks: task names (from ``loss.task_weights``).
         eval_batch_size: queries per batch when embedding evaluation queries.
-        features: {"item"|"user": {"categorical": [...], "numeric": [...]}}: the table columns used as
-            features besides the ids (item_id, advertiser_id, user_id are always used).
+        features: {"item"|"user": {"categorical"|"numeric"|"vector": [...] or "auto"}}: the table
+            columns used as features besides the ids (item_id, advertiser_id, user_id are always
+            used); an ``auto`` list is derived from the tables at set-up
+            (``convcg_cli.data.features.table_columns``). None: no table feature.
         positives: which rows are positives of each task, with what weight (LabelPositives,
             DualPositives).
         hard_negatives: served-but-not-engaged impressions of the same user added to each example's
@@ -146,6 +155,8 @@ class DataModuleBase(L.LightningDataModule):
     # What both data paths expose once set up (evaluation, baselines, training and bench read these).
     constructor_options: dict[str, Any]
     split_days: dict[str, tuple[int, int]]  # train | val | heldout -> (first day, last day)
+    item_columns: F.FeatureColumns  # the table columns the towers read (``features`` resolved)
+    user_columns: F.FeatureColumns
     n_rows: dict[str, int]  # impressions per split
     items: F.ItemTable
     users: F.UserTable
@@ -197,6 +208,8 @@ class DataModuleBase(L.LightningDataModule):
         label_maturity: IgnoreMaturity | None = None,
         train_through_val: bool = False,
         item_id_dropout: float = 0.0,
+        split: str = "days",
+        min_conversions: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.train_through_val = bool(train_through_val)
@@ -224,6 +237,8 @@ class DataModuleBase(L.LightningDataModule):
         self.dir = Path(dir)
         self.val_days, self.heldout_days = val_days, heldout_days
         self.end_offset_days = F.check_end_offset_days(end_offset_days)
+        # The one rule that chooses the days; set-up applies it once (``split_days``).
+        self.split_rule = F.split_rule(split, val_days, heldout_days, end_offset_days, min_conversions)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.query_hash_buckets, self.seed = query_hash_buckets, seed
         self.tasks = list(tasks)
@@ -231,13 +246,16 @@ class DataModuleBase(L.LightningDataModule):
         self.hard_negatives = hard_negatives
         self.context = tuple(context)
         self.history_max_len = int((history or {}).get("max_len", 0))
-        features = features or {}
-        self.item_columns = F.FeatureColumns(**{k: tuple(v) for k, v in features.get("item", {}).items()})
-        self.user_columns = F.FeatureColumns(**{k: tuple(v) for k, v in features.get("user", {}).items()})
+        self.features = features  # resolved against the tables at set-up: item_columns, user_columns
         self.train_set: ShuffledBatches | ShardedBatches | None = None
         self._ready = False
 
     # Shared by both data paths: written once, here.
+
+    def _choose_split(self, daily: pl.DataFrame) -> None:
+        """``split_days`` from the log's :func:`~F.daily_counts`, by ``split_rule``; says which."""
+        self.split_days = self.split_rule.days(daily)
+        progress.announce(self.split_rule.describe(daily, self.split_days))
 
     def training_days(self) -> tuple[int, int]:
         """(first, last) day of the training window: the train days, with the validation days too
@@ -277,6 +295,10 @@ class DataModuleBase(L.LightningDataModule):
         An item neither shown in the training window nor in the user history before the cut-off is
         encoded as never shown (``F.encode_never_shown``): as serving encodes an item id it never had.
         """
+        chosen = choose_features(self.features, {"items": items, "users": users}, load_schemas())
+        self.item_columns, self.user_columns = chosen.columns["item"], chosen.columns["user"]
+        for line in chosen.describe():
+            progress.announce(line)
         self.items = F.build_item_table(items, train, self.item_columns)
         self.users = F.build_user_table(users, self.user_columns)
         self._add_pre_cutoff_context(user_history, train_pairs)

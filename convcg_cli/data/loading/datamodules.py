@@ -55,8 +55,8 @@ class InMemoryDataModule(DataModuleBase):
         if self._ready:
             return
         tables = load_tables(self.dir)
-        split = F.split_by_time(tables["impressions"], self.val_days, self.heldout_days, self.end_offset_days)
-        self.split_days = split.days
+        self._choose_split(F.daily_counts(tables["impressions"]))
+        split = F.split_frame(tables["impressions"], self.split_days)
         cutoff = self.cutoff()
         # The training window as known at the cut-off: everything below reads these labels.
         train_window = self.label_maturity.training_rows(self.training_window(split), cutoff)
@@ -157,15 +157,10 @@ class StreamedDataModule(DataModuleBase):
                 self.impressions_path, self.chunk_rows, schemas, small["items"], small["users"]
             )
         self._file_meta = {"rows": total, "first_day": first, "last_day": last}
-        self.split_days = F.split_days(first, last, self.val_days, self.heldout_days, self.end_offset_days)
         lazy = scan_impressions(self.impressions_path, schema)
-        self.n_rows = {
-            k: int(v)
-            for k, v in lazy.select([F.in_days(d).sum().alias(k) for k, d in self.split_days.items()])
-            .collect(engine="streaming")
-            .row(0, named=True)
-            .items()
-        }
+        daily = F.daily_counts(lazy)  # O(days)
+        self._choose_split(daily)
+        self.n_rows = {k: F.window_sum(daily, d, "rows") for k, d in self.split_days.items()}
         F.check_split_rows(self.n_rows, self.split_days)
         train = lazy.filter(F.in_days(self.training_days()))
         is_engaged = engaged(self.tasks)
