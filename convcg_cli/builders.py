@@ -86,29 +86,55 @@ def embed_split(model, dm, split: str) -> np.ndarray:
     return encode_queries(model.embed_queries, dm.queries[split].features, dm.eval_batch_size)
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: Path, name: str | None = None) -> dict[str, Any]:
     """A Lightning checkpoint as plain data: ``torch.load(weights_only=True)`` unpickles tensors,
-    containers and numbers only, so a tampered checkpoint cannot run code. Anything else in it is a
-    ConvcgError naming the file, not a traceback."""
+    containers and numbers only, so a tampered checkpoint cannot run code. A file that holds other
+    objects, or one cut short (a copy or a write that did not finish), is a ConvcgError naming it as
+    ``name`` (e.g. the run's artifact; default: the path), not a traceback."""
     import pickle
 
     import torch
 
+    what = name or f"The checkpoint {path}"
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as exc:
-        first = first_line(exc)
+    except pickle.UnpicklingError as exc:
         raise ConvcgError(
-            f"The checkpoint {path} is not plain weights (tensors, numbers, containers): {first}. "
+            f"{what} is not plain weights (tensors, numbers, containers): {first_line(exc)}. "
             "convcg loads checkpoints as data only, so one that holds other objects is refused; "
             "retrain the run."
         ) from None
+    except (RuntimeError, EOFError, AttributeError, ValueError, OSError) as exc:
+        raise ConvcgError(
+            f"{what} is damaged or cut short ({first_line(exc) if str(exc) else 'empty file'}): a write "
+            "or a copy of it did not finish. Retrain the run (or resume it, if it was interrupted)."
+        ) from None
 
 
-def load_trained_model(train_cfg, dm, checkpoint: Path, run_id: str):
-    """The run's model rebuilt from its config, with the weights of ``checkpoint``, in eval mode."""
+def check_finite_weights(state: dict[str, Any], name: str) -> None:
+    """ConvcgError naming the tensors of a checkpoint's ``state_dict`` that hold NaN or inf."""
+    import torch
+
+    bad = [
+        key
+        for key, value in state.get("state_dict", {}).items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()
+    ]
+    if bad:
+        listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ConvcgError(
+            f"{name} holds non-finite weights (NaN or inf) in {listed}: the training it comes from "
+            "diverged. Retrain the run (e.g. with a lower model.optimizer.lr)."
+        )
+
+
+def load_trained_model(train_cfg, dm, checkpoint: Path | dict[str, Any], run_id: str):
+    """The run's model rebuilt from its config, with the weights of ``checkpoint`` (a file, or a
+    checkpoint :func:`read_checkpoint` already read), in eval mode."""
     model = build_model(train_cfg, dm)
-    state = read_checkpoint(checkpoint)
+    state = (
+        checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint, _artifact_name(run_id))
+    )
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as exc:  # shapes differ: the code or the data changed since training
@@ -120,3 +146,7 @@ def load_trained_model(train_cfg, dm, checkpoint: Path, run_id: str):
         ) from None
     model.eval()
     return model
+
+
+def _artifact_name(run_id: str) -> str:
+    return f"The checkpoint artifact of run {run_id}"

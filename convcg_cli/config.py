@@ -35,6 +35,17 @@ def extra_config_dir() -> Path | None:
     return path
 
 
+def check_home() -> None:
+    """ConfigError when ``$CONVCG_HOME`` names something that is not a directory (a file): every
+    run, output and store of convcg lives under it. A home that does not exist yet is made later."""
+    home = os.environ.get("CONVCG_HOME")
+    if home and Path(home).expanduser().exists() and not Path(home).expanduser().is_dir():
+        raise ConfigError(
+            f"CONVCG_HOME={home} is a file, not a directory: convcg keeps its MLflow store, runs and "
+            "outputs under it. Point CONVCG_HOME at a directory (it is created when missing)."
+        )
+
+
 def register_resolvers() -> None:
     """Register convcg's OmegaConf resolvers (``abspath``); needed before any config is resolved."""
     # `${abspath:...}` makes paths absolute at compose time, so a run's saved config points at the
@@ -166,6 +177,7 @@ def compose(config_name: str, overrides: list[str] | None = None) -> Composed:
     from omegaconf.errors import OmegaConfBaseException
 
     register_resolvers()
+    check_home()
     overrides = list(overrides or [])
     check_overrides(overrides)
     extra = extra_config_dir()

@@ -35,9 +35,69 @@ class RunClaimedError(ConvcgError):
     """Another process holds the run this command would write into (e.g. it is resuming it)."""
 
 
+class EnvironmentProblem(ConvcgError):
+    """The machine or a store got in the way (a full disk, a locked or damaged MLflow store), not
+    the user's input: the message says what and where, and what to do."""
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception it was raised from or during, once each."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+
+
+def environment_problem(exc: BaseException) -> str | None:
+    """A paragraph for an environment failure anywhere in ``exc``'s chain, or None.
+
+    Recognised: no space left on a device (or over quota), a sqlite store still locked by another
+    process after the wait, a damaged sqlite store, a path that should be a directory but is a file.
+    Matched by errno and by sqlite's own message, so this leaf module imports no library.
+
+    Example:
+        >>> import errno
+        >>> environment_problem(OSError(errno.ENOSPC, "No space left on device", "/tmp/x")).split(":")[0]
+        'No space left on device writing /tmp/x'
+        >>> environment_problem(ValueError("a bug")) is None
+        True
+    """
+    import errno
+
+    for cause in _chain(exc):
+        text = str(cause)
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {cause.filename}" if cause.filename else ""
+            return (
+                f"No space left on device{where}: free space there (or point TMPDIR, for downloads, or "
+                "CONVCG_HOME, for runs and outputs, at a larger disk) and run the command again. "
+                "A run it was writing is marked FAILED and keeps what it had logged."
+            )
+        if "database is locked" in text:
+            return (
+                "The MLflow sqlite store stayed locked by another process beyond the wait (sqlite: "
+                "'database is locked'). Another convcg or mlflow process is writing to it: wait for it "
+                "to finish, or raise logger.busy_timeout_s, then run the command again."
+            )
+        if "database disk image is malformed" in text or "file is not a database" in text:
+            return (
+                f"The MLflow sqlite store is damaged (sqlite: '{first_line(cause)}'). Move the file aside "
+                "(keep it for recovery: `sqlite3 mlflow.db .recover`), or point CONVCG_HOME or "
+                "logger.tracking_uri at another store, then run the command again."
+            )
+        if isinstance(cause, NotADirectoryError):
+            return (
+                f"{cause.filename or 'A path'} is not a directory, but convcg keeps files under it "
+                f"({first_line(cause)}). Point CONVCG_HOME (or the option that names it) at a directory."
+            )
+    return None
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a ConvcgError into a one-paragraph message on stderr and a non-zero exit.
+    """Turn a ConvcgError, or an environment failure (:func:`environment_problem`), into a
+    one-paragraph message on stderr and a non-zero exit (2 for both); a bug still shows its traceback.
 
     Wraps the body of every command line (``convcg``, ``python -m convcg_cli.bench``); typer and rich
     are imported only when an error is reported, so this leaf module stays light.
@@ -45,11 +105,20 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except ConvcgError as exc:
-        import typer
-        from rich.console import Console
+        _report(str(exc), exc.exit_code)
+    except Exception as exc:
+        problem = environment_problem(exc)
+        if problem is None:
+            raise
+        _report(problem, EnvironmentProblem.exit_code)
 
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]Error:[/bold red] {exc}", highlight=False)
-        raise typer.Exit(exc.exit_code) from None
+
+def _report(message: str, exit_code: int) -> None:
+    import typer
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]Error:[/bold red] {message}", highlight=False)
+    raise typer.Exit(exit_code) from None
 
 
 class TrainingDivergedError(ConvcgError):

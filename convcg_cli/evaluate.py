@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any, cast
 import numpy as np
 from omegaconf import OmegaConf
 
-from convcg_cli import progress, tracking
+from convcg_cli import progress, tracking, workdir
 from convcg_cli.baselines import (
     BASELINE_DATA_OPTIONS,
     BASELINES,
@@ -31,12 +32,13 @@ from convcg_cli.baselines import (
 )
 from convcg_cli.builders import (  # noqa: F401  (read_checkpoint: also imported from here)
     build_datamodule,
+    check_finite_weights,
     embed_split,
     load_trained_model,
     read_checkpoint,
 )
 from convcg_cli.config import Composed
-from convcg_cli.errors import ConfigError, ConvcgError
+from convcg_cli.errors import ConfigError, ConvcgError, RunInterruptedError
 from convcg_cli.figures import recall_figure
 from convcg_cli.index import ExactIndex
 from convcg_cli.metrics.bootstrap import CI_HIGH, CI_LOW, bootstrap_recall_ci, ci_names
@@ -359,7 +361,9 @@ class BaselineContext:
     train_cfg: Any
     digest: str
     profile: dict[str, Any]
+    downloads: Path  # the evaluation's own temporary directory (workdir.command_dir)
     _history: Any = None
+    logged: list[str] = field(default_factory=list)  # what this evaluation has logged so far
 
     def history(self):
         """The training window the baselines learn from, read once (only if a baseline is fitted)."""
@@ -368,14 +372,20 @@ class BaselineContext:
         return self._history
 
 
-def _read_baseline_run(store: tracking.Store, run_id: str, split: str, ranking: str) -> RankingScores | None:
+def _read_baseline_run(
+    store: tracking.Store, run_id: str, split: str, ranking: str, downloads: Path
+) -> RankingScores | None:
     """A baseline run's scores: its full metrics (``eval/<split>_metrics.json``) and hit flags
-    (``eval/<split>_hits.npz``); None when either is missing."""
-    metrics = tracking.read_json_artifact(store, run_id, f"{EVAL_ARTIFACT_DIR}/{split}_metrics.json")
+    (``eval/<split>_hits.npz``), downloaded under ``downloads``; None when either is missing."""
+    metrics = tracking.read_json_artifact(
+        store, run_id, f"{EVAL_ARTIFACT_DIR}/{split}_metrics.json", downloads
+    )
     if metrics is None:
         return None
     hits = load_hits(
-        tracking.download_artifact(store, run_id, f"{EVAL_ARTIFACT_DIR}/{HITS_FILE.format(split=split)}")
+        tracking.download_artifact(
+            store, run_id, f"{EVAL_ARTIFACT_DIR}/{HITS_FILE.format(split=split)}", downloads
+        )
     )
     if any(ranking not in h.rankings for h in hits.values()):
         return None
@@ -405,6 +415,7 @@ def _score_and_log_baseline(ctx: BaselineContext, name: str, key: str) -> tuple[
         tracking.log_metrics(run, logged_metrics(scores.metrics, str(cfg.split), ranking))
         hits = collect_hits({ranking: scores}, query_users(ctx.queries), list(cfg.ks))
         _log_eval_artifacts(run, str(cfg.split), scores.metrics, hits)
+    ctx.logged.append(f"baseline run {run.run_id} ({name})")
     return scores, run.run_id
 
 
@@ -440,7 +451,7 @@ def _baseline_for(
     run_id = tracking.find_baseline_run(ctx.store, key) if ctx.cfg.get("reuse_baseline_runs", True) else None
     if found is None and run_id is not None:
         with progress.step(f"Reading baseline {name} from run {run_id}"):
-            found = _read_baseline_run(ctx.store, run_id, str(ctx.cfg.split), ranking)
+            found = _read_baseline_run(ctx.store, run_id, str(ctx.cfg.split), ranking, ctx.downloads)
     if found is None:
         logged = _score_and_log_baseline(ctx, name, key)
         if logged is None:  # refused the data: skipped with a warning
@@ -459,6 +470,29 @@ def evaluate(
     baseline_cache: MutableMapping[str, RankingScores] | None = None,
     data_cache=None,
 ) -> EvalResult:
+    """:func:`evaluate_run`; Ctrl-C stops it with a message saying what it had logged (exit 130)."""
+    logged: list[str] = []
+    try:
+        with workdir.command_dir("eval") as downloads:  # removed however the evaluation ends
+            return evaluate_run(composed, run, baseline_cache, data_cache, logged, downloads=downloads)
+    except KeyboardInterrupt:
+        raise RunInterruptedError(
+            signal.SIGINT,
+            f"Evaluation interrupted (Ctrl-C); it had logged: {'; '.join(logged) or 'nothing'}. The "
+            "evaluated run keeps its training figures; run the same `convcg eval` again (baseline "
+            "runs already finished are reused).",
+        ) from None
+
+
+def evaluate_run(
+    composed: Composed,
+    run: str,
+    baseline_cache: MutableMapping[str, RankingScores] | None = None,
+    data_cache=None,
+    logged: list[str] | None = None,
+    *,
+    downloads: Path,
+) -> EvalResult:
     """Rebuild the run's model from its saved config and checkpoint, score ``split``, log the model's
     metrics, the data as a dataset input, a recall@K figure and the per-positive hit flags of every
     ranking (``eval/<split>_hits.npz``) into the run. Baselines are runs of their own
@@ -471,7 +505,10 @@ def evaluate(
             on the trained model, so runs on the same data and evaluation options reuse their scores.
         data_cache: optional :class:`~convcg_cli.data.loading.PreparedDataCache` shared across calls
             (``convcg ablate``): the data set up for the run's training are reused, not read again.
+        logged: what has been logged so far is appended to it (for a message if it is interrupted).
+        downloads: the directory the run's artifacts are downloaded into (the command's own).
     """
+    logged = [] if logged is None else logged
     cfg = composed.cfg
     if cfg.split not in SPLITS:
         raise ConfigError(f"split={cfg.split!r} is not one of {list(SPLITS)}.")
@@ -480,8 +517,11 @@ def evaluate(
         raise ConfigError(f"Unknown baseline(s) {unknown}; known: {sorted(BASELINES)}.")
     store = tracking.Store.from_config(cfg.logger)
     run_id = tracking.resolve_run(store, run)
-    checkpoint = tracking.download_checkpoint(store, run_id)  # before the baselines: fail fast
-    train_cfg = tracking.load_run_config(store, run_id)
+    # Read and checked before the baselines: a damaged checkpoint fails fast, with no run logged.
+    name = f"The checkpoint artifact '{tracking.CHECKPOINT_ARTIFACT}' of run {run_id}"
+    checkpoint = read_checkpoint(tracking.download_checkpoint(store, run_id, downloads), name)
+    check_finite_weights(checkpoint, name)
+    train_cfg = tracking.load_run_config(store, run_id, downloads)
     if cfg.data_dir:
         train_cfg.data.dir = str(cfg.data_dir)
     own_data = tracking.check_training_data(
@@ -498,9 +538,12 @@ def evaluate(
     trained = tracking.existing_run(store, run_id)
     profile = tracking.dataset_profile(dm.n_rows, dm.split_days)
     digest = tracking.log_dataset(trained, train_cfg.data.dir, profile, "evaluation", tag=own_data)
+    logged.append(f"the evaluation data as a dataset input of run {run_id}")
 
     # Baselines first: a bad baseline option fails fast (one that refuses the corpus is skipped).
-    context = BaselineContext(store, dm, queries, tasks, cfg, train_cfg, digest, profile)
+    context = BaselineContext(
+        store, dm, queries, tasks, cfg, train_cfg, digest, profile, downloads, logged=logged
+    )
     baselines, baseline_runs = baselines_for(context, baseline_cache) if cfg.baselines else ({}, [])
 
     model = load_trained_model(train_cfg, dm, checkpoint, run_id)
@@ -520,6 +563,7 @@ def evaluate(
     everything = {m: v for scores in baselines.values() for m, v in scores.metrics.items()} | metrics
 
     with progress.step("Logging to MLflow"):
+        logged.append(f"(some of) run {run_id}'s {cfg.split} metrics and eval/ artifacts")
         tracking.log_metrics(trained, logged_metrics(metrics, str(cfg.split)))
         if baseline_runs:
             tracking.set_tags(trained, {BASELINE_RUNS_TAG: ",".join(baseline_runs)})

@@ -91,6 +91,8 @@ NUMERIC_OPTIONS: tuple[NumericOption, ...] = (
     _int("data.val_days", 1),
     _int("data.heldout_days", 1),
     _int("data.end_offset_days", 0),
+    _int("data.min_conversions.heldout", 0),
+    _int("data.min_conversions.val", 0),
     _int("data.query_hash_buckets", 1),
     _int("data.hard_negatives", 0),
     _fraction("data.item_id_dropout"),
@@ -142,6 +144,8 @@ NUMERIC_OPTIONS: tuple[NumericOption, ...] = (
     _int("serve.nlist", 1),
     _int("serve.nprobe", 1),
     _int("serve.overlap_k", 1),
+    _int("serve.max_k", 1),
+    _int("serve.max_rows", 1),
     NumericOption("data.label_maturity.window_days", minimum=0.0, exclusive_minimum=True),
     NumericOption("data.label_maturity.max_weight", minimum=1.0),
 )

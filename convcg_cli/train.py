@@ -7,8 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from convcg_cli import figures, progress, tracking
-from convcg_cli.builders import build_datamodule, build_model  # also imported from here (bench, tests)
+from convcg_cli import figures, progress, tracking, workdir
+from convcg_cli.builders import (  # build_*: also imported from here (bench, tests)
+    build_datamodule,
+    build_model,
+    read_checkpoint,
+)
 from convcg_cli.config import Composed, instantiate
 from convcg_cli.data.features import check_levers
 from convcg_cli.errors import ConfigError, RunNotFoundError
@@ -143,31 +147,39 @@ def resume(composed: Composed, run_id: str) -> TrainResult:
     that trained it, from ``outputs/runs/<run_id>/last.ckpt`` (a run whose process was killed).
     """
     store = tracking.Store.from_config(composed.cfg.logger)
+    with workdir.command_dir("resume") as downloads:  # the run's config and checkpoint, removed after
+        return _resume(store, run_id, downloads)
+
+
+def _resume(store: tracking.Store, run_id: str, downloads: Path) -> TrainResult:
     if not tracking.is_global_zero():  # ranks > 0 start once rank 0 has reopened the run (RUNNING)
-        cfg, checkpoint, dm, model = _resume_state(store, run_id)
+        cfg, checkpoint, dm, model = _resume_state(store, run_id, downloads)
         return _fit(cfg, model, dm, logger=False, run_id=None, ckpt_path=checkpoint)
     # The claim first: of two `--resume` of one run, the second exits 2 here, naming the first.
     with tracking.claim_run(store, run_id):
         tracking.check_resumable(store, run_id)
-        cfg, checkpoint, dm, model = _resume_state(store, run_id)
+        cfg, checkpoint, dm, model = _resume_state(store, run_id, downloads)
         with StopOnSignals() as stop, tracking.reopened_run(store, run_id) as run:
             stop.run_id = run_id
             result = _fit_and_log(cfg, model, dm, run, ckpt_path=checkpoint)
     return result
 
 
-def _resume_state(store: tracking.Store, run_id: str):
-    """The saved config, the checkpoint to continue from, the data module and the model of a run."""
-    cfg = tracking.load_run_config(store, run_id)
-    checkpoint = _last_checkpoint(store, cfg, run_id)
+def _resume_state(store: tracking.Store, run_id: str, downloads: Path):
+    """The saved config, the checkpoint to continue from, the data module and the model of a run
+    (what is downloaded goes under ``downloads``)."""
+    cfg = tracking.load_run_config(store, run_id, downloads)
+    checkpoint = _last_checkpoint(store, cfg, run_id, downloads)
+    # Read once as data before Lightning restores it: a cut-short file is a message, not a traceback.
+    read_checkpoint(checkpoint, f"The last-epoch checkpoint of run {run_id} ({checkpoint.name})")
     dm, model = _build(cfg)
     return cfg, checkpoint, dm, model
 
 
-def _last_checkpoint(store: tracking.Store, cfg, run_id: str) -> Path:
+def _last_checkpoint(store: tracking.Store, cfg, run_id: str, downloads: Path) -> Path:
     """The state ``resume`` continues from: the logged resume artifact, else the local ``last.ckpt``."""
     if tracking.has_artifact(store, run_id, tracking.RESUME_CHECKPOINT_ARTIFACT):
-        return tracking.download_checkpoint(store, run_id, tracking.RESUME_CHECKPOINT_ARTIFACT)
+        return tracking.download_checkpoint(store, run_id, downloads, tracking.RESUME_CHECKPOINT_ARTIFACT)
     local = _checkpoint_dir(cfg, run_id) / LAST_CHECKPOINT
     if local.exists():
         return local

@@ -320,7 +320,7 @@ def test_failed_evaluation_marks_the_child_failed_and_the_grid_goes_on(home):
     assert (result.report_dir / "report.md").exists()
 
 
-def test_smoke_grid_end_to_end(home, tiny_overrides):
+def test_smoke_grid_end_to_end(home, tiny_overrides, tmp_path_factory):
     """One seed of the smoke grid plus a variant that cannot train, on the tiny logs."""
     smoke = ablate.select(ablate.load_grid("smoke"), [0])
     broken = Variant("broken", ("+experiment=unified_parallel", "trainer.accelerator=no_such_device"))
@@ -345,9 +345,9 @@ def test_smoke_grid_end_to_end(home, tiny_overrides):
     assert metrics[low] <= metrics["heldout/conversion/recall_at_100"] <= metrics[high]
     assert not any("baseline" in name for name in metrics)
     assert "heldout_by_surface/search/conversion/recall_at_100" in metrics
-    full = tracking.read_json_artifact(
-        tracking.Store.from_config(compose("eval").cfg.logger), done.info.run_id, "eval/heldout_metrics.json"
-    )
+    downloads = tmp_path_factory.mktemp("downloads")
+    eval_store = tracking.Store.from_config(compose("eval").cfg.logger)
+    full = tracking.read_json_artifact(eval_store, done.info.run_id, "eval/heldout_metrics.json", downloads)
     name = "heldout/baseline_itemcf/conversion/recall_at_100"
     assert full[f"{name}_ci_low"] <= full[name] <= full[f"{name}_ci_high"]
     assert "heldout/by_surface/search/conversion/recall_at_100_ci_low" in full
@@ -358,9 +358,7 @@ def test_smoke_grid_end_to_end(home, tiny_overrides):
     itemcf = next(r for r in baseline_runs if r.data.tags["baseline"] == "itemcf")
     assert itemcf.data.metrics["heldout/conversion/recall_at_100"] == pytest.approx(full[name])
 
-    hits_file = tracking.download_artifact(
-        tracking.Store.from_config(compose("eval").cfg.logger), done.info.run_id, "eval/heldout_hits.npz"
-    )
+    hits_file = tracking.download_artifact(eval_store, done.info.run_id, "eval/heldout_hits.npz", downloads)
     hits = load_hits(hits_file)["conversion"]
     assert set(hits.rankings) == {"model", "baseline_popularity", "baseline_itemcf"} and hits.ks == (
         10,

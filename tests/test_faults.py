@@ -141,7 +141,7 @@ def test_a_running_run_whose_process_died_is_marked_killed_by_the_next_command(h
 def _heldout(run_id: str) -> dict:
     result = runner.invoke(app, ["eval", "--run", run_id, "--json", "bootstrap.n_boot=0", "baselines=[]"])
     assert result.exit_code == 0, result.output
-    return {k: v for k, v in json.loads(result.output).items() if k != "run_id"}
+    return {k: v for k, v in json.loads(result.stdout).items() if k != "run_id"}
 
 
 def _history(home: Path, run_id: str, name: str) -> list[tuple[int, float]]:

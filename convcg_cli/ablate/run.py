@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import open_dict
 
-from convcg_cli import progress, tracking
+from convcg_cli import progress, tracking, workdir
 from convcg_cli.ablate.figure import FIGURE_FILE, plot_recall
 from convcg_cli.ablate.grid import (
     FAILED,
@@ -34,7 +34,7 @@ from convcg_cli.ablate.grid import (
 from convcg_cli.ablate.report import render_report, summary_json
 from convcg_cli.ablate.summary import Pairing, Row, Summary, build_summary, selection_metric
 from convcg_cli.config import compose
-from convcg_cli.errors import ConfigError
+from convcg_cli.errors import ConfigError, RunInterruptedError
 from convcg_cli.kept_checkpoint import validation_figure
 from convcg_cli.progress import cell_line
 
@@ -272,6 +272,14 @@ def rewrite_report(grid: Grid, parent_run_id: str, train_overrides: Sequence[str
 def _children_from_runs(store: tracking.Store, grid: Grid, eval_cfg, parent_run_id: str) -> list[ChildResult]:
     """Each child run's figures, per-positive hits and kept-checkpoint validation figure, read back
     from MLflow, in the grid's cell order (a parallel launcher finishes them in any order)."""
+    with workdir.command_dir("ablate") as downloads:  # what is read back lives in memory after
+        return _read_children(store, grid, eval_cfg, parent_run_id, downloads)
+
+
+def _read_children(
+    store: tracking.Store, grid: Grid, eval_cfg, parent_run_id: str, downloads: Path
+) -> list[ChildResult]:
+    """:func:`_children_from_runs`, downloading the runs' artifacts under ``downloads``."""
     from convcg_cli.evaluate import HITS_FILE, load_hits
 
     split = str(eval_cfg.split)
@@ -284,13 +292,17 @@ def _children_from_runs(store: tracking.Store, grid: Grid, eval_cfg, parent_run_
                 ChildResult(name, seed, run_id, FAILED, error=tags.get(tracking.ERROR_TAG), fold=fold)
             )
             continue
-        train_cfg = tracking.load_run_config(store, run_id)
+        train_cfg = tracking.load_run_config(store, run_id, downloads)
         # The full figures (baselines', CIs under their own names) are the eval metrics artifact;
         # the run's own MLflow metrics hold the model's headline ones.
         metrics = dict(run.data.metrics)
-        metrics.update(tracking.read_json_artifact(store, run_id, f"eval/{split}_metrics.json") or {})
+        metrics.update(
+            tracking.read_json_artifact(store, run_id, f"eval/{split}_metrics.json", downloads) or {}
+        )
         metrics[selection_metric(grid)] = validation_figure(store, train_cfg, run_id, selection_metric(grid))
-        hits_path = tracking.download_artifact(store, run_id, f"eval/{HITS_FILE.format(split=split)}")
+        hits_path = tracking.download_artifact(
+            store, run_id, f"eval/{HITS_FILE.format(split=split)}", downloads
+        )
         hits = load_hits(hits_path).get(grid.select_task)
         data_dir = str(train_cfg.data.dir)
         children.append(
@@ -350,6 +362,8 @@ def _run_child(grid: Grid, cell: Cell, composed, eval_composed, train_fn, evalua
             metrics[selection_metric(grid)] = selecting
         hits = result.hits.get(grid.select_task)
         return ChildResult(name, seed, run_id, FINISHED, metrics, data_dir=data_dir, fold=fold, hits=hits)
+    except RunInterruptedError:  # Ctrl-C / SIGTERM in a cell's training or evaluation: the grid stops
+        raise
     except Exception as exc:  # one bad cell must not stop the grid
         error = f"{type(exc).__name__}: {exc}"
         # The traceback goes to stderr for debugging; the report and the run get the one-line error.

@@ -3,8 +3,11 @@
 Requests are read ``chunk_rows`` at a time from a parquet file and ranked by the served model's own
 :meth:`~convcg_cli.serve.model.CandidateModel.candidates` (the code path of ``predict`` and of
 ``convcg eval``); each chunk's ``(request, rank, item_id, score)`` rows are appended to the output
-parquet file, written atomically (a temporary file renamed at the end). Memory: one chunk of
-requests and its ``chunk_rows * k`` candidates, whatever the file's size.
+parquet file, written atomically (a temporary file ``.<out>.partial-<pid>@<host>~`` renamed at the
+end; one a killed retrieval left is removed by the next one writing the same file). Memory: one
+chunk of requests and its ``chunk_rows * k`` candidates, whatever the file's size; ``k`` and the
+chunk are bounded by the served model's limits (``max_k``: a larger ``k`` is refused; ``max_rows``:
+a larger chunk is cut to it).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import polars as pl
 
-from convcg_cli import tracking
+from convcg_cli import tracking, workdir
 from convcg_cli.errors import ConvcgError
 from convcg_cli.serve.bundle import REQUIRED_COLUMNS
 from convcg_cli.serve.model import CandidateModel
@@ -42,9 +45,11 @@ def served_model_uri(store: tracking.Store, model: str) -> str:
 
 
 def load_candidate_model(store: tracking.Store, model: str) -> CandidateModel:
-    """The served model behind ``model`` (see :func:`served_model_uri`), loaded as MLflow loads it."""
-    served = tracking.load_served_model(store, served_model_uri(store, model))
-    return served.unwrap_python_model().model
+    """The served model behind ``model`` (see :func:`served_model_uri`), loaded as MLflow loads it;
+    its files are downloaded into a command directory removed once it is read (it lives in memory)."""
+    with workdir.command_dir("load") as scratch:
+        served = tracking.load_served_model(store, served_model_uri(store, model), scratch)
+        return served.unwrap_python_model().model
 
 
 def retrieve_file(
@@ -57,15 +62,24 @@ def retrieve_file(
 
     if chunk_rows < 1:
         raise ConvcgError(f"--chunk-rows must be >= 1, got {chunk_rows}.")
+    limits = model.bundle.limits
+    if k > limits["max_k"]:
+        raise ConvcgError(
+            f"--k {k} is over the served model's limit of {limits['max_k']} candidates per request "
+            "(serve.max_k when the run was trained or exported): ask for fewer, or export the run "
+            f"again with a higher limit ('convcg export --run ID --max-k {k}')."
+        )
+    chunk_rows = min(chunk_rows, limits["max_rows"])  # what one call of the model may hold
     if not requests.is_file():
         raise ConvcgError(f"The requests file {requests} does not exist; expected a parquet file.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
+    workdir.sweep_stale(out, ("partial",))  # what killed retrievals into the same file left
+    partial = out.with_name(workdir.temp_beside(out, "partial"))
     n_requests = n_rows = 0
     seconds = 0.0
     empty = model.candidates(pl.DataFrame(schema=REQUIRED_COLUMNS), k).to_arrow()
     try:
-        with pq.ParquetWriter(partial, empty.schema) as writer:
+        with workdir.exit_on_sigterm(), pq.ParquetWriter(partial, empty.schema) as writer:
             writer.write_table(empty)  # the schema, even for a file without requests
             for batch in pq.ParquetFile(requests).iter_batches(batch_size=chunk_rows):
                 start = time.perf_counter()

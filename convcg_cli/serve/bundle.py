@@ -7,7 +7,9 @@ JSON, YAML, parquet, a tensor state dict read with ``weights_only=True``), never
     config.yaml        the run's resolved training config (rebuilds the towers)
     query_tower.pt     the query (user) tower's state dict
     item_tower.pt      the item tower's state dict (``convcg index`` embeds new items with it)
-    meta.json          feature specs, surfaces, context, hash buckets, history length, index options
+    meta.json          feature specs, surfaces, context, hash buckets, history length, index options,
+                       the request limits (``serve.max_k``, ``serve.max_rows``; a bundle written
+                       before they existed gets ``DEFAULT_LIMITS``)
     users.npz          sorted user ids and their encoded attributes, row i = user position i
     items.npz          sorted corpus item ids and their served embeddings, row i = item position i
     item_encoding.npz  how the training item table was encoded (``convcg index`` encodes new items
@@ -26,15 +28,16 @@ Unknown ids never fail a request (the documented fallback, see the README's "Ser
   as on the home feed);
 - a ``query_id`` needs no vocabulary (it is hashed into ``data.query_hash_buckets``).
 
-A malformed request (a missing column, a wrong type, an unknown surface, ``k < 1``) is a
-:class:`RequestError` naming what was expected.
+A malformed request (a missing column, a wrong type, an unknown surface, ``k < 1``) or one over the
+limits (``k`` above ``max_k``, more rows than ``max_rows``) is a :class:`RequestError` naming what was
+expected.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +68,9 @@ LATEST = np.iinfo(np.int64).max
 COLD_START_USER_ID = np.iinfo(np.int64).min
 # The candidate table: one row per (request, rank).
 CANDIDATE_COLUMNS = ("request", "rank", "item_id", "score")
+# What one request may ask for (conf/train.yaml's serve.max_k, serve.max_rows): k candidates per
+# row, rows per call. A call's answer is at most max_rows * max_k candidate rows.
+DEFAULT_LIMITS = {"max_k": 1000, "max_rows": 10_000}
 
 
 class RequestError(ConvcgError):
@@ -160,6 +166,7 @@ class ServingBundle:
             "nprobe": 16}``.
         item_encoding: the training item table's encoding; its ``item_ids`` (the training corpus)
             encode subject items and the history, whatever corpus ``item_ids`` indexes.
+        limits: ``{"max_k": .., "max_rows": ..}``, what one request may ask for.
     """
 
     config: DictConfig
@@ -177,6 +184,7 @@ class ServingBundle:
     events: pl.DataFrame | None
     index: dict[str, Any]
     item_encoding: ItemEncoding
+    limits: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
 
     def write(self, directory: Path) -> Path:
         """Write the bundle's files into ``directory`` (created) and return it."""
@@ -195,6 +203,7 @@ class ServingBundle:
             "context": list(self.context),
             "history_max_len": self.history_max_len,
             "index": self.index,
+            "limits": self.limits,
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         users: dict[str, Any] = {"user_ids": self.users.user_ids, **self.users.features}
@@ -235,6 +244,7 @@ class ServingBundle:
             events=pl.read_parquet(events_path) if events_path.is_file() else None,
             index=dict(meta["index"]),
             item_encoding=item_encoding,
+            limits={**DEFAULT_LIMITS, **{k: int(v) for k, v in meta.get("limits", {}).items()}},
         )
 
     def query_inputs(self) -> F.QueryInputs:

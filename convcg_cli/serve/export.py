@@ -4,12 +4,18 @@
 ``serve.log_model=false``); ``convcg export --run ID`` does it for an older run (:func:`export_run`).
 The served options (``serve.*`` in conf/train.yaml) choose the index: ``exact`` (default) or ``ivf``
 with ``nlist`` cells and ``nprobe`` probes; for ``ivf`` the overlap of its top ``overlap_k`` with the
-exact top ``overlap_k`` on the validation queries is measured and logged (``INDEX_OVERLAP_METRIC``).
+exact top ``overlap_k`` on the validation queries is measured and logged (``INDEX_OVERLAP_METRIC``);
+``max_k`` and ``max_rows`` bound what one request may ask for (carried in the bundle).
+
+A model is logged only once it is known to serve (:func:`log_bundle`): its weights and embeddings are
+finite, and the model saved in the command's own directory loads as MLflow loads it and answers its
+input example; only then is it published as ``runs:/ID/model``. Anything short of that is an
+:class:`UnservableModelError` naming the run, and the run's previous model stays the one served.
 """
 
 from __future__ import annotations
 
-import tempfile
+import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,14 +25,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from convcg_cli import tracking
+from convcg_cli import tracking, workdir
 from convcg_cli.builders import build_datamodule, embed_split, load_trained_model, read_checkpoint
 from convcg_cli.data.contract import load_schemas, load_tables
 from convcg_cli.data.features import fit_item_encoding
-from convcg_cli.errors import ConfigError
+from convcg_cli.errors import ConfigError, ConvcgError, first_line
 from convcg_cli.index import ExactIndex, build_index
 from convcg_cli.metrics.retrieval import overlap_at_k
-from convcg_cli.serve.bundle import ServingBundle
+from convcg_cli.serve.bundle import DEFAULT_LIMITS, ServingBundle
 from convcg_cli.serve.model import DEFAULT_K
 
 # Request and candidate columns as the signature declares them: {name: (MLflow type, required)}.
@@ -50,7 +56,13 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "nlist": 1024,
     "nprobe": 16,
     "overlap_k": 100,
+    **DEFAULT_LIMITS,  # max_k, max_rows
 }
+
+
+class UnservableModelError(ConvcgError):
+    """A served model that would not serve (non-finite weights, or it does not load and answer its
+    input example): refused before it is logged, so the run keeps its previous model."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +80,7 @@ def serve_options(train_cfg, overrides: Mapping[str, Any] | None = None) -> dict
     options.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if options["index"] not in INDEX_KINDS:
         raise ConfigError(f"serve.index={options['index']!r} is not one of {list(INDEX_KINDS)}.")
-    for name in ("nlist", "nprobe", "overlap_k"):
+    for name in ("nlist", "nprobe", "overlap_k", *DEFAULT_LIMITS):
         if int(options[name]) < 1:
             raise ConfigError(f"serve.{name} must be >= 1, got {options[name]}.")
     return options
@@ -117,6 +129,7 @@ def make_bundle(train_cfg, dm, model, options: Mapping[str, Any]) -> ServingBund
         events=dm.inputs.events,
         index=index_options(options),
         item_encoding=fit_item_encoding(items, dm.item_columns, dm.items),
+        limits={name: int(options[name]) for name in DEFAULT_LIMITS},
     )
 
 
@@ -139,44 +152,122 @@ def input_example(bundle: ServingBundle) -> pl.DataFrame:
 
 
 @contextmanager
-def pyfunc_parts(bundle: ServingBundle) -> Iterator[dict[str, Any]]:
-    """What MLflow saves as the served model, the bundle written to a temporary directory: the code
-    file, the artifacts, the signature and the input example (keyword arguments of
-    ``tracking.save_served_model`` / ``log_served_model``)."""
+def pyfunc_parts(bundle: ServingBundle, scratch: Path) -> Iterator[dict[str, Any]]:
+    """What MLflow saves as the served model, the bundle written under ``scratch`` (removed after):
+    the code file, the artifacts, the signature and the input example (keyword arguments of
+    ``tracking.save_served_model``)."""
     from convcg_cli.serve import model_code
     from convcg_cli.serve.pyfunc import BUNDLE_ARTIFACT
 
-    with tempfile.TemporaryDirectory() as tmp:
+    written = bundle.write(scratch / BUNDLE_ARTIFACT)
+    try:
         yield {
             "python_model": model_code.__file__,
-            "artifacts": {BUNDLE_ARTIFACT: str(bundle.write(Path(tmp) / BUNDLE_ARTIFACT))},
+            "artifacts": {BUNDLE_ARTIFACT: str(written)},
             "signature": tracking.served_model_signature(INPUT_COLUMNS, OUTPUT_COLUMNS, DEFAULT_K),
             "input_example": input_example(bundle).to_pandas(),
         }
+    finally:
+        shutil.rmtree(written, ignore_errors=True)
 
 
 def save_bundle(bundle: ServingBundle, path: Path) -> Path:
     """Save ``bundle`` as a local pyfunc model directory at ``path`` (no run; the benchmarks load it)."""
-    with pyfunc_parts(bundle) as parts:
-        tracking.save_served_model(path, **parts)
+    scratch = path.with_name(f"{path.name}.parts")
+    try:
+        with pyfunc_parts(bundle, scratch) as parts:
+            tracking.save_served_model(path, **parts)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return path
 
 
-def log_bundle(run: tracking.TrackedRun, bundle: ServingBundle, tags: Mapping[str, str] | None = None) -> str:
-    """Log ``bundle`` as the run's pyfunc model (signature, input example) and return its URI."""
-    with pyfunc_parts(bundle) as parts:
-        return tracking.log_served_model(run, tags={"index": bundle.index["kind"], **(tags or {})}, **parts)
+def non_finite_parts(bundle: ServingBundle) -> list[str]:
+    """The bundle's tensors and arrays holding NaN or inf: ``query_tower.<name>``,
+    ``item_tower.<name>``, ``item_emb (n of N items, e.g. ids ...)``."""
+    import torch
+
+    towers = (("query_tower", bundle.query_tower_state), ("item_tower", bundle.item_tower_state))
+    bad = [
+        f"{tower}.{name}"
+        for tower, state in towers
+        for name, value in state.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()
+    ]
+    rows = ~np.isfinite(bundle.item_emb).all(axis=1)
+    if rows.any():
+        ids = ", ".join(str(i) for i in bundle.item_ids[rows][:5])
+        bad.append(f"item_emb ({int(rows.sum())} of {len(rows)} items, e.g. ids {ids})")
+    return bad
 
 
-def _log(run: tracking.TrackedRun, train_cfg, dm, model, options: Mapping[str, Any]) -> ExportResult:
-    """Bundle, measure the index overlap (approximate index only), log both; the shared tail of
-    :func:`log_trained_model` and :func:`export_run`."""
+def check_finite(bundle: ServingBundle, run_id: str) -> None:
+    """UnservableModelError naming the run and its non-finite tensors (:func:`non_finite_parts`)."""
+    bad = non_finite_parts(bundle)
+    if bad:
+        listed = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+        raise UnservableModelError(
+            f"The served model of run {run_id} holds non-finite values (NaN or inf) in {listed}; it "
+            f"was not logged (runs:/{run_id}/{tracking.SERVED_MODEL_NAME} is unchanged). The weights "
+            "come from a diverged training: retrain the run (e.g. with a lower model.optimizer.lr); "
+            "for item_emb alone, check the new item table's content vectors."
+        )
+
+
+def check_answers(store: tracking.Store, staged: Path, bundle: ServingBundle, run_id: str) -> None:
+    """Load the saved model directory ``staged`` as MLflow loads it and ask it for the input
+    example's top ``min(DEFAULT_K, max_k)``: every request answered, with finite scores and (exact
+    index) ``k`` rows each, else an UnservableModelError naming the run."""
+    example = input_example(bundle).to_pandas()
+    k = min(DEFAULT_K, bundle.limits["max_k"])
+    unchanged = f"it was not logged (runs:/{run_id}/{tracking.SERVED_MODEL_NAME} is unchanged)"
+    try:
+        answer = tracking.load_served_model(store, str(staged)).predict(example, params={"k": k})
+    except Exception as exc:  # whatever stops it serving is reported, naming the run
+        raise UnservableModelError(
+            f"The served model of run {run_id} does not load and answer its input example "
+            f"({type(exc).__name__}: {first_line(exc)}); {unchanged}."
+        ) from None
+    problem = None
+    if list(answer.columns) != list(OUTPUT_COLUMNS):
+        problem = f"columns {list(answer.columns)}, expected {list(OUTPUT_COLUMNS)}"
+    elif sorted(set(answer["request"])) != list(range(len(example))):
+        problem = f"it answered requests {sorted(set(answer['request']))} of {len(example)}"
+    elif not np.isfinite(answer["score"].to_numpy()).all():
+        problem = "non-finite scores"
+    elif bundle.index["kind"] == "exact" and len(answer) != len(example) * min(k, len(bundle.item_ids)):
+        problem = f"{len(answer)} candidate rows for {len(example)} requests at k={k}"
+    if problem:
+        raise UnservableModelError(
+            f"The served model of run {run_id} answers its input example wrongly ({problem}); {unchanged}."
+        )
+
+
+def log_bundle(
+    run: tracking.TrackedRun, bundle: ServingBundle, scratch: Path, tags: Mapping[str, str] | None = None
+) -> str:
+    """Check ``bundle`` (finite), save it as a pyfunc model under ``scratch`` (the command's own
+    directory), load it back and check its answer, then publish it as the run's model; its URI."""
+    check_finite(bundle, run.run_id)
+    staged = scratch / "model"
+    with pyfunc_parts(bundle, scratch) as parts:
+        tracking.save_served_model(staged, **parts)
+    check_answers(run.store, staged, bundle, run.run_id)
+    return tracking.publish_served_model(run, staged, tags={"index": bundle.index["kind"], **(tags or {})})
+
+
+def _log(
+    run: tracking.TrackedRun, train_cfg, dm, model, options: Mapping[str, Any], scratch: Path
+) -> ExportResult:
+    """Bundle, check, measure the index overlap (approximate index only), log both; the shared tail
+    of :func:`log_trained_model` and :func:`export_run`."""
     bundle = make_bundle(train_cfg, dm, model, options)
+    check_finite(bundle, run.run_id)  # before an IVF index is trained on the embeddings
     overlap = {}
     if bundle.index["kind"] != "exact":
         overlap = measure_overlap(bundle, embed_split(model, dm, "val"), int(options["overlap_k"]))
         tracking.log_metrics(run, overlap)
-    return ExportResult(log_bundle(run, bundle), bundle.index, overlap)
+    return ExportResult(log_bundle(run, bundle, scratch), bundle.index, overlap)
 
 
 def log_trained_model(cfg, dm, model, run: tracking.TrackedRun, checkpoint: Path) -> ExportResult | None:
@@ -187,23 +278,34 @@ def log_trained_model(cfg, dm, model, run: tracking.TrackedRun, checkpoint: Path
         return None
     model.load_state_dict(read_checkpoint(checkpoint)["state_dict"])
     model.eval()
-    return _log(run, cfg, dm, model, options)
+    with workdir.command_dir("model") as scratch:
+        return _log(run, cfg, dm, model, options, scratch)
 
 
 def export_run(store: tracking.Store, run: str, overrides: Mapping[str, Any] | None = None) -> ExportResult:
     """Log the served model of an existing run (``convcg export``): rebuilt from its saved config and
     checkpoint, on its own data, with the run's ``serve`` options updated by ``overrides``."""
     run_id = tracking.resolve_run(store, run)
-    train_cfg = tracking.load_run_config(store, run_id)
-    tracking.check_training_data(store, run_id, train_cfg.data.dir)  # the corpus served is the trained one
-    options = serve_options(train_cfg, overrides)
-    dm = build_datamodule(train_cfg, list(train_cfg.loss.task_weights.keys()), stage="validate")
-    model = load_trained_model(train_cfg, dm, tracking.download_checkpoint(store, run_id), run_id)
-    return _log(tracking.existing_run(store, run_id), train_cfg, dm, model, options)
+    with workdir.command_dir("export") as scratch:
+        train_cfg = tracking.load_run_config(store, run_id, scratch)
+        tracking.check_training_data(
+            store, run_id, train_cfg.data.dir
+        )  # the corpus served is the trained one
+        options = serve_options(train_cfg, overrides)
+        dm = build_datamodule(train_cfg, list(train_cfg.loss.task_weights.keys()), stage="validate")
+        checkpoint = tracking.download_checkpoint(store, run_id, scratch)
+        model = load_trained_model(train_cfg, dm, checkpoint, run_id)
+        return _log(tracking.existing_run(store, run_id), train_cfg, dm, model, options, scratch)
 
 
-def register(store: tracking.Store, model_uri: str, name: str, alias: str | None = None) -> int:
-    """Register ``model_uri`` (``runs:/ID/model``) as a new version of ``name``; returns the version."""
+def register(
+    store: tracking.Store, model_uri: str, name: str, alias: str | None = None, scratch: Path | None = None
+) -> int:
+    """Register ``model_uri`` (``runs:/ID/model``) as a new version of ``name``; returns the version.
+    What is read meanwhile goes into ``scratch`` (default: a command directory of its own)."""
     if model_uri.startswith("runs:/"):
         tracking.resolve_run(store, model_uri.split("/")[1])  # a clear error for an unknown run
-    return tracking.register_served_model(store, model_uri, name, alias)
+    if scratch is not None:
+        return tracking.register_served_model(store, model_uri, name, alias, scratch)
+    with workdir.command_dir("register") as own:
+        return tracking.register_served_model(store, model_uri, name, alias, own)

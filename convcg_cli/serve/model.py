@@ -12,7 +12,13 @@ import polars as pl
 
 from convcg_cli.builders import model_from_config
 from convcg_cli.index import Retriever, build_index
-from convcg_cli.serve.bundle import CANDIDATE_COLUMNS, RequestError, ServingBundle, request_rows
+from convcg_cli.serve.bundle import (
+    CANDIDATE_COLUMNS,
+    DEFAULT_LIMITS,
+    RequestError,
+    ServingBundle,
+    request_rows,
+)
 
 DEFAULT_K = 100
 CANDIDATE_SCHEMA = dict(zip(CANDIDATE_COLUMNS, (pl.Int64, pl.Int64, pl.Int64, pl.Float32), strict=True))
@@ -28,11 +34,26 @@ def load_towers(bundle: ServingBundle):
     return model
 
 
-def check_k(k: Any) -> int:
-    """``k`` as an int >= 1, or a RequestError."""
+def _limits_text(limits: dict[str, int]) -> str:
+    return (
+        f"this model serves at most k={limits['max_k']} candidates per request and "
+        f"{limits['max_rows']:,} requests per call (serve.max_k, serve.max_rows when it is exported)"
+    )
+
+
+def check_k(k: Any, limits: dict[str, int] = DEFAULT_LIMITS) -> int:
+    """``k`` as an int in ``[1, limits["max_k"]]``, or a RequestError naming the limits."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 1:
         raise RequestError(f"k must be a positive integer, got {k!r}.")
+    if int(k) > limits["max_k"]:
+        raise RequestError(f"k={k} is over the limit: {_limits_text(limits)}.")
     return int(k)
+
+
+def check_rows(n_rows: int, limits: dict[str, int] = DEFAULT_LIMITS) -> None:
+    """A RequestError naming the limits when a call holds more than ``limits["max_rows"]`` requests."""
+    if n_rows > limits["max_rows"]:
+        raise RequestError(f"{n_rows:,} requests in one call is over the limit: {_limits_text(limits)}.")
 
 
 class CandidateModel:
@@ -65,7 +86,8 @@ class CandidateModel:
         Args:
             requests: a pandas or polars table with ``user_id``, ``surface`` and optionally
                 ``subject_item_id``, ``query_id``, ``timestamp`` (see :func:`request_rows`).
-            k: candidates per request (the whole corpus when it is smaller).
+            k: candidates per request (the whole corpus when it is smaller), at most the
+                bundle's ``max_k``; ``requests`` may hold at most ``max_rows`` rows.
             first_request: the ``request`` number of the first row (a chunk's offset in a file).
 
         Returns:
@@ -73,9 +95,11 @@ class CandidateModel:
             ``requests`` plus ``first_request``. An approximate index may return fewer rows.
 
         Raises:
-            RequestError: a malformed request table or ``k``.
+            RequestError: a malformed request table or ``k``, or one over the limits.
         """
-        k = check_k(k)
+        k = check_k(k, self.bundle.limits)
+        # Counted before the table is read: a huge one fails at once (not a table: request_rows says so)
+        check_rows(int(getattr(requests, "shape", (0,))[0]), self.bundle.limits)
         rows = request_rows(requests)
         if rows.height == 0:
             return pl.DataFrame(schema=CANDIDATE_SCHEMA)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import polars as pl
 
-from convcg_cli import tracking
+from convcg_cli import tracking, workdir
 from convcg_cli.data.contract import conform_frames, load_schemas
 from convcg_cli.data.features import encode_items
 from convcg_cli.errors import ConvcgError, DataValidationError
@@ -56,6 +56,8 @@ def reindex_run(
     model_uri = served_model_uri(store, run)
     run_id = model_uri.split("/")[1]
     bundle = reindexed(load_candidate_model(store, model_uri).bundle, read_items(items_path))
-    uri = log_bundle(tracking.existing_run(store, run_id), bundle, tags={"items": str(items_path)})
-    version = register(store, uri, name, alias) if name else None
+    with workdir.command_dir("index") as scratch:
+        tags = {"items": str(items_path)}
+        uri = log_bundle(tracking.existing_run(store, run_id), bundle, scratch, tags=tags)
+        version = register(store, uri, name, alias, scratch) if name else None
     return ExportResult(uri, bundle.index, {}), version

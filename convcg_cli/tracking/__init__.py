@@ -6,7 +6,7 @@
     runs.py       lifecycle: open, reopen, resolve ``latest``, end with the right status, dead runs
     claims.py     a run held by one process at a time (a second ``--resume`` exits naming the holder)
     datasets.py   a data directory's digest and profile, logged as the run's dataset input
-    served.py     the pyfunc model of a run: log, save, load, register; bad-request errors
+    served.py     the pyfunc model of a run: save, publish once checked, load, register; bad requests
 
 MLflow is imported only inside these modules (and the pyfunc wrapper), lazily, so importing this
 package stays cheap.
@@ -68,9 +68,10 @@ from convcg_cli.tracking.runs import (
 )
 from convcg_cli.tracking.served import (
     SERVED_MODEL_NAME,
+    drop_unfinished_models,
     invalid_request,
     load_served_model,
-    log_served_model,
+    publish_served_model,
     register_served_model,
     save_served_model,
     served_model_signature,
@@ -83,7 +84,6 @@ from convcg_cli.tracking.store import (
     import_mlflow,
     quiet,
     sqlite_path,
-    ui_command,
 )
 
 __all__ = [
@@ -113,6 +113,7 @@ __all__ = [
     "dataset_profile",
     "download_artifact",
     "download_checkpoint",
+    "drop_unfinished_models",
     "existing_run",
     "find_baseline_run",
     "import_mlflow",
@@ -129,7 +130,6 @@ __all__ = [
     "log_figure",
     "log_file",
     "log_metrics",
-    "log_served_model",
     "log_text",
     "mark_dead_runs",
     "mark_failed",
@@ -137,6 +137,7 @@ __all__ = [
     "open_run",
     "parent_run",
     "process_tags",
+    "publish_served_model",
     "quiet",
     "read_json_artifact",
     "register_served_model",
@@ -151,5 +152,4 @@ __all__ = [
     "set_tags",
     "sqlite_path",
     "tracked_run",
-    "ui_command",
 ]

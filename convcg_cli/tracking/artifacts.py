@@ -103,30 +103,37 @@ def log_figure(run: TrackedRun, figure: Any, artifact_file: str) -> None:
 # --- reading a run back ---------------------------------------------------------------------------
 
 
-def download_artifact(store: Store, run_id: str, artifact_path: str) -> Path:
-    """Local path of artifact ``artifact_path`` of the run (e.g. ``eval/heldout_hits.npz``)."""
+def download_artifact(store: Store, run_id: str, artifact_path: str, dest: Path) -> Path:
+    """Artifact ``artifact_path`` of the run (e.g. ``eval/heldout_hits.npz``) downloaded under
+    ``dest/<run id>/`` (the command's own directory, ``workdir.command_dir``); its local path."""
     from mlflow.artifacts import download_artifacts
 
-    return Path(download_artifacts(run_id=run_id, artifact_path=artifact_path, tracking_uri=store.uri))
+    into = dest / run_id
+    into.mkdir(parents=True, exist_ok=True)
+    return Path(
+        download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=str(into), tracking_uri=store.uri
+        )
+    )
 
 
-def load_run_config(store: Store, run_id: str) -> DictConfig:
+def load_run_config(store: Store, run_id: str, dest: Path) -> DictConfig:
     """The resolved training config saved with the run. It is data: every ``_target_`` must name a
     class in convcg's registry (``targets.BUILDABLE_TARGETS``), checked before anything is built;
     classes that moved since the run was trained are named by their new path (``MOVED_TARGETS``)."""
-    cfg = OmegaConf.load(download_artifact(store, run_id, CONFIG_ARTIFACT))
+    cfg = OmegaConf.load(download_artifact(store, run_id, CONFIG_ARTIFACT, dest))
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"The saved config of run {run_id} ({CONFIG_ARTIFACT}) is not a mapping.")
     check_buildable(cfg, f"the saved config of run {run_id}")
     return upgrade_moved_targets(cfg)
 
 
-def download_checkpoint(store: Store, run_id: str, artifact: str = CHECKPOINT_ARTIFACT) -> Path:
-    """Local path of the run's checkpoint artifact; RunNotFoundError when it is gone."""
+def download_checkpoint(store: Store, run_id: str, dest: Path, artifact: str = CHECKPOINT_ARTIFACT) -> Path:
+    """The run's checkpoint artifact downloaded under ``dest``; RunNotFoundError when it is gone."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return download_artifact(store, run_id, artifact)
+        return download_artifact(store, run_id, artifact, dest)
     except (MlflowException, OSError) as exc:
         first = first_line(exc)
         raise RunNotFoundError(
@@ -141,14 +148,15 @@ def has_artifact(store: Store, run_id: str, artifact: str) -> bool:
     return any(f.path == artifact for f in listed)
 
 
-def read_json_artifact(store: Store, run_id: str, artifact_path: str) -> Any:
-    """The JSON artifact ``artifact_path`` of the run, parsed; None when the run has none."""
+def read_json_artifact(store: Store, run_id: str, artifact_path: str, dest: Path) -> Any:
+    """The JSON artifact ``artifact_path`` of the run (downloaded under ``dest``), parsed; None when
+    the run has none."""
     import json
 
     from mlflow.exceptions import MlflowException
 
     try:
-        return json.loads(download_artifact(store, run_id, artifact_path).read_text())
+        return json.loads(download_artifact(store, run_id, artifact_path, dest).read_text())
     except (MlflowException, OSError):
         return None
 

@@ -17,6 +17,7 @@ from convcg_cli.errors import RunNotFoundError
 from convcg_cli.tracking.artifacts import CHECKPOINT_TAG, CONFIG_ARTIFACT, OVERRIDES_ARTIFACT, log_text
 from convcg_cli.tracking.params import MAX_PARAM_LENGTH, choice_tags, log_params, run_name, run_params
 from convcg_cli.tracking.store import PARENT_RUN_TAG, Store, TrackedRun
+from convcg_cli.workdir import process_alive
 
 ERROR_TAG = "error"  # the one-line error of a FAILED run
 HOST_TAG, PID_TAG = "convcg.host", "convcg.pid"  # the process that holds a RUNNING run open
@@ -69,17 +70,6 @@ def _torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process of this host with id ``pid`` exists."""
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def mark_dead_runs(store: Store, experiment_ids: list[str]) -> list[str]:

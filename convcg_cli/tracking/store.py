@@ -9,10 +9,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from convcg_cli.errors import EnvironmentProblem
+
+T = TypeVar("T")
+DEFAULT_BUSY_TIMEOUT_S = 30.0  # logger.busy_timeout_s
 
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the run under its parent
 
@@ -33,19 +39,88 @@ def quiet() -> None:
         logging.getLogger(name).addFilter(_DropAdverts())
 
 
-def ui_command(tracking_uri: str) -> str:
-    """The command that opens the MLflow UI on this store."""
-    return f".venv/bin/mlflow ui --backend-store-uri {tracking_uri}"
-
-
 def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` tracking URI; None for a server or another store."""
     prefix = "sqlite:///"
     return Path(tracking_uri[len(prefix) :]) if tracking_uri.startswith(prefix) else None
 
 
+def _locked(exc: BaseException) -> bool:
+    """Whether sqlite said 'database is locked' anywhere in the exception's chain."""
+    while exc is not None:
+        if "database is locked" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def _holders(db: Path) -> list[str]:
+    """Other processes of this host with the database (or its journal) open: ``pid N (command)``."""
+    names = {str(db.resolve()), f"{db.resolve()}-journal", f"{db.resolve()}-wal"}
+    found = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        pid = fd_dir.parent.name
+        if pid == str(os.getpid()):
+            continue
+        try:
+            if any(os.readlink(fd) in names for fd in fd_dir.iterdir()):
+                command = " ".join((fd_dir.parent / "cmdline").read_bytes().decode(errors="replace").split())
+                found.append(f"pid {pid} ({command[:80]})")
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def _busy_error(tracking_uri: str, waited_s: float) -> EnvironmentProblem:
+    db = sqlite_path(tracking_uri)
+    holders = _holders(db) if db is not None and db.exists() else []
+    held = f" It is held open by {', '.join(holders)}." if holders else ""
+    return EnvironmentProblem(
+        f"The MLflow store {tracking_uri} stayed locked by another process for {waited_s:.0f} s "
+        f"(sqlite: 'database is locked').{held} Wait for that process to finish (or stop it), or "
+        "raise logger.busy_timeout_s, then run the command again."
+    )
+
+
+def _patiently(call: Callable[[], T], tracking_uri: str, timeout_s: float) -> T:
+    """``call()``, retried while sqlite reports the database locked, for up to ``timeout_s`` seconds;
+    then an EnvironmentProblem naming the store and its holders. A locked statement was rolled back,
+    so trying it again is safe."""
+    start = time.monotonic()
+    delay = 0.1
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if not _locked(exc):
+                raise
+            waited = time.monotonic() - start
+            if waited >= timeout_s:
+                raise _busy_error(tracking_uri, waited) from exc
+            time.sleep(min(delay, max(0.0, timeout_s - waited)))
+            delay = min(delay * 2, 2.0)
+
+
+class _PatientClient:
+    """An MlflowClient whose calls wait out a locked sqlite store (:func:`_patiently`)."""
+
+    def __init__(self, client: Any, tracking_uri: str, timeout_s: float) -> None:
+        self._client, self._uri, self._timeout_s = client, tracking_uri, timeout_s
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return _patiently(lambda: attr(*args, **kwargs), self._uri, self._timeout_s)
+
+        return call
+
+
 @functools.cache
-def _prepare_store(tracking_uri: str) -> None:
+def _prepare_store(tracking_uri: str, timeout_s: float) -> None:
     """Create and migrate a sqlite store once, under an exclusive lock on ``<db>.lock`` beside it.
 
     MLflow creates its tables on first use with alembic migrations that are not safe to run twice at
@@ -63,7 +138,12 @@ def _prepare_store(tracking_uri: str) -> None:
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+        # Making the client opens the store (and checks its schema): that can find it locked too.
+        _patiently(
+            lambda: MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1),
+            tracking_uri,
+            timeout_s,
+        )
 
 
 def import_mlflow() -> None:
@@ -95,6 +175,7 @@ class Store:
     experiment_name: str
     artifact_location: str | None = None
     lineage: Mapping[str, str] = field(default_factory=dict)
+    busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S
 
     @classmethod
     def from_config(cls, logger_cfg: Mapping[str, Any]) -> Store:
@@ -109,17 +190,22 @@ class Store:
             experiment_name=str(logger_cfg["experiment_name"]),
             artifact_location=str(location) if location else None,
             lineage=lineage,
+            busy_timeout_s=float(logger_cfg.get("busy_timeout_s", DEFAULT_BUSY_TIMEOUT_S)),
         )
 
     @functools.cached_property
     def client(self):
         """The store's MlflowClient; a sqlite store is created and migrated first, once, under a
-        file lock (:func:`_prepare_store`)."""
+        file lock (:func:`_prepare_store`), and its calls wait up to ``busy_timeout_s`` for a lock
+        another process holds, then stop with a message naming the store and the holders."""
         from mlflow.tracking import MlflowClient
 
         quiet()
-        _prepare_store(self.uri)
-        return MlflowClient(tracking_uri=self.uri)
+        _prepare_store(self.uri, self.busy_timeout_s)
+        if sqlite_path(self.uri) is None:
+            return MlflowClient(tracking_uri=self.uri)
+        client = _patiently(lambda: MlflowClient(tracking_uri=self.uri), self.uri, self.busy_timeout_s)
+        return _PatientClient(client, self.uri, self.busy_timeout_s)
 
     def create_tables(self) -> None:
         """Make the store's tables now (a sqlite store is created and migrated; a server is asked)."""
@@ -129,10 +215,6 @@ class Store:
         """False when the URI is a sqlite file that does not exist yet (nothing trained here)."""
         db = sqlite_path(self.uri)
         return db is None or db.exists()
-
-    def ui_command(self) -> str:
-        """The command that opens the MLflow UI on this store."""
-        return ui_command(self.uri)
 
     def find_experiment_id(self) -> str | None:
         """Id of the experiment, or None when it was never created (looking creates nothing)."""

@@ -38,3 +38,12 @@ def test_invocations_answer_candidates_and_400_for_a_malformed_request(server):
     status, answer = post(f"{server}/invocations", bad_surface)
     assert status == 400
     assert "Unknown surface" in answer["message"]
+
+    # Over the limits (serve.max_k, serve.max_rows): 400 naming them, before any work is done.
+    status, answer = post(f"{server}/invocations", {**body, "params": {"k": 10**9}})
+    assert status == 400
+    assert "over the limit" in answer["message"] and "k=1000" in answer["message"]
+    rows = {"dataframe_split": {"columns": ["user_id", "surface"], "data": [[1, "search"]] * 10_001}}
+    status, answer = post(f"{server}/invocations", rows)
+    assert status == 400
+    assert "10,001 requests in one call is over the limit" in answer["message"]

@@ -33,13 +33,14 @@ def heldout_requests(dm, n: int) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def eval_side(served_home):
+def eval_side(served_home, tmp_path_factory):
     """The run rebuilt as ``convcg eval`` rebuilds it: data module, model, held-out top-K."""
     home, run_id = served_home
     store = store_of(home)
-    train_cfg = tracking.load_run_config(store, run_id)
+    downloads = tmp_path_factory.mktemp("downloads")
+    train_cfg = tracking.load_run_config(store, run_id, downloads)
     dm = build_datamodule(train_cfg, list(train_cfg.loss.task_weights.keys()), stage="validate")
-    model = load_trained_model(train_cfg, dm, tracking.download_checkpoint(store, run_id), run_id)
+    model = load_trained_model(train_cfg, dm, tracking.download_checkpoint(store, run_id, downloads), run_id)
     scores, ids = ExactIndex(model.embed_items(dm.item_features)).search(embed_split(model, dm, "heldout"), K)
     return dm, scores, ids
 
