@@ -34,7 +34,7 @@ demo: data ## Install, make data, train +experiment=unified_parallel, evaluate, 
 	$(BIN)/convcg train +experiment=$(DEMO_EXPERIMENT) data.dir=$(CURDIR)/$(DEMO_DATA) trainer.enable_progress_bar=false
 	$(BIN)/convcg eval --run latest
 	@echo
-	@echo "Compare runs in the MLflow UI:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
+	@echo "Compare runs in the MLflow UI:  $(CURDIR)/$(BIN)/mlflow ui --backend-store-uri sqlite:///$$(realpath -m "$${CONVCG_HOME:-$(CURDIR)}")/mlflow.db"
 
 .PHONY: ablation
 ABLATION_GRID ?= designs
@@ -47,7 +47,7 @@ BENCH_ARGS ?=
 bench: $(STAMP) ## Speed/scale benchmarks -> reports/bench/bench.md + MLflow (~11 min; BENCH_ARGS=--quick)
 	$(BIN)/python -m convcg_cli.bench run $(BENCH_ARGS)
 
-test: $(STAMP) ## Run the fast test suite: -m "not slow", about 2.5 min on 2 idle cores (what CI runs)
+test: $(STAMP) ## Run the fast test suite: -m "not slow", about 4 min on 2 cores (what CI runs)
 	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
 test-all: $(STAMP) ## Run every test: the fast suite plus the slow ones (full trainings, DDP)

@@ -221,3 +221,17 @@ def test_an_interrupted_eval_says_what_it_had_logged(home, tiny_overrides, tmp_p
     (baseline,) = [r for r in runs_in(home) if r.data.tags.get("kind") == "baseline"]
     assert "Evaluation interrupted (Ctrl-C); it had logged:" in message
     assert f"baseline run {baseline.info.run_id} (popularity)" in message
+
+
+def test_a_full_tmpdir_is_not_called_a_deleted_checkpoint(monkeypatch, tmp_path):
+    from convcg_cli.errors import EnvironmentProblem
+    from convcg_cli.tracking import artifacts
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "model.ckpt"))
+
+    monkeypatch.setattr(artifacts, "download_artifact", full)
+    store = tracking.Store(f"sqlite:///{tmp_path}/mlflow.db", "convcg")
+    with pytest.raises(EnvironmentProblem) as info:
+        artifacts.download_checkpoint(store, "abc123", tmp_path)
+    assert "No space left on device writing" in str(info.value) and "deleted or moved" not in str(info.value)

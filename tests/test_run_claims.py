@@ -94,3 +94,12 @@ def test_of_two_server_claims_written_at_once_the_overwritten_one_gives_way(stor
     monkeypatch.setattr(claims.time, "sleep", overwritten)
     with pytest.raises(RunClaimedError, match="elsewhere pid 1"), tracking.claim_run(store, killed_run):
         pass
+
+
+def test_export_of_a_claimed_run_exits_2_naming_the_holder(store, monkeypatch):
+    from convcg_cli.serve import export
+
+    monkeypatch.setattr(tracking, "resolve_run", lambda store, run: run)  # any run id will do here
+    with tracking.claim_run(store, "abc123"):
+        with pytest.raises(RunClaimedError, match=f"pid {os.getpid()}"):
+            export.export_run(store, "abc123")

@@ -19,7 +19,7 @@ from pathlib import Path
 import polars as pl
 
 from convcg_cli import tracking, workdir
-from convcg_cli.errors import ConvcgError
+from convcg_cli.errors import ConvcgError, first_line
 from convcg_cli.serve.bundle import REQUIRED_COLUMNS
 from convcg_cli.serve.model import CandidateModel
 
@@ -72,6 +72,15 @@ def retrieve_file(
     chunk_rows = min(chunk_rows, limits["max_rows"])  # what one call of the model may hold
     if not requests.is_file():
         raise ConvcgError(f"The requests file {requests} does not exist; expected a parquet file.")
+    if out.is_dir():
+        raise ConvcgError(f"--out {out} is a directory; give the path of the parquet file to write.")
+    try:
+        reader = pq.ParquetFile(requests)
+    except Exception as exc:  # pyarrow's ArrowInvalid / OSError: not parquet, or cut short
+        raise ConvcgError(
+            f"The requests file {requests} is not a readable parquet file ({first_line(exc)}); it may be "
+            f"cut short. Write it again, with the columns {', '.join(REQUIRED_COLUMNS)}."
+        ) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir.sweep_stale(out, ("partial",))  # what killed retrievals into the same file left
     partial = out.with_name(workdir.temp_beside(out, "partial"))
@@ -81,7 +90,7 @@ def retrieve_file(
     try:
         with workdir.exit_on_sigterm(), pq.ParquetWriter(partial, empty.schema) as writer:
             writer.write_table(empty)  # the schema, even for a file without requests
-            for batch in pq.ParquetFile(requests).iter_batches(batch_size=chunk_rows):
+            for batch in _batches(reader, requests, chunk_rows):
                 start = time.perf_counter()
                 chunk = pl.from_arrow(batch)
                 assert isinstance(chunk, pl.DataFrame)
@@ -94,3 +103,22 @@ def retrieve_file(
         raise
     partial.replace(out)
     return RetrieveResult(out, n_requests, n_rows, seconds)
+
+
+def _batches(reader, requests: Path, chunk_rows: int):
+    """The file's record batches; a row group that cannot be read (a file cut short after its
+    footer was written) is a ConvcgError naming the file and the rows read so far."""
+    batches = reader.iter_batches(batch_size=chunk_rows)
+    read = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as exc:  # pyarrow's ArrowInvalid / OSError mid-file
+            raise ConvcgError(
+                f"The requests file {requests} could not be read past row {read:,} ({first_line(exc)}): it "
+                "is damaged or cut short. Nothing was written; write the file again."
+            ) from None
+        read += batch.num_rows
+        yield batch

@@ -286,11 +286,10 @@ def export_run(store: tracking.Store, run: str, overrides: Mapping[str, Any] | N
     """Log the served model of an existing run (``convcg export``): rebuilt from its saved config and
     checkpoint, on its own data, with the run's ``serve`` options updated by ``overrides``."""
     run_id = tracking.resolve_run(store, run)
-    with workdir.command_dir("export") as scratch:
+    # One writer per run: a second export (or index) of the run exits 2 naming this one.
+    with tracking.claim_run(store, run_id), workdir.command_dir("export") as scratch:
         train_cfg = tracking.load_run_config(store, run_id, scratch)
-        tracking.check_training_data(
-            store, run_id, train_cfg.data.dir
-        )  # the corpus served is the trained one
+        tracking.check_training_data(store, run_id, train_cfg.data.dir)  # serve the trained corpus
         options = serve_options(train_cfg, overrides)
         dm = build_datamodule(train_cfg, list(train_cfg.loss.task_weights.keys()), stage="validate")
         checkpoint = tracking.download_checkpoint(store, run_id, scratch)

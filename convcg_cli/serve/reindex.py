@@ -56,7 +56,7 @@ def reindex_run(
     model_uri = served_model_uri(store, run)
     run_id = model_uri.split("/")[1]
     bundle = reindexed(load_candidate_model(store, model_uri).bundle, read_items(items_path))
-    with workdir.command_dir("index") as scratch:
+    with tracking.claim_run(store, run_id), workdir.command_dir("index") as scratch:
         tags = {"items": str(items_path)}
         uri = log_bundle(tracking.existing_run(store, run_id), bundle, scratch, tags=tags)
         version = register(store, uri, name, alias, scratch) if name else None

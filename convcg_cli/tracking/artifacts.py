@@ -12,7 +12,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from convcg_cli.errors import ConfigError, RunNotFoundError, first_line
+from convcg_cli.errors import (
+    ConfigError,
+    EnvironmentProblem,
+    RunNotFoundError,
+    environment_problem,
+    first_line,
+)
 from convcg_cli.targets import check_buildable, upgrade_moved_targets
 from convcg_cli.tracking.store import Store, TrackedRun
 
@@ -135,6 +141,12 @@ def download_checkpoint(store: Store, run_id: str, dest: Path, artifact: str = C
     try:
         return download_artifact(store, run_id, artifact, dest)
     except (MlflowException, OSError) as exc:
+        problem = environment_problem(exc)  # e.g. a full $TMPDIR: the artifact is intact
+        if problem is not None:
+            raise EnvironmentProblem(
+                f"The checkpoint artifact '{artifact}' of run {run_id} could not be downloaded to {dest}. "
+                + problem
+            ) from None
         first = first_line(exc)
         raise RunNotFoundError(
             f"The checkpoint artifact '{artifact}' of run {run_id} could not be read ({first}); it was "

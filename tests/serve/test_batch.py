@@ -54,3 +54,21 @@ def test_retrieve_reports_a_malformed_request_file(served, tmp_path):
     assert result.exit_code == 2
     assert "lack column(s) ['surface']" in " ".join(result.output.split())
     assert not (tmp_path / "c.parquet").exists()
+
+
+def test_retrieve_reports_a_cut_short_request_file_and_a_directory_as_out(served, tmp_path):
+    _, run_id = served
+    whole = tmp_path / "whole.parquet"
+    pl.DataFrame({"user_id": [1, 2] * 500, "surface": ["home_feed"] * 1000}).write_parquet(whole)
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    out = tmp_path / "c.parquet"
+    result = runner.invoke(app, ["retrieve", "--run", run_id, "--requests", str(cut), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert f"The requests file {cut} is not a readable parquet file" in " ".join(result.output.split())
+    assert not out.exists() and not any(p.name.startswith(".c.parquet") for p in tmp_path.iterdir())
+    (tmp_path / "dir").mkdir()
+    result = runner.invoke(
+        app, ["retrieve", "--run", run_id, "--requests", str(whole), "--out", str(tmp_path / "dir")]
+    )
+    assert result.exit_code == 2 and "is a directory" in result.output and "Traceback" not in result.output
