@@ -135,8 +135,20 @@ def train(composed: Composed, data_cache=None) -> TrainResult:
         stop.run_id = run.run_id
         profile = tracking.dataset_profile(dm.n_rows, dm.split_days)
         tracking.log_dataset(run, cfg.data.dir, profile, "training")
+        tracking.log_params(run, feature_params(dm))
         result = _fit_and_log(cfg, model, dm, run)
     return result
+
+
+def feature_params(dm) -> dict[str, str]:
+    """The table columns the model is fed, as params (``features.item.categorical: category_id``...):
+    ``data.features`` may say ``auto``, and the UI should show what that chose ("-": none)."""
+    params = {}
+    for side in ("item", "user"):
+        columns = getattr(dm, f"{side}_columns", None)
+        for kind in ("categorical", "numeric", "vector") if columns is not None else ():
+            params[f"features.{side}.{kind}"] = ",".join(getattr(columns, kind)) or "-"
+    return params
 
 
 def resume(composed: Composed, run_id: str) -> TrainResult:

@@ -43,7 +43,7 @@ from convcg_cli.tracking.datasets import (
     dataset_profile,
     log_dataset,
 )
-from convcg_cli.tracking.params import MAX_PARAM_LENGTH, log_config_params, run_params
+from convcg_cli.tracking.params import MAX_PARAM_LENGTH, log_config_params, log_params, run_params
 from convcg_cli.tracking.runs import (
     BASELINE_KIND,
     ERROR_TAG,
@@ -129,6 +129,7 @@ __all__ = [
     "log_dataset",
     "log_figure",
     "log_file",
+    "log_params",
     "log_metrics",
     "log_text",
     "mark_dead_runs",

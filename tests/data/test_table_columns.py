@@ -157,6 +157,20 @@ def test_a_log_without_the_synthetic_columns_trains_with_no_feature_option(home,
     assert "Features from the tables (data.features ... auto): items: none; users: none" in result.output
     assert "Left out of the features: items.category_id (no values), items.price (no values)" in result.output
     assert "Error executing job" not in result.output
+    (run,) = runs_in(home)  # what `auto` chose is a param of the run, not only a printed line
+    assert (
+        run.data.params["features.item.categorical"] == "-"
+        and run.data.params["features.user.numeric"] == "-"
+    )
+
+
+def test_the_chosen_feature_columns_are_params_of_the_run(home, tiny_data):
+    result = CliRunner().invoke(app, ["train", f"data.dir={tiny_data}", *TINY_TRAIN])
+    assert result.exit_code == 0, result.output
+    (run,) = runs_in(home)
+    params = run.data.params
+    assert params["features.item.categorical"] == "category_id" and params["features.item.numeric"] == "price"
+    assert params["features.user.categorical"] == "age_bucket,region_id"
 
 
 def test_an_experiment_needing_a_column_the_log_lacks_names_it_in_one_line(home, plain_log):
