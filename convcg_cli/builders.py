@@ -7,13 +7,14 @@ used, load its checkpoint as data (``read_checkpoint``) and embed queries the sa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from convcg_cli.config import instantiate
-from convcg_cli.errors import ConfigError, ConvcgError, first_line
+from convcg_cli.errors import ConfigError, ConvcgError, first_line, some_of
 from convcg_cli.index import encode_queries
 
 
@@ -111,20 +112,25 @@ def read_checkpoint(path: Path, name: str | None = None) -> dict[str, Any]:
         ) from None
 
 
-def check_finite_weights(state: dict[str, Any], name: str) -> None:
-    """ConvcgError naming the tensors of a checkpoint's ``state_dict`` that hold NaN or inf."""
+def non_finite_tensors(state: Mapping[str, Any]) -> list[str]:
+    """Names of a state dict's floating-point tensors that hold NaN or inf (checkpoints, served
+    towers: one check for both)."""
     import torch
 
-    bad = [
+    return [
         key
-        for key, value in state.get("state_dict", {}).items()
+        for key, value in state.items()
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()
     ]
+
+
+def check_finite_weights(state: dict[str, Any], name: str) -> None:
+    """ConvcgError naming the tensors of a checkpoint's ``state_dict`` that hold NaN or inf."""
+    bad = non_finite_tensors(state.get("state_dict", {}))
     if bad:
-        listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise ConvcgError(
-            f"{name} holds non-finite weights (NaN or inf) in {listed}: the training it comes from "
-            "diverged. Retrain the run (e.g. with a lower model.optimizer.lr)."
+            f"{name} holds non-finite weights (NaN or inf) in {some_of(bad)}: the training it comes "
+            "from diverged. Retrain the run (e.g. with a lower model.optimizer.lr)."
         )
 
 

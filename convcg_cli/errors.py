@@ -40,7 +40,7 @@ class EnvironmentProblem(ConvcgError):
     the user's input: the message says what and where, and what to do."""
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
     """``exc`` and every exception it was raised from or during, once each."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -65,7 +65,7 @@ def environment_problem(exc: BaseException) -> str | None:
     """
     import errno
 
-    for cause in _chain(exc):
+    for cause in exception_chain(exc):
         text = str(cause)
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
             where = f" writing {cause.filename}" if cause.filename else ""
@@ -134,6 +134,17 @@ class RunInterruptedError(ConvcgError):
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+def some_of(names: list[str], at_most: int = 5) -> str:
+    """``names`` for a message: the first ``at_most``, then how many more.
+
+    Example:
+        >>> some_of(["a", "b", "c"], 2)
+        'a, b and 1 more'
+    """
+    more = len(names) - at_most
+    return ", ".join(names[:at_most]) + (f" and {more} more" if more > 0 else "")
 
 
 def first_line(exc: BaseException) -> str:

@@ -50,9 +50,15 @@ def writer() -> str:
     return f"{os.getpid()}@{socket.gethostname()}~"
 
 
+def writer_gone(host: str, pid: int) -> bool:
+    """Whether a writer (a temp file's, a claim's, an unfinished model's) is a dead process of this
+    host; one of another host cannot be checked from here and counts as alive."""
+    return host == socket.gethostname() and not process_alive(pid)
+
+
 def _writer_gone(match: re.Match[str]) -> bool:
     """Whether the writer a name carries is a dead process of this host."""
-    return match["host"] == socket.gethostname() and not process_alive(int(match["pid"]))
+    return writer_gone(match["host"], int(match["pid"]))
 
 
 def process_start_time() -> float:

@@ -26,10 +26,16 @@ import numpy as np
 import polars as pl
 
 from convcg_cli import tracking, workdir
-from convcg_cli.builders import build_datamodule, embed_split, load_trained_model, read_checkpoint
+from convcg_cli.builders import (
+    build_datamodule,
+    embed_split,
+    load_trained_model,
+    non_finite_tensors,
+    read_checkpoint,
+)
 from convcg_cli.data.contract import load_schemas, load_tables
 from convcg_cli.data.features import fit_item_encoding
-from convcg_cli.errors import ConfigError, ConvcgError, first_line
+from convcg_cli.errors import ConfigError, ConvcgError, first_line, some_of
 from convcg_cli.index import ExactIndex, build_index
 from convcg_cli.metrics.retrieval import overlap_at_k
 from convcg_cli.serve.bundle import DEFAULT_LIMITS, ServingBundle
@@ -185,15 +191,8 @@ def save_bundle(bundle: ServingBundle, path: Path) -> Path:
 def non_finite_parts(bundle: ServingBundle) -> list[str]:
     """The bundle's tensors and arrays holding NaN or inf: ``query_tower.<name>``,
     ``item_tower.<name>``, ``item_emb (n of N items, e.g. ids ...)``."""
-    import torch
-
     towers = (("query_tower", bundle.query_tower_state), ("item_tower", bundle.item_tower_state))
-    bad = [
-        f"{tower}.{name}"
-        for tower, state in towers
-        for name, value in state.items()
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()
-    ]
+    bad = [f"{tower}.{name}" for tower, state in towers for name in non_finite_tensors(state)]
     rows = ~np.isfinite(bundle.item_emb).all(axis=1)
     if rows.any():
         ids = ", ".join(str(i) for i in bundle.item_ids[rows][:5])
@@ -205,9 +204,8 @@ def check_finite(bundle: ServingBundle, run_id: str) -> None:
     """UnservableModelError naming the run and its non-finite tensors (:func:`non_finite_parts`)."""
     bad = non_finite_parts(bundle)
     if bad:
-        listed = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
         raise UnservableModelError(
-            f"The served model of run {run_id} holds non-finite values (NaN or inf) in {listed}; it "
+            f"The served model of run {run_id} holds non-finite values (NaN or inf) in {some_of(bad, 6)}; it "
             f"was not logged (runs:/{run_id}/{tracking.SERVED_MODEL_NAME} is unchanged). The weights "
             "come from a diverged training: retrain the run (e.g. with a lower model.optimizer.lr); "
             "for item_emb alone, check the new item table's content vectors."

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from convcg_cli.errors import RunClaimedError, RunNotFoundError
-from convcg_cli.tracking.runs import process_alive
 from convcg_cli.tracking.store import Store, sqlite_path
+from convcg_cli.workdir import writer_gone
 
 CLAIM_TAG = "convcg.claim"  # on a server store: who holds the run (host, pid, time, token)
 CLAIM_SETTLE_SECONDS = 1.0  # a server claim is re-read after this long: the last writer wins
@@ -78,9 +78,7 @@ def _live_claim(tag: str | None) -> bool:
     if not tag:
         return False
     host, _, rest = tag.partition(" pid ")
-    if host != socket.gethostname():
-        return True
-    return process_alive(int(rest.split(" ", 1)[0] or 0))
+    return not writer_gone(host, int(rest.split(" ", 1)[0] or 0))
 
 
 @contextmanager

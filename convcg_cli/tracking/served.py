@@ -3,9 +3,7 @@ once checked, loaded back and registered; and the error a served model raises fo
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -13,9 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convcg_cli.errors import RunNotFoundError, first_line
-from convcg_cli.tracking.runs import HOST_TAG, PID_TAG
+from convcg_cli.tracking.runs import HOST_TAG, PID_TAG, process_tags
 from convcg_cli.tracking.store import Store, quiet
-from convcg_cli.workdir import process_alive, process_start_time
+from convcg_cli.workdir import process_start_time, writer_gone
 
 if TYPE_CHECKING:
     from convcg_cli.tracking.store import TrackedRun
@@ -98,7 +96,7 @@ def drop_unfinished_models(store: Store, run_id: str) -> list[str]:
         if status == LoggedModelStatus.READY:
             continue
         if HOST_TAG in tags:
-            gone = tags[HOST_TAG] == socket.gethostname() and not process_alive(int(tags.get(PID_TAG) or 0))
+            gone = writer_gone(tags[HOST_TAG], int(tags.get(PID_TAG) or 0))
         else:
             gone = (model.creation_timestamp or 0) < started_ms
         if status == LoggedModelStatus.FAILED or gone:
@@ -127,7 +125,7 @@ def publish_served_model(run: TrackedRun, staged: Path, tags: Mapping[str, str] 
         experiment_id=source.info.experiment_id,
         name=SERVED_MODEL_NAME,
         source_run_id=run_id,
-        tags={**dict(tags or {}), HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())},
+        tags={**dict(tags or {}), **process_tags()},  # who writes it: an unfinished one is dropped
         params=dict(source.data.params),
     )
     try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from convcg_cli.errors import EnvironmentProblem
+from convcg_cli.errors import EnvironmentProblem, exception_chain
 
 T = TypeVar("T")
 DEFAULT_BUSY_TIMEOUT_S = 30.0  # logger.busy_timeout_s
@@ -47,11 +47,7 @@ def sqlite_path(tracking_uri: str) -> Path | None:
 
 def _locked(exc: BaseException) -> bool:
     """Whether sqlite said 'database is locked' anywhere in the exception's chain."""
-    while exc is not None:
-        if "database is locked" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return False
+    return any("database is locked" in str(cause) for cause in exception_chain(exc))
 
 
 def _holders(db: Path) -> list[str]:
