@@ -30,6 +30,7 @@ from convcg_cli.baselines import (
     shared_ease_weights,
     training_history,
 )
+from convcg_cli.blend import Blend, choose_on_validation, logged_blend, with_bias
 from convcg_cli.builders import (  # noqa: F401  (read_checkpoint: also imported from here)
     build_datamodule,
     check_finite_weights,
@@ -42,7 +43,6 @@ from convcg_cli.errors import ConfigError, ConvcgError, RunInterruptedError
 from convcg_cli.figures import recall_figure
 from convcg_cli.index import ExactIndex
 from convcg_cli.metrics.bootstrap import CI_HIGH, CI_LOW, bootstrap_recall_ci, ci_names
-from convcg_cli.metrics.prior import choose_prior_weight, log_prior, with_item_prior
 from convcg_cli.metrics.retrieval import metric_name, positive_hits
 from convcg_cli.metrics.suite import report_from_topk
 from convcg_cli.tasks import PRIMARY_TASK
@@ -53,6 +53,7 @@ HITS_FILE = "{split}_hits.npz"
 BASELINE_PREFIX = "baseline_"
 MODEL_RANKING = "model"
 PRIOR_WEIGHT_METRIC = "prior/beta"  # the popularity prior's weight chosen on validation
+FALLBACK_WEIGHT_METRIC = "prior/fallback_weight"  # ... and the never-shown items' fallback's
 BASELINE_RUNS_TAG = "baseline_runs"  # on a trained run: the ids of the baseline runs it was compared with
 
 
@@ -238,7 +239,12 @@ def check_refit_evaluation(cfg, run_id: str) -> None:
     refit = f"Run {run_id} was trained through the validation days (data.train_through_val=true)"
     if cfg.split != "heldout":
         raise ConfigError(f"{refit}: split={cfg.split} would score its training data; use split=heldout.")
-    chosen_on_val = {"popularity_prior.betas": list(cfg.popularity_prior.betas)}
+    prior = cfg.popularity_prior
+    chosen_on_val = {  # null: the run's own blend, as its training chose it (one value each)
+        f"popularity_prior.{name}": list(prior.get(name) or [])
+        for name in ("betas", "fallback_weights")
+        if prior.get(name) is not None
+    }
     if "ease_popularity" in cfg.baselines:
         weights = (cfg.baseline_options.get("ease_popularity") or {}).get("weights", [])
         chosen_on_val["baseline_options.ease_popularity.weights"] = list(weights)
@@ -251,36 +257,14 @@ def check_refit_evaluation(cfg, run_id: str) -> None:
             )
 
 
-def _apply_prior(model, dm, query_emb, item_emb, options) -> tuple[np.ndarray, np.ndarray, float]:
-    """Append the popularity prior coordinate, its weight chosen on the validation split (one
-    given weight is used as it is: nothing to choose).
-
-    The prior is ``log1p`` of each item's training-window conversions, scaled to max 1.
-    """
-    prior = log_prior(dm.items.performance["conversions"].to_numpy())
-    if len(options.betas) == 1:
-        beta = float(options.betas[0])
-        query_emb, item_emb = with_item_prior(query_emb, item_emb, prior, beta)
-        return query_emb, item_emb, beta
-    val_query, val_item = dm.queries["val"].positives[PRIMARY_TASK]
-    if len(val_query) == 0:
-        lo, hi = dm.queries["val"].days
-        raise ConvcgError(
-            f"popularity_prior.betas needs validation conversions to choose beta, but the val split of "
-            f"{dm.dir}/impressions.parquet (days {lo}..{hi} since 1970-01-01) has 0; use "
-            "popularity_prior.betas=[] or more validation days (data.val_days)."
-        )
-    beta, _ = choose_prior_weight(
-        embed_split(model, dm, "val"),
-        item_emb,
-        prior,
-        list(options.betas),
-        val_query,
-        val_item,
-        options.select_k,
-    )
-    query_emb, item_emb = with_item_prior(query_emb, item_emb, prior, beta)
-    return query_emb, item_emb, beta
+def served_blend(store, run_id: str, model, dm, options) -> Blend | None:
+    """The popularity blend the model is scored with: the run's own, as it is served
+    (``popularity_prior.betas`` null: the weights ``convcg train`` chose on validation, none for a
+    run trained without a blend), or chosen again on the validation split from the given grids
+    (``betas``, ``fallback_weights``; one value each is used as it is); ``[]``: none."""
+    if options.get("betas") is None:
+        return logged_blend(store, run_id, dm)
+    return choose_on_validation(model, dm, options, "popularity_prior")
 
 
 def collect_hits(
@@ -550,10 +534,11 @@ def evaluate_run(
     with progress.step(f"Embedding {len(queries.surface):,} {cfg.split} queries and the items"):
         query_emb, item_emb = embed_split(model, dm, cfg.split), model.embed_items(dm.item_features)
     metrics: dict[str, float] = {}
-    if cfg.popularity_prior.betas:
-        with progress.step("Choosing the popularity prior's weight on validation"):
-            query_emb, item_emb, beta = _apply_prior(model, dm, query_emb, item_emb, cfg.popularity_prior)
-        metrics[f"{cfg.split}/{PRIOR_WEIGHT_METRIC}"] = beta
+    blend = served_blend(store, run_id, model, dm, cfg.popularity_prior)
+    if blend is not None:
+        query_emb, item_emb = with_bias(query_emb, item_emb, blend.bias)
+        metrics[f"{cfg.split}/{PRIOR_WEIGHT_METRIC}"] = blend.beta
+        metrics[f"{cfg.split}/{FALLBACK_WEIGHT_METRIC}"] = blend.gamma
     with progress.step(f"Searching the top {max(cfg.ks)} items"):
         _, topk = ExactIndex(item_emb).search(query_emb, max(cfg.ks))  # the served model's search
     with progress.step("Scoring the model (recall, bootstrap CIs)"):

@@ -140,6 +140,11 @@ NUMERIC_OPTIONS: tuple[NumericOption, ...] = (
     _int("bootstrap.seed", 0, 2**32 - 1),
     _int("popularity_prior.select_k", 1),
     NumericOption("popularity_prior.betas[]", minimum=0.0),
+    NumericOption("popularity_prior.fallback_weights[]", minimum=0.0),
+    # the popularity blend train chooses on validation (conf/train.yaml's blend block)
+    _int("blend.select_k", 1),
+    NumericOption("blend.betas[]", minimum=0.0),
+    NumericOption("blend.fallback_weights[]", minimum=0.0),
     # the served model (train's serve block) and label maturity (data/label_maturity)
     _int("serve.nlist", 1),
     _int("serve.nprobe", 1),
@@ -167,6 +172,8 @@ def _values(node: Any, parts: list[str], prefix: str) -> list[tuple[str, Any]]:
     for key, child in children:
         path = f"{prefix}.{key}" if prefix else key
         if is_list:
+            if child is None:  # an unset list (e.g. popularity_prior.betas: null) holds no value
+                continue
             items = list(child) if isinstance(child, Sequence) and not isinstance(child, str) else [child]
             for i, item in enumerate(items):
                 out.extend(_values(item, rest, f"{path}[{i}]"))

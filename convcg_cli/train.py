@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from convcg_cli import figures, progress, tracking, workdir
+from convcg_cli.blend import Blend, check_grid, choose_on_validation
 from convcg_cli.builders import (  # build_*: also imported from here (bench, tests)
     build_datamodule,
     build_model,
@@ -208,9 +209,42 @@ def _fit_and_log(cfg, model, dm, run: tracking.TrackedRun, ckpt_path: Path | Non
         result = _fit(cfg, model, dm, logger=run.logger, run_id=run.run_id, ckpt_path=ckpt_path)
     tracking.log_checkpoint(run, result.checkpoint)
     log_training_figures(run, list(model.tasks))
+    model.load_state_dict(read_checkpoint(result.checkpoint)["state_dict"])  # the kept weights
+    model.eval()
+    blend = served_blend(cfg, model, dm)
+    if blend is not None:
+        tracking.log_metrics(run, blend.metrics())
     with progress.step("Logging the served model"):
-        log_trained_model(cfg, dm, model, run, result.checkpoint)  # runs:/<run id>/model
+        log_trained_model(cfg, dm, model, run, blend)  # runs:/<run id>/model
     return result
+
+
+def served_blend(cfg, model, dm) -> Blend | None:
+    """The popularity blend to serve (``blend`` in conf/train.yaml), chosen on the validation days;
+    None when ``blend.betas`` is empty. A refit (``data.train_through_val``) trained on those days:
+    it takes one given value per weight, or serves the two-tower score alone (said in one line)."""
+    options = cfg.get("blend") or {}
+    betas, gammas, _ = check_grid(options, "blend")
+    if not betas:
+        return None
+    if cfg.data.get("train_through_val", False) and (len(betas) > 1 or len(gammas) > 1):
+        progress.announce(
+            "blend: a refit trained on its validation days, so it cannot choose the popularity "
+            "blend there; it serves the two-tower score alone (give blend.betas=[x] "
+            "blend.fallback_weights=[y], as chosen on validation by the run it refits)."
+        )
+        return None
+    blend = choose_on_validation(model, dm, options)
+    if blend is not None and blend.recalls:
+        k = blend.select_k
+        raw = blend.recalls.get("0,0")
+        progress.announce(
+            f"blend: validation chose beta={blend.beta:g} (popularity), fallback={blend.gamma:g} "
+            f"(never-shown items by {blend.inputs.group}): conversion recall@{k} "
+            f"{blend.recalls[f'{blend.beta:g},{blend.gamma:g}']:.4f}"
+            + (f" (two-tower alone {raw:.4f})" if raw is not None else "")
+        )
+    return blend
 
 
 TRAINING_FIGURE, BALANCING_FIGURE = "figures/training.png", "figures/balancing.png"

@@ -9,9 +9,11 @@ JSON, YAML, parquet, a tensor state dict read with ``weights_only=True``), never
     item_tower.pt      the item tower's state dict (``convcg index`` embeds new items with it)
     meta.json          feature specs, surfaces, context, hash buckets, history length, index options,
                        the request limits (``serve.max_k``, ``serve.max_rows``; a bundle written
-                       before they existed gets ``DEFAULT_LIMITS``)
+                       before they existed gets ``DEFAULT_LIMITS``), the popularity blend
+                       (``blend``: weights and the fallback per item group, see :mod:`convcg_cli.blend`)
     users.npz          sorted user ids and their encoded attributes, row i = user position i
-    items.npz          sorted corpus item ids and their served embeddings, row i = item position i
+    items.npz          sorted corpus item ids and their served embeddings, row i = item position i,
+                       and the popularity blend's per-item bias (``item_bias``, when the run chose one)
     item_encoding.npz  how the training item table was encoded (``convcg index`` encodes new items
                        the same way) and the training corpus's ids (subject items, history)
     events.parquet     engagement events for the user history (only when ``data.history.max_len > 0``)
@@ -167,6 +169,9 @@ class ServingBundle:
         item_encoding: the training item table's encoding; its ``item_ids`` (the training corpus)
             encode subject items and the history, whatever corpus ``item_ids`` indexes.
         limits: ``{"max_k": .., "max_rows": ..}``, what one request may ask for.
+        blend: the popularity blend chosen on validation (:meth:`convcg_cli.blend.Blend.meta`), or
+            None (the two-tower score alone); item_bias: (N,) its per-item term, added to every score
+            (one more coordinate of the index's vectors, a constant 1 on the query side).
     """
 
     config: DictConfig
@@ -185,6 +190,22 @@ class ServingBundle:
     index: dict[str, Any]
     item_encoding: ItemEncoding
     limits: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
+    blend: dict[str, Any] | None = None
+    item_bias: np.ndarray | None = None
+
+    def index_vectors(self) -> np.ndarray:
+        """The item vectors the index holds: the embeddings, with the blend's bias appended."""
+        item_emb = np.asarray(self.item_emb, dtype=np.float32)
+        if self.item_bias is None:
+            return item_emb
+        return np.hstack([item_emb, np.asarray(self.item_bias, np.float32).reshape(-1, 1)])
+
+    def served_queries(self, query_emb: np.ndarray) -> np.ndarray:
+        """Query embeddings as the index reads them (a constant 1 appended under a blend)."""
+        if self.item_bias is None:
+            return query_emb
+        query_emb = np.asarray(query_emb, dtype=np.float32)
+        return np.hstack([query_emb, np.ones((len(query_emb), 1), np.float32)])
 
     def write(self, directory: Path) -> Path:
         """Write the bundle's files into ``directory`` (created) and return it."""
@@ -204,11 +225,15 @@ class ServingBundle:
             "history_max_len": self.history_max_len,
             "index": self.index,
             "limits": self.limits,
+            **({"blend": self.blend} if self.blend is not None else {}),
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         users: dict[str, Any] = {"user_ids": self.users.user_ids, **self.users.features}
         np.savez(directory / USERS_FILE, **users)
-        np.savez(directory / ITEMS_FILE, item_ids=self.item_ids, item_emb=self.item_emb)
+        items: dict[str, Any] = {"item_ids": self.item_ids, "item_emb": self.item_emb}
+        if self.item_bias is not None:
+            items["item_bias"] = self.item_bias
+        np.savez(directory / ITEMS_FILE, **items)
         np.savez(directory / ITEM_ENCODING_FILE, **self.item_encoding.to_arrays())
         if self.events is not None:
             self.events.write_parquet(directory / EVENTS_FILE)
@@ -225,6 +250,7 @@ class ServingBundle:
         with np.load(directory / USERS_FILE) as users, np.load(directory / ITEMS_FILE) as items:
             user_table = F.UserTable(users["user_ids"], {n: users[n] for n in meta["user_features"]})
             item_ids, item_emb = items["item_ids"], items["item_emb"]
+            item_bias = items["item_bias"] if "item_bias" in items.files else None
         with np.load(directory / ITEM_ENCODING_FILE) as encoding:
             item_encoding = ItemEncoding.from_arrays({name: encoding[name] for name in encoding.files})
         events_path = directory / EVENTS_FILE
@@ -245,6 +271,8 @@ class ServingBundle:
             index=dict(meta["index"]),
             item_encoding=item_encoding,
             limits={**DEFAULT_LIMITS, **{k: int(v) for k, v in meta.get("limits", {}).items()}},
+            blend=meta.get("blend"),
+            item_bias=item_bias,
         )
 
     def query_inputs(self) -> F.QueryInputs:

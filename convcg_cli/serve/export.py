@@ -5,7 +5,9 @@
 The served options (``serve.*`` in conf/train.yaml) choose the index: ``exact`` (default) or ``ivf``
 with ``nlist`` cells and ``nprobe`` probes; for ``ivf`` the overlap of its top ``overlap_k`` with the
 exact top ``overlap_k`` on the validation queries is measured and logged (``INDEX_OVERLAP_METRIC``);
-``max_k`` and ``max_rows`` bound what one request may ask for (carried in the bundle).
+``max_k`` and ``max_rows`` bound what one request may ask for (carried in the bundle). The
+popularity blend the run chose on validation (:mod:`convcg_cli.blend`) is baked into the served
+model's index, so what is served is what ``convcg eval`` scores.
 
 A model is logged only once it is known to serve (:func:`log_bundle`): its weights and embeddings are
 finite, and the model saved in the command's own directory loads as MLflow loads it and answers its
@@ -26,12 +28,12 @@ import numpy as np
 import polars as pl
 
 from convcg_cli import tracking, workdir
+from convcg_cli.blend import Blend, logged_blend
 from convcg_cli.builders import (
     build_datamodule,
     embed_split,
     load_trained_model,
     non_finite_tensors,
-    read_checkpoint,
 )
 from convcg_cli.data.contract import load_schemas, load_tables
 from convcg_cli.data.features import fit_item_encoding
@@ -115,8 +117,11 @@ def cold_start_state(tower, id_feature: str) -> dict[str, Any]:
     return state
 
 
-def make_bundle(train_cfg, dm, model, options: Mapping[str, Any]) -> ServingBundle:
-    """The serving bundle of a trained model (eval mode, its checkpoint's weights) on its data module."""
+def make_bundle(
+    train_cfg, dm, model, options: Mapping[str, Any], blend: Blend | None = None
+) -> ServingBundle:
+    """The serving bundle of a trained model (eval mode, its checkpoint's weights) on its data module,
+    with the run's popularity ``blend`` (None: the two-tower score alone)."""
     schemas = load_schemas()
     items = load_tables(dm.dir, {"items": schemas["items"]})["items"]  # the table as training read it
     return ServingBundle(
@@ -136,6 +141,8 @@ def make_bundle(train_cfg, dm, model, options: Mapping[str, Any]) -> ServingBund
         index=index_options(options),
         item_encoding=fit_item_encoding(items, dm.item_columns, dm.items),
         limits={name: int(options[name]) for name in DEFAULT_LIMITS},
+        blend=None if blend is None or blend.is_off else blend.meta(),
+        item_bias=None if blend is None or blend.is_off else blend.bias,
     )
 
 
@@ -146,8 +153,9 @@ def measure_overlap(bundle: ServingBundle, query_emb: np.ndarray, k: int) -> dic
     kind = options.pop("kind")
     if kind == "exact" or len(query_emb) == 0:
         return {}
-    _, exact = ExactIndex(bundle.item_emb).search(query_emb, k)
-    _, approximate = build_index(bundle.item_emb, kind, **options).search(query_emb, k)
+    query_emb, item_vectors = bundle.served_queries(query_emb), bundle.index_vectors()
+    _, exact = ExactIndex(item_vectors).search(query_emb, k)
+    _, approximate = build_index(item_vectors, kind, **options).search(query_emb, k)
     return {INDEX_OVERLAP_METRIC.format(k=k): overlap_at_k(approximate, exact)}
 
 
@@ -255,11 +263,17 @@ def log_bundle(
 
 
 def _log(
-    run: tracking.TrackedRun, train_cfg, dm, model, options: Mapping[str, Any], scratch: Path
+    run: tracking.TrackedRun,
+    train_cfg,
+    dm,
+    model,
+    options: Mapping[str, Any],
+    scratch: Path,
+    blend: Blend | None,
 ) -> ExportResult:
     """Bundle, check, measure the index overlap (approximate index only), log both; the shared tail
     of :func:`log_trained_model` and :func:`export_run`."""
-    bundle = make_bundle(train_cfg, dm, model, options)
+    bundle = make_bundle(train_cfg, dm, model, options, blend)
     check_finite(bundle, run.run_id)  # before an IVF index is trained on the embeddings
     overlap = {}
     if bundle.index["kind"] != "exact":
@@ -268,16 +282,17 @@ def _log(
     return ExportResult(log_bundle(run, bundle, scratch), bundle.index, overlap)
 
 
-def log_trained_model(cfg, dm, model, run: tracking.TrackedRun, checkpoint: Path) -> ExportResult | None:
-    """At the end of ``convcg train``: the kept checkpoint's weights, bundled and logged as the run's
-    model (None when ``serve.log_model`` is false)."""
+def log_trained_model(
+    cfg, dm, model, run: tracking.TrackedRun, blend: Blend | None = None
+) -> ExportResult | None:
+    """At the end of ``convcg train``: the model (in eval mode, with the kept checkpoint's weights)
+    and the run's popularity ``blend``, bundled and logged as the run's model (None when
+    ``serve.log_model`` is false)."""
     options = serve_options(cfg)
     if not options["log_model"]:
         return None
-    model.load_state_dict(read_checkpoint(checkpoint)["state_dict"])
-    model.eval()
     with workdir.command_dir("model") as scratch:
-        return _log(run, cfg, dm, model, options, scratch)
+        return _log(run, cfg, dm, model, options, scratch, blend)
 
 
 def export_run(store: tracking.Store, run: str, overrides: Mapping[str, Any] | None = None) -> ExportResult:
@@ -292,7 +307,8 @@ def export_run(store: tracking.Store, run: str, overrides: Mapping[str, Any] | N
         dm = build_datamodule(train_cfg, list(train_cfg.loss.task_weights.keys()), stage="validate")
         checkpoint = tracking.download_checkpoint(store, run_id, scratch)
         model = load_trained_model(train_cfg, dm, checkpoint, run_id)
-        return _log(tracking.existing_run(store, run_id), train_cfg, dm, model, options, scratch)
+        blend = logged_blend(store, run_id, dm)
+        return _log(tracking.existing_run(store, run_id), train_cfg, dm, model, options, scratch, blend)
 
 
 def register(

@@ -34,6 +34,17 @@ def load_towers(bundle: ServingBundle):
     return model
 
 
+def _with_constant(embed):
+    """``embed`` with a constant 1 appended to each query embedding: the blend's coordinate."""
+    import torch
+
+    def embed_with_one(features):
+        emb = embed(features)
+        return torch.cat([emb, torch.ones(len(emb), 1, dtype=emb.dtype, device=emb.device)], dim=1)
+
+    return embed_with_one
+
+
 def _limits_text(limits: dict[str, int]) -> str:
     return (
         f"this model serves at most k={limits['max_k']} candidates per request and "
@@ -74,8 +85,8 @@ class CandidateModel:
         kind = str(options.pop("kind", "exact"))
         towers = load_towers(bundle)
         self.retriever = Retriever(
-            towers.embed_queries,
-            build_index(bundle.item_emb, kind, **{k: int(v) for k, v in options.items()}),
+            _with_constant(towers.embed_queries) if bundle.item_bias is not None else towers.embed_queries,
+            build_index(bundle.index_vectors(), kind, **{k: int(v) for k, v in options.items()}),
             int(bundle.config.data.get("eval_batch_size", 8192)),
         )
         self.inputs = bundle.query_inputs()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from convcg_cli import tracking, workdir
@@ -45,7 +46,27 @@ def reindexed(bundle: ServingBundle, items: pl.DataFrame) -> ServingBundle:
     ids, features = encode_items(bundle.item_encoding, items)
     towers = load_towers(bundle)
     embeddings = towers.embed_items({k: torch.from_numpy(v) for k, v in features.items()})
-    return dataclasses.replace(bundle, item_ids=ids, item_emb=embeddings)
+    return dataclasses.replace(
+        bundle, item_ids=ids, item_emb=embeddings, item_bias=reindexed_bias(bundle, ids, features)
+    )
+
+
+def reindexed_bias(
+    bundle: ServingBundle, ids: np.ndarray, features: dict[str, np.ndarray]
+) -> np.ndarray | None:
+    """The popularity blend's bias of a new corpus: an item of the served corpus keeps its own (its
+    training-window popularity); an item training never had gets the fallback of its group (category
+    or advertiser, encoded as training encoded it), times the blend's fallback weight."""
+    if bundle.item_bias is None or not bundle.blend:
+        return None
+    table = np.asarray(bundle.blend["group_fallback"], dtype=np.float64)
+    codes = np.asarray(features[bundle.blend["group"]], dtype=np.int64).reshape(-1)
+    new = float(bundle.blend["gamma"]) * np.where(
+        codes < len(table), table[np.minimum(codes, len(table) - 1)], 0.0
+    )
+    at = np.minimum(np.searchsorted(bundle.item_ids, ids), len(bundle.item_ids) - 1)
+    known = bundle.item_ids[at] == ids
+    return np.where(known, bundle.item_bias[at], new).astype(np.float32)
 
 
 def reindex_run(

@@ -21,10 +21,15 @@ def served_home(tiny_data, empty_mlflow_store, tmp_path_factory) -> tuple[Path, 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CONVCG_HOME", str(home))
         result = CliRunner().invoke(
-            app, ["train", f"data.dir={tiny_data}", *TINY_TRAIN, "serve.log_model=true"]
+            app, ["train", f"data.dir={tiny_data}", *TINY_TRAIN, "serve.log_model=true", *SERVED_BLEND]
         )
     assert result.exit_code == 0, result.output
     return home, result.output.split("MLflow run id:")[1].split()[0]
+
+
+# A popularity blend given (one value each: nothing to choose), so every served-model test serves a
+# model whose scores carry the blend's bias: what eval scores is what the model serves.
+SERVED_BLEND = ["blend.betas=[0.3]", "blend.fallback_weights=[0.5]"]
 
 
 @pytest.fixture

@@ -35,6 +35,14 @@ def test_index_serves_a_new_item_table(served, tiny_data, tmp_path):
         kept = np.searchsorted(before.item_ids, after.item_ids[:-3])
         np.testing.assert_allclose(after.item_emb[:-3], before.item_emb[kept], rtol=1e-5, atol=1e-6)
         assert np.isfinite(after.item_emb[-3:]).all()
+        # The blend: kept items keep their bias; a new item gets its category's fallback x the weight.
+        np.testing.assert_array_equal(after.item_bias[:-3], before.item_bias[kept])
+        table_of = np.asarray(before.blend["group_fallback"])
+        group = before.blend["group"]
+        assert group == "category_id"
+        vocabulary = before.item_encoding.vocabularies[group]  # dense codes: 1.. in sorted order
+        codes = np.searchsorted(vocabulary, unseen[group].to_numpy()) + 1
+        np.testing.assert_allclose(after.item_bias[-3:], before.blend["gamma"] * table_of[codes], rtol=1e-6)
         requests = pd.DataFrame({"user_id": [1], "surface": ["home_feed"]})
         fresh = mlflow.pyfunc.load_model("models:/fresh/1")
         everything = fresh.predict(requests, params={"k": 1000})  # max_k: more than the corpus

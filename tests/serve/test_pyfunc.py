@@ -10,8 +10,9 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from convcg_cli import tracking
+from convcg_cli.blend import with_bias
 from convcg_cli.builders import build_datamodule
-from convcg_cli.evaluate import embed_split, load_trained_model
+from convcg_cli.evaluate import embed_split, load_trained_model, served_blend
 from convcg_cli.index import ExactIndex
 from tests.serve.conftest import store_of
 
@@ -41,7 +42,12 @@ def eval_side(served_home, tmp_path_factory):
     train_cfg = tracking.load_run_config(store, run_id, downloads)
     dm = build_datamodule(train_cfg, list(train_cfg.loss.task_weights.keys()), stage="validate")
     model = load_trained_model(train_cfg, dm, tracking.download_checkpoint(store, run_id, downloads), run_id)
-    scores, ids = ExactIndex(model.embed_items(dm.item_features)).search(embed_split(model, dm, "heldout"), K)
+    blend = served_blend(store, run_id, model, dm, {"betas": None})  # the run's own, as eval reads it
+    assert blend is not None and (blend.beta, blend.gamma) == (0.3, 0.5)
+    query_emb, item_emb = with_bias(
+        embed_split(model, dm, "heldout"), model.embed_items(dm.item_features), blend.bias
+    )
+    scores, ids = ExactIndex(item_emb).search(query_emb, K)
     return dm, scores, ids
 
 
