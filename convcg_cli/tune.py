@@ -182,7 +182,11 @@ def _trial_config(search: Search, overrides: list[str], parent_run_id: str, numb
     with open_dict(composed.cfg):
         composed.cfg.logger.parent_run_id = parent_run_id
         composed.cfg.logger.run_name = f"{search.name}/trial_{number}"
-        composed.cfg.logger.run_tags = {"tune": search.name, "trial": number}
+        composed.cfg.logger.run_tags = {
+            "tune": search.name,
+            "trial": number,
+            tracking.KIND_TAG: tracking.TRIAL_KIND,
+        }
     return composed
 
 
@@ -250,6 +254,7 @@ def run_tune(
     done = len(study.get_trials(deepcopy=False, states=finished))
     parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
     tags = {"tune": search.name, "study": name, "optimized_metric": search.optimized_metric}
+    tags[tracking.KIND_TAG] = tracking.STUDY_KIND
     store = tracking.Store.from_config(plain.cfg.logger)
     opened = (
         tracking.reopened_run(store, parent_id)

@@ -163,10 +163,10 @@ def _close_assistant(page) -> None:
 
 
 def test_runs_table_shows_names_datasets_baselines_and_the_headline(page, ui_url, ui_store, screenshots):
-    """The runs table: design · data · seed names, the Dataset column with the data set (not "-"),
+    """The runs table: design seed · data names, the Dataset column with the data set (not "-"),
     the baseline run beside the trained ones, and the headline metric added as a column."""
     page.goto(f"{ui_url}/#/experiments/{ui_store['experiment']}/runs")
-    for name in ("unified_parallel · tiny · s0", "multihead_sequential · tiny · s0"):
+    for name in ("unified_parallel s0 · tiny", "multihead_sequential s0 · tiny"):
         _visible(page, name, exact=True)
     _visible(page, "baseline_popularity · tiny")
     _close_assistant(page)
@@ -191,7 +191,7 @@ def test_run_page_shows_readable_params_the_headline_and_the_figure(page, ui_url
     headline metric; its artifacts list the recall figure."""
     run_url = f"{ui_url}/#/experiments/{ui_store['experiment']}/runs/{ui_store['trained']}"
     page.goto(run_url)
-    _visible(page, "unified_parallel · tiny · s0", exact=True)
+    _visible(page, "unified_parallel s0 · tiny", exact=True)
     _visible(page, HEADLINE, exact=True)
     _visible(page, "loss.task_weights.conversion", exact=True)
     for param, value in (("head", "unified"), ("cross", "parallel"), ("experiment", "unified_parallel")):
@@ -218,7 +218,7 @@ def test_compare_page_and_chart_view_lead_with_the_designs(page, ui_url, ui_stor
     page.goto(f"{ui_url}/#/compare-runs?runs={runs}&experiments={json.dumps([ui_store['experiment']])}")
     _visible(page, "Comparing 2 Runs")
     _visible(page, "Parallel Coordinates Plot")
-    for name in ("unified_parallel · tiny · s0", "multihead_sequential · tiny · s0"):
+    for name in ("unified_parallel s0 · tiny", "multihead_sequential s0 · tiny"):
         _visible(page, name, exact=True)
     _visible(page, HEADLINE, exact=True)
     parameters = page.get_by_text("Parameters:").locator("xpath=..").inner_text()

@@ -42,7 +42,12 @@ def test_trained_and_evaluated_runs_are_readable(home, tiny_data, tiny_overrides
         assert not any(k.endswith(("_target_", "_partial_")) for k in run.data.params)
         assert len(run.data.metrics) < MAX_METRICS_PER_RUN
     trained = runs[run_ids[0]]
-    assert trained.info.run_name == f"unified_parallel · {tiny_data.name} · s0"
+    assert trained.info.run_name == f"unified_parallel s0 · {tiny_data.name}"
+    assert trained.data.tags["kind"] == "trained" and trained.data.tags["design"] == "unified_parallel"
+    assert (
+        trained.data.metrics["r100_conversion_heldout"]
+        == trained.data.metrics["heldout/conversion/recall_at_100"]
+    )
     assert trained.data.params["head"] == "unified" and trained.data.params["cross"] == "parallel"
     assert trained.data.params["data.dir"] == str(tiny_data)
     # MLflow keeps one input per (run, dataset): evaluating on the training data adds none.

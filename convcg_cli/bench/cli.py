@@ -57,6 +57,7 @@ def run_command(
         cfg = bench_config(overrides or [], quick)
         print(f"convcg bench: preset {cfg.preset}{' (quick)' if quick else ''}; report -> {cfg.report}")
         tags = {"mlflow.source.name": "convcg bench", "preset": str(cfg.preset), "quick": str(cfg.is_quick)}
+        tags[tracking.KIND_TAG] = tracking.BENCH_KIND
         with tracking.open_run(
             tracking.Store.from_config(cfg.logger), f"bench-{cfg.preset}", tags
         ) as tracked:

@@ -7,6 +7,8 @@
     claims.py     a run held by one process at a time (a second ``--resume`` exits naming the holder)
     datasets.py   a data directory's digest and profile, logged as the run's dataset input
     served.py     the pyfunc model of a run: save, publish once checked, load, register; bad requests
+    ui.py         what the UI shows: short headline metric names, run colours, the hint that opens it
+    listing.py    an experiment's runs as plain rows (``convcg runs``)
 
 MLflow is imported only inside these modules (and the pyfunc wrapper), lazily, so importing this
 package stays cheap.
@@ -43,13 +45,21 @@ from convcg_cli.tracking.datasets import (
     dataset_profile,
     log_dataset,
 )
+from convcg_cli.tracking.listing import RunListing, RunSummary, list_runs
 from convcg_cli.tracking.params import MAX_PARAM_LENGTH, log_config_params, log_params, run_params
 from convcg_cli.tracking.runs import (
     BASELINE_KIND,
+    BENCH_KIND,
+    DESIGN_TAG,
     ERROR_TAG,
+    GRID_KIND,
     KIND_TAG,
+    KINDS,
     PID_TAG,
+    STUDY_KIND,
     THREADS_TAG,
+    TRAINED_KIND,
+    TRIAL_KIND,
     baseline_run,
     check_resumable,
     child_runs,
@@ -82,12 +92,30 @@ from convcg_cli.tracking.store import (
     Store,
     TrackedRun,
     import_mlflow,
+    is_server,
     quiet,
     sqlite_path,
 )
+from convcg_cli.tracking.ui import HEADLINE_KS, RUN_COLOR_TAG, headline_name, parse_headline, ui_hint
 
 __all__ = [
     "BASELINE_KIND",
+    "BENCH_KIND",
+    "DESIGN_TAG",
+    "GRID_KIND",
+    "HEADLINE_KS",
+    "KINDS",
+    "RUN_COLOR_TAG",
+    "STUDY_KIND",
+    "TRAINED_KIND",
+    "TRIAL_KIND",
+    "RunListing",
+    "RunSummary",
+    "headline_name",
+    "is_server",
+    "list_runs",
+    "parse_headline",
+    "ui_hint",
     "CHECKPOINT_ARTIFACT",
     "CHECKPOINT_DIR",
     "CHECKPOINT_TAG",

@@ -21,6 +21,7 @@ from convcg_cli.errors import (
 )
 from convcg_cli.targets import check_buildable, upgrade_moved_targets
 from convcg_cli.tracking.store import Store, TrackedRun
+from convcg_cli.tracking.ui import headline_metrics
 
 CONFIG_ARTIFACT = "config/resolved.yaml"
 OVERRIDES_ARTIFACT = "config/overrides.yaml"
@@ -41,13 +42,16 @@ def log_text(run: TrackedRun, text: str, artifact_file: str) -> None:
 
 
 def log_metrics(run: TrackedRun, metrics: Mapping[str, float], step: int = 0) -> None:
-    """Log a dict of metrics in batches (MLflow caps a batch at 1000 metrics)."""
+    """Log a dict of metrics in batches (MLflow caps a batch at 1000 metrics); the headline recalls
+    among them also under their short names (``ui.headline_metrics``: ``r100_conversion_heldout``),
+    which stay apart in the UI's cut column headers."""
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    named = {**metrics, **headline_metrics(metrics)}
+    items = [Metric(k, float(v), now, step) for k, v in named.items()]
     for i in range(0, len(items), 1000):
         run.client.log_batch(run.run_id, metrics=items[i : i + 1000])
 

@@ -65,20 +65,30 @@ def run_params(cfg: DictConfig, choices: Mapping[str, str], overrides: list[str]
     return {k: v for k, v in params.items() if k.rsplit(".", 1)[-1] not in CONFIG_NOISE_KEYS}
 
 
+def design(choices: Mapping[str, str]) -> str:
+    """What a trained run is a run of: the experiment, or the head and cross options without one.
+
+    Example:
+        >>> design({"model/head": "unified", "model/cross": "parallel"})
+        'unified_parallel'
+    """
+    tags = choice_tags(choices)
+    return tags.get("experiment") or f"{tags.get('head', 'model')}_{tags.get('cross', '')}".rstrip("_")
+
+
 def run_name(cfg: DictConfig, choices: Mapping[str, str]) -> str:
-    """``logger.run_name`` when set, else design, data and seed: ``unified_parallel · kuairand · s0``
-    (the design is the experiment, or the head and cross options without one).
+    """``logger.run_name`` when set, else design, seed and data: ``unified_parallel s0 · kuairand``
+    (:func:`design`). What tells runs apart comes first: the UI's runs table cuts names at about
+    25 characters.
 
     Example:
         >>> cfg = OmegaConf.create({"seed": 0, "data": {"dir": "/x/kuairand"}, "logger": {}})
         >>> run_name(cfg, {"model/head": "unified", "model/cross": "parallel"})
-        'unified_parallel · kuairand · s0'
+        'unified_parallel s0 · kuairand'
     """
     if cfg.logger.get("run_name"):
         return str(cfg.logger.run_name)
-    tags = choice_tags(choices)
-    design = tags.get("experiment") or f"{tags.get('head', 'model')}_{tags.get('cross', '')}".rstrip("_")
-    return f"{design} · {Path(str(cfg.data.dir)).name} · s{cfg.seed}"
+    return f"{design(choices)} s{cfg.seed} · {Path(str(cfg.data.dir)).name}"
 
 
 def log_params(run: TrackedRun, params: Mapping[str, str]) -> None:

@@ -15,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from convcg_cli.errors import RunNotFoundError
 from convcg_cli.tracking.artifacts import CHECKPOINT_TAG, CONFIG_ARTIFACT, OVERRIDES_ARTIFACT, log_text
-from convcg_cli.tracking.params import MAX_PARAM_LENGTH, choice_tags, log_params, run_name, run_params
-from convcg_cli.tracking.store import PARENT_RUN_TAG, Store, TrackedRun
+from convcg_cli.tracking.params import MAX_PARAM_LENGTH, choice_tags, design, log_params, run_name, run_params
+from convcg_cli.tracking.store import PARENT_RUN_TAG, Store, TrackedRun, user_variables_kept
+from convcg_cli.tracking.ui import BASELINE_COLOURS, DESIGN_COLOURS, RUN_COLOR_TAG, run_colour
 from convcg_cli.workdir import process_alive
 
 ERROR_TAG = "error"  # the one-line error of a FAILED run
@@ -25,6 +26,15 @@ HOST_TAG, PID_TAG = "convcg.host", "convcg.pid"  # the process that holds a RUNN
 # partial sums are ordered by how the work is split), so a run reproduces with its seed AND this.
 THREADS_TAG = "torch_threads"
 RESUMABLE = ("KILLED", "FAILED")
+
+# What a run is, on every run convcg opens, so one UI filter shows the designs: tags.kind = 'trained'.
+KIND_TAG = "kind"
+TRAINED_KIND = "trained"  # convcg train, an ablation's cells
+BASELINE_KIND = "baseline"  # an untrained ranking scored by convcg eval
+TRIAL_KIND = "trial"  # a convcg tune trial (its lineage says so)
+GRID_KIND, STUDY_KIND, BENCH_KIND = "grid", "study", "bench"  # parents: ablate, tune; convcg bench
+KINDS = (TRAINED_KIND, BASELINE_KIND, TRIAL_KIND, GRID_KIND, STUDY_KIND, BENCH_KIND)
+DESIGN_TAG = "design"  # what a trained run is a run of (params.design); its colour in the UI
 
 
 def existing_run(store: Store, run_id: str) -> TrackedRun:
@@ -52,6 +62,11 @@ def _lightning_logger(store: Store, run_id: str):
 
     class RunLogger(MLFlowLogger):
         """MLFlowLogger bound to our run; the run's final status is set by ``tracked_run``."""
+
+        @property
+        def experiment(self):  # noqa: D102
+            with user_variables_kept():  # it calls mlflow.set_tracking_uri, which exports the URI
+                return super().experiment
 
         def finalize(self, status: str = "success") -> None:  # noqa: D102
             return None
@@ -148,12 +163,15 @@ def parent_run(store: Store, run_name: str, tags: Mapping[str, str]) -> Iterator
 def tracked_run(
     store: Store, cfg: DictConfig, choices: Mapping[str, str], overrides: list[str]
 ) -> Iterator[TrackedRun]:
-    """Open a training run with params, tags and the resolved config; close it with the right status."""
+    """Open a training run with params, tags (``kind=trained``, ``design``, the chosen options, a
+    colour per design) and the resolved config; close it with the right status."""
     exp = store.experiment_id()
-    tags = {**choice_tags(choices), "seed": str(cfg.seed), "mlflow.source.name": "convcg train"}
-    tags.update(store.lineage)
+    tags = {KIND_TAG: TRAINED_KIND, DESIGN_TAG: design(choices), **choice_tags(choices)}
+    tags.update({"seed": str(cfg.seed), "mlflow.source.name": "convcg train"})
+    tags.update(store.lineage)  # a tune trial's says kind=trial
     tags.update(process_tags())
     tags[THREADS_TAG] = str(_torch_threads())
+    tags[RUN_COLOR_TAG] = run_colour(store, exp, DESIGN_TAG, tags[DESIGN_TAG], DESIGN_COLOURS)
     mark_dead_runs(store, [exp])
     run_id = store.client.create_run(exp, tags=tags, run_name=run_name(cfg, choices)).info.run_id
     with terminate_with_status(TrackedRun(store, run_id, _lightning_logger(store, run_id))) as tracked:
@@ -191,8 +209,9 @@ def resolve_run(store: Store, run: str) -> str:
 
     if not store.exists():  # looking must not create an empty store
         raise RunNotFoundError(
-            f"No MLflow store at {store.uri}: nothing was trained here "
-            "yet (set CONVCG_HOME to the home you trained in, or train with 'convcg train')."
+            f"No MLflow store at {store.uri}: nothing was trained here yet (set CONVCG_HOME to the "
+            "home you trained in, or MLFLOW_TRACKING_URI to your team's server, or train with "
+            "'convcg train')."
         )
     exp = store.find_experiment_id()
     if exp is not None:
@@ -266,7 +285,6 @@ def child_runs(store: Store, parent_run_id: str) -> list:
 
 # --- baseline runs: untrained rankings scored once per (data, split, options) --------------------
 
-KIND_TAG, BASELINE_KIND = "kind", "baseline"  # trained runs carry no kind tag
 BASELINE_TAG = "baseline"  # which baseline (popularity, itemcf, ...)
 BASELINE_KEY_TAG = "baseline_key"  # digest of everything the baseline's scores depend on
 
@@ -285,7 +303,8 @@ def find_baseline_run(store: Store, key: str) -> str | None:
 
 def baseline_run(store: Store, name: str, key: str, data_name: str, split: str, tags: Mapping[str, str]):
     """Open a run ``baseline_<name> · <data_name> · <split>`` (tags ``kind=baseline``, ``baseline``,
-    ``baseline_key``), closed FINISHED, FAILED or KILLED as :func:`open_run` does."""
+    ``baseline_key``, a grey per baseline), closed FINISHED, FAILED or KILLED as :func:`open_run` does."""
     all_tags = {"mlflow.source.name": "convcg eval", "split": split, **tags}
     all_tags.update({KIND_TAG: BASELINE_KIND, BASELINE_TAG: name, BASELINE_KEY_TAG: key})
+    all_tags[RUN_COLOR_TAG] = run_colour(store, store.experiment_id(), BASELINE_TAG, name, BASELINE_COLOURS)
     return open_run(store, f"baseline_{name} · {data_name} · {split}", all_tags)

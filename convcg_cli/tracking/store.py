@@ -6,11 +6,12 @@ it down; nothing below holds a config mapping and a raw MLflow client side by si
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,6 +44,33 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` tracking URI; None for a server or another store."""
     prefix = "sqlite:///"
     return Path(tracking_uri[len(prefix) :]) if tracking_uri.startswith(prefix) else None
+
+
+def is_server(tracking_uri: str) -> bool:
+    """Whether the URI names a tracking server (``http://`` or ``https://``), not a local file."""
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+LOCAL_ARTIFACTS = "mlartifacts"  # a sqlite store's artifacts: this folder beside its database
+SERVER_PROBE_TIMEOUT_S = 10.0  # how long a command waits for a server's first answer
+
+
+def _check_server(tracking_uri: str) -> None:
+    """EnvironmentProblem unless the server at ``tracking_uri`` answers at all (any HTTP status).
+
+    MLflow's client retries a refused connection with backoff for about two minutes before it gives
+    up; one short request first turns an absent server into a message at once.
+    """
+    import requests
+
+    try:
+        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=SERVER_PROBE_TIMEOUT_S)
+    except requests.RequestException as exc:
+        raise EnvironmentProblem(
+            f"The MLflow tracking server at {tracking_uri} does not answer ({type(exc).__name__}). "
+            "Start it (or check the address), or unset MLFLOW_TRACKING_URI / set logger.tracking_uri "
+            "to use another store, then run the command again."
+        ) from None
 
 
 def _locked(exc: BaseException) -> bool:
@@ -117,17 +145,21 @@ class _PatientClient:
 
 @functools.cache
 def _prepare_store(tracking_uri: str, timeout_s: float) -> None:
-    """Create and migrate a sqlite store once, under an exclusive lock on ``<db>.lock`` beside it.
+    """Create and migrate a sqlite store once, under an exclusive lock on ``<db>.lock`` beside it;
+    for a server, check that it answers (:func:`_check_server`). Done once per process and URI.
 
     MLflow creates its tables on first use with alembic migrations that are not safe to run twice at
     once: processes starting together on a fresh home would die mid-migration and could leave the
     store half-migrated for good. Behind the lock the first process migrates and the others find
-    the tables made. Done once per process and URI.
+    the tables made. A server migrates its own database when it starts: no lock file is made.
     """
     import fcntl
 
     from mlflow.tracking import MlflowClient
 
+    if is_server(tracking_uri):
+        _check_server(tracking_uri)
+        return
     db = sqlite_path(tracking_uri)
     if db is None:
         return
@@ -142,6 +174,27 @@ def _prepare_store(tracking_uri: str, timeout_s: float) -> None:
         )
 
 
+USER_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # what conf/logger/mlflow.yaml reads
+
+
+@contextlib.contextmanager
+def user_variables_kept() -> Iterator[None]:
+    """MLflow's ``set_tracking_uri``/``set_registry_uri`` (which Lightning's logger calls too) also
+    export the URI as ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI``. Those are the user's choice,
+    read by conf/logger/mlflow.yaml: they are put back after the body, so that the next config
+    composed in this process (an ablation's next cell, the next test) does not take the last store
+    used for the user's."""
+    saved = {name: os.environ.get(name) for name in USER_VARIABLES}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def import_mlflow() -> None:
     """Load MLflow now (what every tracked command loads; the bench measures its memory)."""
     import mlflow  # noqa: F401
@@ -154,12 +207,15 @@ class Store:
     Args:
         uri: the tracking URI (``sqlite:///ABS/mlflow.db`` or a team's ``http://`` server).
         experiment_name: the experiment new runs are created in (and ``--run latest`` looks in).
-        artifact_location: where a new experiment keeps its artifacts (None: the server's default).
+        artifact_location: where a new experiment keeps its artifacts. None: a sqlite store's
+            ``mlartifacts/`` beside its database; a server's own choice (its ``--default-artifact-root``
+            or, with ``--serve-artifacts``, ``mlflow-artifacts:/``, uploaded through the server).
+        registry_uri: the model registry (None: the tracking store's own).
         lineage: tags every run opened through this store inherits (``convcg ablate`` sets the
             parent run and the grid's tags on each child's logger config).
 
-    The client is made on first use (a sqlite store is created and migrated then, under a lock);
-    :meth:`exists` looks without creating anything.
+    The client is made on first use (a sqlite store is created and migrated then, under a lock; a
+    server is asked once whether it answers); :meth:`exists` looks without creating anything.
 
     Example:
         >>> store = Store.from_config({"tracking_uri": "sqlite:////tmp/x.db", "experiment_name": "e"})
@@ -172,22 +228,36 @@ class Store:
     artifact_location: str | None = None
     lineage: Mapping[str, str] = field(default_factory=dict)
     busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S
+    registry_uri: str | None = None
 
     @classmethod
     def from_config(cls, logger_cfg: Mapping[str, Any]) -> Store:
         """The store of a ``logger`` config (conf/logger/): ``tracking_uri``, ``experiment_name``,
-        ``artifact_location``, and the lineage ``parent_run_id`` / ``run_tags``."""
+        ``artifact_location``, ``registry_uri``, and the lineage ``parent_run_id`` / ``run_tags``.
+        conf/logger/mlflow.yaml reads MLflow's own variables (``MLFLOW_TRACKING_URI``...) when
+        the command line sets none of these."""
         lineage = {str(k): str(v) for k, v in (logger_cfg.get("run_tags") or {}).items()}
         if logger_cfg.get("parent_run_id"):
             lineage[PARENT_RUN_TAG] = str(logger_cfg["parent_run_id"])
-        location = logger_cfg.get("artifact_location")
+        location, registry = logger_cfg.get("artifact_location"), logger_cfg.get("registry_uri")
         return cls(
             uri=str(logger_cfg["tracking_uri"]),
             experiment_name=str(logger_cfg["experiment_name"]),
             artifact_location=str(location) if location else None,
             lineage=lineage,
             busy_timeout_s=float(logger_cfg.get("busy_timeout_s", DEFAULT_BUSY_TIMEOUT_S)),
+            registry_uri=str(registry) if registry else None,
         )
+
+    @property
+    def is_server(self) -> bool:
+        """Whether the store is a tracking server (``http(s)://``): no file of it lives here."""
+        return is_server(self.uri)
+
+    @property
+    def registry(self) -> str:
+        """The model registry's URI: ``registry_uri``, else the tracking store itself."""
+        return self.registry_uri or self.uri
 
     @functools.cached_property
     def client(self):
@@ -199,8 +269,12 @@ class Store:
         quiet()
         _prepare_store(self.uri, self.busy_timeout_s)
         if sqlite_path(self.uri) is None:
-            return MlflowClient(tracking_uri=self.uri)
-        client = _patiently(lambda: MlflowClient(tracking_uri=self.uri), self.uri, self.busy_timeout_s)
+            return MlflowClient(tracking_uri=self.uri, registry_uri=self.registry)
+        client = _patiently(
+            lambda: MlflowClient(tracking_uri=self.uri, registry_uri=self.registry),
+            self.uri,
+            self.busy_timeout_s,
+        )
         return _PatientClient(client, self.uri, self.busy_timeout_s)
 
     def create_tables(self) -> None:
@@ -208,7 +282,8 @@ class Store:
         self.client.search_experiments(max_results=1)
 
     def exists(self) -> bool:
-        """False when the URI is a sqlite file that does not exist yet (nothing trained here)."""
+        """False when the URI is a sqlite file that does not exist yet (nothing trained here); a
+        server is taken to exist (its client reports one that does not answer)."""
         db = sqlite_path(self.uri)
         return db is None or db.exists()
 
@@ -217,6 +292,16 @@ class Store:
         exp = self.client.get_experiment_by_name(self.experiment_name)
         return None if exp is None else exp.experiment_id
 
+    def new_artifact_location(self) -> str | None:
+        """Where a new experiment of this store keeps its artifacts, as a URI: ``artifact_location``
+        when set (a plain path made a ``file://`` URI), else ``mlartifacts/`` beside a sqlite
+        database, else None (a server puts them where it was told to, not on this machine)."""
+        location = self.artifact_location
+        db = sqlite_path(self.uri)
+        if location is None and db is not None:
+            location = str(db.parent / LOCAL_ARTIFACTS)
+        return Path(location).resolve().as_uri() if location and "://" not in location else location
+
     def experiment_id(self) -> str:
         """Id of the experiment, created (with its artifact location) on first use."""
         found = self.find_experiment_id()
@@ -224,8 +309,7 @@ class Store:
             return found
         from mlflow.exceptions import MlflowException
 
-        location = self.artifact_location
-        uri = Path(location).resolve().as_uri() if location and "://" not in location else location
+        uri = self.new_artifact_location()
         try:
             return self.client.create_experiment(self.experiment_name, artifact_location=uri)
         except MlflowException:  # another process created it between the lookup and here
@@ -235,13 +319,14 @@ class Store:
             return found
 
     def use_globally(self) -> None:
-        """Point MLflow's module-level model functions (which read the global URIs) at this store;
-        the model registry lives in the same store."""
+        """Point MLflow's module-level model functions (which read the global URIs) at this store
+        and its model registry (:attr:`registry`)."""
         import mlflow
 
         quiet()
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
+        with user_variables_kept():
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.set_registry_uri(self.registry)
 
     def where(self) -> str:
         """``experiment 'NAME' at URI``, for messages."""
