@@ -59,7 +59,13 @@ def data_synth(
     out_dir: Path = typer.Option(
         ..., "--out", help="Directory to write the tables into (replaced atomically)."
     ),
-    preset: str = typer.Option("small", help="Size preset: tiny (tests), small (demo), large (benchmarks)."),
+    preset: str = typer.Option(
+        "small",
+        help=(
+            "Size preset: tiny (tests), small (demo), large (benchmarks), sparse_shop (a shop's "
+            "purchase log: purchases and views, sessions as users, 120k items)."
+        ),
+    ),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same tables."),
     delays: bool = typer.Option(
         False, "--delays", help="Also conversion events (delayed, valued), attributed to the impressions."
@@ -199,13 +205,12 @@ def _report_training(result, composed) -> None:
 
 
 def ui_command(tracking_uri: str) -> str:
-    """The command that opens the MLflow UI on ``tracking_uri``, naming this installation's mlflow
-    (``resources.mlflow_command``), so it runs from any folder."""
-    import shlex
+    """How to open the MLflow UI on ``tracking_uri``: a server's own address, or for a local store
+    the ``mlflow ui`` command of this installation (``resources.mlflow_command``), so it runs from
+    any folder (``tracking.ui_hint``)."""
+    from convcg_cli.tracking.ui import ui_hint
 
-    from convcg_cli.resources import mlflow_command
-
-    return f"{mlflow_command()} ui --backend-store-uri {shlex.quote(tracking_uri)}"
+    return ui_hint(tracking_uri)
 
 
 def _store(overrides: list[str] | None):
@@ -428,6 +433,35 @@ def ablate(
         if result.n_failed:
             err.print(f"[bold red]{result.n_failed} of {len(result.children)} runs failed[/bold red].")
             raise typer.Exit(1)
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def runs(
+    experiment: str = typer.Option(
+        None,
+        "--experiment",
+        help="Experiment to list (default: logger.experiment_name, MLFLOW_EXPERIMENT_NAME).",
+    ),
+    kind: str = typer.Option(
+        None, "--kind", help="Only runs of this kind: trained, baseline, trial, grid, study or bench."
+    ),
+    limit: int = typer.Option(20, "--limit", help="The newest this many runs."),
+    task: str = typer.Option(
+        None,
+        "--task",
+        help="Whose recall to show (default: the first of conf/train.yaml's loss.task_weights).",
+    ),
+    overrides: list[str] = typer.Argument(None, help=LOGGER_OVERRIDES_HELP),
+) -> None:
+    """List the runs of the MLflow store (name, id, kind, status, start, held-out recall@100/@1000),
+    newest first, and how to open them in the MLflow UI."""
+    with user_errors():
+        from convcg_cli.config import compose
+        from convcg_cli.runs_list import print_runs
+
+        store = _store(overrides)
+        task = task or next(iter(compose("train").cfg.loss.task_weights))  # the primary task
+        print_runs(out, store, task, kind, limit, experiment)
 
 
 # How the recall table names a subset of a task's positives (``metrics.retrieval.COLD_ITEMS``).

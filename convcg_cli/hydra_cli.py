@@ -172,6 +172,8 @@ def run(
             threads = thread_budget(hydra_cfg.launcher, os.cpu_count() or 1)
             if threads is not None:
                 _limit_threads(threads)
+        if composed.cfg.get("threads"):  # the config's thread count (train.yaml, eval.yaml) wins
+            _limit_threads(int(composed.cfg.threads))
         with _argv(job_argv(command_argv, hydra_args, composed.overrides)):
             if hydra_cfg.mode == RunMode.MULTIRUN:  # a failed job stops the sweep; Hydra names it
                 return job(composed)

@@ -141,6 +141,7 @@ NUMERIC_OPTIONS: tuple[NumericOption, ...] = (
     _int("popularity_prior.select_k", 1),
     NumericOption("popularity_prior.betas[]", minimum=0.0),
     NumericOption("popularity_prior.fallback_weights[]", minimum=0.0),
+    NumericOption("threads", integer=True, minimum=1, nullable=True),
     # the popularity blend train chooses on validation (conf/train.yaml's blend block)
     _int("blend.select_k", 1),
     NumericOption("blend.betas[]", minimum=0.0),

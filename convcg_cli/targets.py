@@ -30,6 +30,8 @@ _CONVCG_TARGETS = (
     "convcg_cli.hydra_callbacks.TrackingStoreReady",
     "convcg_cli.index.approximate.HNSW",
     "convcg_cli.index.approximate.IVFFlat",
+    "convcg_cli.index.approximate.IVFPQFastScanRefine",
+    "convcg_cli.index.approximate.IVFScalarRefine",
     "convcg_cli.models.balancing.GradNorm",
     "convcg_cli.models.balancing.StaticWeights",
     "convcg_cli.models.balancing.UncertaintyWeighting",
@@ -44,6 +46,7 @@ _CONVCG_TARGETS = (
     "convcg_cli.models.losses.NoLogQ",
     "convcg_cli.models.losses.StreamingLogQ",
     "convcg_cli.models.losses.TableLogQ",
+    "convcg_cli.models.averaging.RunLengthEMA",
     "convcg_cli.models.module.RetrievalModule",
     "convcg_cli.models.sequence.HistoryEncoder",
 )

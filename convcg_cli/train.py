@@ -15,7 +15,7 @@ from convcg_cli.builders import (  # build_*: also imported from here (bench, te
     read_checkpoint,
 )
 from convcg_cli.config import Composed, instantiate
-from convcg_cli.data.features import check_levers
+from convcg_cli.data.features import check_levers, resolve_auto_levers
 from convcg_cli.errors import ConfigError, RunNotFoundError
 from convcg_cli.interrupts import StopOnSignals
 from convcg_cli.serve.export import log_trained_model
@@ -104,6 +104,8 @@ def _build(cfg, data_cache=None):
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
     tasks = check_task_names(cfg.loss.task_weights.keys())
     check_served_embedding_is_trained(cfg)
+    for line in resolve_auto_levers(cfg):
+        progress.announce(line)
     check_levers(cfg)  # before any data is loaded: a lever the data cannot feed is a config error
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     with progress.step(f"Loading and checking {cfg.data.dir}"):

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+# MLflow's variables decide where convcg's runs go (conf/logger/mlflow.yaml): a developer's team
+# server must not receive the tests' runs. A test that wants a server sets them itself.
+MLFLOW_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_REGISTRY_URI")
+
+
+def pytest_configure(config) -> None:
+    """Run every test with MLflow's variables unset (:data:`MLFLOW_VARIABLES`)."""
+    for name in MLFLOW_VARIABLES:
+        os.environ.pop(name, None)
+
 
 # The tiny logs hold about 35 conversions a day, too few for the default split's minimums
 # (data.split=auto: 300 held-out, 200 validation conversions): tests keep the fixed days their
@@ -41,6 +53,39 @@ def tiny_content_data(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny-content") / "logs"
     synth.synthesize("tiny", out, seed=0, content_vectors=True)
+    return out
+
+
+def _tiny_shop():
+    """The ``sparse_shop`` preset at the tiny preset's scale (the ``tiny_shop_data`` fixture's)."""
+    import dataclasses
+
+    from convcg_cli.data.importing.synth_config import PRESETS
+
+    return dataclasses.replace(
+        PRESETS["sparse_shop"],
+        n_users=600,
+        n_items=3000,
+        n_advertisers=60,
+        n_categories=20,
+        n_days=14,
+        n_impressions=400_000,
+        latent_dim=12,
+        n_user_segments=12,
+    )
+
+
+TINY_SHOP = _tiny_shop()
+
+
+@pytest.fixture(scope="session")
+def tiny_shop_data(tmp_path_factory) -> Path:
+    """The ``sparse_shop`` preset at the tiny preset's scale, seed 0: a purchase log (purchases and a
+    few views, sessions as users, new items in the last days)."""
+    from convcg_cli.data.importing import synth
+
+    out = tmp_path_factory.mktemp("tiny-shop") / "logs"
+    synth.synthesize(TINY_SHOP, out, seed=0)
     return out
 
 

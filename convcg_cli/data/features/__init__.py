@@ -12,7 +12,13 @@ from convcg_cli.data.features.history import (
     history_before,
 )
 from convcg_cli.data.features.item_encoding import ItemEncoding, encode_items, fit_item_encoding
-from convcg_cli.data.features.levers import check_levers, disabled_levers, levers_in_use, refused_levers
+from convcg_cli.data.features.levers import (
+    check_levers,
+    disabled_levers,
+    levers_in_use,
+    refused_levers,
+    resolve_auto_levers,
+)
 from convcg_cli.data.features.positives import (
     DualPositives,
     LabelPositives,
@@ -40,6 +46,7 @@ __all__ = [
     "as_training_rows",
     "before_cutoff",
     "check_levers",
+    "resolve_auto_levers",
     "click_dwell_weight",
     "disabled_levers",
     "encode_items",

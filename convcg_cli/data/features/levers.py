@@ -68,6 +68,33 @@ def refused_levers(in_use: Mapping[str, str], disabled: Mapping[str, str]) -> li
     ]
 
 
+AUTO = "auto"
+
+
+def resolve_auto_levers(cfg) -> list[str]:
+    """Settle the levers set to ``auto`` (``data.use_user_history``) for ``cfg``'s data, in place, and
+    return one line per lever that ``auto`` turned off: on unless the data set's import recorded the
+    signal missing (``disabled_levers``), so a design experiment's default levers train on every
+    data set the importer writes. The run then logs the settled value."""
+    from omegaconf import open_dict
+
+    data = cfg.data
+    if str(data.get("use_user_history", False)) != AUTO:
+        return []
+    missing = disabled_levers(data.dir).get(USER_HISTORY)
+    with open_dict(cfg):
+        data.use_user_history = missing is None
+        if missing is None:
+            return []
+        examples = int(data.get("history_examples", {}).get("max_per_user", 0))
+        if examples:
+            data.history_examples.max_per_user = 0
+    return [
+        f"data.use_user_history=auto: off, the data lack it ({missing})"
+        + ("; data.history_examples.max_per_user=0 with it" if examples else "")
+    ]
+
+
 def check_levers(cfg) -> None:
     """ConfigError (exit 2) if ``cfg`` trains a lever its data set's import recorded as disabled."""
     refused = refused_levers(levers_in_use(cfg), disabled_levers(cfg.data.dir))

@@ -54,6 +54,7 @@ import polars as pl
 from convcg_cli.data.contract import write_tables
 from convcg_cli.data.importing.attribution import AttributionResult, AttributionRule, attribute
 from convcg_cli.data.importing.synth_config import PRESETS, RELATED_ITEMS, SEARCH, SURFACES, SynthConfig
+from convcg_cli.data.importing.synth_shop import shop_log
 from convcg_cli.data.importing.synth_world import (
     Catalogue,
     Population,
@@ -88,7 +89,8 @@ def generate(preset: str | SynthConfig, seed: int = 0) -> dict[str, pl.DataFrame
     """Generate ``{"items", "users", "impressions"}`` frames that satisfy the data contract.
 
     Args:
-        preset: a name in :data:`PRESETS` (``tiny``, ``small``, ``large``) or a :class:`SynthConfig`.
+        preset: a name in :data:`PRESETS` (``tiny``, ``small``, ``large``, ``sparse_shop``) or a
+            :class:`SynthConfig`.
         seed: the same seed gives identical frames.
 
     Example:
@@ -104,9 +106,9 @@ def _generate(cfg: SynthConfig, seed: int) -> tuple[dict[str, pl.DataFrame], Att
     # One stream per stage, so changing one stage's draws does not reshuffle the others (the history
     # and the conversion events have the last streams: adding them left the impressions of a seed
     # unchanged; SeedSequence children do not depend on how many are spawned).
-    rng_items, rng_users, rng_serve, rng_act, rng_time, rng_ids, rng_history, rng_events, rng_content = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(9)
-    )
+    rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(10)]
+    rng_items, rng_users, rng_serve, rng_act, rng_time, rng_ids, rng_history, rng_events = rngs[:8]
+    rng_content, rng_shop = rngs[8:]
     cat = Catalogue(cfg, rng_items)
     pop = Population(cfg, cat, rng_users)
     served = _serve(cfg, cat, pop, rng_serve)
@@ -120,6 +122,8 @@ def _generate(cfg: SynthConfig, seed: int) -> tuple[dict[str, pl.DataFrame], Att
     if cfg.content_vectors:
         history = {k: v[~new_items[history["item"]]] for k, v in history.items()}
     tables = _frames(cfg, cat, pop, served, acts, timestamp, rng_ids, history, content)
+    if cfg.shop_log:
+        tables = shop_log(tables, cfg.view_share, cfg.session_share, rng_shop)
     if not cfg.conversion_events:
         return tables, None
     tables["conversions"] = _conversion_events(cfg, tables["impressions"], tables["items"], rng_events)

@@ -52,6 +52,9 @@ class SynthConfig:
             held-out days), never served (nor the subject of a related-items request, nor in the
             user history) before; an impression drawn for one earlier shows another item of its
             category instead.
+    A shop's purchase log (off by default; the ``sparse_shop`` preset, see :mod:`.synth_shop`):
+        shop_log: keep only converted rows and a view_share of the other clicked rows (views);
+            session_share of the (user, day) visits are anonymous, each a session user of its own.
     """
 
     n_users: int
@@ -97,6 +100,9 @@ class SynthConfig:
     content_noise: float = 1.0
     new_item_share: float = 0.2
     new_item_days: int = 2
+    shop_log: bool = False
+    view_share: float = 0.1
+    session_share: float = 0.63
 
     def __post_init__(self) -> None:
         sizes = ("n_users", "n_items", "n_advertisers", "n_categories", "n_days", "n_impressions")
@@ -148,5 +154,23 @@ PRESETS: dict[str, SynthConfig] = {
         n_user_segments=50,
         n_regions=50,
         queries_per_category=50,
+    ),
+    # A shop's purchase log (README "Your own log"): purchases and a few views only, 63% of visits
+    # anonymous (sessions as users), a 120k-item catalogue, new items released in the last 4 days
+    # (the validation and held-out days of the auto split), ~170 purchases a day over 8 weeks.
+    "sparse_shop": SynthConfig(
+        n_users=40_000,
+        n_items=120_000,
+        n_advertisers=3_000,
+        n_categories=300,
+        n_days=56,
+        n_impressions=3_000_000,
+        latent_dim=16,
+        n_user_segments=40,
+        queries_per_category=20,
+        content_vectors=True,
+        new_item_share=0.15,
+        new_item_days=4,
+        shop_log=True,
     ),
 }
