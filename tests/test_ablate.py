@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 
@@ -47,7 +48,11 @@ def test_designs_grid_crosses_designs_with_engagement_weights():
     assert len(designs) == 4 * 3 and grid.seeds == (0, 1, 2)
     assert "unified_parallel/engagement=0.3" in [v.name for v in designs]
     unified = next(v for v in designs if v.name == "unified_parallel/engagement=0.3")
-    assert unified.overrides == ("+experiment=unified_parallel", "loss.task_weights.engagement=0.3")
+    assert unified.overrides == (
+        "levers=none",  # the bare designs (conf/ablate/designs.yaml)
+        "+experiment=unified_parallel",
+        "loss.task_weights.engagement=0.3",
+    )
     assert {v.name for v in grid.variants if v.baseline} == {"engagement_only", "conversion_only"}
     assert grid.folds == 1 and grid.select_k == 100
 
@@ -375,6 +380,10 @@ def test_smoke_grid_end_to_end(home, tiny_overrides, tmp_path_factory):
     assert report.splitlines()[5].startswith("convcg ablate smoke data.dir=")
     assert "| broken | design | 0 (**1 failed**) |" in report and "## Failed runs" in report
     assert "| itemcf | baseline (no training) |" in report
+    # The pre-registered verdict (conf/ablate/smoke.yaml's primary), with the grid file's hash.
+    assert "## Primary comparison" in report and f"sha256 `{grid.sha256}`" in report
+    primary = json.loads((result.report_dir / "summary.json").read_text())["primary"]
+    assert {p["against"] for p in primary} == {"engagement_only", "popularity"}
     assert (result.report_dir / "recall.png").exists()
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
     assert {"report/report.md", "report/recall.png", "report/summary.json"} <= artifacts
@@ -598,3 +607,84 @@ def test_a_grid_of_the_users_config_dir_is_found(tmp_path, monkeypatch):
     monkeypatch.setenv("CONVCG_CONFIG_DIR", str(tmp_path))
     assert "mine" in ablate.available_grids() and "smoke" in ablate.available_grids()
     assert [v.name for v in ablate.load_grid("mine").variants] == ["a"]
+
+
+def test_the_primary_comparison_pools_folds_and_seeds_and_is_printed_first():
+    """A grid's pre-registered comparison: the design chosen per fold against an untrained baseline and
+    against a trained baseline variant, every seed at once, with the grid file's hash and the commit."""
+    from convcg_cli.metrics.hierarchical import hierarchical_paired_diff
+
+    rng = np.random.default_rng(5)
+    variants = (Variant("a", ()), Variant("c", ()), Variant("eng", (), baseline=True))
+    grid = ablate.Grid("toy", variants, (0, 1), select_k=100, folds=2, primary=("popularity", "eng"))
+    children = []
+    for seed in (0, 1):
+        for fold in (0, 1):
+            shared = _hits(rng, 0.0)  # the positives and popularity's flags of this (fold, seed)
+            for name, val, rate in (
+                ("a", 0.6 - 0.3 * fold, 0.5),
+                ("c", 0.4 + 0.3 * fold, 0.4),
+                ("eng", 0.1, 0.3),
+            ):
+                model = shared.rankings["baseline_popularity"] | (rng.random((len(shared.user), 1)) < rate)
+                hits = replace(shared, rankings={**shared.rankings, "model": np.hstack([model, model])})
+                children.append(_fold_child(name, fold, val, hits, seed=seed))
+    summary = ablate_summary.build_summary(
+        grid, children, "heldout", [10, 100], ablate_summary.Pairing(200, 3)
+    )
+    by_name = {c.against: c for c in summary.primary}
+    assert set(by_name) == {"popularity", "eng"}
+    assert by_name["eng"].variants == ("a", "c") and by_name["eng"].seeds == (0, 1)
+
+    def cell(name, fold, seed):
+        return next(c for c in children if (c.variant, c.fold, c.seed) == (name, fold, seed))
+
+    chosen = [("a", 0), ("c", 1)]
+    model = np.stack(
+        [np.concatenate([cell(n, f, s).hits.rankings["model"][:, 1] for n, f in chosen]) for s in (0, 1)]
+    )
+    eng = np.stack(
+        [np.concatenate([cell("eng", f, s).hits.rankings["model"][:, 1] for _, f in chosen]) for s in (0, 1)]
+    )
+    users = np.concatenate([cell(n, f, 0).hits.user for n, f in chosen])
+    expected = hierarchical_paired_diff(model, eng, users, 100, n_boot=200, seed=3)
+    assert by_name["eng"].difference == expected and by_name["eng"].positives == len(users)
+
+    context = {
+        "command": "c",
+        "parent_run_id": "p",
+        "tracking_uri": "x",
+        "split": "heldout",
+        "data_dirs": [],
+        "grid_sha256": "abc123",
+        "commit": "deadbeef",
+    }
+    report = ablate_report.render_report(grid, summary, context)
+    assert "sha256 `abc123`, convcg commit `deadbeef`" in report
+    primary_at = report.index("## Primary comparison")
+    assert primary_at < report.index("Conversion recall (heldout)")  # before every secondary result
+    assert primary_at < report.index("held-out windows together")
+    out = ablate_report.summary_json(grid, summary)
+    assert {p["against"] for p in out["primary"]} == {"popularity", "eng"}
+    assert out["children"][0]["figures"] == {
+        "val/conversion/recall_at_100": children[0].metrics["val/conversion/recall_at_100"],
+        "heldout/conversion/recall_at_100": children[0].metrics["heldout/conversion/recall_at_100"],
+    }
+
+
+def test_a_grid_declares_its_primary_comparison_and_is_hashed(tmp_path, monkeypatch):
+    import hashlib
+
+    text = (
+        "seeds: [0]\nvariants:\n  - {name: a, overrides: []}\n  - {name: e, baseline: true, overrides: []}\n"
+        "primary: {against: [e, ease_popularity]}\n"
+    )
+    (tmp_path / "ablate").mkdir()
+    (tmp_path / "ablate" / "pre.yaml").write_text(text)
+    monkeypatch.setenv("CONVCG_CONFIG_DIR", str(tmp_path))
+    grid = ablate.load_grid("pre")
+    assert grid.primary == ("e", "ease_popularity")
+    assert grid.sha256 == hashlib.sha256(text.encode()).hexdigest()
+    (tmp_path / "ablate" / "pre.yaml").write_text(text.replace("{against: [e, ease_popularity]}", "[e]"))
+    with pytest.raises(ConfigError, match="primary must be"):
+        ablate.load_grid("pre")

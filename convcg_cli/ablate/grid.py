@@ -34,6 +34,7 @@ _GRID_KEYS = {
     "sweep",
     "folds",
     "refit_of",
+    "primary",
 }
 
 
@@ -54,7 +55,10 @@ class Grid:
     is the number of rolling-origin folds (fold f ends ``f * data.heldout_days`` days earlier).
     ``refit_of`` names the grid whose validation figures chose this grid's single design, which is
     retrained here with the validation days (``data.train_through_val``): it has no validation
-    figure of its own, and the report says where its choice was made.
+    figure of its own, and the report says where its choice was made. ``primary`` is the
+    pre-registered verdict: what the validation-chosen design is compared with (baselines by name,
+    or baseline variants of the grid), pooled over the folds, by the two-level bootstrap over seeds
+    and users; ``sha256`` is the grid file's hash, printed in the report with the commit.
     """
 
     name: str
@@ -65,6 +69,8 @@ class Grid:
     select_k: int = 100
     folds: int = 1
     refit_of: str | None = None
+    primary: tuple[str, ...] = ()
+    sha256: str | None = None
 
 
 @dataclass
@@ -134,7 +140,7 @@ def load_grid(name: str) -> Grid:
     if unknown or not spec.get("variants") or not spec.get("seeds"):
         raise ConfigError(
             f"Grid {name}.yaml needs 'variants' and 'seeds' (optional: select, eval_overrides, "
-            f"train_overrides, sweep, folds, refit_of); unknown keys: {sorted(unknown)}."
+            f"train_overrides, sweep, folds, refit_of, primary); unknown keys: {sorted(unknown)}."
         )
     folds = spec.get("folds", 1)
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
@@ -152,7 +158,51 @@ def load_grid(name: str) -> Grid:
         select_k=int(select.get("k", 100)),
         folds=folds,
         refit_of=refit_of,
+        primary=_primary(name, spec.get("primary")),
+        sha256=grid_file_sha256(name),
     )
+
+
+def _primary(name: str, spec: Any) -> tuple[str, ...]:
+    """The names of the grid's ``primary: {against: [...]}`` block (none without one)."""
+    if spec is None:
+        return ()
+    against = spec.get("against") if isinstance(spec, dict) else None
+    if not isinstance(against, list) or not against or set(spec) - {"against"}:
+        raise ConfigError(
+            f"Grid '{name}': primary must be {{against: [NAME, ...]}}, the baselines (e.g. "
+            f"ease_popularity) or baseline variants the chosen design is compared with; got {spec}."
+        )
+    return tuple(str(a) for a in against)
+
+
+def source_commit() -> str:
+    """The git commit of the convcg checkout running the grid (``git rev-parse HEAD``), with
+    ``+dirty`` when tracked files differ from it; ``unknown`` outside a git checkout."""
+    import subprocess
+
+    root = CONF_DIR.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.returncode == 1 else "")
+
+
+def grid_file_sha256(name: str) -> str | None:
+    """sha256 of the grid's file as it is on disk (the first grid directory holding it)."""
+    import hashlib
+
+    for directory in grid_dirs():
+        path = directory / f"{name}.yaml"
+        if path.is_file():
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+    return None
 
 
 def check_refit_of(name: str, refit_of: str | None, variants: Sequence[Variant]) -> str | None:

@@ -24,6 +24,7 @@ from convcg_cli.ablate.summary import (
     TASKS,
     Comparison,
     PooledComparison,
+    PrimaryComparison,
     Row,
     Summary,
     selected_variant,
@@ -177,7 +178,11 @@ def render_report(grid: Grid, summary: Summary, context: dict, places: Places | 
         + f"; metrics on the `{context['split']}` split; the best variant is selected on the `val` split "
         f"(`{selection_metric(grid)}`).",
         "",
+        f"Grid file `conf/ablate/{grid.name}.yaml` sha256 `{context.get('grid_sha256', 'not recorded')}`, "
+        f"convcg commit `{context.get('commit', 'not recorded')}`.",
+        "",
     ]
+    lines += _primary_section(grid, summary.primary)
     heading = "###" if grid.folds > 1 else "##"
     for fold, rows in summary.rows.items():
         if grid.folds > 1:
@@ -190,6 +195,38 @@ def render_report(grid: Grid, summary: Summary, context: dict, places: Places | 
     lines += _failures(summary.children)
     lines += _notes(grid, summary.children)
     return "\n".join(lines)
+
+
+def _primary_section(grid: Grid, primary: list[PrimaryComparison]) -> list[str]:
+    """The pre-registered verdict (the grid's ``primary`` block), before every secondary result."""
+    if not grid.primary:
+        return []
+    task, k = grid.select_task, grid.select_k
+    lines = [
+        f"## Primary comparison (declared in the grid file before it ran: {task} recall@{k})",
+        "",
+        "The design chosen on validation in each window minus each declared comparator, on the held-out "
+        f"positives of all {grid.folds} window(s) together. The 95% interval is a two-level bootstrap: "
+        "each replicate draws the training seeds, then the users (all their positives of every window), "
+        "so it holds training randomness as well as the choice of users. Everything after this section "
+        "is secondary.",
+        "",
+    ]
+    if not primary:
+        return lines + ["Not computed yet (needs a finished, selected cell of every window and seed).", ""]
+    body = [
+        [
+            c.against,
+            ", ".join(c.variants),
+            ", ".join(str(s) for s in c.seeds),
+            f"{c.positives:,}",
+            _difference_cell(c.difference),
+            "yes" if c.difference.above_zero else "no",
+        ]
+        for c in primary
+    ]
+    header = ["against", "chosen per window", "seeds", "positives", "difference [95% CI]", "CI > 0"]
+    return lines + [table(header, body, "llrrrl"), ""]
 
 
 def _pooled_section(grid: Grid, pooled: list[PooledComparison]) -> list[str]:
@@ -310,6 +347,7 @@ def summary_json(grid: Grid, summary: Summary) -> dict:
         fold: getattr(selected_variant(rows, grid), "name", None) for fold, rows in summary.rows.items()
     }
     return {
+        "grid": {"name": grid.name, "sha256": grid.sha256, "primary": list(grid.primary)},
         "selection": {"split": VAL, "metric": selection_metric(grid)},
         "folds": [
             {
@@ -333,6 +371,7 @@ def summary_json(grid: Grid, summary: Summary) -> dict:
             for c in summary.comparisons
         ],
         **({"pooled": [_pooled_json(c) for c in summary.pooled]} if summary.pooled else {}),
+        **({"primary": [_primary_json(c) for c in summary.primary]} if grid.primary else {}),
         "children": [
             {
                 "variant": c.variant,
@@ -341,9 +380,35 @@ def summary_json(grid: Grid, summary: Summary) -> dict:
                 "run_id": c.run_id,
                 "status": c.status,
                 "error": c.error,
+                "figures": _child_figures(grid, c),
             }
             for c in summary.children
         ],
+    }
+
+
+def _child_figures(grid: Grid, child: ChildResult) -> dict[str, float]:
+    """One cell's own figures, to check a report cell against its run: the validation figure that
+    selects and held-out recall@100/@1000 of every task (those the run logged)."""
+    names = [selection_metric(grid)] + [
+        metric_name(split, task, k) for split in ("heldout",) for task in TASKS for k in (100, 1000)
+    ]
+    return {name: child.metrics[name] for name in names if name in child.metrics}
+
+
+def _primary_json(c: PrimaryComparison) -> dict:
+    """One pre-registered comparison in ``summary.json``."""
+    d = c.difference
+    return {
+        "against": c.against,
+        "variants": list(c.variants),
+        "seeds": list(c.seeds),
+        "positives": c.positives,
+        "k": d.k,
+        "difference": d.difference,
+        "low": d.low,
+        "high": d.high,
+        "bootstrap": "seeds, then users within",
     }
 
 

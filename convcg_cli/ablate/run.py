@@ -30,6 +30,7 @@ from convcg_cli.ablate.grid import (
     fold_overrides,
     grid_yaml,
     reproduce_command,
+    source_commit,
 )
 from convcg_cli.ablate.report import render_report, summary_json
 from convcg_cli.ablate.summary import Pairing, Row, Summary, build_summary, selection_metric
@@ -38,6 +39,8 @@ from convcg_cli.errors import ConfigError, RunInterruptedError
 from convcg_cli.kept_checkpoint import validation_figure
 from convcg_cli.progress import cell_line
 
+GRID_SHA_TAG = "grid_sha256"  # on an ablation's parent run: its grid file's hash ...
+COMMIT_TAG = "git_commit"  # ... and the convcg commit that ran it (the report prints both)
 REPORT_FILE = "report.md"
 SUMMARY_FILE = "summary.json"
 REPORT_ARTIFACT_DIR = "report"
@@ -108,6 +111,7 @@ def _child_config(grid: Grid, cell: Cell, train_overrides: Sequence[str], heldou
             "ablation": grid.name,
             "variant": cell.variant.name,
             "fold": cell.fold,
+            tracking.DESIGN_TAG: cell.variant.name,  # the UI colours runs by design
         }
     return composed
 
@@ -205,6 +209,8 @@ def run_ablation(
     report_dir = Path(eval_composed.cfg.paths.root_dir) / "reports" / grid.name
     command = reproduce_command(grid, train_overrides, patterns)
     tags = {"mlflow.source.name": "convcg ablate", "ablation": grid.name, "command": command[:500]}
+    tags[tracking.KIND_TAG] = tracking.GRID_KIND
+    tags.update({GRID_SHA_TAG: grid.sha256 or "unknown", COMMIT_TAG: source_commit()})
     children: list[ChildResult] = []
     baseline_cache: dict = {}
     with tracking.parent_run(store, f"ablate/{grid.name}", tags) as parent:
@@ -214,6 +220,8 @@ def run_ablation(
             "parent_run_id": parent.run_id,
             "tracking_uri": store.uri,
             "split": str(eval_composed.cfg.split),
+            "grid_sha256": tags[GRID_SHA_TAG],
+            "commit": tags[COMMIT_TAG],
         }
         writer = ReportWriter(grid, eval_composed.cfg, report_dir, context)
         summary = writer.write(children)
@@ -262,6 +270,8 @@ def rewrite_report(grid: Grid, parent_run_id: str, train_overrides: Sequence[str
         "parent_run_id": parent_run_id,
         "tracking_uri": store.uri,
         "split": split,
+        "grid_sha256": parent.data.tags.get(GRID_SHA_TAG, "not recorded"),
+        "commit": parent.data.tags.get(COMMIT_TAG, "not recorded"),
     }
     report_dir = Path(eval_cfg.paths.root_dir) / "reports" / grid.name
     summary = ReportWriter(grid, eval_cfg, report_dir, context).write(children)

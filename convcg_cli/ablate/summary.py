@@ -18,6 +18,7 @@ from convcg_cli.ablate.grid import FINISHED, ChildResult, Grid
 from convcg_cli.evaluate import BASELINE_PREFIX, MODEL_RANKING
 from convcg_cli.metrics.bootstrap import PairedDifference, ci_names, paired_bootstrap_diff
 from convcg_cli.metrics.compare import t_interval
+from convcg_cli.metrics.hierarchical import hierarchical_paired_diff
 from convcg_cli.metrics.retrieval import COLD_ITEMS, RECALL, VAL, VALUE_RECALL, metric_name
 from convcg_cli.tasks import CONVERSION, ENGAGEMENT
 
@@ -82,6 +83,19 @@ class PooledComparison:
 
 
 @dataclass(frozen=True)
+class PrimaryComparison:
+    """The pre-registered verdict against one name of ``grid.primary``: the design selected on
+    validation in each fold (``variants[f]``) minus ``against``, pooled over the folds, the interval
+    from the two-level bootstrap (seeds, then users within: training randomness included)."""
+
+    against: str
+    variants: tuple[str, ...]
+    seeds: tuple[int, ...]
+    difference: PairedDifference
+    positives: int
+
+
+@dataclass(frozen=True)
 class Pairing:
     """How paired comparisons resample: ``eval.yaml``'s ``bootstrap`` options (n_boot 0: none)."""
 
@@ -98,6 +112,7 @@ class Summary:
     comparisons: list[Comparison]
     children: list[ChildResult]
     pooled: list[PooledComparison] = field(default_factory=list)
+    primary: list[PrimaryComparison] = field(default_factory=list)
 
 
 def selection_metric(grid: Grid) -> str:
@@ -264,6 +279,18 @@ def paired_comparisons(
     return out
 
 
+def _chosen_cells(
+    grid: Grid, rows: dict[int, list[Row]], children: list[ChildResult]
+) -> tuple[tuple[str, ...], dict[tuple[int, str, int], ChildResult]] | None:
+    """The design validation selected in each fold and the finished cells with hits by (fold,
+    variant, seed); None while some fold has no selected design."""
+    selected = [selected_variant(rows.get(fold, []), grid) for fold in range(grid.folds)]
+    if any(s is None for s in selected):
+        return None
+    done = {(c.fold, c.variant, c.seed): c for c in children if c.status == FINISHED and c.hits is not None}
+    return tuple(s.name for s in selected if s is not None), done
+
+
 def pooled_comparisons(
     grid: Grid, rows: dict[int, list[Row]], children: list[ChildResult], pairing: Pairing
 ) -> list[PooledComparison]:
@@ -278,11 +305,10 @@ def pooled_comparisons(
     """
     if grid.folds < 2 or pairing.n_boot < 1:
         return []
-    selected = [selected_variant(rows.get(fold, []), grid) for fold in range(grid.folds)]
-    if any(s is None for s in selected):
+    chosen = _chosen_cells(grid, rows, children)
+    if chosen is None:
         return []
-    names = tuple(s.name for s in selected if s is not None)
-    done = {(c.fold, c.variant, c.seed): c for c in children if c.status == FINISHED and c.hits is not None}
+    names, done = chosen
     if len({c.data_dir for c in done.values()}) > 1:
         return []  # user positions are positions in one data set's user table
     trained_baselines = [v.name for v in grid.variants if v.baseline]
@@ -306,6 +332,65 @@ def pooled_comparisons(
                 model, other_flags, users, [grid.select_k], pairing.n_boot, pairing.seed, pairing.level
             )[grid.select_k]
             out.append(PooledComparison(baseline, seed, names, difference, len(users)))
+    return out
+
+
+def primary_comparisons(
+    grid: Grid, rows: dict[int, list[Row]], children: list[ChildResult], pairing: Pairing
+) -> list[PrimaryComparison]:
+    """The pre-registered comparisons (``grid.primary``): per name, the selected design of every
+    fold against it on all folds' held-out positives, over every seed with a finished cell in each
+    fold, by :func:`~convcg_cli.metrics.hierarchical.hierarchical_paired_diff`. A name is compared
+    with the untrained baseline of that name, else with the grid's variant of that name (its cell of
+    the same seed and fold). Empty without ``primary``, bootstrap draws or a selected design."""
+    if not grid.primary or pairing.n_boot < 1:
+        return []
+    chosen = _chosen_cells(grid, rows, children)
+    if chosen is None:
+        return []
+    names, done = chosen
+    out = []
+    for against in grid.primary:
+        model_rows, other_rows, seeds, users = [], [], [], None
+        for seed in grid.seeds:
+            cells = [done.get((fold, name, seed)) for fold, name in enumerate(names)]
+            if any(c is None for c in cells):
+                continue
+            model, other = [], []
+            for fold, cell in enumerate(cells):
+                assert cell is not None
+                own = _flags_at(grid, cell)
+                flags = own.get(against)
+                variant = done.get((fold, against, seed))
+                if flags is None and variant is not None and _same_positives(cell, variant):
+                    flags = _flags_at(grid, variant).get(MODEL_RANKING)
+                mine = own.get(MODEL_RANKING)
+                if flags is None or mine is None:
+                    break
+                model.append(mine[:, 0])
+                other.append(flags[:, 0])
+            else:
+                seed_users = np.concatenate(
+                    [c.hits.user for c in cells if c is not None and c.hits is not None]
+                )
+                if users is not None and not np.array_equal(users, seed_users):
+                    continue  # another data set: positions are not the same users
+                users = seed_users
+                model_rows.append(np.concatenate(model))
+                other_rows.append(np.concatenate(other))
+                seeds.append(seed)
+        if not seeds or users is None:
+            continue
+        difference = hierarchical_paired_diff(
+            np.stack(model_rows),
+            np.stack(other_rows),
+            users,
+            grid.select_k,
+            pairing.n_boot,
+            pairing.seed,
+            pairing.level,
+        )
+        out.append(PrimaryComparison(against, names, tuple(seeds), difference, len(users)))
     return out
 
 
@@ -351,4 +436,5 @@ def build_summary(
     """Rows of every fold and the paired comparisons of the cells done so far."""
     rows = {fold: summarize(grid, children, split, ks, fold) for fold in range(grid.folds)}
     comparisons = paired_comparisons(grid, children, pairing, cache)
-    return Summary(rows, comparisons, children, pooled_comparisons(grid, rows, children, pairing))
+    pooled = pooled_comparisons(grid, rows, children, pairing)
+    return Summary(rows, comparisons, children, pooled, primary_comparisons(grid, rows, children, pairing))
