@@ -447,8 +447,8 @@ def test_cli_runs_the_smoke_grid(home, tiny_overrides):
 
 def test_grid_train_overrides_come_first_in_every_variant():
     grid = ablate.load_grid("kuairand")
-    common = ("data.use_user_history=true", "data.cofactors.dim=64")
-    assert all(v.overrides[:2] == common for v in grid.variants)
+    common = ("levers=none", "data.use_user_history=true", "data.cofactors.dim=64")
+    assert all(v.overrides[:3] == common for v in grid.variants)
     assert {v.name for v in grid.variants} >= {"unified_parallel/engagement=1.0", "conversion_only"}
 
 
