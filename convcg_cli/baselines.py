@@ -4,7 +4,9 @@ One class per baseline, chosen by name in ``conf/eval.yaml`` (``baselines: [popu
 
 * ``MostPopular``: one list for everyone, by training-window conversions (then clicks, impressions).
 * ``ItemCF``: item-to-item cosine similarity of training-window engagements (scipy.sparse);
-  score(u, j) = sum over u's engaged items i of sim(i, j). Scales to large sparse corpora.
+  score(u, j) = sum over u's engaged items i of sim(i, j), kept sparse: each user's top k is chosen
+  among the items it scores above 0 (:func:`sparse_topk_rows`), never over a dense users x items
+  block. Scales to large sparse corpora.
 * ``EASE``: Steck's closed-form linear autoencoder, B = I - P diag(1/diag P), P = (X^T X + l2 I)^-1;
   score(u, .) = X_u B. Dense N x N inverse: for corpora up to ~10k items.
 * ``EASEPopularity``: EASE's per-user scores (scaled to max 1) plus ``w`` times the log popularity
@@ -39,6 +41,8 @@ from convcg_cli.metrics.prior import log_prior
 
 # Users scored at a time: bounds the dense (users x items) score block to about 4M cells.
 _SCORE_CHUNK_CELLS = 1 << 22
+# Users whose sparse ItemCF scores are computed at once (a product's rows do not depend on each other).
+_SPARSE_CHUNK_USERS = 256
 
 # EASE weights by (l2, profiles), kept inside a ``shared_ease_weights()`` block only (None outside).
 _SHARED_EASE: dict[tuple, np.ndarray] | None = None
@@ -227,6 +231,54 @@ def topk_rows(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(cols, order, axis=1)
 
 
+def sparse_topk_rows(scores: sp.csr_matrix, rank: np.ndarray, k: int) -> np.ndarray:
+    """Column ids of each row's top k of non-negative sparse ``scores``: by descending score, ties
+    (the zeros among them) by ascending ``rank``. The same lists as :func:`topk_rows` of the dense
+    matrix with its columns put in ``rank`` order, chosen among each row's positive entries only
+    (then the columns it does not score, in rank order) instead of over all N columns.
+
+    Args:
+        scores: (C, N) scores >= 0, no NaN (explicit zeros count as unscored).
+        rank: (N,) a permutation of 0..N-1: column j's place in the tie order.
+        k: list length, >= 1.
+
+    Returns:
+        (C, min(k, N)) int64 column ids, best first.
+
+    Example:
+        >>> rows = sp.csr_matrix(np.array([[0.0, 0.5, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0]]))
+        >>> sparse_topk_rows(rows, np.array([3, 2, 0, 1]), k=3).tolist()
+        [[3, 1, 2], [2, 3, 1]]
+    """
+    scores = sp.csr_matrix(scores)
+    n_rows, n = scores.shape
+    k = min(int(k), n)
+    if scores.nnz and (np.isnan(scores.data).any() or scores.data.min() < 0):
+        raise ValueError("sparse_topk_rows needs scores >= 0 without NaN.")
+    rank = np.asarray(rank, dtype=np.int64)
+    fill = np.argsort(rank)[:k]  # the first k columns in tie order: enough to complete any row
+    out = np.empty((n_rows, k), dtype=np.int64)
+    scored = np.zeros(n, dtype=bool)
+    for r in range(n_rows):
+        cols = scores.indices[scores.indptr[r] : scores.indptr[r + 1]]
+        vals = scores.data[scores.indptr[r] : scores.indptr[r + 1]]
+        if len(vals) and not (vals > 0).all():
+            cols, vals = cols[vals > 0], vals[vals > 0]
+        if len(vals) > k:  # keep the k best: above the k-th score, then its ties of lowest rank
+            kth = np.partition(vals, len(vals) - k)[len(vals) - k]
+            tied = np.flatnonzero(vals == kth)
+            above = np.flatnonzero(vals > kth)
+            keep = np.concatenate([above, tied[np.argsort(rank[cols[tied]])[: k - len(above)]]])
+            cols, vals = cols[keep], vals[keep]
+        best = cols[np.lexsort((rank[cols], -vals))]
+        out[r, : len(best)] = best
+        if len(best) < k:  # the unscored columns tie at 0: in rank order
+            scored[best] = True
+            out[r, len(best) :] = fill[~scored[fill]][: k - len(best)]
+            scored[best] = False
+    return out
+
+
 class Baseline:
     """Common interface: ``fit(history)`` then ``score_topk(user_pos, k)`` / ``query_topk``."""
 
@@ -343,6 +395,18 @@ class ItemCF(_ItemToItem):
             self.include_self = bool(np.isnan(share) or share >= self.AUTO_REPEAT_SHARE)
         super().fit(history)
         return self
+
+    def score_topk(self, user_pos: np.ndarray, k: int) -> np.ndarray:
+        """Top k of X_u W per user: the sparse scores of a chunk of users, each row's list chosen
+        among its positive scores (:func:`sparse_topk_rows`), ties by popularity."""
+        user_pos = np.asarray(user_pos, dtype=np.int64)
+        rank = np.empty(len(self.by_popularity), dtype=np.int64)
+        rank[self.by_popularity] = np.arange(len(self.by_popularity))  # item -> place in popularity order
+        out = np.empty((len(user_pos), min(k, len(rank))), dtype=np.int64)
+        for start in range(0, len(user_pos), _SPARSE_CHUNK_USERS):
+            rows = user_pos[start : start + _SPARSE_CHUNK_USERS]
+            out[start : start + len(rows)] = sparse_topk_rows(self.profiles[rows] @ self.weights, rank, k)
+        return out
 
     def _weights(self, x: sp.csr_matrix) -> sp.csr_matrix:
         norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel())  # (N,)

@@ -15,6 +15,7 @@ from convcg_cli.baselines import (
     TrainHistory,
     make_baseline,
     shared_ease_weights,
+    sparse_topk_rows,
     topk_rows,
     training_history,
 )
@@ -74,6 +75,44 @@ def test_itemcf_is_cosine_of_engagement_columns():
         np.testing.assert_array_equal(
             model.score_topk(users, 6), _brute_force_ranking(scores, hist.popularity, 6)
         )
+
+
+def test_sparse_topk_rows_is_topk_rows_of_the_dense_matrix_in_rank_order():
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(7)
+    dense = rng.integers(0, 4, size=(60, 40)) * (rng.random((60, 40)) < 0.3)  # ties, empty rows
+    dense[3] = 0
+    scores = sp.csr_matrix(dense.astype(np.float64))
+    scores.data[::5] = 0.0  # explicit zeros: unscored like the implicit ones
+    rank = rng.permutation(40)
+    by_rank = np.argsort(rank)  # column at each place of the tie order
+    for k in (1, 3, 12, 40, 55):
+        expected = by_rank[topk_rows(scores.toarray()[:, by_rank], k)]
+        np.testing.assert_array_equal(sparse_topk_rows(scores, rank, k), expected)
+    with pytest.raises(ValueError, match=">= 0"):
+        sparse_topk_rows(sp.csr_matrix(np.array([[1.0, -1.0]])), np.arange(2), 1)
+
+
+@pytest.mark.parametrize("include_self", [True, False])
+@pytest.mark.parametrize("k", [1, 5, 40, 300, 2000])
+def test_itemcf_sparse_lists_equal_the_dense_ones(include_self, k):
+    # Zipf-popular items, so some users score more than k items and some fewer; small integer
+    # counts make many cosines equal; the last users have no history (the popularity list).
+    rng = np.random.default_rng(k)
+    n_users, n_items = 400, 1200
+    items = np.minimum(rng.zipf(1.3, size=6000), n_items) - 1
+    hist = TrainHistory(
+        user_pos=rng.integers(0, n_users - 20, size=6000),
+        item_pos=items,
+        n_users=n_users,
+        n_items=n_items,
+        popularity=rng.integers(0, 5, size=n_items).astype(np.float64),
+    )
+    model = ItemCF(include_self=include_self).fit(hist)
+    users = rng.permutation(n_users)
+    dense_lists = baselines._ItemToItem.score_topk(model, users, k)  # the dense path it replaced
+    np.testing.assert_array_equal(model.score_topk(users, k), dense_lists)
 
 
 def test_ease_is_the_closed_form_solution():

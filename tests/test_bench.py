@@ -28,11 +28,12 @@ SECTIONS = [
     "## (e) How costs grow",
     "## (f) Bounded memory: streamed training as the log grows",
     "## (g) Serving: the pyfunc model and batch candidates",
+    "## (j) A million items: exact and approximate search as the corpus grows",
 ]
 
 
-def _unit(rows: int, seed: int) -> np.ndarray:
-    x = np.random.default_rng(seed).standard_normal((rows, 16)).astype(np.float32)
+def _unit(rows: int, seed: int, dim: int = 16) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -95,15 +96,21 @@ def test_torch_topk_finds_the_exact_top_k():
     assert np.array_equal(np.sort(plain, axis=1), np.sort(exact, axis=1))
 
 
-@pytest.mark.parametrize("name", ["ivf_flat", "hnsw"])
-def test_configured_ann_indexes_build_and_search(name):
+@pytest.mark.parametrize("block", ["retrieval", "corpus"])
+@pytest.mark.parametrize("name", ["ivf_flat", "hnsw", "ivf_sq8", "ivf_pq_fastscan"])
+def test_configured_ann_indexes_build_and_search(block, name):
     cfg = bench_config([], quick=False)
-    ann = instantiate(cfg.retrieval.ann_options[name])
-    queries, items = _unit(50, 3), _unit(2000, 4)
+    ann = instantiate(cfg[block].ann_options[name])
+    queries, items = _unit(50, 3, dim=64), _unit(2000, 4, dim=64)
     ann.build(items)
     ids = ann.search(queries, 20, ann.efforts[0])
-    assert ids.shape == (50, 20) and ids.max() < len(items)
-    assert name in ann.description.lower().replace("-", "_")
+    assert ids.shape == (50, 20) and ids.max() < len(items) and ann.nbytes > 0
+    assert name.split("_")[0] in ann.description.lower().replace("-", "_")
+    assert name in cfg.corpus.ann
+
+
+def test_blocked_gemm_reference_times_the_products():
+    assert measure.blocked_gemm_seconds(_unit(600, 5, dim=64), _unit(9000, 6, dim=64)) > 0
 
 
 def test_quick_config_merges_over_the_full_one():
@@ -112,6 +119,32 @@ def test_quick_config_merges_over_the_full_one():
     assert quick.report.endswith("bench-quick.md") and full.report.endswith("reports/bench/bench.md")
     ivf, hnsw = quick.retrieval.ann_options.ivf_flat, quick.retrieval.ann_options.hnsw
     assert ivf.nlist == 16 and list(ivf.efforts) == [2, 16] and hnsw.m == 32
+
+
+def _corpus_point(items: int) -> dict:
+    """A (j) step's figures at ``items``: exact's costs linear in the items, the ANN's square-root."""
+    exact = {"k": 10, "build_s": 1e-5 * items, "nbytes": 256 * items, "search_s": 1e-4 * items}
+    exact |= {"build_cpu_s": 1e-5 * items, "search_cpu_s": 1e-4 * items}
+    exact |= {"qps": 1e6 / items, "p50_ms": 1e-3 * items, "p99_ms": 2e-3 * items, "eval_k": 100}
+    exact |= {"eval_search_s": 2e-4 * items, "gemm_s": 1e-4 * items, "vs_gemm": 0.5, "gflop": 1e-3 * items}
+    runs = [
+        {
+            "effort": e,
+            "search_s": e * 1e-3 * items**0.5,
+            "qps": 1.0,
+            "speedup": 10.0 / e,
+            "overlap": 0.9 + e / 400,
+        }
+        | {"search_cpu_s": e * 1e-3 * items**0.5, "p50_ms": e * 1e-3 * items**0.5, "p99_ms": 1.0}
+        for e in (16, 32)
+    ]
+    ann = {"name": "ivf_flat", "description": "IVF-Flat, nlist=16", "effort_name": "nprobe"}
+    ann |= {"build_s": 1e-4 * items, "build_cpu_s": 1e-4 * items, "nbytes": 300 * items, "runs": runs}
+    return (
+        {"items": items, "dim": 64, "queries": 50, "synth_s": 1.0, "setup_s": 1.0, "train_s": 1.0}
+        | {"embed_s": 1.0, "exact": exact, "serving": {"ann": "ivf_flat", "effort": 32}, "ann": [ann]}
+        | {"wall_s": 5.0, "peak_rss_mib": 600.0}
+    )
 
 
 def _fake_results() -> dict:
@@ -147,7 +180,9 @@ def _fake_results() -> dict:
             "torch_s": 0.2,
         }
         | {"exact_recall": {"conversion": 0.5}, "ann": "IVF-Flat, nlist=16", "ann_effort_name": "nprobe"}
-        | {"ann_build_s": 0.3, "ann_runs": [ann_run]},
+        | {"ann_build_s": 0.3, "ann_runs": [ann_run]}
+        | {"faiss_s": 0.2, "gemm_s": 0.05, "exact_vs_gemm": 0.5, "gflop": 0.0032},
+        "corpus": [_corpus_point(n) for n in (1000, 10000)],
         "scale": [
             {
                 "factor": f,
@@ -177,6 +212,32 @@ def test_report_renders_every_section_and_target_from_the_results():
     assert "| ANN, nprobe=2 | 0.05 | 2.00x | 0.900 | 0.4500 |" in text
     assert "| baseline | 1.0 | 500 |" in text and "| scale_1 |" in text and "| step_cpu_ms |" in text
     assert figures.LIGHTNING_VS_BARE in figures.metrics(_fake_results())
+    assert "| exact top-k (k=10) / bare GEMM of its shapes, GFLOP/s (c) | 0.50 | >= 0.6 | **FAIL** |" in text
+    assert (
+        "| served ANN (ivf_flat, 32) at 10,000 items: overlap with exact's top (j) | 0.980 | >= 0.95 | pass |"
+        in text
+    )
+    assert (
+        "| served ANN (ivf_flat, 32) at 10,000 items: speed-up over exact (j) | 0.3x | >= 5.0 | **FAIL** |"
+        in text
+    )
+    assert "| faiss `IndexFlatIP` + re-sort by id (the previous path) | 0.20 | 500 | 0.0 | 0.50x |" in text
+    assert "| IVF-Flat, nlist=16 | nprobe=32 | 1.00 | 3 | 1 | 0.31x | 0.980 | 3.20 | 1.00 |" in text
+    assert "| corpus_10000 | 5.0 | 600 |" in text  # (d): every step's memory
+
+
+def test_corpus_exponents_recover_each_power_law_and_the_served_run():
+    points = [_corpus_point(n) for n in (1000, 10000, 100000)]
+    exps = figures.corpus_exponents(points)
+    assert exps["exact/search_cpu_s"] == pytest.approx(1.0) and exps["exact/mib"] == pytest.approx(1.0)
+    assert exps["ivf_flat/nprobe_32/p50_ms"] == pytest.approx(0.5)
+    assert exps["step/peak_mib"] == pytest.approx(0.0, abs=1e-12)
+    assert figures.serving_run(points[0])["effort"] == 32
+    assert figures.serving_run({**points[0], "serving": {"ann": "hnsw", "effort": 32}}) is None
+    metrics = figures.corpus_metrics({"corpus": points})
+    assert metrics[figures.SERVING_ANN_OVERLAP] == pytest.approx(0.98)
+    assert metrics["bench/corpus/exact/search_cpu_s_exponent"] == pytest.approx(1.0)
+    assert figures.corpus_exponents(points[:1]) == {} and figures.corpus_metrics({}) == {}
 
 
 def test_eval_section_writes_the_paths_of_a_step_portably():
@@ -258,6 +319,19 @@ def test_quick_bench_writes_every_section_and_one_mlflow_run(tmp_path):
         "bench/bench.md",
         "bench/results.json",
     }
+
+
+def test_corpus_step_measures_exact_and_every_ann(tmp_path):
+    from convcg_cli.bench.corpus import step_corpus
+
+    cfg = bench_config(["quick.corpus.ann=[ivf_flat,hnsw]", "quick.corpus.queries=40"], quick=True)
+    point = step_corpus(cfg, str(tmp_path), 1000)
+    assert point["items"] == 1000 and point["queries"] == 40 and point["exact"]["k"] == 50
+    assert point["exact"]["vs_gemm"] > 0 and 0 < point["exact"]["p50_ms"] <= point["exact"]["p99_ms"]
+    assert [a["name"] for a in point["ann"]] == ["ivf_flat", "hnsw"]
+    ivf = point["ann"][0]
+    assert [r["effort"] for r in ivf["runs"]] == [4, 16] and ivf["runs"][1]["overlap"] == 1.0  # all cells
+    assert not any(tmp_path.glob("corpus-*"))  # its logs are removed
 
 
 def test_serving_section_measures_the_pyfunc_model_and_batch_retrieve(tiny_data, tmp_path):

@@ -13,7 +13,16 @@ from convcg_cli.bench.measure import growth_exponent
 # Metric names of the targets the issue sets (also used in the report's verdicts).
 LIGHTNING_VS_BARE = "bench/train/lightning_vs_bare"
 DATA_VS_MODEL = "bench/data/data_vs_model"
-TARGETS = {LIGHTNING_VS_BARE: 0.9, DATA_VS_MODEL: 5.0}
+EXACT_VS_GEMM = "bench/retrieval/exact_vs_gemm"
+SERVING_ANN_OVERLAP = "bench/corpus/serving_ann/overlap"
+SERVING_ANN_SPEEDUP = "bench/corpus/serving_ann/speedup"
+TARGETS = {
+    LIGHTNING_VS_BARE: 0.9,
+    DATA_VS_MODEL: 5.0,
+    EXACT_VS_GEMM: 0.6,  # exact top-k's GFLOP/s over the bare GEMM of its shapes'
+    SERVING_ANN_OVERLAP: 0.95,  # the served ANN's share of exact's top k, at the largest corpus
+    SERVING_ANN_SPEEDUP: 5.0,  # its throughput over exact's there
+}
 
 
 def metrics(results: Mapping[str, Any]) -> dict[str, float]:
@@ -35,6 +44,12 @@ def metrics(results: Mapping[str, Any]) -> dict[str, float]:
         "bench/retrieval/ann_build_s": ret["ann_build_s"],
         "bench/total_s": results["total_s"],
     }
+    for name in ("faiss_s", "gemm_s"):  # absent from results saved before they were timed
+        if name in ret:
+            out[f"bench/retrieval/{name}"] = ret[name]
+    if "exact_vs_gemm" in ret:
+        out[EXACT_VS_GEMM] = ret["exact_vs_gemm"]
+    out.update(corpus_metrics(results))
     for task, value in ret["exact_recall"].items():
         out[f"bench/retrieval/exact/{task}/recall"] = value
     for r in ret["ann_runs"]:
@@ -77,6 +92,7 @@ def memory_exponents(results: Mapping[str, Any]) -> dict[str, float]:
 def step_figures(results: Mapping[str, Any]) -> list[tuple[str, dict]]:
     """(label, figures) of every subprocess step, in run order."""
     steps = [(name, results[name]) for name in ("baseline", "synth", "data", "train", "retrieval")]
+    steps += [(f"corpus_{point['items']}", point) for point in results.get("corpus", [])]
     for point in results["scale"]:
         steps += [
             (f"scale_{point['factor']:g}_synth", point["synth"]),
@@ -105,3 +121,71 @@ def scale_exponents(points: Sequence[Mapping[str, Any]], baseline: Mapping[str, 
         name: growth_exponent(sizes, [max(cost(p, baseline), 1e-3) for p in points])
         for name, cost in SCALE_COSTS.items()
     }
+
+
+def serving_run(point: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The run of the served ANN (``corpus.serving``: an index of ``corpus.ann`` and its effort) at
+    one corpus size, or None when it was not measured."""
+    serving = point.get("serving") or {}
+    for ann in point.get("ann", []):
+        if ann["name"] == serving.get("ann"):
+            for run in ann["runs"]:
+                if run["effort"] == serving.get("effort"):
+                    return run
+    return None
+
+
+def corpus_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    """(j) as flat metrics: per corpus size, exact's and each ANN effort's speed and overlap; the
+    served ANN at the largest size (the targets); every growth exponent."""
+    points = results.get("corpus", [])
+    out: dict[str, float] = {}
+    for point in points:
+        prefix = f"bench/corpus/{point['items']}"
+        exact = point["exact"]
+        out.update(
+            {f"{prefix}/exact/{k}": exact[k] for k in ("build_s", "qps", "p50_ms", "p99_ms", "vs_gemm")}
+        )
+        for ann in point["ann"]:
+            for run in ann["runs"]:
+                name = f"{prefix}/{ann['name']}/{ann['effort_name']}_{run['effort']}"
+                out.update({f"{name}/{k}": run[k] for k in ("qps", "speedup", "overlap", "p50_ms", "p99_ms")})
+            out[f"{prefix}/{ann['name']}/build_s"] = ann["build_s"]
+    if points and serving_run(points[-1]) is not None:
+        run = serving_run(points[-1]) or {}
+        out[SERVING_ANN_OVERLAP], out[SERVING_ANN_SPEEDUP] = run["overlap"], run["speedup"]
+    out.update({f"bench/corpus/{cost}_exponent": value for cost, value in corpus_exponents(points).items()})
+    return out
+
+
+def corpus_costs(point: Mapping[str, Any]) -> dict[str, float]:
+    """Every cost of (j) at one corpus size, by name: exact's and each ANN's build and batch search
+    (CPU seconds: one thread, less disturbed by other processes than wall time), bytes, single-request
+    latency (wall p50, per effort), and the step's peak memory."""
+    exact = point["exact"]
+    costs = {
+        "exact/build_cpu_s": exact.get("build_cpu_s", exact["build_s"]),  # wall in older results
+        "exact/mib": exact["nbytes"] / 2**20,
+        "exact/search_cpu_s": exact.get("search_cpu_s", exact["search_s"]),
+        "exact/p50_ms": exact["p50_ms"],
+        "step/peak_mib": point["peak_rss_mib"],
+    }
+    for ann in point["ann"]:
+        costs[f"{ann['name']}/build_cpu_s"] = ann.get("build_cpu_s", ann["build_s"])
+        costs[f"{ann['name']}/mib"] = ann["nbytes"] / 2**20
+        for run in ann["runs"]:
+            effort = f"{ann['name']}/{ann['effort_name']}_{run['effort']}"
+            costs[f"{effort}/search_cpu_s"] = run.get("search_cpu_s", run["search_s"])
+            costs[f"{effort}/p50_ms"] = run["p50_ms"]
+    return costs
+
+
+def corpus_exponents(points: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Growth exponent of every cost of :func:`corpus_costs` against the number of items (the costs
+    measured at every size; none with fewer than two sizes)."""
+    if len(points) < 2:
+        return {}
+    costs = [corpus_costs(p) for p in points]
+    sizes = [p["items"] for p in points]
+    names = [name for name in costs[0] if all(name in c for c in costs)]
+    return {name: growth_exponent(sizes, [max(c[name], 1e-6) for c in costs]) for name in names}

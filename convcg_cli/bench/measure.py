@@ -1,4 +1,5 @@
-"""Measuring helpers: peak memory, growth exponents, top-k overlap, a plain torch top-k, step clocks.
+"""Measuring helpers: peak memory, growth exponents, latency percentiles, top-k overlap, a plain torch
+top-k, the bare GEMM of exact search's shapes, step clocks.
 
 Pure and small; tested in tests/test_bench.py.
 """
@@ -35,6 +36,17 @@ def growth_exponent(sizes: Sequence[float], costs: Sequence[float]) -> float:
     return float(np.polyfit(x, y, 1)[0])
 
 
+def latency_ms(seconds: list[float]) -> dict[str, float]:
+    """p50 and p99 of per-call seconds, in milliseconds.
+
+    Example:
+        >>> latency_ms([0.001] * 99 + [0.1])["p50_ms"]
+        1.0
+    """
+    values = 1e3 * np.asarray(seconds, dtype=np.float64)
+    return {"p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99))}
+
+
 def topk_overlap(approx: np.ndarray, exact: np.ndarray) -> float:
     """Mean share of each row of ``exact`` (Q, k) ids that ``approx`` (Q, k) also holds (-1 = none).
 
@@ -63,6 +75,30 @@ def torch_topk(queries: np.ndarray, items: np.ndarray, k: int, max_cells: int = 
         for s in range(0, len(queries), chunk)
     ]
     return torch.cat(out).numpy()
+
+
+def blocked_gemm_seconds(queries: np.ndarray, items: np.ndarray) -> float:
+    """Seconds of the bare GEMM of exact search's shapes: every (512 x 8192) tile of ``queries @
+    items.T`` that :class:`~convcg_cli.index.ExactIndex` computes, written into one reused buffer and
+    nothing else done with it: the arithmetic's limit for exact search on this machine."""
+    import torch
+
+    from convcg_cli.index.exact import QUERY_BLOCK, TILE_CELLS
+
+    q, x = torch.from_numpy(np.ascontiguousarray(queries)), torch.from_numpy(np.ascontiguousarray(items))
+    rows = min(QUERY_BLOCK, len(q))
+    cols = min(len(x), TILE_CELLS // max(rows, 1))
+    buffer = torch.empty((rows, cols), dtype=torch.float32)
+    start = time.perf_counter()
+    for i in range(0, len(q), rows):
+        block = q[i : i + rows]
+        for j in range(0, len(x), cols):
+            part = x[j : j + cols]
+            if (len(block), len(part)) == (rows, cols):
+                torch.mm(block, part.T, out=buffer)
+            else:
+                torch.mm(block, part.T)  # the last, smaller tiles
+    return time.perf_counter() - start
 
 
 class Clock:

@@ -60,6 +60,9 @@ def run(cfg: DictConfig, workdir: Path) -> dict:
     results["train"] = _run_step("train", "train", workdir, env, data_dir=data_dir)
     results["retrieval"] = _run_step("retrieval", "retrieval", workdir, env)
     results["serve"] = _run_step("serve", "serve", workdir, env, data_dir=data_dir)
+    results["corpus"] = [
+        _run_step("corpus", f"corpus-{int(n)}", workdir, env, items=int(n)) for n in cfg.corpus.sizes
+    ]
     results["eval"] = []
     for preset in cfg.eval_breakdown.presets:
         other = workdir / f"eval-{preset}"

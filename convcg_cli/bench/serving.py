@@ -16,18 +16,7 @@ import numpy as np
 import polars as pl
 from omegaconf import DictConfig
 
-from convcg_cli.bench.measure import peak_rss_mib
-
-
-def latency_ms(seconds: list[float]) -> dict[str, float]:
-    """p50 and p99 of per-call seconds, in milliseconds.
-
-    Example:
-        >>> latency_ms([0.001] * 99 + [0.1])["p50_ms"]
-        1.0
-    """
-    values = 1e3 * np.asarray(seconds, dtype=np.float64)
-    return {"p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99))}
+from convcg_cli.bench.measure import latency_ms, peak_rss_mib
 
 
 def bench_requests(user_ids: np.ndarray, surfaces: list[str], n: int, seed: int) -> pl.DataFrame:

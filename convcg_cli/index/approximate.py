@@ -2,14 +2,18 @@
 
 :class:`IVFIndex` is the approximate index a model can serve (``serve.index=ivf``): built at once,
 searched like :class:`~convcg_cli.index.exact.ExactIndex` (``search(query_emb, k)``, rows ordered by
-descending score, ties by id). :class:`IVFFlat` and :class:`HNSW` are what the benchmark's retrieval
-step compares with exact search (chosen by ``retrieval.ann`` in conf/bench.yaml): each has
-``build(items)``, ``search(queries, k, effort)`` returning faiss's raw id rows, ``efforts`` (the values
-of its search knob to try), ``effort_name`` and, once built, ``description``.
+descending score, ties by id). The benchmark compares it with the other kinds along their search knob
+(``retrieval.ann`` and ``corpus.ann`` in conf/bench.yaml): :class:`IVFFlat`, :class:`HNSW`, and IVF
+over compressed vectors with an exact re-ranking of a shortlist, :class:`IVFScalarRefine` (8-bit
+scalar codes) and :class:`IVFPQFastScanRefine` (4-bit product-quantizer codes, faiss's fast scan).
+Each has ``build(items)``, ``search(queries, k, effort)`` returning faiss's raw id rows, ``efforts``
+(the values of its search knob to try), ``effort_name`` and, once built, ``description`` and
+``nbytes`` (what the index holds in memory, as faiss serialises it).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,16 +23,30 @@ from convcg_cli.index.checks import as_float32_matrix, check_k
 
 # faiss wants at least this many training points per k-means cell; fewer cells are made otherwise.
 _POINTS_PER_CELL = 39
+# And at most 4 sqrt(N) cells (faiss's guideline starts there): more cells of fewer items each only
+# make every probe cheaper to miss. So one nlist (say 4096) suits 100k items (1,265 cells) and 1M (4,000).
+_CELLS_PER_SQRT_N = 4
+
+
+def ivf_cells(nlist: int, n_items: int) -> int:
+    """The cells an IVF index over ``n_items`` makes when asked for ``nlist``: at most ``nlist``,
+    ``4 sqrt(N)`` and ``N / 39`` (enough training points per cell), at least one.
+
+    Example:
+        >>> ivf_cells(4096, 100_000), ivf_cells(4096, 1_000_000), ivf_cells(1024, 400)
+        (1265, 4000, 10)
+    """
+    by_sqrt = round(_CELLS_PER_SQRT_N * math.sqrt(n_items))
+    return max(1, min(int(nlist), n_items // _POINTS_PER_CELL, by_sqrt))
 
 
 def _ivf_flat(items: np.ndarray, nlist: int, seed: int | None = None) -> tuple[Any, Any]:
     """``(quantizer, index)``: a trained faiss ``IndexIVFFlat`` over ``items`` (N, d) float32 with
-    ``nlist`` cells (capped so that each gets enough training points) holding every item; k-means
-    seeded by ``seed`` (faiss's own default when None). The quantizer must be kept alive: the index
-    only points at it."""
+    :func:`ivf_cells` cells holding every item; k-means seeded by ``seed`` (faiss's own default when
+    None). The quantizer must be kept alive: the index only points at it."""
     import faiss
 
-    nlist = max(1, min(int(nlist), len(items) // _POINTS_PER_CELL))
+    nlist = ivf_cells(nlist, len(items))
     quantizer = faiss.IndexFlatIP(items.shape[1])
     index = faiss.IndexIVFFlat(quantizer, items.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
     if seed is not None:
@@ -48,7 +66,8 @@ class IVFIndex:
 
     Args:
         item_emb: (N, d) item embeddings; row i is item id i.
-        nlist: number of cells, capped so that each gets >= 39 training points (as faiss wants).
+        nlist: number of cells, capped at 4 sqrt(N) and so that each gets >= 39 training points
+            (:func:`ivf_cells`).
         nprobe: cells visited per query: more is closer to exact and slower.
         seed: k-means seed, so the same corpus gives the same cells.
 
@@ -83,12 +102,19 @@ class IVFIndex:
         return scores, ids
 
 
+def index_nbytes(index: Any) -> int:
+    """Bytes of a faiss index as faiss serialises it: its vectors, codes, cells or graph."""
+    import faiss
+
+    return int(faiss.serialize_index(index).nbytes)
+
+
 class IVFFlat:
     """The benchmark's IVF index: k-means cells, exact inner products inside the ``nprobe`` nearest,
     searched at each of ``efforts``.
 
     Args:
-        nlist: number of cells (capped so that each gets >= 39 training points, as faiss wants).
+        nlist: number of cells (capped by :func:`ivf_cells`).
         efforts: the ``nprobe`` values to search with (cells visited per query): more is closer to
             exact and slower.
     """
@@ -100,8 +126,9 @@ class IVFFlat:
 
     def build(self, items: np.ndarray) -> None:
         """Train the cells on ``items`` (N, d) float32 and add them."""
-        self.quantizer, self.index = _ivf_flat(items, self.nlist)
+        self.quantizer, self.index = _ivf_flat(items, self.nlist, seed=0)
         self.description = f"IVF-Flat, nlist={self.index.nlist}"
+        self.nbytes = index_nbytes(self.index)
 
     def search(self, queries: np.ndarray, k: int, effort: int) -> np.ndarray:
         """(Q, k) item ids, best first; -1 where the probed cells hold fewer than k items."""
@@ -132,8 +159,91 @@ class HNSW:
         self.index.hnsw.efConstruction = self.ef_construction
         self.index.add(items)
         self.description = f"HNSW-Flat, M={self.m}, efConstruction={self.ef_construction}"
+        self.nbytes = index_nbytes(self.index)
 
     def search(self, queries: np.ndarray, k: int, effort: int) -> np.ndarray:
         """(Q, k) item ids, best first."""
         self.index.hnsw.efSearch = max(effort, k)
         return self.index.search(queries, k)[1]
+
+
+class _IVFRefine:
+    """IVF over compressed codes, then the ``k_factor * k`` best by code re-scored exactly (faiss
+    ``IndexRefineFlat``, which keeps the float vectors for it); searched at each ``nprobe``."""
+
+    effort_name = "nprobe"
+    kind = "IVF"  # the code's name in ``description``
+
+    def __init__(self, nlist: int, k_factor: int, efforts: Sequence[int]) -> None:
+        self.nlist, self.k_factor, self.efforts = int(nlist), int(k_factor), [int(e) for e in efforts]
+
+    def _coarse(self, quantizer: Any, dim: int, nlist: int) -> Any:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def build(self, items: np.ndarray) -> None:
+        """Train the cells and the codes on ``items`` (N, d) float32 and add them."""
+        import faiss
+
+        nlist = ivf_cells(self.nlist, len(items))
+        self.quantizer = faiss.IndexFlatIP(items.shape[1])
+        self.ivf = self._coarse(self.quantizer, items.shape[1], nlist)
+        self.ivf.cp.seed = 0
+        self.index = faiss.IndexRefineFlat(self.ivf)
+        self.index.k_factor = float(self.k_factor)
+        self.index.train(items)
+        self.index.add(items)
+        self.description = f"{self.kind}, nlist={self.ivf.nlist}, exact re-rank of {self.k_factor}k"
+        self.nbytes = index_nbytes(self.index)
+
+    def search(self, queries: np.ndarray, k: int, effort: int) -> np.ndarray:
+        """(Q, k) item ids, best first; -1 where the probed cells hold fewer than k items."""
+        self.ivf.nprobe = min(effort, self.ivf.nlist)
+        return self.index.search(queries, k)[1]
+
+
+class IVFScalarRefine(_IVFRefine):
+    """The benchmark's IVF over 8-bit scalar codes (a quarter of float32's bytes to scan) with an
+    exact re-ranking of the ``k_factor * k`` best.
+
+    Args:
+        nlist: number of cells (capped by :func:`ivf_cells`).
+        k_factor: shortlist length per result re-scored exactly.
+        efforts: the ``nprobe`` values to search with.
+    """
+
+    kind = "IVF-SQ8"
+
+    def __init__(self, nlist: int = 1024, k_factor: int = 2, efforts: Sequence[int] = (16, 32, 64)) -> None:
+        super().__init__(nlist, k_factor, efforts)
+
+    def _coarse(self, quantizer: Any, dim: int, nlist: int) -> Any:
+        import faiss
+
+        return faiss.IndexIVFScalarQuantizer(
+            quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+        )
+
+
+class IVFPQFastScanRefine(_IVFRefine):
+    """The benchmark's IVF over 4-bit product-quantizer codes scanned by faiss's SIMD fast scan, with
+    an exact re-ranking of the ``k_factor * k`` best.
+
+    Args:
+        nlist: number of cells (capped by :func:`ivf_cells`).
+        m: sub-quantizers (the dimension must be a multiple of it); ``m / 2`` bytes per item.
+        k_factor: shortlist length per result re-scored exactly.
+        efforts: the ``nprobe`` values to search with.
+    """
+
+    kind = "IVF-PQ fast scan"
+
+    def __init__(
+        self, nlist: int = 1024, m: int = 32, k_factor: int = 16, efforts: Sequence[int] = (16, 32, 64)
+    ) -> None:
+        super().__init__(nlist, k_factor, efforts)
+        self.m = int(m)
+
+    def _coarse(self, quantizer: Any, dim: int, nlist: int) -> Any:
+        import faiss
+
+        return faiss.IndexIVFPQFastScan(quantizer, dim, nlist, self.m, 4, faiss.METRIC_INNER_PRODUCT)

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 
 from convcg_cli.index import HNSW, ExactIndex, IVFFlat, IVFIndex, exact_topk
+from convcg_cli.index.approximate import IVFPQFastScanRefine, IVFScalarRefine
 from convcg_cli.metrics.retrieval import overlap_at_k
 
 
-def _unit(n: int, seed: int) -> np.ndarray:
-    x = np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32)
+def _unit(n: int, seed: int, dim: int = 16) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -62,3 +63,34 @@ def test_bench_hnsw_finds_the_exact_top_k_with_a_wide_beam(effort):
         assert overlap_at_k(ids, exact) == 1.0
     else:
         assert 0.5 < overlap_at_k(ids, exact) <= 1.0
+
+
+@pytest.mark.parametrize(
+    "ann",
+    [
+        IVFScalarRefine(nlist=16, k_factor=4, efforts=[1, 16]),
+        IVFPQFastScanRefine(nlist=16, m=32, k_factor=40),
+    ],
+    ids=["sq8", "pq-fastscan"],
+)
+def test_bench_ivf_with_exact_re_ranking_finds_the_exact_top_k_probing_every_cell(ann):
+    # Every cell probed and a shortlist long enough for the codes' error: re-scored exactly, the
+    # exact top k (the ids; the codes only choose the shortlist).
+    queries, items = _unit(40, 9, dim=64), _unit(3000, 10, dim=64)
+    ann.build(items)
+    assert ann.effort_name == "nprobe" and ann.ivf.nlist == 16
+    assert ann.description.endswith(f"nlist=16, exact re-rank of {ann.k_factor}k")
+    assert 0 < ann.nbytes and ann.index.k_factor == ann.k_factor
+    _, exact = exact_topk(queries, items, 10)
+    ids = ann.search(queries, 10, effort=16)
+    assert overlap_at_k(ids, exact) == 1.0
+    assert overlap_at_k(ann.search(queries, 10, effort=1), exact) < 1.0  # one cell of 16: a part
+
+
+def test_bench_indexes_report_their_bytes():
+    items = _unit(2000, 11)
+    flat, graph = IVFFlat(nlist=16), HNSW(m=16)
+    flat.build(items)
+    graph.build(items)
+    assert flat.nbytes >= items.nbytes  # the vectors themselves, plus the cells
+    assert graph.nbytes > items.nbytes  # the vectors and the graph's links
