@@ -31,7 +31,7 @@ import numpy as np
 from convcg_cli import progress, tracking
 from convcg_cli.errors import ConfigError
 from convcg_cli.index import exact_topk
-from convcg_cli.metrics.prior import log_prior
+from convcg_cli.metrics.prior import log_prior, with_bias
 from convcg_cli.metrics.retrieval import recall_at_k
 from convcg_cli.tasks import PRIMARY_TASK
 
@@ -77,13 +77,20 @@ class Blend:
         """True when the blend adds nothing (both weights 0)."""
         return self.beta == 0.0 and self.gamma == 0.0
 
+    def val_recall(self, beta: float | None = None, gamma: float | None = None) -> float | None:
+        """Validation recall@select_k at (beta, gamma) (default: the chosen ones), if it was tried."""
+        return self.recalls.get(
+            _key(self.beta if beta is None else beta, self.gamma if gamma is None else gamma)
+        )
+
     def metrics(self) -> dict[str, float]:
         """What a run logs of the blend: the weights, and validation recall with and without it."""
         out = {BETA_METRIC: self.beta, GAMMA_METRIC: self.gamma}
-        if self.recalls:
-            out[VAL_RECALL_METRIC.format(k=self.select_k)] = self.recalls[_key(self.beta, self.gamma)]
-            if _key(0.0, 0.0) in self.recalls:
-                out[RAW_VAL_RECALL_METRIC.format(k=self.select_k)] = self.recalls[_key(0.0, 0.0)]
+        chosen, raw = self.val_recall(), self.val_recall(0.0, 0.0)
+        if chosen is not None:
+            out[VAL_RECALL_METRIC.format(k=self.select_k)] = chosen
+        if raw is not None:
+            out[RAW_VAL_RECALL_METRIC.format(k=self.select_k)] = raw
         return out
 
     def meta(self) -> dict[str, Any]:
@@ -99,20 +106,6 @@ class Blend:
 def item_bias(inputs: BlendInputs, beta: float, gamma: float) -> np.ndarray:
     """``beta * prior + gamma * fallback`` as float32."""
     return (float(beta) * inputs.prior + float(gamma) * inputs.fallback).astype(np.float32)
-
-
-def with_bias(query_emb: np.ndarray, item_emb: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``([q, 1], [i, bias])``: inner products gain ``bias(i)``.
-
-    Example:
-        >>> q, i = with_bias(np.ones((1, 2)), np.zeros((3, 2)), np.array([0.0, 2.0, 1.0]))
-        >>> (q @ i.T).tolist()
-        [[0.0, 2.0, 1.0]]
-    """
-    query_emb = np.asarray(query_emb, dtype=np.float32)
-    item_emb = np.asarray(item_emb, dtype=np.float32)
-    ones = np.ones((len(query_emb), 1), dtype=np.float32)
-    return np.hstack([query_emb, ones]), np.hstack([item_emb, np.asarray(bias, np.float32).reshape(-1, 1)])
 
 
 def blend_inputs(items) -> BlendInputs:
@@ -219,7 +212,7 @@ def choose_on_validation(model, dm, options: Mapping[str, Any], where: str = "bl
     inputs = blend_inputs(dm.items)
     if len(betas) == 1 and len(gammas) == 1:
         return Blend(betas[0], gammas[0], inputs, select_k)
-    val = dm.queries.get("val") if hasattr(dm.queries, "get") else dm.queries["val"]
+    val = dm.queries.get("val")  # none: a data module set up without a validation split
     val_query, val_item = (np.zeros(0, np.int64),) * 2 if val is None else val.positives[PRIMARY_TASK]
     if len(val_query) == 0:
         raise ConfigError(

@@ -238,13 +238,11 @@ def served_blend(cfg, model, dm) -> Blend | None:
         return None
     blend = choose_on_validation(model, dm, options)
     if blend is not None and blend.recalls:
-        k = blend.select_k
-        raw = blend.recalls.get("0,0")
+        raw = blend.val_recall(0.0, 0.0)
         progress.announce(
             f"blend: validation chose beta={blend.beta:g} (popularity), fallback={blend.gamma:g} "
-            f"(never-shown items by {blend.inputs.group}): conversion recall@{k} "
-            f"{blend.recalls[f'{blend.beta:g},{blend.gamma:g}']:.4f}"
-            + (f" (two-tower alone {raw:.4f})" if raw is not None else "")
+            f"(never-shown items by {blend.inputs.group}): conversion recall@{blend.select_k} "
+            f"{blend.val_recall():.4f}" + (f" (two-tower alone {raw:.4f})" if raw is not None else "")
         )
     return blend
 

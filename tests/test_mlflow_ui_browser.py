@@ -16,14 +16,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from convcg_cli.serve.http import free_port
+from tests.server_wait import wait_until_up
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
@@ -47,7 +46,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 UI_TIMEOUT_MS = 60_000  # the UI's first load compiles a large bundle; a busy 2-core box is slow
-SERVER_START_TIMEOUT_S = 120.0
 SCREENSHOT_SIZE = {"width": 1280, "height": 800}
 HEADLINE = "heldout/conversion/recall_at_100"
 DATA_NAME = "tiny"
@@ -90,21 +88,6 @@ def ui_store(tmp_path_factory, tiny_data, empty_mlflow_store) -> dict[str, str]:
     }
 
 
-def _wait_until_up(process: subprocess.Popen, url: str) -> None:
-    """Return once ``url`` answers; fail with the reason when the server exits or never answers."""
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"mlflow server exited with {process.returncode} before answering")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer within {SERVER_START_TIMEOUT_S} s")
-            time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def ui_url(ui_store) -> Iterator[str]:
     """``mlflow server`` on the store, on a free local port; its process group is stopped after."""
@@ -119,7 +102,7 @@ def ui_url(ui_store) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(process, url)
+        wait_until_up(process, url, poll_s=0.5)
         yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)

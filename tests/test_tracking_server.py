@@ -17,10 +17,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import polars as pl
 import pytest
@@ -31,9 +29,9 @@ from convcg_cli import tracking
 from convcg_cli.cli import app
 from convcg_cli.errors import RunClaimedError
 from tests.conftest import TINY_TRAIN
+from tests.server_wait import wait_until_up
 
 SERVER_ENV = "CONVCG_TEST_MLFLOW_SERVER"
-SERVER_START_TIMEOUT_S = 120
 pytestmark = [] if os.environ.get(SERVER_ENV) else [pytest.mark.slow]
 runner = CliRunner()
 
@@ -43,22 +41,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _wait_until_up(process: subprocess.Popen, url: str, log: Path) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"mlflow server exited with {process.returncode}:\n{log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer within {SERVER_START_TIMEOUT_S} s")
-            time.sleep(0.25)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +67,7 @@ def server(tmp_path_factory, empty_mlflow_store) -> Iterator[str]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(process, url, log)
+        wait_until_up(process, url, log)
         yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)

@@ -28,6 +28,21 @@ def log_prior(counts: np.ndarray) -> np.ndarray:
     return x / top if top > 0 else x
 
 
+def with_bias(query_emb: np.ndarray, item_emb: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``([q, 1], [i, bias])``: inner products gain ``bias(i)`` (the served blend's coordinate,
+    :mod:`convcg_cli.blend`).
+
+    Example:
+        >>> q, i = with_bias(np.ones((1, 2)), np.zeros((3, 2)), np.array([0.0, 2.0, 1.0]))
+        >>> (q @ i.T).tolist()
+        [[0.0, 2.0, 1.0]]
+    """
+    query_emb = np.asarray(query_emb, dtype=np.float32)
+    item_emb = np.asarray(item_emb, dtype=np.float32)
+    ones = np.ones((len(query_emb), 1), dtype=np.float32)
+    return np.hstack([query_emb, ones]), np.hstack([item_emb, np.asarray(bias, np.float32).reshape(-1, 1)])
+
+
 def with_item_prior(
     query_emb: np.ndarray, item_emb: np.ndarray, prior: np.ndarray, beta: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -38,11 +53,7 @@ def with_item_prior(
         >>> (q @ i.T).tolist()
         [[0.0, 2.0, 1.0]]
     """
-    query_emb = np.asarray(query_emb, dtype=np.float32)
-    item_emb = np.asarray(item_emb, dtype=np.float32)
-    ones = np.ones((len(query_emb), 1), dtype=np.float32)
-    bias = (float(beta) * np.asarray(prior, dtype=np.float32)).reshape(-1, 1)
-    return np.hstack([query_emb, ones]), np.hstack([item_emb, bias])
+    return with_bias(query_emb, item_emb, float(beta) * np.asarray(prior, dtype=np.float32))
 
 
 def choose_prior_weight(
@@ -54,7 +65,8 @@ def choose_prior_weight(
     positive_item: np.ndarray,
     k: int,
 ) -> tuple[float, dict[float, float]]:
-    """The ``beta`` in ``betas`` with the best recall@k of the given (validation) positives.
+    """The ``beta`` in ``betas`` with the best recall@k of the given (validation) positives: the
+    one-weight search that :func:`convcg_cli.blend.choose_blend` generalises (kept as its reference).
 
     Returns the chosen beta (the smallest among equals) and recall@k for every beta tried.
     """
