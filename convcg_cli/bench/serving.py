@@ -1,5 +1,6 @@
 """(g) The served model: single-request latency of the pyfunc ``predict``, batch ``retrieve``
-throughput against the bare ``exact_topk`` path of (c) as the limit, and index build times.
+throughput against the bare ``exact_topk`` path of (c) as the limit, index build times, and the
+model's load time with its saved index read back and with it rebuilt (exact and IVF).
 
 The pyfunc model is saved to and loaded from a local directory exactly as MLflow serves it (schema
 enforcement included); the same directory is then served by ``mlflow models serve`` and single JSON
@@ -9,6 +10,8 @@ the bare path are timed in one process, round by round, on the same requests and
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import time
 from pathlib import Path
 
@@ -37,6 +40,53 @@ def index_build_seconds(item_emb: np.ndarray, nlist: int) -> dict[str, float]:
     start = time.perf_counter()
     IVFIndex(item_emb, nlist=nlist)
     return {"exact_build_s": exact_s, "ivf_build_s": time.perf_counter() - start}
+
+
+LOAD_ROUNDS = 3  # loads of each model (saved index, rebuilt), interleaved; the fastest counts
+
+
+def load_seconds(model_dir: Path, store, rounds: int = LOAD_ROUNDS) -> dict[str, float]:
+    """``{"load_s", "load_rebuild_s"}``: the fastest of ``rounds`` pyfunc loads of ``model_dir`` as
+    saved (its index read back) and of a copy without its index file (rebuilt at load, as a model
+    logged before indexes were saved), interleaved round by round."""
+    from convcg_cli import tracking
+    from convcg_cli.serve.bundle import INDEX_FILE
+    from convcg_cli.serve.pyfunc import BUNDLE_ARTIFACT
+
+    bare = model_dir.with_name(f"{model_dir.name}-no-index")
+    shutil.rmtree(bare, ignore_errors=True)
+    shutil.copytree(model_dir, bare)
+    (bare / "artifacts" / BUNDLE_ARTIFACT / INDEX_FILE).unlink()
+    seconds: dict[str, list[float]] = {"load_s": [], "load_rebuild_s": []}
+    try:
+        for _ in range(max(1, rounds)):
+            for name, directory in (("load_s", model_dir), ("load_rebuild_s", bare)):
+                start = time.perf_counter()
+                tracking.load_served_model(store, str(directory))
+                seconds[name].append(time.perf_counter() - start)
+    finally:
+        shutil.rmtree(bare, ignore_errors=True)
+    return {name: min(values) for name, values in seconds.items()}
+
+
+def load_times(bundle, model_dir: Path, store, nlist: int, nprobe: int, rounds: int = LOAD_ROUNDS) -> dict:
+    """Load times (:func:`load_seconds`) of the saved exact model ``model_dir`` and of the same
+    bundle saved with an IVF index (``nlist``, ``nprobe``) beside it: ``load_exact_s``,
+    ``load_exact_rebuild_s``, ``load_ivf_s``, ``load_ivf_rebuild_s``."""
+    from convcg_cli.serve.export import index_options, save_bundle
+
+    ivf = dataclasses.replace(
+        bundle, index=index_options({"index": "ivf", "nlist": nlist, "nprobe": nprobe}), stored_index=None
+    )
+    ivf_dir = save_bundle(ivf, model_dir.with_name(f"{model_dir.name}-ivf"))
+    try:
+        exact_s, ivf_s = load_seconds(model_dir, store, rounds), load_seconds(ivf_dir, store, rounds)
+    finally:
+        shutil.rmtree(ivf_dir, ignore_errors=True)
+    return {
+        **{name.replace("load", "load_exact"): value for name, value in exact_s.items()},
+        **{name.replace("load", "load_ivf"): value for name, value in ivf_s.items()},
+    }
 
 
 def http_latency(model_dir: Path, requests: pl.DataFrame, k: int) -> dict[str, float]:
@@ -80,7 +130,8 @@ def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     model.eval()
     bundle = make_bundle(train_cfg, dm, model, serve_options(train_cfg, {"index": "exact"}))
     model_dir = save_bundle(bundle, Path(workdir) / "pyfunc")
-    served = tracking.load_served_model(tracking.Store.from_config(train_cfg.logger), str(model_dir))
+    store = tracking.Store.from_config(train_cfg.logger)
+    served = tracking.load_served_model(store, str(model_dir))
     k = min(int(s.k), len(bundle.item_ids))
     single = bench_requests(bundle.users.user_ids, bundle.surfaces, int(s.requests), cfg.seed).to_pandas()
     served.predict(single.iloc[:1], params={"k": k})  # warm-up: first-call costs are not latency
@@ -123,5 +174,13 @@ def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
         "exact_qps": n / min(exact_s),
         "retrieve_vs_exact": min(exact_s) / min(retrieve_s),
         **index_build_seconds(bundle.item_emb, int(cfg.retrieval.ann_options.ivf_flat.nlist)),
+        **load_times(
+            bundle,
+            Path(model_dir),
+            store,
+            int(train_cfg.serve.nlist),
+            int(train_cfg.serve.nprobe),
+            int(s.get("load_rounds", LOAD_ROUNDS)),
+        ),
         "peak_rss_mib_before_batch": peak_rss_mib(),
     }

@@ -79,9 +79,22 @@ class IVFIndex:
 
     def __init__(self, item_emb: np.ndarray, nlist: int = 1024, nprobe: int = 16, seed: int = 0) -> None:
         item_emb = as_float32_matrix(item_emb, "item_emb")
-        self.dim, self.ntotal = item_emb.shape[1], item_emb.shape[0]
-        self.quantizer, self.index = _ivf_flat(item_emb, nlist, seed)
-        self.nlist = self.index.nlist
+        self._hold(*_ivf_flat(item_emb, nlist, seed), nprobe)
+
+    @classmethod
+    def from_trained(cls, index: Any, nprobe: int = 16) -> IVFIndex:
+        """The IVFIndex of a trained faiss ``IndexIVFFlat`` over inner products holding its items (one
+        read back by :func:`~convcg_cli.index.stored.read_index`): nothing is trained again."""
+        import faiss
+
+        ivf = cls.__new__(cls)
+        ivf._hold(faiss.downcast_index(index.quantizer), index, nprobe)
+        return ivf
+
+    def _hold(self, quantizer: Any, index: Any, nprobe: int) -> None:
+        """Serve ``index`` (the quantizer kept alive beside it) with ``nprobe`` probes."""
+        self.quantizer, self.index = quantizer, index
+        self.dim, self.ntotal, self.nlist = index.d, index.ntotal, index.nlist
         self.index.nprobe = min(max(1, int(nprobe)), self.nlist)
         self.description = f"IVF-Flat, nlist={self.nlist}, nprobe={self.index.nprobe}"
 

@@ -17,6 +17,14 @@ JSON, YAML, parquet, a tensor state dict read with ``weights_only=True``), never
     item_encoding.npz  how the training item table was encoded (``convcg index`` encodes new items
                        the same way) and the training corpus's ids (subject items, history)
     events.parquet     engagement events for the user history (only when ``data.history.max_len > 0``)
+    item_index.faiss   the built item index (faiss's own serialisation, :mod:`convcg_cli.index.stored`);
+                       meta.json's ``index_file`` holds the sha256 of the item vectors it was built
+                       from (``vectors_sha256``) and its build options, and ``index_overlap`` the
+                       overlap of an approximate index's top k with exact search's
+
+The index is read back as it was built (an IVF index's cells are not trained again) when the digest
+and options match the bundle's item vectors and index options; otherwise (a model logged before the
+index was saved, a changed corpus, an unreadable file) it is rebuilt at load and a warning says why.
 
 Unknown ids never fail a request (the documented fallback, see the README's "Serve" section):
 
@@ -37,7 +45,9 @@ expected.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +57,11 @@ import numpy as np
 import polars as pl
 from omegaconf import DictConfig, OmegaConf
 
+from convcg_cli import workdir
 from convcg_cli.data.features import ItemEncoding
 from convcg_cli.data.features import encodings as F
-from convcg_cli.errors import ConvcgError
+from convcg_cli.errors import ConvcgError, first_line
+from convcg_cli.index import ItemIndex, StoredIndex, read_index, vectors_digest, write_index
 from convcg_cli.specs import FeatureSpec
 
 CONFIG_FILE = "config.yaml"
@@ -60,6 +72,7 @@ USERS_FILE = "users.npz"
 ITEMS_FILE = "items.npz"
 ITEM_ENCODING_FILE = "item_encoding.npz"
 EVENTS_FILE = "events.parquet"
+INDEX_FILE = "item_index.faiss"
 
 # The request table: required columns, then optional ones (absent or null = not given).
 REQUIRED_COLUMNS = {"user_id": pl.Int64, "surface": pl.String}
@@ -105,39 +118,75 @@ def request_rows(requests: Any) -> pl.DataFrame:
     Raises:
         RequestError: a required column is missing or a column has values of another type.
     """
-    frame = requests if isinstance(requests, pl.DataFrame) else _from_pandas(requests)
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    given = _column_names(requests)
+    missing = [c for c in REQUIRED_COLUMNS if c not in given]
     if missing:
         raise RequestError(
             f"The requests lack column(s) {missing}; expected {list(REQUIRED_COLUMNS)} and optionally "
-            f"{list(OPTIONAL_COLUMNS)}, got {frame.columns}."
+            f"{list(OPTIONAL_COLUMNS)}, got {given}."
         )
-    columns: list[pl.Expr | pl.Series] = []
-    for name, dtype in {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}.items():
+    frame = requests if isinstance(requests, pl.DataFrame) else _from_pandas(requests)
+    columns: list[pl.Series] = []
+    for name, dtype in {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}.items():  # columns, not rows
         if name not in frame.columns:
-            columns.append(pl.lit(None, dtype=dtype).alias(name))
+            columns.append(pl.Series(name, [None] * frame.height, dtype=dtype))  # all null
             continue
         column = frame[name]
-        if column.dtype != dtype and not _casts_cleanly(column, dtype):
+        if column.dtype == dtype:
+            columns.append(column)
+            continue
+        if not _casts_cleanly(column, dtype):
             raise RequestError(
                 f"Request column '{name}' must hold {_kind(dtype)}, got {column.dtype} "
                 f"(e.g. {column.drop_nulls().head(1).to_list()})."
             )
         columns.append(column.cast(dtype).alias(name))
-    rows = frame.select(columns)
+    rows = pl.DataFrame(columns)
     if rows["user_id"].null_count() or rows["surface"].null_count():
         raise RequestError("Request columns 'user_id' and 'surface' must be given on every row.")
     return rows
 
 
-def _from_pandas(frame: Any) -> pl.DataFrame:
-    """A pandas request table as polars; a float column holding whole numbers and NaN (pandas' way of
-    writing a nullable integer) becomes Int64 with nulls."""
+def _column_names(requests: Any) -> list[str]:
+    """The column names of a request table (pandas or polars), or a RequestError for anything else."""
     try:
-        rows = pl.from_pandas(frame)
+        return [str(name) for name in requests.columns]
+    except (AttributeError, TypeError):
+        raise RequestError(
+            f"The requests must be a table (pandas or polars DataFrame), got {type(requests).__name__}."
+        ) from None
+
+
+def _from_pandas(frame: Any) -> pl.DataFrame:
+    """The request columns of a pandas table as polars, column by column (numpy columns are not
+    copied; no per-row Python); a float column holding whole numbers and NaN (pandas' way of writing
+    a nullable integer) becomes Int64 with nulls (:func:`request_rows` casts it)."""
+    columns = [
+        _from_pandas_column(frame[name], name)
+        for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
+        if name in frame.columns
+    ]
+    return pl.DataFrame(columns)
+
+
+def _from_pandas_column(column: Any, name: str) -> pl.Series:
+    """One pandas request column as a polars Series (see :func:`_from_pandas`)."""
+    values = getattr(column, "values", None)
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iub":
+        return pl.Series(name, values)
+    if isinstance(values, np.ndarray) and values.dtype.kind == "f":
+        return pl.Series(name, values, nan_to_null=True)
+    if isinstance(values, np.ndarray) and values.dtype.kind == "O":  # strings: polars reads them at once
+        series = pl.Series(name, values, strict=False)
+        if series.dtype != pl.Object:
+            return series
+    try:  # pandas' own extension types (nullable integers, strings, categoricals) and mixed objects
+        converted = pl.from_pandas(column)
     except (TypeError, ValueError, AttributeError) as exc:
-        raise RequestError(f"The requests must be a table (pandas or polars DataFrame): {exc}") from None
-    return rows.with_columns(pl.col(pl.Float32, pl.Float64).fill_nan(None))
+        raise RequestError(f"Request column '{name}' cannot be read ({exc}).") from None
+    assert isinstance(converted, pl.Series)
+    converted = converted.alias(name)
+    return converted.fill_nan(None) if converted.dtype.is_float() else converted
 
 
 def _casts_cleanly(column: pl.Series, dtype: Any) -> bool:
@@ -150,6 +199,43 @@ def _casts_cleanly(column: pl.Series, dtype: Any) -> bool:
 
 def _kind(dtype: Any) -> str:
     return "strings" if dtype == pl.String else "integers"
+
+
+def write_index_atomically(index: ItemIndex, path: Path) -> Path:
+    """Write ``index`` to ``path`` as a temporary file beside it, then renamed over it: a crash
+    midway leaves whatever ``path`` held (and the partial file is removed, or swept by the next
+    writer when the process was killed)."""
+    workdir.sweep_stale(path, ("partial",))
+    partial = path.with_name(workdir.temp_beside(path, "partial"))
+    try:
+        write_index(index, partial)
+        _move_into_place(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _move_into_place(partial: Path, path: Path) -> None:
+    """The atomic step of :func:`write_index_atomically` (its own function: the tests fail it)."""
+    partial.replace(path)
+
+
+def _stored_index(directory: Path, meta: Mapping[str, Any]) -> StoredIndex:
+    """The index a bundle directory holds; one that is missing (a model logged before indexes were
+    saved) or cannot be read comes back without its index, saying why."""
+    entry = meta.get("index_file")
+    if not entry or not (directory / entry["file"]).is_file():
+        return StoredIndex(
+            None, "", {}, f"the model holds no {INDEX_FILE} (logged before indexes were saved with the model)"
+        )
+    options = dict(meta["index"])
+    digest, built_with = str(entry["vectors_sha256"]), dict(entry["options"])
+    try:
+        index = read_index(directory / entry["file"], str(options["kind"]), int(options.get("nprobe", 16)))
+    except (RuntimeError, ValueError) as exc:  # faiss raises RuntimeError on a damaged file
+        return StoredIndex(None, digest, built_with, f"its file could not be read ({first_line(exc)})")
+    return StoredIndex(index, digest, built_with)
 
 
 @dataclass
@@ -172,6 +258,10 @@ class ServingBundle:
         blend: the popularity blend chosen on validation (:meth:`convcg_cli.blend.Blend.meta`), or
             None (the two-tower score alone); item_bias: (N,) its per-item term, added to every score
             (one more coordinate of the index's vectors, a constant 1 on the query side).
+        index_overlap: an approximate index's measured overlap with exact search
+            (``{"k": .., "overlap": .., "queries": ..}``), or None.
+        stored_index: the built index and what it was built from (set by :meth:`served_index`, or
+            read from ``item_index.faiss``); :meth:`served_index` checks it before serving it.
     """
 
     config: DictConfig
@@ -192,6 +282,8 @@ class ServingBundle:
     limits: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
     blend: dict[str, Any] | None = None
     item_bias: np.ndarray | None = None
+    index_overlap: dict[str, Any] | None = None
+    stored_index: StoredIndex | None = field(default=None, compare=False, repr=False)
 
     def index_vectors(self) -> np.ndarray:
         """The item vectors the index holds: the embeddings, with the blend's bias appended."""
@@ -207,9 +299,33 @@ class ServingBundle:
         query_emb = np.asarray(query_emb, dtype=np.float32)
         return np.hstack([query_emb, np.ones((len(query_emb), 1), np.float32)])
 
+    def served_index(self) -> ItemIndex:
+        """The item index over :meth:`index_vectors`: the stored one when it was built from these
+        vectors with these options, else built now (and kept), with a warning when a stored one is
+        set aside (a model logged before indexes were saved, a changed corpus, an unreadable file)."""
+        vectors = self.index_vectors()
+        digest = vectors_digest(vectors)
+        stored = self.stored_index
+        why = "" if stored is None else stored.stale_for(digest, self.index)
+        if stored is None or why:
+            if why:  # a stored index set aside (a bundle being made has none: nothing to say)
+                logging.getLogger(__name__).warning(
+                    "Rebuilding the served %s index over %s items: %s.",
+                    self.index["kind"],
+                    f"{len(vectors):,}",
+                    why,
+                )
+            self.stored_index = stored = StoredIndex.build(vectors, self.index, digest)
+        assert stored.index is not None
+        return stored.index
+
     def write(self, directory: Path) -> Path:
-        """Write the bundle's files into ``directory`` (created) and return it."""
+        """Write the bundle's files into ``directory`` (created) and return it; the item index (built
+        now unless :meth:`served_index` was called) goes to ``item_index.faiss``."""
         import torch
+
+        index = self.served_index()
+        assert self.stored_index is not None
 
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(OmegaConf.to_yaml(self.config, resolve=True))
@@ -226,6 +342,12 @@ class ServingBundle:
             "index": self.index,
             "limits": self.limits,
             **({"blend": self.blend} if self.blend is not None else {}),
+            "index_file": {
+                "file": INDEX_FILE,
+                "vectors_sha256": self.stored_index.digest,
+                "options": self.stored_index.options,
+            },
+            **({"index_overlap": self.index_overlap} if self.index_overlap is not None else {}),
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         users: dict[str, Any] = {"user_ids": self.users.user_ids, **self.users.features}
@@ -237,6 +359,7 @@ class ServingBundle:
         np.savez(directory / ITEM_ENCODING_FILE, **self.item_encoding.to_arrays())
         if self.events is not None:
             self.events.write_parquet(directory / EVENTS_FILE)
+        write_index_atomically(index, directory / INDEX_FILE)
         return directory
 
     @classmethod
@@ -273,6 +396,8 @@ class ServingBundle:
             limits={**DEFAULT_LIMITS, **{k: int(v) for k, v in meta.get("limits", {}).items()}},
             blend=meta.get("blend"),
             item_bias=item_bias,
+            index_overlap=meta.get("index_overlap"),
+            stored_index=_stored_index(directory, meta),
         )
 
     def query_inputs(self) -> F.QueryInputs:
@@ -305,11 +430,32 @@ class ServingBundle:
         unknown = sorted(set(rows["surface"].unique().to_list()) - set(self.surfaces))
         if unknown:
             raise RequestError(f"Unknown surface(s) {unknown}; the model serves {self.surfaces}.")
-        known_user = pl.col("user_id").is_in(pl.Series(self.users.user_ids))
-        known_subject = pl.col("subject_item_id").is_in(pl.Series(self.item_encoding.item_ids))
-        encoded = rows.with_columns(
-            pl.when(known_user).then(pl.col("user_id")).otherwise(COLD_START_USER_ID).alias("user_id"),
-            pl.when(known_subject).then(pl.col("subject_item_id")).alias("subject_item_id"),
-            pl.col("timestamp").fill_null(LATEST),
+        inputs = inputs or self.query_inputs()
+        # Ids are looked up by binary search in the sorted tables (no per-call set of every id), and
+        # the features are built over the requests' own users only: the same rows, O(requests) work.
+        users = inputs.users
+        user_pos = _positions(users.user_ids, rows["user_id"].to_numpy())
+        user_pos[user_pos < 0] = 0  # the cold-start user (position 0 of the served table)
+        used = np.unique(user_pos)
+        subject = rows["subject_item_id"]
+        subject_ids = subject.fill_null(0).to_numpy()
+        unknown_subject = subject.is_null().to_numpy() | (_positions(inputs.items.item_ids, subject_ids) < 0)
+        encoded = pl.DataFrame(
+            [
+                pl.Series("user_id", users.user_ids[user_pos]),
+                rows["surface"],
+                pl.Series("subject_item_id", subject_ids).set(pl.Series(unknown_subject), None),
+                rows["query_id"],
+                rows["timestamp"].fill_null(LATEST),
+            ]
         )
-        return F.build_query_features(encoded, inputs or self.query_inputs()).features
+        own = F.UserTable(users.user_ids[used], {name: v[used] for name, v in users.features.items()})
+        return F.build_query_features(encoded, dataclasses.replace(inputs, users=own)).features
+
+
+def _positions(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Position of each of ``ids`` in ``sorted_ids``, -1 for an id not there."""
+    if len(sorted_ids) == 0:
+        return np.full(len(ids), -1, dtype=np.int64)
+    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return np.where(sorted_ids[at] == ids, at, -1).astype(np.int64)

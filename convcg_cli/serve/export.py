@@ -3,8 +3,11 @@
 ``convcg train`` logs the model at the end of a successful run (:func:`log_trained_model`, unless
 ``serve.log_model=false``); ``convcg export --run ID`` does it for an older run (:func:`export_run`).
 The served options (``serve.*`` in conf/train.yaml) choose the index: ``exact`` (default) or ``ivf``
-with ``nlist`` cells and ``nprobe`` probes; for ``ivf`` the overlap of its top ``overlap_k`` with the
-exact top ``overlap_k`` on the validation queries is measured and logged (``INDEX_OVERLAP_METRIC``);
+with ``nlist`` cells and ``nprobe`` probes. The index is built once and saved in the model
+(``item_index.faiss``, see :mod:`convcg_cli.serve.bundle`); for ``ivf`` the overlap of that index's top
+``overlap_k`` with the exact top ``overlap_k`` on a sample of the training users' requests
+(``OVERLAP_REQUESTS`` of them, the surfaces in turn) is measured and logged to the run
+(``INDEX_OVERLAP_METRIC``) and kept in the bundle's metadata (``index_overlap``);
 ``max_k`` and ``max_rows`` bound what one request may ask for (carried in the bundle). The
 popularity blend the run chose on validation (:mod:`convcg_cli.blend`) is baked into the served
 model's index, so what is served is what ``convcg eval`` scores.
@@ -17,6 +20,7 @@ input example; only then is it published as ``runs:/ID/model``. Anything short o
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -31,17 +35,16 @@ from convcg_cli import tracking, workdir
 from convcg_cli.blend import Blend, logged_blend
 from convcg_cli.builders import (
     build_datamodule,
-    embed_split,
     load_trained_model,
     non_finite_tensors,
 )
 from convcg_cli.data.contract import load_schemas, load_tables
 from convcg_cli.data.features import fit_item_encoding
 from convcg_cli.errors import ConfigError, ConvcgError, first_line, some_of
-from convcg_cli.index import ExactIndex, build_index
+from convcg_cli.index import ExactIndex
 from convcg_cli.metrics.retrieval import overlap_at_k
-from convcg_cli.serve.bundle import DEFAULT_LIMITS, ServingBundle
-from convcg_cli.serve.model import DEFAULT_K
+from convcg_cli.serve.bundle import DEFAULT_LIMITS, ServingBundle, request_rows
+from convcg_cli.serve.model import DEFAULT_K, CandidateModel
 
 # Request and candidate columns as the signature declares them: {name: (MLflow type, required)}.
 # The optional ids are "any": pandas writes an integer column with missing values as float64, which
@@ -57,6 +60,7 @@ INPUT_COLUMNS = {
 OUTPUT_COLUMNS = {"request": "long", "rank": "long", "item_id": "long", "score": "float"}
 INDEX_OVERLAP_METRIC = "serve/index_overlap_at_{k}"
 INDEX_KINDS = ("exact", "ivf")
+OVERLAP_REQUESTS = 2000  # training users' requests the served ANN index is compared with exact on
 # What conf/train.yaml's ``serve`` block holds; a run saved before it existed gets these.
 SERVE_DEFAULTS: dict[str, Any] = {
     "log_model": True,
@@ -146,17 +150,37 @@ def make_bundle(
     )
 
 
-def measure_overlap(bundle: ServingBundle, query_emb: np.ndarray, k: int) -> dict[str, float]:
-    """``{INDEX_OVERLAP_METRIC: overlap}`` of the bundle's approximate index with exact search on
-    ``query_emb``; empty for the exact index."""
-    options = dict(bundle.index)
-    kind = options.pop("kind")
-    if kind == "exact" or len(query_emb) == 0:
+def overlap_requests(bundle: ServingBundle, n: int = OVERLAP_REQUESTS, seed: int = 0) -> pl.DataFrame:
+    """Requests of up to ``n`` training users (a seeded sample, without repeats), the surfaces in turn."""
+    rng = np.random.default_rng(seed)
+    users = bundle.users.user_ids
+    chosen = np.sort(rng.choice(users, size=min(n, len(users)), replace=False))
+    surfaces = np.asarray(bundle.surfaces, dtype=object)[np.arange(len(chosen)) % len(bundle.surfaces)]
+    return pl.DataFrame(
+        {"user_id": chosen, "surface": surfaces}, schema={"user_id": pl.Int64, "surface": pl.String}
+    )
+
+
+def measure_overlap(bundle: ServingBundle, k: int, n: int = OVERLAP_REQUESTS) -> ServingBundle:
+    """``bundle`` with ``index_overlap`` set: the share of exact search's top ``k`` that the served
+    approximate index (the one saved with the model) finds on :func:`overlap_requests`; an exact index
+    needs none (None)."""
+    if bundle.index["kind"] == "exact":
+        return dataclasses.replace(bundle, index_overlap=None)
+    model = CandidateModel(bundle)  # builds the served index once; the bundle keeps it
+    requests = request_rows(overlap_requests(bundle, n))
+    query_emb = model.retriever.embed_queries(bundle.query_features(requests, model.inputs))
+    _, approximate = model.retriever.index.search(query_emb, k)
+    _, exact = ExactIndex(bundle.index_vectors()).search(query_emb, k)
+    overlap = {"k": int(k), "overlap": overlap_at_k(approximate, exact), "queries": len(query_emb)}
+    return dataclasses.replace(bundle, index_overlap=overlap)
+
+
+def overlap_metrics(bundle: ServingBundle) -> dict[str, float]:
+    """``{INDEX_OVERLAP_METRIC: overlap}`` of a bundle's measured ``index_overlap`` (empty without)."""
+    if bundle.index_overlap is None:
         return {}
-    query_emb, item_vectors = bundle.served_queries(query_emb), bundle.index_vectors()
-    _, exact = ExactIndex(item_vectors).search(query_emb, k)
-    _, approximate = build_index(item_vectors, kind, **options).search(query_emb, k)
-    return {INDEX_OVERLAP_METRIC.format(k=k): overlap_at_k(approximate, exact)}
+    return {INDEX_OVERLAP_METRIC.format(k=bundle.index_overlap["k"]): float(bundle.index_overlap["overlap"])}
 
 
 def input_example(bundle: ServingBundle) -> pl.DataFrame:
@@ -250,16 +274,28 @@ def check_answers(store: tracking.Store, staged: Path, bundle: ServingBundle, ru
 
 
 def log_bundle(
-    run: tracking.TrackedRun, bundle: ServingBundle, scratch: Path, tags: Mapping[str, str] | None = None
-) -> str:
-    """Check ``bundle`` (finite), save it as a pyfunc model under ``scratch`` (the command's own
-    directory), load it back and check its answer, then publish it as the run's model; its URI."""
-    check_finite(bundle, run.run_id)
+    run: tracking.TrackedRun,
+    bundle: ServingBundle,
+    scratch: Path,
+    tags: Mapping[str, str] | None = None,
+    overlap_k: int | None = None,
+) -> tuple[str, dict[str, float]]:
+    """Check ``bundle`` (finite); build its index once, measure an approximate one's overlap with
+    exact (top ``overlap_k``, default the run's ``serve.overlap_k``) and log it to the run; save it
+    with its index as a pyfunc model under ``scratch`` (the command's own directory), load it back
+    and check its answer, then publish it as the run's model. Returns its URI and the overlap metric."""
+    check_finite(bundle, run.run_id)  # before an IVF index is trained on the embeddings
+    k = int(overlap_k or serve_options(bundle.config)["overlap_k"])
+    bundle = measure_overlap(bundle, k)
+    overlap = overlap_metrics(bundle)
+    if overlap:
+        tracking.log_metrics(run, overlap)
     staged = scratch / "model"
     with pyfunc_parts(bundle, scratch) as parts:
         tracking.save_served_model(staged, **parts)
     check_answers(run.store, staged, bundle, run.run_id)
-    return tracking.publish_served_model(run, staged, tags={"index": bundle.index["kind"], **(tags or {})})
+    uri = tracking.publish_served_model(run, staged, tags={"index": bundle.index["kind"], **(tags or {})})
+    return uri, overlap
 
 
 def _log(
@@ -271,15 +307,11 @@ def _log(
     scratch: Path,
     blend: Blend | None,
 ) -> ExportResult:
-    """Bundle, check, measure the index overlap (approximate index only), log both; the shared tail
-    of :func:`log_trained_model` and :func:`export_run`."""
+    """Bundle and log (:func:`log_bundle`: the index built once, an approximate one's overlap
+    measured and logged); the shared tail of :func:`log_trained_model` and :func:`export_run`."""
     bundle = make_bundle(train_cfg, dm, model, options, blend)
-    check_finite(bundle, run.run_id)  # before an IVF index is trained on the embeddings
-    overlap = {}
-    if bundle.index["kind"] != "exact":
-        overlap = measure_overlap(bundle, embed_split(model, dm, "val"), int(options["overlap_k"]))
-        tracking.log_metrics(run, overlap)
-    return ExportResult(log_bundle(run, bundle, scratch), bundle.index, overlap)
+    uri, overlap = log_bundle(run, bundle, scratch, overlap_k=int(options["overlap_k"]))
+    return ExportResult(uri, bundle.index, overlap)
 
 
 def log_trained_model(

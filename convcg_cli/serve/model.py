@@ -1,6 +1,9 @@
 """``CandidateModel``: a serving bundle's query tower and item index; requests in, candidates out.
 
-The pyfunc model's ``predict`` and ``convcg retrieve`` both call :meth:`CandidateModel.candidates`.
+The pyfunc model's ``predict`` and ``convcg retrieve`` both rank with :meth:`CandidateModel.rank`: the
+request table's columns read at once, the features of every row encoded and embedded in one batch,
+one search, and the candidate columns made from the result arrays (no per-row Python); ``predict``
+makes its pandas answer from them, ``retrieve`` its polars chunk (:meth:`CandidateModel.candidates`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from convcg_cli.builders import model_from_config
-from convcg_cli.index import Retriever, build_index
+from convcg_cli.index import Retriever
 from convcg_cli.serve.bundle import (
     CANDIDATE_COLUMNS,
     DEFAULT_LIMITS,
@@ -22,6 +25,7 @@ from convcg_cli.serve.bundle import (
 
 DEFAULT_K = 100
 CANDIDATE_SCHEMA = dict(zip(CANDIDATE_COLUMNS, (pl.Int64, pl.Int64, pl.Int64, pl.Float32), strict=True))
+CANDIDATE_DTYPES = dict(zip(CANDIDATE_COLUMNS, (np.int64, np.int64, np.int64, np.float32), strict=True))
 
 
 def load_towers(bundle: ServingBundle):
@@ -81,18 +85,20 @@ class CandidateModel:
 
     def __init__(self, bundle: ServingBundle) -> None:
         self.bundle = bundle
-        options = dict(bundle.index)
-        kind = str(options.pop("kind", "exact"))
         towers = load_towers(bundle)
         self.retriever = Retriever(
             _with_constant(towers.embed_queries) if bundle.item_bias is not None else towers.embed_queries,
-            build_index(bundle.index_vectors(), kind, **{k: int(v) for k, v in options.items()}),
+            bundle.served_index(),  # the saved index when it matches the bundle's items, else built
             int(bundle.config.data.get("eval_batch_size", 8192)),
         )
         self.inputs = bundle.query_inputs()
 
     def candidates(self, requests: Any, k: int = DEFAULT_K, first_request: int = 0) -> pl.DataFrame:
-        """The top ``k`` items of every request as ``(request, rank, item_id, score)`` rows.
+        """The candidates of :meth:`rank` as a polars table (``convcg retrieve``'s chunks)."""
+        return pl.DataFrame(self.rank(requests, k, first_request), schema=CANDIDATE_SCHEMA)
+
+    def rank(self, requests: Any, k: int = DEFAULT_K, first_request: int = 0) -> dict[str, np.ndarray]:
+        """The top ``k`` items of every request as ``(request, rank, item_id, score)`` columns.
 
         Args:
             requests: a pandas or polars table with ``user_id``, ``surface`` and optionally
@@ -102,8 +108,9 @@ class CandidateModel:
             first_request: the ``request`` number of the first row (a chunk's offset in a file).
 
         Returns:
-            ``min(k, N)`` rows per request, ``rank`` 1 the best; ``request`` is the row's position in
-            ``requests`` plus ``first_request``. An approximate index may return fewer rows.
+            ``{column: array}`` of ``CANDIDATE_COLUMNS`` (int64, int64, int64, float32), ``min(k, N)``
+            rows per request, ``rank`` 1 the best; ``request`` is the row's position in ``requests``
+            plus ``first_request``. An approximate index may return fewer rows.
 
         Raises:
             RequestError: a malformed request table or ``k``, or one over the limits.
@@ -113,17 +120,18 @@ class CandidateModel:
         check_rows(int(getattr(requests, "shape", (0,))[0]), self.bundle.limits)
         rows = request_rows(requests)
         if rows.height == 0:
-            return pl.DataFrame(schema=CANDIDATE_SCHEMA)
+            return {name: np.empty(0, dtype) for name, dtype in CANDIDATE_DTYPES.items()}
         scores, positions = self.retriever.topk(self.bundle.query_features(rows, self.inputs), k)
-        found = positions >= 0  # an IVF index pads rows whose probed cells hold fewer than k items
-        request = np.broadcast_to(np.arange(len(positions))[:, None] + first_request, positions.shape)
-        rank = np.broadcast_to(np.arange(1, positions.shape[1] + 1), positions.shape)
-        return pl.DataFrame(
-            {
-                "request": request[found].astype(np.int64),
-                "rank": rank[found].astype(np.int64),
-                "item_id": self.bundle.item_ids[positions[found]].astype(np.int64),
-                "score": scores[found].astype(np.float32),
-            },
-            schema=CANDIDATE_SCHEMA,
-        )
+        n, width = positions.shape
+        request = np.repeat(np.arange(first_request, first_request + n, dtype=np.int64), width)
+        rank = np.tile(np.arange(1, width + 1, dtype=np.int64), n)
+        positions, scores = positions.reshape(-1), scores.reshape(-1)
+        if positions.min(initial=0) < 0:  # an IVF index pads rows whose probed cells hold fewer than k
+            found = positions >= 0
+            request, rank, positions, scores = request[found], rank[found], positions[found], scores[found]
+        return {
+            "request": request,
+            "rank": rank,
+            "item_id": self.bundle.item_ids[positions].astype(np.int64, copy=False),
+            "score": scores.astype(np.float32, copy=False),
+        }

@@ -31,9 +31,11 @@ class CandidateGenerator(PythonModel):
     def predict(
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        """``(request, rank, item_id, score)`` rows, ``k`` per request (``params={"k": K}``)."""
+        """``(request, rank, item_id, score)`` rows, ``k`` per request (``params={"k": K}``): the
+        columns of :meth:`CandidateModel.rank` as they are (one batch encoded and searched; no copy
+        through another table library)."""
         k = (params or {}).get("k", DEFAULT_K)
         try:
-            return self.model.candidates(model_input, k).to_pandas()
+            return pd.DataFrame(self.model.rank(model_input, k), copy=False)
         except RequestError as exc:
             raise tracking.invalid_request(str(exc)) from None

@@ -5,7 +5,9 @@ corpus was (:mod:`convcg_cli.data.features.item_encoding`: corpus items keep the
 features, unseen items are encoded as never shown, as evaluation encodes them), embedded by the
 run's trained item tower, and logged as a new model of the run (``runs:/ID/model`` then resolves to
 it; optionally registered as a new version). The query side is unchanged: requests are encoded with
-the training corpus (a subject item unseen in training counts as none).
+the training corpus (a subject item unseen in training counts as none). The new corpus gets a new
+index, built once, saved in the new model (written atomically: a crash leaves the old model served)
+and, when approximate, its overlap with exact measured and logged, as ``convcg export`` does.
 """
 
 from __future__ import annotations
@@ -47,7 +49,12 @@ def reindexed(bundle: ServingBundle, items: pl.DataFrame) -> ServingBundle:
     towers = load_towers(bundle)
     embeddings = towers.embed_items({k: torch.from_numpy(v) for k, v in features.items()})
     return dataclasses.replace(
-        bundle, item_ids=ids, item_emb=embeddings, item_bias=reindexed_bias(bundle, ids, features)
+        bundle,
+        item_ids=ids,
+        item_emb=embeddings,
+        item_bias=reindexed_bias(bundle, ids, features),
+        stored_index=None,  # the old corpus's index: a new one is built for the new vectors
+        index_overlap=None,
     )
 
 
@@ -79,6 +86,6 @@ def reindex_run(
     bundle = reindexed(load_candidate_model(store, model_uri).bundle, read_items(items_path))
     with tracking.claim_run(store, run_id), workdir.command_dir("index") as scratch:
         tags = {"items": str(items_path)}
-        uri = log_bundle(tracking.existing_run(store, run_id), bundle, scratch, tags=tags)
+        uri, overlap = log_bundle(tracking.existing_run(store, run_id), bundle, scratch, tags=tags)
         version = register(store, uri, name, alias, scratch) if name else None
-    return ExportResult(uri, bundle.index, {}), version
+    return ExportResult(uri, bundle.index, overlap), version
