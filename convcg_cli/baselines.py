@@ -35,6 +35,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from convcg_cli.baseline_scores import keep_top_per_row, recent_popularity
 from convcg_cli.errors import ConfigError
 from convcg_cli.index import popularity_topk
 from convcg_cli.metrics.prior import log_prior
@@ -92,6 +93,8 @@ class TrainHistory:
             before that day (NaN if that day has none): how often conversions repeat an engagement.
         validation: (user positions, item positions) of the validation split's conversions, for
             baselines that tune a hyper-parameter (never the held-out split).
+        conversion_events: (item positions, UTC days) of the training window's conversions, for
+            popularity over the last days only (``MostPopular(window_days=...)``).
     """
 
     user_pos: np.ndarray
@@ -103,6 +106,7 @@ class TrainHistory:
     conversions: np.ndarray | None = None
     repeat_share: float = float("nan")
     validation: tuple[np.ndarray, np.ndarray] | None = None
+    conversion_events: tuple[np.ndarray, np.ndarray] | None = None
 
     def matrix(self) -> sp.csr_matrix:
         """Binary (n_users, n_items) engagement matrix; repeated engagements count once."""
@@ -155,6 +159,7 @@ def training_history(dm) -> TrainHistory:
     day = engaged["timestamp"].to_numpy() // F.SECONDS_PER_DAY
     val = F.task_labels(split.val, [PRIMARY_TASK])[PRIMARY_TASK]
     val_rows = split.val.filter(pl.Series(val))
+    converted = np.asarray(F.task_labels(engaged, [PRIMARY_TASK])[PRIMARY_TASK], dtype=bool)
     return TrainHistory(
         user_pos=np.concatenate([user_pos, hist_user]),
         item_pos=np.concatenate([item_pos, hist_item]),
@@ -167,8 +172,9 @@ def training_history(dm) -> TrainHistory:
             np.concatenate([user_pos, hist_user]),
             np.concatenate([item_pos, hist_item]),
             np.concatenate([day, np.full(len(hist_user), -1)]),
-            F.task_labels(engaged, [PRIMARY_TASK])[PRIMARY_TASK].tolist() + [False] * len(hist_user),
+            np.concatenate([converted, np.zeros(len(hist_user), dtype=bool)]),
         ),
+        conversion_events=(item_pos[converted], day[converted]),
         # A refit (train_through_val) learned from the validation days: nothing is tuned on them.
         validation=None
         if dm.train_through_val
@@ -305,17 +311,35 @@ class MostPopular(Baseline):
     Args:
         use_history: also count the user history's conversions before the cut-off (when the run
             reads it). Off by default: on KuaiRand the pre-log likes lowered validation recall.
+        window_days: rank by the conversions of the training window's last ``window_days`` days
+            only, ties broken by the whole window's popularity; None or 0: the whole window.
+
+    Example:
+        >>> hist = TrainHistory(np.array([0, 1, 1]), np.array([0, 0, 1]), 2, 2, np.array([2.0, 1.0]),
+        ...                     conversion_events=(np.array([0, 0, 1]), np.array([3, 3, 9])))
+        >>> MostPopular().fit(hist).score_topk(np.array([0]), k=2).tolist()
+        [[0, 1]]
+        >>> MostPopular(window_days=2).fit(hist).score_topk(np.array([0]), k=2).tolist()
+        [[1, 0]]
     """
 
     name = "popularity"
 
-    def __init__(self, use_history: bool = False) -> None:
+    def __init__(self, use_history: bool = False, window_days: int | None = None) -> None:
         self.use_history = bool(use_history)
+        if window_days is not None and (int(window_days) != window_days or window_days < 0):
+            raise ConfigError(
+                f"popularity: window_days must be null or a whole number >= 0, got {window_days!r}."
+            )
+        self.window_days = int(window_days or 0)
 
     def fit(self, history: TrainHistory) -> MostPopular:
-        """Keep the popularity scores of the training window."""
+        """Keep the popularity scores of the training window (or of its last ``window_days``)."""
         use = self.use_history and history.history_popularity is not None
-        self.popularity = np.asarray(history.history_popularity if use else history.popularity)
+        whole = np.asarray(history.history_popularity if use else history.popularity)
+        if self.window_days:
+            whole = recent_popularity(history.conversion_events, self.window_days, whole)
+        self.popularity = whole
         return self
 
     def score_topk(self, user_pos: np.ndarray, k: int) -> np.ndarray:
@@ -372,6 +396,10 @@ class ItemCF(_ItemToItem):
             synthetic logs); False suits logs where they never do (KuaiRand: 0 of 697 held-out likes).
             ``"auto"`` decides from the training window alone: True when at least
             ``AUTO_REPEAT_SHARE`` of the last training day's conversions repeat an earlier engagement.
+        neighbours: keep, for each scored item j, only its ``neighbours`` most similar items i
+            (ties by item position); None or 0: every co-engaged item.
+        shrinkage: multiply sim(i, j) by n_ij / (n_ij + shrinkage), n_ij the users engaging both,
+            so a similarity that rests on few users counts less (Koren's shrunk similarity); 0: off.
 
     Example:
         >>> hist = TrainHistory(np.array([0, 0, 1]), np.array([0, 1, 1]), 2, 3, np.zeros(3))
@@ -383,10 +411,17 @@ class ItemCF(_ItemToItem):
 
     AUTO_REPEAT_SHARE = 0.05
 
-    def __init__(self, include_self: bool | str = True) -> None:
+    def __init__(
+        self, include_self: bool | str = True, neighbours: int | None = None, shrinkage: float = 0.0
+    ) -> None:
         if include_self not in (True, False, "auto"):
             raise ConfigError(f"itemcf: include_self must be true, false or auto, got {include_self!r}.")
+        if neighbours is not None and (int(neighbours) != neighbours or neighbours < 0):
+            raise ConfigError(f"itemcf: neighbours must be null or a whole number >= 0, got {neighbours!r}.")
+        if shrinkage is None or float(shrinkage) < 0:
+            raise ConfigError(f"itemcf: shrinkage must be >= 0, got {shrinkage!r}.")
         self.include_self = include_self
+        self.neighbours, self.shrinkage = int(neighbours or 0), float(shrinkage)
 
     def fit(self, history: TrainHistory) -> ItemCF:
         """Decide ``include_self`` (when ``auto``) from the training window, then fit."""
@@ -413,9 +448,16 @@ class ItemCF(_ItemToItem):
         inv = sp.diags(np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0))
         xn = (x @ inv).tocsc()
         sim = (xn.T @ xn).tocsr()  # (N, N) sparse cosine
+        if self.shrinkage > 0:
+            together = (x.T @ x).tocsr()  # n_ij, the same sparsity as sim
+            together.data = together.data / (together.data + self.shrinkage)
+            sim = sim.multiply(together).tocsr()
         if not self.include_self:
             sim.setdiag(0.0)
             sim.eliminate_zeros()
+        if self.neighbours:
+            # sim is symmetric: row j's top entries are j's neighbours; W[:, j] holds them.
+            sim = keep_top_per_row(sim, self.neighbours).T.tocsr()
         return sim
 
 

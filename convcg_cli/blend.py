@@ -32,7 +32,7 @@ from convcg_cli import progress, tracking
 from convcg_cli.errors import ConfigError
 from convcg_cli.index import exact_topk
 from convcg_cli.metrics.prior import log_prior, with_bias
-from convcg_cli.metrics.retrieval import recall_at_k
+from convcg_cli.metrics.retrieval import positive_hits
 from convcg_cli.tasks import PRIMARY_TASK
 
 BETA_METRIC = "blend/beta"
@@ -159,24 +159,36 @@ def choose_blend(
     query_index: np.ndarray,
     positive_item: np.ndarray,
     k: int,
+    popularity_margin_se: float = 0.0,
 ) -> Blend:
     """The (beta, gamma) with the best recall@k of the given (validation) positives, by coordinate
     search: beta over ``betas`` at the smallest gamma, gamma over ``gammas`` at that beta, beta again
     at that gamma; the smallest value among equals each time. With one gamma this is a plain search
-    over ``betas``. Only the queries holding a positive are searched."""
+    over ``betas``. Only the queries holding a positive are searched.
+
+    ``popularity_margin_se`` > 0: never worse than popularity unless validation shows it. The best
+    blend is kept only if its recall beats the most popularity-led one (the largest beta, at the
+    chosen gamma) by more than that many standard errors of their paired difference
+    (:func:`paired_se`, queries as clusters); else the largest beta is served. On a log where the
+    model cannot be told from popularity on the validation days, noise must not choose."""
     if not len(betas):
         raise ValueError("betas must hold at least one value.")
     betas, gammas = sorted(float(b) for b in betas), sorted(float(g) for g in (gammas or [0.0]))
     asked, query_index = np.unique(np.asarray(query_index, np.int64), return_inverse=True)
     query_emb = np.asarray(query_emb, np.float32)[asked]
     recalls: dict[str, float] = {}
+    hits: dict[str, np.ndarray] = {}  # (P',) hit flags of each unique positive, as recall counts them
+    pair_query = np.zeros(0, np.int64)
 
     def recall(beta: float, gamma: float) -> float:
+        nonlocal pair_query
         key = _key(beta, gamma)
         if key not in recalls:
             q, i = with_bias(query_emb, item_emb, item_bias(inputs, beta, gamma))
             _, topk = exact_topk(q, i, k)
-            recalls[key] = float(recall_at_k(topk, query_index, positive_item, [k])[k])
+            pair_query, flags = positive_hits(topk, query_index, positive_item, [k])
+            hits[key] = flags[:, 0]
+            recalls[key] = float(flags[:, 0].mean())
         return recalls[key]
 
     def best(values: list[float], score) -> float:
@@ -188,7 +200,32 @@ def choose_blend(
     if len(gammas) > 1:
         gamma = best(gammas, lambda g: recall(beta, g))
         beta = best(betas, lambda b: recall(b, gamma))
+    most_popular = betas[-1]
+    if popularity_margin_se > 0 and beta != most_popular:
+        margin = recall(beta, gamma) - recall(most_popular, gamma)
+        se = paired_se(hits[_key(beta, gamma)], hits[_key(most_popular, gamma)], pair_query)
+        if margin <= popularity_margin_se * se:
+            beta = most_popular
     return Blend(beta, gamma, inputs, int(k), recalls)
+
+
+def paired_se(hits_a: np.ndarray, hits_b: np.ndarray, cluster: np.ndarray) -> float:
+    """Standard error of ``mean(hits_a) - mean(hits_b)`` over the same positives, the positives of one
+    ``cluster`` (query) counted together (a cluster-robust variance of the mean difference).
+
+    Example:
+        >>> a, b = np.array([1, 1, 0, 1], bool), np.array([0, 1, 0, 0], bool)
+        >>> round(paired_se(a, b, np.array([0, 0, 1, 2])), 4)
+        0.25
+    """
+    d = hits_a.astype(np.float64) - hits_b.astype(np.float64)
+    _, group = np.unique(cluster, return_inverse=True)
+    per_cluster = np.bincount(group.ravel(), weights=d)  # (C,) summed differences
+    n_clusters, n = len(per_cluster), len(d)
+    if n_clusters < 2:
+        return 0.0
+    centred = per_cluster - per_cluster.mean()
+    return float(np.sqrt(n_clusters / (n_clusters - 1) * (centred**2).sum()) / n)
 
 
 def _key(beta: float, gamma: float) -> str:
@@ -220,11 +257,13 @@ def choose_on_validation(model, dm, options: Mapping[str, Any], where: str = "bl
             f"{dm.dir}/impressions.parquet has none; give one value each ({where}.betas=[x] "
             f"{where}.fallback_weights=[y], chosen by a run that had validation days) or {where}.betas=[]."
         )
+    margin = float(options.get("popularity_margin_se", 0.0))
+    if not np.isfinite(margin) or margin < 0:
+        raise ConfigError(f"{where}.popularity_margin_se must be >= 0 (0 = off), got {margin}.")
     with progress.step("Choosing the popularity blend on validation"):
         item_emb = model.embed_items(dm.item_features)
-        return choose_blend(
-            embed_split(model, dm, "val"), item_emb, inputs, betas, gammas, val_query, val_item, select_k
-        )
+        query_emb = embed_split(model, dm, "val")
+        return choose_blend(query_emb, item_emb, inputs, betas, gammas, val_query, val_item, select_k, margin)
 
 
 def logged_blend(store: tracking.Store, run_id: str, dm) -> Blend | None:

@@ -41,8 +41,11 @@ def value_at_best_epoch(
 
 def validation_figure(store: tracking.Store, cfg, run_id: str, metric: str) -> float:
     """``metric`` (a ``val/`` metric) of the checkpoint a training run (config ``cfg``) kept, read
-    from its history in ``store``."""
+    from its history in ``store``. A ``blend/`` metric is computed once, on the kept checkpoint
+    (``convcg_cli.blend``): its last value."""
     history = tracking.metric_history(store, run_id, metric)
+    if metric.startswith("blend/"):
+        return value_at_best_epoch([], history, "max")
     monitor = checkpoint_monitor(cfg)
     if monitor is None:
         return value_at_best_epoch([], history, "max")

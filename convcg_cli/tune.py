@@ -33,7 +33,7 @@ SEARCH_DIR = CONF_DIR / "hparams_search"
 STORAGE_FILE = Path("tune") / "optuna.db"  # under paths.root_dir
 TUNED_CONF_DIR = Path("conf")  # under paths.root_dir; pass it to `convcg train --config-dir`
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study attribute: the parent run every trial nests under
-_SEARCH_KEYS = {"optimized_metric", "direction", "n_trials", "overrides", "sampler", "params"}
+_SEARCH_KEYS = {"optimized_metric", "direction", "n_trials", "overrides", "sampler", "params", "grid"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,9 @@ class Search:
     overrides: tuple[str, ...]
     params: dict[str, str]
     sampler: dict[str, Any]
+    # true: every combination of the choice() params is tried once, in order, before the sampler
+    # proposes anything (enqueued trials: a grid without a sampler's luck)
+    grid: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,13 @@ def search_from_spec(name: str, spec: Mapping[str, Any]) -> Search:
     if unknown or not spec.get("params") or not spec.get("optimized_metric"):
         raise ConfigError(
             f"Search '{name}' needs 'params' and 'optimized_metric' (optional: direction, n_trials, "
-            f"overrides, sampler); unknown keys: {sorted(unknown)}."
+            f"overrides, sampler, grid); unknown keys: {sorted(unknown)}."
         )
     metric = str(spec["optimized_metric"])
-    if not metric.startswith("val/"):
+    if not metric.startswith(("val/", "blend/val_")):
         raise ConfigError(
-            f"Search '{name}': optimized_metric must be a validation metric (val/...), got '{metric}'; "
+            f"Search '{name}': optimized_metric must be a validation metric (val/... or blend/val_...), "
+            f"got '{metric}'; "
             "tuning on held-out figures would make them no longer held out."
         )
     direction = str(spec.get("direction", "maximize"))
@@ -101,6 +105,7 @@ def search_from_spec(name: str, spec: Mapping[str, Any]) -> Search:
         overrides=tuple(str(o) for o in spec.get("overrides") or ()),
         params={str(k): str(v) for k, v in spec["params"].items()},
         sampler=dict(spec.get("sampler") or {"_target_": "optuna.samplers.TPESampler", "seed": 0}),
+        grid=bool(spec.get("grid", False)),
     )
 
 
@@ -147,6 +152,20 @@ def distributions(params: Mapping[str, str]) -> dict:
                 "put fixed values in the search's 'overrides'."
             )
     return out
+
+
+def grid_points(dists: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of categorical distributions' choices, in order; ConfigError for a param
+    that is not a ``choice(...)`` (a grid needs finite choices)."""
+    import itertools
+
+    from optuna.distributions import CategoricalDistribution
+
+    not_choices = [k for k, d in dists.items() if not isinstance(d, CategoricalDistribution)]
+    if not_choices:
+        raise ConfigError(f"A grid search needs choice(...) params only; not choices: {not_choices}.")
+    keys = list(dists)
+    return [dict(zip(keys, v, strict=True)) for v in itertools.product(*(dists[k].choices for k in keys))]
 
 
 def experiment_yaml(overrides: Sequence[str], composed: Composed, header: Sequence[str]) -> str:
@@ -261,6 +280,9 @@ def run_tune(
         if parent_id
         else tracking.parent_run(store, f"tune/{name}", tags)
     )
+    if search.grid:
+        for params in grid_points(dists):  # skipped when a resumed study already holds them
+            study.enqueue_trial(params, skip_if_exists=True)
     with opened as parent:
         study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
         data_cache = PreparedDataCache()

@@ -11,7 +11,15 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from convcg_cli.blend import BETA_METRIC, GAMMA_METRIC, blend_inputs, check_grid, choose_blend, with_bias
+from convcg_cli.blend import (
+    BETA_METRIC,
+    GAMMA_METRIC,
+    blend_inputs,
+    check_grid,
+    choose_blend,
+    item_bias,
+    with_bias,
+)
 from convcg_cli.errors import ConfigError
 from convcg_cli.metrics.prior import choose_prior_weight
 from tests.conftest import TINY_TRAIN
@@ -189,3 +197,83 @@ def test_training_chooses_the_blend_and_eval_scores_the_model_as_served(
     )
     assert again.exit_code == 0, again.output
     assert json.loads(again.output.strip().splitlines()[-1]) == metrics
+
+
+def _mixed_world(n_model: int, n_popular: int, seed: int = 5):
+    """Queries whose positive is either their own best item (the model finds it) or a popular item
+    unrelated to the embeddings (popularity finds it): the shares decide which blend wins."""
+    rng, query_emb, item_emb = world(seed, n_queries=n_model + n_popular)
+    conversions = rng.zipf(1.5, size=len(item_emb)).clip(max=500)
+    popular = np.argsort(-conversions, kind="stable")[:5]
+    own = np.argmax(query_emb @ item_emb.T, axis=1)
+    positive = np.concatenate([own[:n_model], rng.choice(popular, size=n_popular)])
+    items = items_table(
+        conversions, np.ones(len(item_emb)), np.ones(len(item_emb), np.int64), np.zeros(len(item_emb))
+    )
+    return query_emb, item_emb, blend_inputs(items), positive
+
+
+@pytest.mark.parametrize("margin_se", [0.0, 1.0, 1e6])
+def test_the_best_blend_is_served_only_if_it_beats_popularity_by_the_margin(margin_se):
+    from convcg_cli.blend import paired_se
+    from convcg_cli.metrics.retrieval import positive_hits
+
+    query_emb, item_emb, inputs, positive = _mixed_world(n_model=60, n_popular=140)
+    queries = np.arange(len(query_emb))
+    betas = [0, 0.05, 100]
+    blend = choose_blend(query_emb, item_emb, inputs, betas, [0], queries, positive, 5, margin_se)
+    plain = choose_blend(query_emb, item_emb, inputs, betas, [0], queries, positive, 5)
+    assert plain.beta != 100.0  # the argmax is a blend that finds both kinds of positives
+    # the margin rule, by hand: the paired standard error of the two rankings' hit flags
+    flags = {}
+    for beta in (plain.beta, 100.0):
+        q, i = with_bias(query_emb, item_emb, item_bias(inputs, beta, 0.0))
+        order = np.argsort(-(q @ i.T), axis=1, kind="stable")[:, :5]
+        pair_query, hits = positive_hits(order, queries, positive, [5])
+        flags[beta] = hits[:, 0]
+    gap = flags[plain.beta].mean() - flags[100.0].mean()
+    se = paired_se(flags[plain.beta], flags[100.0], pair_query)
+    assert gap == pytest.approx(plain.recalls[f"{plain.beta:g},0"] - plain.recalls["100,0"])
+    expected = plain.beta if gap > margin_se * se else 100.0
+    assert blend.beta == expected
+    if margin_se == 0.0:
+        assert blend.beta == plain.beta
+    if margin_se == 1e6:
+        assert blend.beta == 100.0  # no validation gain is that large: popularity is served
+
+
+@pytest.mark.parametrize(("n_model", "margin_se", "served"), [(1, 1.0, 100.0), (1, 0.0, 0.5), (2, 1.0, 0.5)])
+def test_a_gain_of_one_positive_is_no_evidence_against_popularity(n_model, margin_se, served):
+    """Planted: 5 popular items and 195 others, one-hot embeddings. 200 popular-led queries (zero
+    query vectors: popularity's list at every beta) convert on the 5 popular items; ``n_model``
+    queries convert on their own unpopular item, which only a blend with the model retrieves. The
+    blend gains exactly n_model positives: one is within one standard error (1/N), two are not."""
+    n_items, n_pop = 200, 200
+    conversions = np.concatenate([[50, 40, 30, 20, 10], np.ones(n_items - 5)])
+    item_emb = np.eye(n_items, dtype=np.float32)
+    own = np.arange(5, 5 + n_model)
+    query_emb = np.zeros((n_pop + n_model, n_items), np.float32)
+    query_emb[np.arange(n_pop, n_pop + n_model), own] = 1.0
+    positive = np.concatenate([np.arange(n_pop) % 5, own])
+    items = items_table(conversions, np.ones(n_items), np.ones(n_items, np.int64), np.zeros(n_items))
+    queries = np.arange(len(query_emb))
+    blend = choose_blend(
+        query_emb, item_emb, blend_inputs(items), [0.5, 100], [0], queries, positive, 5, margin_se
+    )
+    assert blend.recalls["0.5,0"] - blend.recalls["100,0"] == pytest.approx(n_model / len(positive))
+    assert blend.beta == served
+
+
+def test_paired_se_is_the_cluster_robust_standard_error():
+    from convcg_cli.blend import paired_se
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random(300) < 0.4, rng.random(300) < 0.3
+    cluster = rng.integers(0, 60, size=300)
+    d = a.astype(float) - b.astype(float)
+    sums = np.array([d[cluster == c].sum() for c in np.unique(cluster)])
+    c = len(sums)
+    expected = np.sqrt(c / (c - 1) * ((sums - sums.mean()) ** 2).sum()) / len(d)
+    assert paired_se(a, b, cluster) == pytest.approx(expected)
+    assert paired_se(a, a, cluster) == 0.0
+    assert paired_se(a[:3], b[:3], np.zeros(3)) == 0.0  # one cluster: no variance to estimate

@@ -25,7 +25,7 @@ runner = CliRunner()
 @pytest.mark.parametrize("name", tune.available_searches())
 def test_every_shipped_search_loads_and_its_params_parse(name):
     search = tune.load_search(name)
-    assert search.optimized_metric.startswith("val/")
+    assert search.optimized_metric.startswith(("val/", "blend/val_"))
     assert set(tune.distributions(search.params)) == set(search.params)
     compose("train", list(search.overrides))
 
@@ -112,3 +112,23 @@ def test_a_3_trial_study_resumes_and_its_best_experiment_trains(home, tiny_overr
     assert trained.exit_code == 0, trained.output
     best = max(r.data.metrics["val/conversion/recall_at_100"] for r in children)
     assert f"{best:.4f}" in resumed.output
+
+
+@needs_optuna
+@pytest.mark.slow  # 4 tiny trainings
+def test_the_levers_search_tries_every_combination_and_keeps_the_best_served_validation_figure(
+    home, tiny_overrides
+):
+    search = tune.load_search("levers")
+    assert search.optimized_metric == "blend/val_recall_at_100"  # the model as served, on validation
+    result = runner.invoke(app, ["tune", "levers", *tiny_overrides])
+    assert result.exit_code == 0, result.output
+    runs = runs_in(home)
+    (parent,) = [r for r in runs if "tune/best_value" in r.data.metrics]
+    children = [r for r in runs if r is not parent]
+    tried = {(c.data.params.get("levers"), c.data.params.get("data.random_negatives")) for c in children}
+    assert len(children) == 4 and len(tried) == 4  # the grid, each combination once
+    best = max(c.data.metrics["blend/val_recall_at_100"] for c in children)
+    assert parent.data.metrics["tune/best_value"] == best
+    tuned = (home / "conf" / "experiment" / "tuned" / "levers.yaml").read_text()
+    assert "override /levers:" in tuned

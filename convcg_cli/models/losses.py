@@ -11,6 +11,7 @@ Recommendations") removes that bias.
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,6 +98,20 @@ def sampled_softmax_loss(
         return ce.mean()
     w = weight[rows]
     return (w * ce).sum() / w.sum()
+
+
+def mixed_log_q(log_q: torch.Tensor, n_batch: int, log_share: torch.Tensor | float) -> torch.Tensor:
+    """logQ of every candidate under mixed negative sampling: ``n_batch`` in-batch candidates drawn
+    by training frequency (``exp(log_q)``) plus M uniform corpus draws, so the expected count of item
+    j among the candidates is ``n_batch * q_j + M / |corpus|``; ``log_share`` = log(M / |corpus|).
+    Subtracted from each column's logit like the in-batch correction (Yang et al., WWW 2020).
+
+    Example:
+        >>> q = torch.log(torch.tensor([0.5, 0.25]))
+        >>> mixed_log_q(q, 4, torch.log(torch.tensor(0.5))).exp().tolist()
+        [2.5, 1.5]
+    """
+    return torch.logaddexp(log_q + float(np.log(n_batch)), torch.as_tensor(log_share, dtype=log_q.dtype))
 
 
 def advertiser_softmax_loss(
@@ -213,8 +228,9 @@ class MultiTaskSampledSoftmax(nn.Module):
         >>> weights = {t: torch.tensor([1.0, 0.0, 1.0, 1.0]) for t in user}
         >>> batch = {"weights": weights, "item_pos": torch.arange(4), "log_q": torch.zeros(4)}
         >>> total, logs = loss_fn(user, user, batch)
-        >>> sorted(logs)
-        ['conversion/loss', 'engagement/loss', 'task_weight/conversion', 'task_weight/engagement']
+        >>> sorted(logs)  # doctest: +NORMALIZE_WHITESPACE
+        ['conversion/loss', 'engagement/loss', 'task_weight/conversion', 'task_weight/engagement',
+         'weighted_loss']
     """
 
     def __init__(
@@ -248,6 +264,7 @@ class MultiTaskSampledSoftmax(nn.Module):
         item: Mapping[str, torch.Tensor],
         batch: Mapping,
         hard: Mapping[str, torch.Tensor] | None = None,
+        random: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Unweighted loss of each active task.
 
@@ -256,6 +273,10 @@ class MultiTaskSampledSoftmax(nn.Module):
             batch: needs ``weights`` (task -> (B,) float), ``item_pos`` (B,) item ids, ``log_q`` (B,);
                 with hard negatives also ``hard_pos`` (B, H).
             hard: task -> (B, H, D) hard-negative embeddings, or None.
+            random: task -> (M, D) embeddings of the batch's random corpus negatives (``random_pos``,
+                ``random_log_q``, ``random_log_share`` in ``batch``), or None. They are appended to
+                the candidates after the in-batch items; logQ becomes the mixture's
+                (:func:`mixed_log_q`).
 
         Under DDP (``trainer=ddp``) the candidates are the *global* batch: every rank's item
         embeddings (with gradients), ids and table logQ are gathered; logQ is computed on the global
@@ -269,6 +290,12 @@ class MultiTaskSampledSoftmax(nn.Module):
         rank, world = distributed.rank_and_world()
         item_ids = distributed.gather_with_grad(batch["item_pos"])  # (N,), N = world * B
         log_q = self.logq(item_ids, distributed.gather_with_grad(batch["log_q"]))
+        if random is not None:  # random corpus negatives: M more columns, this rank's own draws
+            if log_q is not None:
+                log_q = mixed_log_q(
+                    torch.cat([log_q, batch["random_log_q"]]), len(item_ids), batch["random_log_share"]
+                )
+            item_ids = torch.cat([item_ids, batch["random_pos"]])
         b = len(batch["item_pos"])
         # This rank's rows are the candidate columns rank * B ... (rank + 1) * B - 1.
         positive = None if world == 1 else rank * b + torch.arange(b, device=item_ids.device)
@@ -276,7 +303,10 @@ class MultiTaskSampledSoftmax(nn.Module):
         losses = {}
         for task in self.active_tasks:
             if id(item[task]) not in gathered:
-                gathered[id(item[task])] = distributed.gather_with_grad(item[task])
+                candidates = distributed.gather_with_grad(item[task])
+                if random is not None:
+                    candidates = torch.cat([candidates, random[task]])
+                gathered[id(item[task])] = candidates
             weight = batch["weights"][task]
             loss = sampled_softmax_loss(
                 user[task],
@@ -300,6 +330,7 @@ class MultiTaskSampledSoftmax(nn.Module):
         batch: Mapping,
         hard: Mapping[str, torch.Tensor] | None = None,
         shared: Sequence[nn.Parameter] = (),
+        random: Mapping[str, torch.Tensor] | None = None,
     ) -> "LossTerms":
         """The total to backpropagate, the named scalars to log and the per-task losses, in one pass.
 
@@ -310,7 +341,7 @@ class MultiTaskSampledSoftmax(nn.Module):
         ``weighted_loss`` (sum of weighted task losses, comparable across balancers),
         ``advertiser/loss`` when the advertiser loss is on.
         """
-        losses = self.task_losses(user, item, batch, hard)
+        losses = self.task_losses(user, item, batch, hard, random)
         total, effective = self.balancer(losses, shared)
         logs = {f"{t}/loss": v.detach() for t, v in losses.items()}
         logs.update({f"task_weight/{t}": torch.as_tensor(w).detach() for t, w in effective.items()})
@@ -336,9 +367,10 @@ class MultiTaskSampledSoftmax(nn.Module):
         batch: Mapping,
         hard: Mapping[str, torch.Tensor] | None = None,
         shared: Sequence[nn.Parameter] = (),
+        random: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(total, logs)`` of :meth:`terms`."""
-        out = self.terms(user, item, batch, hard, shared)
+        out = self.terms(user, item, batch, hard, shared, random)
         return out.total, out.logs
 
 

@@ -104,7 +104,9 @@ class RetrievalModule(L.LightningModule):
         if "hard_item" in batch:  # impression hard negatives: (B, H) items per example
             b, h = batch["hard_pos"].shape
             hard = {t: e.view(b, h, -1) for t, e in self.item_tower(batch["hard_item"]).items()}
-        terms = self.loss.terms(user, item, batch, hard=hard, shared=self.last_shared_layers())
+        # random corpus negatives (data.random_negatives): (M, D) per task, shared by every row
+        random = self.item_tower(batch["random_item"]) if "random_item" in batch else None
+        terms = self.loss.terms(user, item, batch, hard=hard, shared=self.last_shared_layers(), random=random)
         check_finite_loss(self.global_step, terms.total, terms.logs)
         bs = len(batch["item_pos"])
         if self.interference_every_n_steps and self.global_step % self.interference_every_n_steps == 0:

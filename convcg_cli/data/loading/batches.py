@@ -125,18 +125,96 @@ class HardNegativeSampler:
         )
 
 
-class _ColdStart:
-    """One epoch's item-id dropout on one rank, applied to each training batch (the batch as it is
-    when there is no dropout)."""
+@dataclass(frozen=True)
+class RandomNegatives:
+    """Mixed negative sampling (Yang et al., WWW 2020, "Mixed Negative Sampling for Learning
+    Two-tower Neural Networks in Recommendations"): each training batch also draws ``count`` items
+    uniformly from the whole corpus (items never shown included), which join every task's in-batch
+    candidates as negatives. In-batch negatives follow the training frequency, so items rarely or
+    never engaged are almost never pushed away from anyone; uniform ones reach them. The loss
+    corrects the mixture (``losses.mixed_log_q``). The draws come from their own seeded stream, so
+    the batch order, hard negatives and item-id dropout are those of a run without them.
 
-    def __init__(self, dropout: ItemIdDropout | None, seed: int, epoch: int, rank: int) -> None:
+    Example:
+        >>> neg = RandomNegatives(3)
+        >>> out = neg.apply({"item_pos": torch.arange(2)}, {"item_id": torch.arange(10) + 1},
+        ...                 torch.zeros(10), neg.stream(seed=0, epoch=0, rank=0))
+        >>> out["random_pos"].shape, out["random_item"]["item_id"].shape
+        (torch.Size([3]), torch.Size([3]))
+        >>> round(float(out["random_log_share"]), 4)  # log(3 / 10)
+        -1.204
+    """
+
+    count: int
+
+    def stream(self, seed: int, epoch: int, rank: int) -> torch.Generator:
+        """The generator of one epoch's draws on one rank (independent of the batch-order streams)."""
+        state = np.random.SeedSequence([seed, epoch, rank, _RANDOM_STREAM]).generate_state(1, np.uint64)
+        return torch.Generator().manual_seed(int(state[0]) >> 1)
+
+    def apply(
+        self,
+        batch: dict,
+        item_features: Mapping[str, torch.Tensor],
+        item_log_q: torch.Tensor,
+        generator: torch.Generator,
+    ) -> dict:
+        """``batch`` with ``random_pos`` (M,), their features ``random_item``, table logQ
+        ``random_log_q`` (M,) and ``random_log_share`` = log(M / corpus size)."""
+        n_items = len(item_log_q)
+        pos = torch.randint(n_items, (self.count,), generator=generator)
+        return {
+            **batch,
+            "random_pos": pos,
+            "random_item": {k: v[pos] for k, v in item_features.items()},
+            "random_log_q": item_log_q[pos],
+            "random_log_share": torch.tensor(float(np.log(self.count / n_items))),
+        }
+
+
+_RANDOM_STREAM = 0x2A  # tells the random negatives' seed sequence apart from other streams
+
+
+class _ColdStart:
+    """One epoch's per-batch extras on one rank: item-id dropout and random corpus negatives, each
+    from its own stream (the batch as it is when both are off)."""
+
+    def __init__(
+        self,
+        dropout: ItemIdDropout | None,
+        seed: int,
+        epoch: int,
+        rank: int,
+        random_negatives: RandomNegatives | None = None,
+        item_features: Mapping[str, torch.Tensor] | None = None,
+        item_log_q: torch.Tensor | None = None,
+    ) -> None:
         self.dropout = dropout
         self.generator = dropout.stream(seed, epoch, rank) if dropout is not None else None
+        self.random = random_negatives
+        self.random_generator = random_negatives.stream(seed, epoch, rank) if random_negatives else None
+        self.item_features, self.item_log_q = item_features, item_log_q
 
     def __call__(self, batch: dict) -> dict:
-        if self.dropout is None or self.generator is None:
-            return batch
-        return {**batch, "item": self.dropout.apply(batch["item"], self.generator)}
+        if self.dropout is not None and self.generator is not None:
+            batch = {**batch, "item": self.dropout.apply(batch["item"], self.generator)}
+        if self.random is not None and self.random_generator is not None:
+            assert self.item_features is not None and self.item_log_q is not None
+            batch = self.random.apply(batch, self.item_features, self.item_log_q, self.random_generator)
+        return batch
+
+
+def _epoch_extras(batches: ShuffledBatches | ShardedBatches, epoch: int, rank: int) -> _ColdStart:
+    """The per-batch extras of one epoch of ``batches`` on one rank."""
+    return _ColdStart(
+        batches.item_id_dropout,
+        batches.seed,
+        epoch,
+        rank,
+        batches.random_negatives,
+        batches.item_features,
+        batches.item_log_q,
+    )
 
 
 class ShuffledBatches(IterableDataset):
@@ -158,12 +236,13 @@ class ShuffledBatches(IterableDataset):
         hard_negatives: HardNegativeSampler | None = None,
         profile_shares: Mapping[str, torch.Tensor] | None = None,
         item_id_dropout: ItemIdDropout | None = None,
+        random_negatives: RandomNegatives | None = None,
     ) -> None:
         self.user, self.item_pos, self.weights = user, item_pos, weights
         self.item_features, self.item_log_q = item_features, item_log_q
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.hard_negatives, self.profile_shares = hard_negatives, profile_shares
-        self.item_id_dropout = item_id_dropout
+        self.item_id_dropout, self.random_negatives = item_id_dropout, random_negatives
 
     @property
     def n_examples(self) -> int:
@@ -202,7 +281,7 @@ class ShuffledBatches(IterableDataset):
         """
         rank, world = distributed_env.rank_and_world()
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        cold_start = _ColdStart(self.item_id_dropout, self.seed, self.epoch, rank)
+        cold_start = _epoch_extras(self, self.epoch, rank)
         self.epoch += 1
         perm = torch.randperm(len(self.item_pos), generator=g)
         # Fewer rows than world * batch_size: one smaller batch per rank, equal on every rank.
@@ -267,11 +346,12 @@ class ShardedBatches(IterableDataset):
         hard_negatives: int = 0,
         profile_shares: Mapping[str, torch.Tensor] | None = None,
         item_id_dropout: ItemIdDropout | None = None,
+        random_negatives: RandomNegatives | None = None,
     ) -> None:
         self.index, self.item_features, self.item_log_q = index, item_features, item_log_q
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.hard_negatives, self.profile_shares = hard_negatives, profile_shares
-        self.item_id_dropout = item_id_dropout
+        self.item_id_dropout, self.random_negatives = item_id_dropout, random_negatives
         if hard_negatives and not index.has_hard_negatives:
             raise ConfigError("data.hard_negatives > 0 needs shards written with hard negative pools.")
 
@@ -328,7 +408,7 @@ class ShardedBatches(IterableDataset):
         shards, n_batches, min_rows = self._assignment(self.epoch)
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         g = torch.Generator().manual_seed(int(torch.randint(1 << 62, (1,), generator=g)) + rank)
-        cold_start = _ColdStart(self.item_id_dropout, self.seed, self.epoch, rank)
+        cold_start = _epoch_extras(self, self.epoch, rank)
         self.epoch += 1
         done, rest = 0, None
         for shard in shards[rank]:

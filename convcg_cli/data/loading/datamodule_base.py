@@ -35,6 +35,7 @@ from convcg_cli.data.features.table_columns import choose_features
 from convcg_cli.data.importing import IgnoreMaturity
 from convcg_cli.data.loading.batches import (
     ItemIdDropout,
+    RandomNegatives,
     SequentialBatches,
     ShardedBatches,
     ShuffledBatches,
@@ -49,7 +50,7 @@ from convcg_cli.tasks import TASK_LABELS, engaged
 # Every other option, including any added later, is part of the shard cache key (``content_options``).
 # Dotted names reach into a mapping option (``stream.cache_dir``).
 NON_CONTENT_OPTIONS = frozenset(
-    {"batch_size", "eval_batch_size", "seed", "stream.cache_dir", "item_id_dropout"}
+    {"batch_size", "eval_batch_size", "seed", "stream.cache_dir", "item_id_dropout", "random_negatives"}
 )
 
 # Columns the user history reads from the impressions (``history.engagement_events``).
@@ -120,6 +121,9 @@ class DataModuleBase(L.LightningDataModule):
             DualPositives).
         hard_negatives: served-but-not-engaged impressions of the same user added to each example's
             negatives (0 = in-batch negatives only).
+        random_negatives: items drawn uniformly from the whole corpus per training batch, added to
+            every task's in-batch negatives under the mixture's logQ (``batches.RandomNegatives``);
+            0 = off.
         context: request-context features of the query tower (surface, subject_item_id, query_bucket).
         history: {"max_len": L}: the user's last L engaged items strictly before each request as a
             sequence feature (0 = off). Events come from every kept day, each request seeing only its past.
@@ -208,6 +212,7 @@ class DataModuleBase(L.LightningDataModule):
         label_maturity: IgnoreMaturity | None = None,
         train_through_val: bool = False,
         item_id_dropout: float = 0.0,
+        random_negatives: int = 0,
         split: str = "days",
         min_conversions: Mapping[str, int] | None = None,
     ) -> None:
@@ -216,6 +221,9 @@ class DataModuleBase(L.LightningDataModule):
         self.item_id_dropout = float(item_id_dropout)
         if not 0.0 <= self.item_id_dropout < 1.0:
             raise ConfigError(f"data.item_id_dropout must be in [0, 1), got {item_id_dropout}.")
+        if int(random_negatives) != random_negatives or random_negatives < 0:
+            raise ConfigError(f"data.random_negatives must be a whole number >= 0, got {random_negatives}.")
+        self.random_negatives = int(random_negatives)
         self.label_maturity = label_maturity or IgnoreMaturity()
         self.use_user_history = bool(use_user_history)
         self.cofactor_dim = int((cofactors or {}).get("dim", 0))
@@ -383,6 +391,10 @@ class DataModuleBase(L.LightningDataModule):
             )
             for name, frame in frames.items()
         }
+
+    def _random_negatives(self) -> RandomNegatives | None:
+        """The training batches' random corpus negatives (None when ``random_negatives`` is 0)."""
+        return RandomNegatives(self.random_negatives) if self.random_negatives > 0 else None
 
     def _cold_start(self) -> ItemIdDropout | None:
         """The training batches' item-id dropout (None when ``item_id_dropout`` is 0)."""

@@ -88,6 +88,7 @@ class InMemoryDataModule(DataModuleBase):
             hard_negatives=sampler,
             profile_shares=self.profile_shares,
             item_id_dropout=self._cold_start(),
+            random_negatives=self._random_negatives(),
         )
         self._build_queries({"val": split.val, "heldout": split.heldout})
         self.n_rows = {
@@ -209,6 +210,7 @@ class StreamedDataModule(DataModuleBase):
             hard_negatives=self.hard_negatives,
             profile_shares=self.profile_shares,
             item_id_dropout=self._cold_start(),
+            random_negatives=self._random_negatives(),
         )
 
 
