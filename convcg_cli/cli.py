@@ -156,7 +156,8 @@ def train(
         None,
         "--resume",
         help="Continue this KILLED or FAILED run from its last finished epoch, with its saved config "
-        "(no overrides), in the same MLflow run.",
+        "(no overrides), in the same MLflow run; or finish a run whose tracking server went away "
+        "(its kept metrics sent, its artifacts uploaded).",
     ),
 ) -> None:
     """Train a model from conf/train.yaml plus Hydra overrides (-m sweeps, --cfg job, ...; see --help).
@@ -257,6 +258,8 @@ def _eval_job(composed, run: str, as_json: bool) -> None:
         print(json.dumps({"run_id": result.run_id, **result.metrics}, sort_keys=True))
         return
     _print_metrics(f"{result.split} evaluation of run {result.run_id}", result.metrics)
+    for line in chosen_lines(result.metrics):
+        out.print(line, highlight=False)
     out.print(f"Open the MLflow UI: {ui_command(composed.cfg.logger.tracking_uri)}", highlight=False)
 
 
@@ -464,6 +467,33 @@ def runs(
         print_runs(out, store, task, kind, limit, experiment)
 
 
+@app.command(context_settings={"ignore_unknown_options": True})
+def compare(
+    runs: list[str] = typer.Argument(
+        ...,
+        help="Run ids (shown by convcg runs) or 'latest' (the newest finished run with a checkpoint), "
+        "then any overrides of conf/eval.yaml's logger, e.g. logger.tracking_uri=sqlite:///x.db",
+    ),
+    experiment: str = typer.Option(
+        None,
+        "--experiment",
+        help="Experiment to look for 'latest' in (default: logger.experiment_name, MLFLOW_EXPERIMENT_NAME).",
+    ),
+) -> None:
+    """Compare runs side by side: a column per run (name, design, seed, data), validation and
+    held-out recall@100/@1000 per task and the popularity blend's weights as rows, the best marked."""
+    with user_errors():
+        from convcg_cli.config import compose
+        from convcg_cli.kept_checkpoint import checkpoint_monitor
+        from convcg_cli.runs_list import print_comparison
+
+        refs = [arg for arg in runs if "=" not in arg]  # a run id never holds '='; an override does
+        store = _store([arg for arg in runs if "=" in arg])
+        train_cfg = compose("train").cfg  # the tasks to show first, and the epoch a checkpoint keeps
+        tasks = [str(task) for task in train_cfg.loss.task_weights]
+        print_comparison(out, store, refs, tasks, checkpoint_monitor(train_cfg), experiment)
+
+
 # How the recall table names a subset of a task's positives (``metrics.retrieval.COLD_ITEMS``).
 SUBSET_LABELS = {"cold": "items never shown"}
 
@@ -497,6 +527,30 @@ def metric_rows(metrics: dict[str, float]) -> dict[tuple[str, str], dict[int, st
         ci = f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else ""
         rows.setdefault((task, model), {})[int(k_text)] = f"{value:.4f}{ci}"
     return rows
+
+
+def chosen_lines(metrics: dict[str, float]) -> list[str]:
+    """One line per baseline whose options validation chose (``<split>/baseline_<name>/chosen/...``).
+
+    Example:
+        >>> chosen_lines({"heldout/baseline_ease/chosen/l2": 500.0,
+        ...               "heldout/baseline_ease/chosen/val_recall_at_100": 0.25})
+        ['ease: validation chose l2=500 (validation conversion recall@100 0.2500)']
+    """
+    chosen: dict[str, dict[str, float]] = {}
+    for name, value in metrics.items():
+        parts = name.split("/")
+        if len(parts) == 4 and parts[1].startswith("baseline_") and parts[2] == "chosen":
+            chosen.setdefault(parts[1].removeprefix("baseline_"), {})[parts[3]] = value
+    lines = []
+    for baseline, values in sorted(chosen.items()):
+        recall = {o: v for o, v in values.items() if o.startswith("val_recall_at_")}
+        options = " ".join(f"{o}={v:g}" for o, v in sorted(values.items()) if o not in recall)
+        line = f"{baseline}: validation chose {options}"
+        for o, v in recall.items():
+            line += f" (validation conversion recall@{o.removeprefix('val_recall_at_')} {v:.4f})"
+        lines.append(line)
+    return lines
 
 
 def _print_metrics(title: str, metrics: dict[str, float]) -> None:

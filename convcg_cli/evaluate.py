@@ -22,11 +22,11 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from convcg_cli import progress, tracking, workdir
+from convcg_cli.baseline_tuning import chosen_metrics, tune_baseline
 from convcg_cli.baselines import (
     BASELINE_DATA_OPTIONS,
     BASELINES,
     BaselineRefusedError,
-    make_baseline,
     shared_ease_weights,
     training_history,
 )
@@ -44,7 +44,7 @@ from convcg_cli.figures import recall_figure
 from convcg_cli.index import ExactIndex
 from convcg_cli.metrics.bootstrap import CI_HIGH, CI_LOW, bootstrap_recall_ci, ci_names
 from convcg_cli.metrics.retrieval import metric_name, positive_hits
-from convcg_cli.metrics.suite import report_from_topk
+from convcg_cli.metrics.suite import COUNTS_PREFIX, report_from_topk
 from convcg_cli.tasks import PRIMARY_TASK
 
 SPLITS = ("val", "heldout")
@@ -157,11 +157,30 @@ def score_ranking(topk_ids: np.ndarray, queries, split: str, tasks: Sequence[str
 
 def score_baseline(name: str, history, queries, tasks: Sequence[str], cfg) -> RankingScores:
     """Fit baseline ``name`` (options ``cfg.baseline_options[name]``) on ``history`` (the training
-    window, :func:`~convcg_cli.baselines.training_history`) and score it on ``queries``."""
+    window, :func:`~convcg_cli.baselines.training_history`), its ``cfg.baseline_tuning[name]`` options
+    chosen on the validation conversions (:func:`~convcg_cli.baselines.tune_baseline`), and score it
+    on ``queries``. The chosen values join its metrics as ``<split>/baseline_<name>/chosen/<option>``
+    (with ``chosen/val_recall_at_<select_k>``)."""
     options = cfg.baseline_options.get(name)
-    baseline = make_baseline(name, _as_dict(options) if options else {}).fit(history)
-    topk = baseline.query_topk(query_users(queries), max(cfg.ks))
-    return score_ranking(topk, queries, f"{cfg.split}/{BASELINE_PREFIX}{name}", tasks, cfg)
+    tuning = cfg.get("baseline_tuning") or {}
+    grid = tuning.get(name)
+    select_k = int(tuning.get("select_k", 100))
+    tuned = tune_baseline(
+        name, _as_dict(options) if options else {}, _as_dict(grid) if grid else {}, history, select_k
+    )
+    if grid and tuned.val_recall is None:
+        logging.getLogger(__name__).warning(
+            "Baseline %s is not tuned: the run has no validation conversions to choose %s on "
+            "(a refit run trained through them); it uses baseline_options.%s as given.",
+            name,
+            sorted(grid),
+            name,
+        )
+    topk = tuned.baseline.query_topk(query_users(queries), max(cfg.ks))
+    prefix = f"{cfg.split}/{BASELINE_PREFIX}{name}"
+    scores = score_ranking(topk, queries, prefix, tasks, cfg)
+    scores.metrics.update(chosen_metrics(tuned, history, prefix, select_k))
+    return scores
 
 
 def score_baselines(dm, queries, tasks: Sequence[str], cfg) -> dict[str, RankingScores]:
@@ -214,12 +233,14 @@ def logged_metrics(
         {'heldout_ci/conversion/recall_at_10_ci_low': 0.1,
          'heldout_by_surface/feed/conversion/recall_at_10': 0.2}
     """
-    own = f"{split}/{ranking}/"
+    own, own_counts = f"{split}/{ranking}/", f"{COUNTS_PREFIX}/{split}/{ranking}/"
     surface = f"{split}/by_surface/"
     out: dict[str, float] = {}
     for name, value in metrics.items():
         if ranking != MODEL_RANKING and name.startswith(own):
             name = f"{split}/{name[len(own) :]}"
+        elif ranking != MODEL_RANKING and name.startswith(own_counts):  # counts/<split>/<task>/...
+            name = f"{COUNTS_PREFIX}/{split}/{name[len(own_counts) :]}"
         is_ci = name.endswith((CI_LOW, CI_HIGH))
         if name.startswith(surface):
             if not is_ci:
@@ -325,6 +346,9 @@ def baseline_key(digest: str, train_cfg, tasks: Sequence[str], cfg, name: str) -
     options = _as_dict(cfg)
     evaluation = {k: options[k] for k in ("split", "ks", "by_surface", "bootstrap")}
     evaluation["options"] = (options.get("baseline_options") or {}).get(name)
+    tuning = options.get("baseline_tuning") or {}
+    if tuning.get(name):  # untuned baselines keep their keys (and their logged runs)
+        evaluation["tuning"] = {"grid": tuning[name], "select_k": tuning.get("select_k", 100)}
     text = json.dumps(
         {"digest": digest, "data": data, "tasks": list(tasks), "eval": evaluation, "baseline": name},
         sort_keys=True,

@@ -155,7 +155,9 @@ def feature_params(dm) -> dict[str, str]:
 
 
 def resume(composed: Composed, run_id: str) -> TrainResult:
-    """Continue a KILLED or FAILED run from its last finished epoch, in the same MLflow run.
+    """Continue a KILLED or FAILED run from its last finished epoch, in the same MLflow run; or, on
+    the host that trained it, finish a run whose tracking server went away (its kept metrics sent,
+    a finished fit not run again: tracking/offline.py).
 
     The run's own saved config is used (``composed`` only says where the store is); the state comes
     from its ``checkpoints/last.ckpt`` artifact (logged when it was interrupted) or, on the host
@@ -206,18 +208,30 @@ def _last_checkpoint(store: tracking.Store, cfg, run_id: str, downloads: Path) -
 
 def _fit_and_log(cfg, model, dm, run: tracking.TrackedRun, ckpt_path: Path | None = None) -> TrainResult:
     """Fit in ``run`` (from ``ckpt_path`` when resuming) and log the checkpoint to serve; an
-    interrupted fit logs its last finished epoch's state instead, to resume from."""
-    with tracking.keep_resume_point(run, _checkpoint_dir(cfg, run.run_id) / LAST_CHECKPOINT):
-        result = _fit(cfg, model, dm, logger=run.logger, run_id=run.run_id, ckpt_path=ckpt_path)
-    tracking.log_checkpoint(run, result.checkpoint)
-    log_training_figures(run, list(model.tasks))
-    model.load_state_dict(read_checkpoint(result.checkpoint)["state_dict"])  # the kept weights
-    model.eval()
-    blend = served_blend(cfg, model, dm)
-    if blend is not None:
-        tracking.log_metrics(run, blend.metrics())
-    with progress.step("Logging the served model"):
-        log_trained_model(cfg, dm, model, run, blend)  # runs:/<run id>/model
+    interrupted fit logs its last finished epoch's state instead, to resume from.
+
+    A server that goes away keeps the run here (tracking/offline.py): the fit goes on with its
+    metrics kept in the run directory, then the command stops naming the server. Resumed, the kept
+    metrics are sent first and a fit that had finished is not run again."""
+    run_dir = _checkpoint_dir(cfg, run.run_id)
+    tracking.send_unsent_metrics(run, run_dir)
+    finished = tracking.finished_fit(run_dir)
+    if finished is not None:
+        result = TrainResult(run.run_id, *finished)
+    else:
+        tracking.keep_unsent_metrics(run, run_dir)
+        with tracking.keep_resume_point(run, run_dir / LAST_CHECKPOINT):
+            result = _fit(cfg, model, dm, logger=run.logger, run_id=run.run_id, ckpt_path=ckpt_path)
+    with tracking.finish_when_server_answers(run, run_dir, result.checkpoint, result.metrics):
+        tracking.log_checkpoint(run, result.checkpoint)
+        log_training_figures(run, list(model.tasks))
+        model.load_state_dict(read_checkpoint(result.checkpoint)["state_dict"])  # the kept weights
+        model.eval()
+        blend = served_blend(cfg, model, dm)
+        if blend is not None:
+            tracking.log_metrics(run, blend.metrics())
+        with progress.step("Logging the served model"):
+            log_trained_model(cfg, dm, model, run, blend)  # runs:/<run id>/model
     return result
 
 
@@ -239,10 +253,18 @@ def served_blend(cfg, model, dm) -> Blend | None:
     blend = choose_on_validation(model, dm, options)
     if blend is not None and blend.recalls:
         raw = blend.val_recall(0.0, 0.0)
+        tried = {b: blend.val_recall(b) for b in betas if blend.val_recall(b) is not None}
+        best = max(tried, key=lambda b: (tried[b], -b))  # the argmax, the smallest among equals
+        rule = (
+            f"; the best blend (beta={best:g}, {tried[best]:.4f}) does not beat popularity by more than "
+            f"{float(options.get('popularity_margin_se', 0.0)):g} standard error(s), so popularity is served"
+            if best != blend.beta
+            else ""
+        )
         progress.announce(
             f"blend: validation chose beta={blend.beta:g} (popularity), fallback={blend.gamma:g} "
             f"(never-shown items by {blend.inputs.group}): conversion recall@{blend.select_k} "
-            f"{blend.val_recall():.4f}" + (f" (two-tower alone {raw:.4f})" if raw is not None else "")
+            f"{blend.val_recall():.4f}" + (f" (two-tower alone {raw:.4f})" if raw is not None else "") + rule
         )
     return blend
 

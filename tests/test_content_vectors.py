@@ -122,7 +122,7 @@ def test_tiny_training_and_evaluation_with_content_vectors(home, tiny_overrides,
     train(compose("train", overrides))
     result = evaluate(compose("eval", ["bootstrap.n_boot=0", "baselines=[]"]), run="latest")
     assert 0.0 <= result.metrics[HELDOUT_CONVERSION_COLD_RECALL_AT_100] <= 1.0
-    assert result.metrics["heldout/conversion/cold/n_positives"] >= 1
+    assert result.metrics["counts/heldout/conversion/cold/n_positives"] >= 1
 
 
 def test_datamodule_reads_item_and_subject_vectors(tiny_content_data):

@@ -16,6 +16,19 @@ from convcg_cli.metrics.retrieval import (
     value_recall_at_k,
 )
 
+COUNTS_PREFIX = "counts"  # counts go under their own prefix: a recall section's first chart is recall
+
+
+def count_name(split: str, task: str, subset: str | None = None) -> str:
+    """The name a count of positives is reported under, apart from the recall metrics, so that the
+    MLflow chart view's section of ``<split>/<task>`` opens on the headline recall.
+
+    Example:
+        >>> count_name("heldout", "conversion"), count_name("val", "conversion", "cold")
+        ('counts/heldout/conversion/n_positives', 'counts/val/conversion/cold/n_positives')
+    """
+    return "/".join([COUNTS_PREFIX, split, task, *([subset] if subset else []), "n_positives"])
+
 
 def _restrict(positives: tuple[np.ndarray, np.ndarray], n_queries: int) -> tuple[np.ndarray, np.ndarray]:
     q, i = positives
@@ -28,7 +41,8 @@ def value_and_cold_report(
 ) -> dict[str, float]:
     """Value-weighted recall@k of ``task`` (when its positives carry values) and recall@k on the
     positives whose item is new (no training-window impression; when there are any), e.g.
-    ``heldout/conversion/value_recall_at_100`` and ``heldout/conversion/cold/recall_at_100``."""
+    ``heldout/conversion/value_recall_at_100`` and ``heldout/conversion/cold/recall_at_100`` (their
+    count ``counts/heldout/conversion/cold/n_positives``: :func:`count_name`)."""
     q_all, _ = queries.positives[task]
     keep = q_all < len(topk_ids)
     q, items = q_all[keep], queries.positives[task][1][keep]
@@ -42,7 +56,7 @@ def value_and_cold_report(
     if cold.any():
         for k, value in recall_at_k(topk_ids, q[cold], items[cold], ks).items():
             out[metric_name(split, task, k, subset=COLD_ITEMS)] = value
-        out[f"{split}/{task}/{COLD_ITEMS}/n_positives"] = float(cold.sum())
+        out[count_name(split, task, COLD_ITEMS)] = float(cold.sum())
     return out
 
 
@@ -55,7 +69,8 @@ def report_from_topk(
     by_surface: bool = False,
 ) -> dict[str, float]:
     """Recall@k per task (and per surface) of ranked lists ``topk_ids`` (one row per query), with
-    value-weighted recall and recall on new items where they apply (:func:`value_and_cold_report`).
+    value-weighted recall and recall on new items where they apply (:func:`value_and_cold_report`),
+    and the number of positives scored per task (:func:`count_name`).
 
     Tasks with no positive among the scored queries are left out (recall is undefined there).
     """
@@ -66,7 +81,7 @@ def report_from_topk(
             continue
         for k, value in recall_at_k(topk_ids, q, items, ks).items():
             out[metric_name(split, task, k)] = value
-        out[f"{split}/{task}/n_positives"] = float(len(q))
+        out[count_name(split, task)] = float(len(q))
         out.update(value_and_cold_report(topk_ids, queries, ks, split, task))
         if by_surface:
             groups = recall_at_k_by_group(topk_ids, q, items, queries.surface[q], ks)

@@ -8,7 +8,8 @@
     datasets.py   a data directory's digest and profile, logged as the run's dataset input
     served.py     the pyfunc model of a run: save, publish once checked, load, register; bad requests
     ui.py         what the UI shows: short headline metric names, run colours, the hint that opens it
-    listing.py    an experiment's runs as plain rows (``convcg runs``)
+    listing.py    an experiment's runs as plain rows (``convcg runs``, ``convcg compare``)
+    offline.py    a server gone mid-run: metrics kept locally, sent by ``--resume`` with the rest
 
 MLflow is imported only inside these modules (and the pyfunc wrapper), lazily, so importing this
 package stays cheap.
@@ -45,7 +46,16 @@ from convcg_cli.tracking.datasets import (
     dataset_profile,
     log_dataset,
 )
-from convcg_cli.tracking.listing import RunListing, RunSummary, list_runs
+from convcg_cli.tracking.listing import LATEST, ComparedRun, RunListing, RunSummary, find_runs, list_runs
+from convcg_cli.tracking.offline import (
+    FINISHED_FIT_FILE,
+    UNSENT_METRICS_FILE,
+    ServerGoneError,
+    finish_when_server_answers,
+    finished_fit,
+    keep_unsent_metrics,
+    send_unsent_metrics,
+)
 from convcg_cli.tracking.params import MAX_PARAM_LENGTH, log_config_params, log_params, run_params
 from convcg_cli.tracking.runs import (
     BASELINE_KIND,
@@ -96,7 +106,14 @@ from convcg_cli.tracking.store import (
     quiet,
     sqlite_path,
 )
-from convcg_cli.tracking.ui import HEADLINE_KS, RUN_COLOR_TAG, headline_name, parse_headline, ui_hint
+from convcg_cli.tracking.ui import (
+    HEADLINE_KS,
+    RUN_COLOR_TAG,
+    headline_metrics,
+    headline_name,
+    parse_headline,
+    ui_hint,
+)
 
 __all__ = [
     "BASELINE_KIND",
@@ -110,7 +127,18 @@ __all__ = [
     "TRAINED_KIND",
     "TRIAL_KIND",
     "RunListing",
+    "LATEST",
+    "ComparedRun",
+    "find_runs",
+    "FINISHED_FIT_FILE",
+    "UNSENT_METRICS_FILE",
+    "ServerGoneError",
+    "finish_when_server_answers",
+    "finished_fit",
+    "keep_unsent_metrics",
+    "send_unsent_metrics",
     "RunSummary",
+    "headline_metrics",
     "headline_name",
     "is_server",
     "list_runs",

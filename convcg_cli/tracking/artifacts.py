@@ -82,11 +82,13 @@ def log_checkpoint(run: TrackedRun, checkpoint: Path) -> None:
 def keep_resume_point(run: TrackedRun, last_checkpoint: Path) -> Iterator[None]:
     """When the body is interrupted (Ctrl-C, SIGTERM), log ``last_checkpoint`` (Lightning's
     ``save_last``: the state at the end of the last finished epoch) as the run's
-    ``RESUME_CHECKPOINT_ARTIFACT``, so ``convcg train --resume`` can continue it from any host."""
+    ``RESUME_CHECKPOINT_ARTIFACT``, so ``convcg train --resume`` can continue it from any host.
+    While the server is gone (the logger keeps its metrics locally) the local file is all there is:
+    ``--resume`` on this host continues from it."""
     try:
         yield
     except (KeyboardInterrupt, SystemExit):
-        if last_checkpoint.exists():
+        if last_checkpoint.exists() and getattr(run.logger, "server_gone_at", None) is None:
             log_file(run, last_checkpoint, CHECKPOINT_DIR)
         raise
 

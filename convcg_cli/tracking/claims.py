@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from convcg_cli.errors import RunClaimedError, RunNotFoundError
-from convcg_cli.tracking.store import Store, sqlite_path
+from convcg_cli.tracking.store import Store, server_answers, sqlite_path
 from convcg_cli.workdir import writer_gone
 
 CLAIM_TAG = "convcg.claim"  # on a server store: who holds the run (host, pid, time, token)
@@ -95,4 +95,9 @@ def _tag_claim(store: Store, run_id: str) -> Iterator[None]:
     try:
         yield
     finally:
-        store.client.delete_tag(run_id, CLAIM_TAG)
+        try:
+            store.client.delete_tag(run_id, CLAIM_TAG)
+        except Exception:
+            if server_answers(store.uri):
+                raise
+            # The server is gone: the tag names this process, which a later claim finds dead.

@@ -15,6 +15,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from convcg_cli.errors import RunNotFoundError
 from convcg_cli.tracking.artifacts import CHECKPOINT_TAG, CONFIG_ARTIFACT, OVERRIDES_ARTIFACT, log_text
+from convcg_cli.tracking.offline import (
+    MetricJournal,
+    ServerGoneError,
+    UnsentMetric,
+    gone_message,
+    run_ended_message,
+    server_gone,
+)
 from convcg_cli.tracking.params import MAX_PARAM_LENGTH, choice_tags, design, log_params, run_name, run_params
 from convcg_cli.tracking.store import PARENT_RUN_TAG, Store, TrackedRun, user_variables_kept
 from convcg_cli.tracking.ui import BASELINE_COLOURS, DESIGN_COLOURS, RUN_COLOR_TAG, run_colour
@@ -58,10 +66,38 @@ def is_global_zero() -> bool:
 
 
 def _lightning_logger(store: Store, run_id: str):
+    import time
+
     from lightning.pytorch.loggers import MLFlowLogger
 
     class RunLogger(MLFlowLogger):
-        """MLFlowLogger bound to our run; the run's final status is set by ``tracked_run``."""
+        """MLFlowLogger bound to our run; the run's final status is set by ``tracked_run``. Once its
+        server stops answering it sends nothing more and keeps every metric in ``unsent`` (set by
+        :func:`~convcg_cli.tracking.offline.keep_unsent_metrics`), for ``--resume`` to send."""
+
+        unsent: MetricJournal | None = None
+        server_gone_at: int | None = None  # the step of the first metrics it could not send
+
+        def log_metrics(self, metrics, step=None) -> None:  # noqa: D102
+            if self.server_gone_at is None:
+                try:
+                    super().log_metrics(metrics, step)
+                    return
+                except Exception as exc:
+                    if self.unsent is None or not server_gone(store, exc):
+                        raise
+                    self.server_gone_at = step or 0
+                    from convcg_cli import progress
+
+                    progress.announce(
+                        f"The MLflow tracking server at {store.uri} stopped answering at step {step or 0}: "
+                        f"training goes on, its metrics kept in {self.unsent.path}."
+                    )
+            assert self.unsent is not None
+            now, at = int(time.time() * 1000), step or 0
+            self.unsent.append(
+                UnsentMetric(k, float(v), now, at) for k, v in metrics.items() if not isinstance(v, str)
+            )
 
         @property
         def experiment(self):  # noqa: D102
@@ -131,12 +167,32 @@ def _terminate(run: TrackedRun, exc: BaseException | None) -> None:
     run.client.set_terminated(run.run_id, RunStatus.to_string(status))
 
 
+def _server_gone_error(run: TrackedRun, exc: BaseException) -> ServerGoneError | None:
+    """The error to stop with when the run's server is gone (nothing can be told to it: the run stays
+    RUNNING, and the next command on this host marks it KILLED, which ``--resume`` takes); None when
+    the server answers, or the store is no server."""
+    if isinstance(exc, ServerGoneError):
+        return exc
+    unsent = getattr(run.logger, "unsent", None)
+    if getattr(run.logger, "server_gone_at", None) is not None and unsent is not None:
+        return ServerGoneError(gone_message(run.store, run.run_id, unsent.path.parent, len(unsent.read())))
+    if isinstance(exc, Exception) and server_gone(run.store, exc):
+        return ServerGoneError(run_ended_message(run.store, run.run_id, exc))
+    return None
+
+
 @contextmanager
 def terminate_with_status(run: TrackedRun) -> Iterator[TrackedRun]:
-    """Whatever happens inside, the run ends with the matching status; what it logged stays."""
+    """Whatever happens inside, the run ends with the matching status; what it logged stays. When
+    the server went away, a :class:`ServerGoneError` names it instead (the status cannot be set)."""
     try:
         yield run
     except BaseException as exc:
+        gone = _server_gone_error(run, exc)
+        if gone is exc:
+            raise
+        if gone is not None:
+            raise gone from None
         _terminate(run, exc)
         raise
     else:

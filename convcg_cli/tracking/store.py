@@ -55,22 +55,36 @@ LOCAL_ARTIFACTS = "mlartifacts"  # a sqlite store's artifacts: this folder besid
 SERVER_PROBE_TIMEOUT_S = 10.0  # how long a command waits for a server's first answer
 
 
+def _probe(tracking_uri: str) -> str | None:
+    """None when the server at ``tracking_uri`` answers at all (any HTTP status) within
+    ``SERVER_PROBE_TIMEOUT_S``, else the name of the failure (``ConnectionError``...)."""
+    import requests
+
+    try:
+        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=SERVER_PROBE_TIMEOUT_S)
+    except requests.RequestException as exc:
+        return type(exc).__name__
+    return None
+
+
+def server_answers(tracking_uri: str) -> bool:
+    """Whether the tracking server at ``tracking_uri`` answers one short request now."""
+    return _probe(tracking_uri) is None
+
+
 def _check_server(tracking_uri: str) -> None:
     """EnvironmentProblem unless the server at ``tracking_uri`` answers at all (any HTTP status).
 
     MLflow's client retries a refused connection with backoff for about two minutes before it gives
     up; one short request first turns an absent server into a message at once.
     """
-    import requests
-
-    try:
-        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=SERVER_PROBE_TIMEOUT_S)
-    except requests.RequestException as exc:
+    failure = _probe(tracking_uri)
+    if failure is not None:
         raise EnvironmentProblem(
-            f"The MLflow tracking server at {tracking_uri} does not answer ({type(exc).__name__}). "
+            f"The MLflow tracking server at {tracking_uri} does not answer ({failure}). "
             "Start it (or check the address), or unset MLFLOW_TRACKING_URI / set logger.tracking_uri "
             "to use another store, then run the command again."
-        ) from None
+        )
 
 
 def _locked(exc: BaseException) -> bool:

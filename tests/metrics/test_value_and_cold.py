@@ -84,5 +84,5 @@ def test_suite_reports_value_and_cold_recall_only_when_they_apply():
     )
     assert report[HELDOUT_CONVERSION_VALUE_RECALL_AT_2] == pytest.approx(70 / 100)
     assert report[HELDOUT_CONVERSION_COLD_RECALL_AT_2] == pytest.approx(1 / 2)
-    assert report["heldout/conversion/cold/n_positives"] == 2
+    assert report["counts/heldout/conversion/cold/n_positives"] == 2
     assert report["heldout/conversion/recall_at_2"] == pytest.approx(2 / 3)
