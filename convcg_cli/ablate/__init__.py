@@ -8,7 +8,8 @@ metric that selects the best variant (``select``), optional rolling-origin ``fol
 Modules: :mod:`.grid` (the grid and its cells' results), :mod:`.run` (training and evaluating the
 cells under one MLflow parent run), :mod:`.summary` (statistics, the validation-selected variant,
 paired comparisons per fold and pooled), :mod:`.report` (the markdown report and ``summary.json``),
-:mod:`.figure` (``recall.png``).
+:mod:`.figure` (``recall.png``), :mod:`.refit` (what a ``refit_of`` grid's cells take from the other
+grid's same window: the blend and the baselines' options chosen on its validation days).
 
 The parent run gets ``report.md`` (reproduce command, mean +- 95% t-interval across seeds per variant,
 the variant selected on validation and its paired bootstrap differences to every baseline per seed,

@@ -23,6 +23,7 @@ from convcg_cli.tasks import CONVERSION
 GRID_DIR = CONF_DIR / "ablate"
 FINISHED = "FINISHED"
 FAILED = "FAILED"
+SUMMARY_FILE = "summary.json"  # reports/<GRID>/summary.json: every cell's figures and choices
 # The train option that moves a fold's end back in time (its last N days are dropped before the split).
 END_OFFSET_KEY = "data.end_offset_days"
 _GRID_KEYS = {
@@ -55,7 +56,8 @@ class Grid:
     is the number of rolling-origin folds (fold f ends ``f * data.heldout_days`` days earlier).
     ``refit_of`` names the grid whose validation figures chose this grid's single design, which is
     retrained here with the validation days (``data.train_through_val``): it has no validation
-    figure of its own, and the report says where its choice was made. ``primary`` is the
+    figure of its own; each of its windows takes what that grid chose on the same window's
+    validation days (:mod:`.refit`), and the report says what and from where. ``primary`` is the
     pre-registered verdict: what the validation-chosen design is compared with (baselines by name,
     or baseline variants of the grid), pooled over the folds, by the two-level bootstrap over seeds
     and users; ``sha256`` is the grid file's hash, printed in the report with the commit.

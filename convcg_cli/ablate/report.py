@@ -11,11 +11,12 @@ portable (relative to the checkout, or a named variable), so the reproduce line 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from convcg_cli.ablate.grid import END_OFFSET_KEY, FINISHED, ChildResult, Grid
+from convcg_cli.ablate.refit import WindowChoice, cell_choices, choices_json, refit_section
 from convcg_cli.ablate.summary import (
     BEATS,
     DESIGN,
@@ -156,7 +157,8 @@ def render_report(grid: Grid, summary: Summary, context: dict, places: Places | 
         grid: the grid as run.
         summary: what :func:`~convcg_cli.ablate.summary.build_summary` made of its cells.
         context: ``command`` (the reproduce command), ``parent_run_id``, ``tracking_uri``,
-            ``data_dirs`` and ``split``.
+            ``data_dirs`` and ``split``; a refit grid's ``refit_choices``
+            (:func:`~convcg_cli.ablate.refit.window_choices`) or ``refit_note`` (why there are none).
         places: where the paths of ``context`` are written relative to (default: this process's
             :meth:`~convcg_cli.report_paths.Places.here`), so the report runs on another machine.
     """
@@ -182,6 +184,7 @@ def render_report(grid: Grid, summary: Summary, context: dict, places: Places | 
         f"convcg commit `{context.get('commit', 'not recorded')}`.",
         "",
     ]
+    lines += refit_section(grid, context.get("refit_choices"), context.get("refit_note", ""))
     lines += _primary_section(grid, summary.primary)
     heading = "###" if grid.folds > 1 else "##"
     for fold, rows in summary.rows.items():
@@ -313,8 +316,17 @@ def _extra_key(task: str, label: str, k: int) -> str:
     return metric_name(VAL, task, k, *EXTRA_METRICS[label]).split("/", 1)[1]
 
 
-def summary_json(grid: Grid, summary: Summary) -> dict:
-    """``summary.json``: rows per fold, the selected variant per fold, paired comparisons, children."""
+def summary_json(
+    grid: Grid,
+    summary: Summary,
+    split: str = "heldout",
+    candidates: Mapping[str, Mapping[str, list]] | None = None,
+    refit_choices: Mapping[tuple[int, int], WindowChoice] | None = None,
+) -> dict:
+    """``summary.json``: rows per fold, the selected variant per fold, paired comparisons, children
+    with their figures and what validation chose for them (:func:`~convcg_cli.ablate.refit.cell_choices`:
+    a refit grid reads them per window; ``candidates`` decode the logged numbers), and a refit grid's
+    ``refit_choices``."""
 
     def clean(x: float) -> float | None:
         return None if math.isnan(x) else x
@@ -381,9 +393,11 @@ def summary_json(grid: Grid, summary: Summary) -> dict:
                 "status": c.status,
                 "error": c.error,
                 "figures": _child_figures(grid, c),
+                "chosen": cell_choices(c.metrics, split, candidates),
             }
             for c in summary.children
         ],
+        **({"refit": {"of": grid.refit_of, "windows": choices_json(refit_choices)}} if refit_choices else {}),
     }
 
 

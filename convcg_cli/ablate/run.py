@@ -24,6 +24,7 @@ from convcg_cli.ablate.figure import FIGURE_FILE, plot_recall
 from convcg_cli.ablate.grid import (
     FAILED,
     FINISHED,
+    SUMMARY_FILE,
     ChildResult,
     Grid,
     Variant,
@@ -32,6 +33,7 @@ from convcg_cli.ablate.grid import (
     reproduce_command,
     source_commit,
 )
+from convcg_cli.ablate.refit import WindowChoice, choice_candidates, window_choices
 from convcg_cli.ablate.report import render_report, summary_json
 from convcg_cli.ablate.summary import Pairing, Row, Summary, build_summary, selection_metric
 from convcg_cli.config import compose
@@ -42,7 +44,6 @@ from convcg_cli.progress import cell_line
 GRID_SHA_TAG = "grid_sha256"  # on an ablation's parent run: its grid file's hash ...
 COMMIT_TAG = "git_commit"  # ... and the convcg commit that ran it (the report prints both)
 REPORT_FILE = "report.md"
-SUMMARY_FILE = "summary.json"
 REPORT_ARTIFACT_DIR = "report"
 # Train overrides that also apply to the evaluation config (both configs share these groups).
 _SHARED_GROUPS = ("paths", "logger")
@@ -92,18 +93,30 @@ def cells(grid: Grid) -> Iterator[Cell]:
                 yield Cell(variant, seed, fold)
 
 
-def child_overrides(cell: Cell, train_overrides: Sequence[str], heldout_days: int) -> list[str]:
-    """The train overrides of one cell: the variant's, the command line's, the fold's, the seed."""
+def child_overrides(
+    cell: Cell, train_overrides: Sequence[str], heldout_days: int, chosen: Sequence[str] = ()
+) -> list[str]:
+    """The train overrides of one cell: the variant's, the command line's, what a refit cell takes
+    from the other grid's same window (``chosen``), the fold's, the seed."""
     return [
         *cell.variant.overrides,
         *train_overrides,
+        *chosen,
         *fold_overrides(cell.fold, heldout_days),
         f"seed={cell.seed}",
     ]
 
 
-def _child_config(grid: Grid, cell: Cell, train_overrides: Sequence[str], heldout_days: int, parent: str):
-    composed = compose("train", child_overrides(cell, train_overrides, heldout_days))
+def _child_config(
+    grid: Grid,
+    cell: Cell,
+    train_overrides: Sequence[str],
+    heldout_days: int,
+    parent: str,
+    chosen: WindowChoice | None = None,
+):
+    extra = chosen.train_overrides if chosen is not None else ()
+    composed = compose("train", child_overrides(cell, train_overrides, heldout_days, extra))
     with open_dict(composed.cfg):
         composed.cfg.logger.parent_run_id = parent
         composed.cfg.logger.run_name = cell.run_name
@@ -148,6 +161,7 @@ class ReportWriter:
     def __init__(self, grid: Grid, eval_cfg, out: Path, context: dict) -> None:
         self.grid, self.out, self.context = grid, out, context
         self.split, self.ks = str(eval_cfg.split), [int(k) for k in eval_cfg.ks]
+        self.candidates = choice_candidates(eval_cfg)
         boot = eval_cfg.bootstrap
         self.pairing = Pairing(int(boot.n_boot), int(boot.seed), float(boot.level))
         self._paired_cache: dict = {}
@@ -158,7 +172,10 @@ class ReportWriter:
         summary = build_summary(self.grid, children, self.split, self.ks, self.pairing, self._paired_cache)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / REPORT_FILE).write_text(render_report(self.grid, summary, self.context))
-        (self.out / SUMMARY_FILE).write_text(json.dumps(summary_json(self.grid, summary), indent=2))
+        data = summary_json(
+            self.grid, summary, self.split, self.candidates, self.context.get("refit_choices")
+        )
+        (self.out / SUMMARY_FILE).write_text(json.dumps(data, indent=2))
         return summary
 
 
@@ -204,6 +221,8 @@ def run_ablation(
     shared = [o for o in train_overrides if o.lstrip("+~").split(".")[0].split("=")[0] in _SHARED_GROUPS]
     eval_composed = compose("eval", [*grid.eval_overrides, *shared])
     heldout_days = _preflight(grid, train_overrides)
+    choices = _refit_choices(grid, eval_composed.cfg)  # before any run: refused without them
+    cell_evals = _cell_eval_configs([*grid.eval_overrides, *shared], choices)
 
     store = tracking.Store.from_config(eval_composed.cfg.logger)
     report_dir = Path(eval_composed.cfg.paths.root_dir) / "reports" / grid.name
@@ -222,25 +241,37 @@ def run_ablation(
             "split": str(eval_composed.cfg.split),
             "grid_sha256": tags[GRID_SHA_TAG],
             "commit": tags[COMMIT_TAG],
+            **({"refit_choices": choices} if grid.refit_of else {}),
         }
         writer = ReportWriter(grid, eval_composed.cfg, report_dir, context)
         summary = writer.write(children)
         jobs = [
-            (cell, _child_config(grid, cell, train_overrides, heldout_days[cell.variant.name], parent.run_id))
+            (
+                cell,
+                _child_config(
+                    grid,
+                    cell,
+                    train_overrides,
+                    heldout_days[cell.variant.name],
+                    parent.run_id,
+                    choices.get((cell.fold, cell.seed)),
+                ),
+                cell_evals.get((cell.fold, cell.seed), eval_composed),
+            )
             for cell in cells(grid)
         ]
         if launcher_overrides:
             paths = [o for o in shared if o.lstrip("+~").startswith("paths")]
             shared_dir = _prepared_data_dir(eval_composed.cfg, parent.run_id) if reuse_data else None
-            _launch_cells(grid, jobs, eval_composed, [*paths, *launcher_overrides], shared_dir)
+            _launch_cells(grid, jobs, [*paths, *launcher_overrides], shared_dir)
             children = _children_from_runs(store, grid, eval_composed.cfg, parent.run_id)
             summary = writer.write(children)
         else:
             start = time.perf_counter()
-            for index, (cell, composed) in enumerate(jobs, 1):
+            for index, (cell, composed, cell_eval) in enumerate(jobs, 1):
                 progress.announce(cell_line(index, len(jobs), cell.run_name, time.perf_counter() - start))
                 children.append(
-                    _run_child(grid, cell, composed, eval_composed, train_fn, evaluate_fn, baseline_cache)
+                    _run_child(grid, cell, composed, cell_eval, train_fn, evaluate_fn, baseline_cache)
                 )
                 _mark_lost_run(store, parent.run_id, children[-1])
                 summary = writer.write(children)  # a long grid that is stopped still leaves a report
@@ -273,10 +304,30 @@ def rewrite_report(grid: Grid, parent_run_id: str, train_overrides: Sequence[str
         "grid_sha256": parent.data.tags.get(GRID_SHA_TAG, "not recorded"),
         "commit": parent.data.tags.get(COMMIT_TAG, "not recorded"),
     }
+    if grid.refit_of:
+        try:
+            context["refit_choices"] = _refit_choices(grid, eval_cfg)
+        except ConfigError as exc:
+            context["refit_note"] = f"Not available when this report was written: {exc}"
     report_dir = Path(eval_cfg.paths.root_dir) / "reports" / grid.name
     summary = ReportWriter(grid, eval_cfg, report_dir, context).write(children)
     plot_recall(summary.rows[0], [int(k) for k in eval_cfg.ks], report_dir / FIGURE_FILE)
     return AblationResult(parent_run_id, report_dir, children, summary)
+
+
+def _refit_choices(grid: Grid, eval_cfg) -> dict[tuple[int, int], WindowChoice]:
+    """A refit grid's per-(fold, seed) choices, taken from its ``refit_of`` grid's same window
+    (``reports/<refit_of>/summary.json`` under ``paths.root_dir``); none for other grids."""
+    if not grid.refit_of:
+        return {}
+    return window_choices(grid, eval_cfg, Path(eval_cfg.paths.root_dir) / "reports")
+
+
+def _cell_eval_configs(overrides: Sequence[str], choices: dict[tuple[int, int], WindowChoice]) -> dict:
+    """The evaluation config of each refit cell by (fold, seed): the grid's ``overrides`` and its
+    window's choices (composed before any run, so a bad value fails at once); other grids' cells
+    share the grid's one."""
+    return {key: compose("eval", [*overrides, *c.eval_overrides]) for key, c in choices.items()}
 
 
 def _children_from_runs(store: tracking.Store, grid: Grid, eval_cfg, parent_run_id: str) -> list[ChildResult]:
@@ -328,9 +379,7 @@ def _prepared_data_dir(eval_cfg, parent_run_id: str) -> Path:
     return Path(eval_cfg.paths.output_dir) / "ablate" / parent_run_id / "data"
 
 
-def _launch_cells(
-    grid: Grid, jobs: list, eval_composed, launcher_overrides: Sequence[str], shared_dir: Path | None
-) -> None:
+def _launch_cells(grid: Grid, jobs: list, launcher_overrides: Sequence[str], shared_dir: Path | None) -> None:
     """Run the cells as the jobs of one Hydra multirun (``conf/ablate_cell.yaml``, ``cell=0,...,N-1``)
     on the launcher ``launcher_overrides`` choose: joblib uses local cores, submitit a SLURM cluster,
     Ray a Ray cluster. Each job trains and evaluates its cell under the parent run; a failed cell is
@@ -347,8 +396,8 @@ def _launch_cells(
     evaluate_fn = functools.partial(evaluate, data_cache=data_cache)
 
     def run_cell(composed) -> None:
-        cell, child = jobs[int(composed.cfg.cell)]
-        _run_child(grid, cell, child, eval_composed, train_fn, evaluate_fn, baseline_cache)
+        cell, child, cell_eval = jobs[int(composed.cfg.cell)]
+        _run_child(grid, cell, child, cell_eval, train_fn, evaluate_fn, baseline_cache)
 
     sweep = ["-m", f"cell={','.join(str(i) for i in range(len(jobs)))}", *launcher_overrides]
     try:
