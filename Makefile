@@ -66,7 +66,7 @@ mutate: $(STAMP) ## Mutation testing of the numerical core -> reports/mutation/r
 	nice -n 19 $(BIN)/python tools/mutate.py $(MUTATE_ARGS)
 
 .PHONY: faults
-faults: $(STAMP) ## Run the fault-injection tests (marker faults, slow ones included; ~5 min): README "Reliability"
+faults: $(STAMP) ## Run the fault-injection tests (marker faults, slow ones included; ~5 min): docs/reference/reliability.md
 	$(BIN)/python -m pytest -m faults -q $(PYTEST_ARGS)
 
 .PHONY: browser-test
@@ -74,6 +74,11 @@ SCREENSHOTS ?=
 browser-test: $(STAMP) ## MLflow UI in headless Chromium (apt-get install chromium first; SCREENSHOTS=docs/mlflow-ui)
 	$(BIN)/pip install -q -e '.[browser]'
 	CONVCG_UI_SCREENSHOTS=$(SCREENSHOTS) $(BIN)/python -m pytest -m browser -q $(PYTEST_ARGS)
+
+.PHONY: docs
+docs: $(STAMP) ## The manual (docs/) into site/ with mkdocs --strict: a broken link, or a config reference older than conf/, fails
+	$(BIN)/python tools/config_reference.py --check
+	$(BIN)/mkdocs build --strict --site-dir site
 
 lint: $(STAMP) ## ruff lint + format check
 	$(BIN)/ruff check convcg_cli tests
