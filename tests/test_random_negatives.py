@@ -112,3 +112,19 @@ def test_a_model_trains_with_random_negatives(tiny_overrides, home):
 
     result = train(compose("train", [*tiny_overrides, "data.random_negatives=32"]))
     assert math.isfinite(result.metrics["val/conversion/recall_at_100"])
+
+
+def test_a_datamodule_adopting_a_prepared_set_up_keeps_its_own_random_negatives(tiny_data):
+    """Trials and grid cells share one set-up (``PreparedDataCache``): ``random_negatives`` is not a
+    content option, so the adopted training batches must draw this datamodule's own."""
+    from convcg_cli.data.loading import PreparedDataCache
+
+    cache = PreparedDataCache()
+    plain = InMemoryDataModule(str(tiny_data), batch_size=256)
+    cache.setup(plain, "fit")
+    adopted = InMemoryDataModule(str(tiny_data), batch_size=256, random_negatives=16)
+    cache.setup(adopted, "fit")
+    assert cache.hits == 1  # the same set-up, shared
+    first = next(iter(adopted.train_dataloader()))
+    assert first["random_pos"].shape == (16,)
+    assert "random_pos" not in next(iter(plain.train_dataloader()))

@@ -298,13 +298,14 @@ def reordered(
     batch_size: int,
     seed: int,
     item_id_dropout: ItemIdDropout | None = None,
+    random_negatives: RandomNegatives | None = None,
 ):
     """The same training examples cut into batches of ``batch_size`` in the order of ``seed``, from
-    epoch 0, with ``item_id_dropout`` (none by default): a shallow copy (the example tensors are
-    shared, read-only)."""
+    epoch 0, with ``item_id_dropout`` and ``random_negatives`` (none by default): a shallow copy (the
+    example tensors are shared, read-only)."""
     out = copy.copy(batches)
     out.batch_size, out.seed, out.epoch = batch_size, seed, 0
-    out.item_id_dropout = item_id_dropout
+    out.item_id_dropout, out.random_negatives = item_id_dropout, random_negatives
     return out
 
 

@@ -410,7 +410,9 @@ class DataModuleBase(L.LightningDataModule):
         and item-id dropout (not a content option: it is drawn per batch) and start at epoch 0."""
         vars(self).update(state)
         if self.train_set is not None:
-            self.train_set = reordered(self.train_set, self.batch_size, self.seed, self._cold_start())
+            self.train_set = reordered(
+                self.train_set, self.batch_size, self.seed, self._cold_start(), self._random_negatives()
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs besides the weights: the training batches' epoch counter, so the
