@@ -66,8 +66,11 @@ def test_the_command_dir_is_removed_on_success_and_on_an_error(tmpdir_env):
     ("signum", "code"), [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, -signal.SIGINT)]
 )
 def test_the_command_dir_is_removed_when_a_signal_stops_the_command(tmpdir_env, signum, code):
+    # Python's own Ctrl-C handler, whatever this suite inherited: a shell's background job (nohup
+    # pytest &) starts with SIGINT ignored, and the child would inherit that and sleep on.
     script = (
-        "import sys, time\n"
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from convcg_cli import workdir\n"
         "with workdir.command_dir('export') as path:\n"
         "    (path / 'model.ckpt').write_bytes(b'x' * 1000)\n"
