@@ -99,7 +99,7 @@ def test_a_server_gone_mid_run_loses_nothing_and_resume_finishes_the_run(
     server = start_server(root, port)
     try:
         trained = convcg(
-            ["train", f"data.dir={tiny_data}", *TINY_TRAIN, "trainer.max_epochs=2"],
+            ["train", f"data.dir={tiny_data}", *TINY_TRAIN, "serve.log_model=true", "trainer.max_epochs=2"],
             {**env, "STOP_SERVER_PGID": str(server.pid), "STOP_SERVER_URL": url},
             module="tests.train_stopping_the_server",
         )
@@ -144,6 +144,9 @@ def test_a_server_gone_mid_run_loses_nothing_and_resume_finishes_the_run(
         folders = ("", tracking.CHECKPOINT_DIR, "figures")
         artifacts = {f.path for folder in folders for f in client.list_artifacts(run_id, folder)}
         assert {tracking.CHECKPOINT_ARTIFACT, "figures/training.png", "config"} <= artifacts, artifacts
+        experiment = client.get_run(run_id).info.experiment_id  # the served model, logged on resume
+        models = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+        assert [m.name for m in models] == ["model"], models
         assert not (run_dir / tracking.UNSENT_METRICS_FILE).exists()
         assert not (run_dir / tracking.FINISHED_FIT_FILE).exists()
     finally:
