@@ -9,8 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-import numpy as np
-
+from convcg_cli import baselines
 from convcg_cli.baselines import Baseline, TrainHistory, make_baseline
 from convcg_cli.errors import ConfigError
 
@@ -32,13 +31,6 @@ class TunedBaseline:
     tried: int
 
 
-def validation_recall(baseline: Baseline, validation: tuple[np.ndarray, np.ndarray], k: int) -> float:
-    """Share of the validation conversions whose item is in its user's top ``k``."""
-    users, items = validation
-    topk = baseline.query_topk(users, k)
-    return float((topk == items[:, None]).any(axis=1).mean())
-
-
 def tune_baseline(
     name: str,
     options: Mapping[str, Any] | None,
@@ -53,6 +45,7 @@ def tune_baseline(
     through its validation days) or without a grid, ``options`` as given.
 
     Example:
+        >>> import numpy as np
         >>> hist = TrainHistory(np.array([0, 1, 1]), np.array([0, 0, 1]), 2, 2, np.array([2.0, 1.0]),
         ...                     conversion_events=(np.array([0, 0, 1]), np.array([3, 3, 9])),
         ...                     validation=(np.array([0]), np.array([1])))
@@ -73,7 +66,7 @@ def tune_baseline(
     for values in combos:
         chosen = dict(zip(grid, values, strict=True))
         baseline = make_baseline(name, {**base, **chosen}).fit(history)
-        recall = validation_recall(baseline, validation, select_k)
+        recall = baselines.validation_recall(baseline, validation, select_k)
         if best is None or recall > cast(float, best.val_recall):
             # the effective values (e.g. include_self=auto as the fit resolved it)
             effective = {option: getattr(baseline, option, value) for option, value in chosen.items()}
@@ -104,6 +97,7 @@ def chosen_metrics(
     conversions: a refit). A refit grid reads them to take the same window's choices.
 
     Example:
+        >>> import numpy as np
         >>> hist = TrainHistory(np.array([0]), np.array([0]), 1, 1, np.array([1.0]))
         >>> tuned = TunedBaseline(make_baseline("popularity", {}), {"window_days": None}, 0.5, 2)
         >>> chosen_metrics(tuned, hist, "heldout/baseline_popularity", 100)  # doctest: +NORMALIZE_WHITESPACE

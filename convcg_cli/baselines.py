@@ -551,13 +551,10 @@ class EASEPopularity(EASE):
         self.prior = log_prior(counts)  # the same prior as the model's (convcg eval popularity_prior)
         self.chosen_weight = self.weights_grid[0]
         if history.validation is not None and len(history.validation[0]):
-            users, items = history.validation
             recall = []
             for w in self.weights_grid:
                 self.chosen_weight = w
-                topk = self.query_topk(users, self.select_k)
-                # share of validation conversion rows whose item is in the user's top k
-                recall.append(float((topk == items[:, None]).any(axis=1).mean()))
+                recall.append(validation_recall(self, history.validation, self.select_k))
             self.chosen_weight = self.weights_grid[int(np.argmax(recall))]  # first best on ties
         return self
 
@@ -566,6 +563,15 @@ class EASEPopularity(EASE):
         scores = super()._scores(rows)
         scale = np.abs(scores).max(axis=1, keepdims=True)
         return scores / np.where(scale > 0, scale, 1.0) + self.chosen_weight * self.prior[None, :]
+
+
+def validation_recall(baseline: Baseline, validation: tuple[np.ndarray, np.ndarray], k: int) -> float:
+    """Share of the validation conversion rows ``(users, items)`` whose item is in its user's top
+    ``k`` of ``baseline``: what a baseline's own choices are made on (EASEPopularity's weight,
+    ``baseline_tuning``'s options)."""
+    users, items = validation
+    topk = baseline.query_topk(users, k)
+    return float((topk == items[:, None]).any(axis=1).mean())
 
 
 BASELINES: dict[str, type[Baseline]] = {cls.name: cls for cls in (MostPopular, ItemCF, EASE, EASEPopularity)}

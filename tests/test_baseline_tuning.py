@@ -8,8 +8,8 @@ import pytest
 import scipy.sparse as sp
 
 from convcg_cli.baseline_scores import keep_top_per_row
-from convcg_cli.baseline_tuning import tune_baseline, validation_recall
-from convcg_cli.baselines import ItemCF, MostPopular, TrainHistory, training_history
+from convcg_cli.baseline_tuning import tune_baseline
+from convcg_cli.baselines import ItemCF, MostPopular, TrainHistory, training_history, validation_recall
 from convcg_cli.config import compose
 from convcg_cli.errors import ConfigError
 from convcg_cli.train import build_datamodule
@@ -125,13 +125,13 @@ def tiny_dm(tiny_data):
 
 
 def test_eval_logs_the_chosen_values_and_tunes_on_validation_only(tiny_dm, monkeypatch):
-    from convcg_cli import baseline_tuning
+    from convcg_cli import baselines
     from convcg_cli.evaluate import baseline_metrics
 
     seen = []
-    real = baseline_tuning.validation_recall
+    real = baselines.validation_recall
     monkeypatch.setattr(
-        baseline_tuning,
+        baselines,
         "validation_recall",
         lambda b, validation, k: seen.append(validation) or real(b, validation, k),
     )

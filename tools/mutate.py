@@ -128,7 +128,7 @@ HAND_MUTANTS: tuple[tuple[str, str, str], ...] = (
         "return (w * ce).sum() / w.sum()\n\n\nclass TableLogQ",
         "return ce.mean()\n\n\nclass TableLogQ",
     ),
-    ("baselines", "topk = self.query_topk(users, self.select_k)", "topk = self.query_topk(users, 1)"),
+    ("baselines", "topk = baseline.query_topk(users, k)", "topk = baseline.query_topk(users, 1)"),
     (
         "baselines",
         "earlier = np.unique(user_pos[day < last] * n_items + item_pos[day < last])",

@@ -175,7 +175,7 @@ class RandomNegatives:
 _RANDOM_STREAM = 0x2A  # tells the random negatives' seed sequence apart from other streams
 
 
-class _ColdStart:
+class _BatchExtras:
     """One epoch's per-batch extras on one rank: item-id dropout and random corpus negatives, each
     from its own stream (the batch as it is when both are off)."""
 
@@ -204,9 +204,9 @@ class _ColdStart:
         return batch
 
 
-def _epoch_extras(batches: ShuffledBatches | ShardedBatches, epoch: int, rank: int) -> _ColdStart:
+def _epoch_extras(batches: ShuffledBatches | ShardedBatches, epoch: int, rank: int) -> _BatchExtras:
     """The per-batch extras of one epoch of ``batches`` on one rank."""
-    return _ColdStart(
+    return _BatchExtras(
         batches.item_id_dropout,
         batches.seed,
         epoch,
