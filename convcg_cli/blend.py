@@ -66,6 +66,8 @@ class Blend:
     inputs: BlendInputs
     select_k: int = 100
     recalls: dict[str, float] = field(default_factory=dict)
+    # the best blend's beta when popularity_margin_se served the largest beta in its place, else None
+    overruled_beta: float | None = None
 
     @property
     def bias(self) -> np.ndarray:
@@ -205,7 +207,7 @@ def choose_blend(
         margin = recall(beta, gamma) - recall(most_popular, gamma)
         se = paired_se(hits[_key(beta, gamma)], hits[_key(most_popular, gamma)], pair_query)
         if margin <= popularity_margin_se * se:
-            beta = most_popular
+            return Blend(most_popular, gamma, inputs, int(k), recalls, overruled_beta=beta)
     return Blend(beta, gamma, inputs, int(k), recalls)
 
 

@@ -253,12 +253,12 @@ def served_blend(cfg, model, dm) -> Blend | None:
     blend = choose_on_validation(model, dm, options)
     if blend is not None and blend.recalls:
         raw = blend.val_recall(0.0, 0.0)
-        tried = {b: blend.val_recall(b) for b in betas if blend.val_recall(b) is not None}
-        best = max(tried, key=lambda b: (tried[b], -b))  # the argmax, the smallest among equals
+        best = blend.overruled_beta
         rule = (
-            f"; the best blend (beta={best:g}, {tried[best]:.4f}) does not beat popularity by more than "
-            f"{float(options.get('popularity_margin_se', 0.0)):g} standard error(s), so popularity is served"
-            if best != blend.beta
+            f"; the best blend (beta={best:g}, {blend.val_recall(best):.4f}) does not beat popularity by "
+            f"more than {float(options.get('popularity_margin_se', 0.0)):g} standard error(s), so "
+            "popularity is served"
+            if best is not None
             else ""
         )
         progress.announce(

@@ -262,6 +262,7 @@ def test_a_gain_of_one_positive_is_no_evidence_against_popularity(n_model, margi
     )
     assert blend.recalls["0.5,0"] - blend.recalls["100,0"] == pytest.approx(n_model / len(positive))
     assert blend.beta == served
+    assert blend.overruled_beta == (0.5 if served == 100.0 else None)  # what the train line names
 
 
 def test_paired_se_is_the_cluster_robust_standard_error():
