@@ -52,3 +52,15 @@ def validation_figure(store: tracking.Store, cfg, run_id: str, metric: str) -> f
     name, mode = monitor
     monitor_history = history if name == metric else tracking.metric_history(store, run_id, name)
     return value_at_best_epoch(monitor_history, history, mode)
+
+
+KEPT_EPOCH = "kept_epoch"  # the epoch (0-based, Lightning's ``epoch`` metric) of the checkpoint a run kept
+
+
+def kept_figures(store: tracking.Store, cfg, run_id: str, names: Sequence[str]) -> dict[str, float]:
+    """Every ``val/`` metric of ``names`` at the checkpoint the run kept (:func:`validation_figure`),
+    those the run never logged left out, and ``kept_epoch``: the epoch of that checkpoint (Lightning
+    logs ``epoch`` at every validation step; NaN left out too)."""
+    out = {name: validation_figure(store, cfg, run_id, name) for name in names}
+    out[KEPT_EPOCH] = validation_figure(store, cfg, run_id, "epoch")
+    return {name: value for name, value in out.items() if not math.isnan(value)}

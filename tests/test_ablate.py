@@ -384,6 +384,17 @@ def test_smoke_grid_end_to_end(home, tiny_overrides, tmp_path_factory):
     assert "## Primary comparison" in report and f"sha256 `{grid.sha256}`" in report
     primary = json.loads((result.report_dir / "summary.json").read_text())["primary"]
     assert {p["against"] for p in primary} == {"engagement_only", "popularity"}
+    # every finished cell's own figures, to check it by retraining it (issue 21 point 4)
+    cells = json.loads((result.report_dir / "summary.json").read_text())["children"]
+    figures = next(c for c in cells if c["variant"] == "unified_parallel")["figures"]
+    assert {
+        "val/conversion/recall_at_100",
+        "val/engagement/recall_at_1000",
+        "heldout/conversion/recall_at_10",
+        "heldout/engagement/recall_at_1000",
+        "kept_epoch",
+    } <= set(figures)
+    assert figures["kept_epoch"] == 0.0  # one epoch: the kept checkpoint is epoch 0
     assert (result.report_dir / "recall.png").exists()
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
     assert {"report/report.md", "report/recall.png", "report/summary.json"} <= artifacts
@@ -391,8 +402,10 @@ def test_smoke_grid_end_to_end(home, tiny_overrides, tmp_path_factory):
     # --report-only: the same report again from the runs alone, nothing trained
     written = (result.report_dir / "report.md").read_text()
     (result.report_dir / "report.md").unlink()
+    summary_written = (result.report_dir / "summary.json").read_text()
     again = ablate.rewrite_report(grid, result.parent_run_id, tiny_overrides)
     assert (again.report_dir / "report.md").read_text() == written
+    assert (again.report_dir / "summary.json").read_text() == summary_written
     assert (
         len(tracking.child_runs(tracking.Store.from_config(compose("eval").cfg.logger), result.parent_run_id))
         == 3

@@ -32,6 +32,7 @@ from convcg_cli.ablate.summary import (
     selection_metric,
     verdict,
 )
+from convcg_cli.kept_checkpoint import KEPT_EPOCH
 from convcg_cli.markdown import table
 from convcg_cli.metrics.bootstrap import PairedDifference
 from convcg_cli.metrics.compare import t_quantile
@@ -401,13 +402,20 @@ def summary_json(
     }
 
 
+CELL_KS = (10, 100, 1000)  # the recalls summary.json gives per cell
+
+
 def _child_figures(grid: Grid, child: ChildResult) -> dict[str, float]:
-    """One cell's own figures, to check a report cell against its run: the validation figure that
-    selects and held-out recall@100/@1000 of every task (those the run logged)."""
-    names = [selection_metric(grid)] + [
-        metric_name(split, task, k) for split in ("heldout",) for task in TASKS for k in (100, 1000)
+    """One cell's own figures, to check a report cell against its run by retraining it: the
+    validation figure that selects, validation recall@10/@100/@1000 of every task at the checkpoint
+    the run kept, its epoch (``kept_epoch``), and held-out recall@10/@100/@1000 of every task (those
+    the run logged: validation logs ``val_ks`` only). The prior weight it served is under ``chosen``."""
+    names = [
+        selection_metric(grid),
+        *(metric_name(split, task, k) for split in (VAL, "heldout") for task in TASKS for k in CELL_KS),
+        KEPT_EPOCH,
     ]
-    return {name: child.metrics[name] for name in names if name in child.metrics}
+    return {name: child.metrics[name] for name in dict.fromkeys(names) if name in child.metrics}
 
 
 def _primary_json(c: PrimaryComparison) -> dict:

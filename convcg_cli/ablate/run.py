@@ -35,10 +35,11 @@ from convcg_cli.ablate.grid import (
 )
 from convcg_cli.ablate.refit import WindowChoice, choice_candidates, window_choices
 from convcg_cli.ablate.report import render_report, summary_json
-from convcg_cli.ablate.summary import Pairing, Row, Summary, build_summary, selection_metric
+from convcg_cli.ablate.summary import TASKS, Pairing, Row, Summary, build_summary, selection_metric
 from convcg_cli.config import compose
 from convcg_cli.errors import ConfigError, RunInterruptedError
-from convcg_cli.kept_checkpoint import validation_figure
+from convcg_cli.kept_checkpoint import kept_figures, validation_figure
+from convcg_cli.metrics.retrieval import VAL, metric_name
 from convcg_cli.progress import cell_line
 
 GRID_SHA_TAG = "grid_sha256"  # on an ablation's parent run: its grid file's hash ...
@@ -360,6 +361,7 @@ def _read_children(
         metrics.update(
             tracking.read_json_artifact(store, run_id, f"eval/{split}_metrics.json", downloads) or {}
         )
+        metrics.update(kept_figures(store, train_cfg, run_id, validation_names(train_cfg)))
         metrics[selection_metric(grid)] = validation_figure(store, train_cfg, run_id, selection_metric(grid))
         hits_path = tracking.download_artifact(
             store, run_id, f"eval/{HITS_FILE.format(split=split)}", downloads
@@ -407,6 +409,11 @@ def _launch_cells(grid: Grid, jobs: list, launcher_overrides: Sequence[str], sha
             shutil.rmtree(shared_dir, ignore_errors=True)
 
 
+def validation_names(cfg) -> list[str]:
+    """The validation recalls a training run logs every epoch (``val_ks``, every task)."""
+    return [metric_name(VAL, task, int(k)) for task in TASKS for k in cfg.val_ks]
+
+
 def _run_child(grid: Grid, cell: Cell, composed, eval_composed, train_fn, evaluate_fn, cache) -> ChildResult:
     """Train and evaluate one cell; any error is recorded, not raised (Ctrl-C still stops the grid)."""
     store = tracking.Store.from_config(eval_composed.cfg.logger)
@@ -416,6 +423,7 @@ def _run_child(grid: Grid, cell: Cell, composed, eval_composed, train_fn, evalua
         run_id = train_fn(composed).run_id
         result = evaluate_fn(eval_composed, run_id, baseline_cache=cache)
         metrics = dict(result.metrics)
+        metrics.update(kept_figures(store, composed.cfg, run_id, validation_names(composed.cfg)))
         selecting = validation_figure(store, composed.cfg, run_id, selection_metric(grid))
         if not math.isnan(selecting):
             metrics[selection_metric(grid)] = selecting
