@@ -4,8 +4,10 @@ opens the UI on a store.
 - **Headline names**: the UI's runs table cuts a column header after about 15 characters, so
   ``heldout/conversion/recall_at_100`` and ``..._1000`` both read ``heldout/convers…``. Every
   ``<split>/<task>/recall_at_<k>`` with k in :data:`HEADLINE_KS` is also logged as
-  ``r<k>_<task>_<split>`` (``r100_conversion_heldout``): the cut-off, then the task come first, and a
-  name without a ``/`` goes to the chart view's first section ("Model metrics"). The long names stay.
+  ``r<k>_<task>_<split>`` (``r100_conversion_heldout``): the cut-off, then the task come first. A
+  name without a ``/`` goes to the chart view's "Model metrics" section, which MLflow 3.17 puts after
+  every ``prefix/`` section: typed into **Search metric charts** it shows alone (the browser test's
+  path, docs/reference/mlflow-runs.md). The long names stay.
 - **Run colours**: the UI draws a run in the colour of its ``mlflow.runColor`` tag (what its colour
   picker writes). Runs of one design share a colour and different designs get different ones, so a
   chart's lines and bars can be told apart without hovering.
