@@ -1,6 +1,8 @@
 """Score transforms of the baselines' tunable options (``convcg_cli.baselines``): popularity over the
 training window's last days (``MostPopular(window_days=...)``) and an item-item matrix cut to each
-item's nearest neighbours (``ItemCF(neighbours=...)``)."""
+item's nearest neighbours: ``keep_top_per_row``, the definition ``ItemCF(neighbours=...)`` follows
+(:class:`~convcg_cli.baselines.ItemCFSimilarity` cuts ranked rows instead of sorting the whole matrix
+for each value; the tests hold the two equal)."""
 
 from __future__ import annotations
 

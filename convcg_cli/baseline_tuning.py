@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from convcg_cli import baselines
-from convcg_cli.baselines import Baseline, TrainHistory, make_baseline
+from convcg_cli.baselines import Baseline, TrainHistory, baseline_class, make_baseline
 from convcg_cli.errors import ConfigError
 
 
@@ -42,7 +42,9 @@ def tune_baseline(
     (option -> candidate values) tried on top of them, and the one with the best validation conversion
     recall@``select_k`` kept (the first in grid order on ties). The held-out days are never read:
     ``history.validation`` are the validation split's conversions. Without them (a refit run, trained
-    through its validation days) or without a grid, ``options`` as given.
+    through its validation days) or without a grid, ``options`` as given. The candidates are fitted
+    by the class's :meth:`~convcg_cli.baselines.Baseline.fit_each` (ItemCF computes its cosine once for
+    the whole grid), each exactly as its own ``fit`` would.
 
     Example:
         >>> import numpy as np
@@ -62,10 +64,10 @@ def tune_baseline(
     if not grid or validation is None or not len(validation[0]):
         return TunedBaseline(make_baseline(name, base).fit(history), {}, None, 0)
     best: TunedBaseline | None = None
-    combos = list(itertools.product(*grid.values()))
-    for values in combos:
-        chosen = dict(zip(grid, values, strict=True))
-        baseline = make_baseline(name, {**base, **chosen}).fit(history)
+    combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    # fitted one at a time (only the best so far is kept), by the class: ItemCF shares its cosine
+    fitted = baseline_class(name).fit_each([{**base, **chosen} for chosen in combos], history)
+    for chosen, baseline in zip(combos, fitted, strict=True):
         recall = baselines.validation_recall(baseline, validation, select_k)
         if best is None or recall > cast(float, best.val_recall):
             # the effective values (e.g. include_self=auto as the fit resolved it)

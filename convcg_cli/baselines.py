@@ -6,7 +6,8 @@ One class per baseline, chosen by name in ``conf/eval.yaml`` (``baselines: [popu
 * ``ItemCF``: item-to-item cosine similarity of training-window engagements (scipy.sparse);
   score(u, j) = sum over u's engaged items i of sim(i, j), kept sparse: each user's top k is chosen
   among the items it scores above 0 (:func:`sparse_topk_rows`), never over a dense users x items
-  block. Scales to large sparse corpora.
+  block. Scales to large sparse corpora. A tuning grid of its options is fitted from one cosine
+  product (:meth:`ItemCF.fit_each`, :class:`ItemCFSimilarity`).
 * ``EASE``: Steck's closed-form linear autoencoder, B = I - P diag(1/diag P), P = (X^T X + l2 I)^-1;
   score(u, .) = X_u B. Dense N x N inverse: for corpora up to ~10k items.
 * ``EASEPopularity``: EASE's per-user scores (scaled to max 1) plus ``w`` times the log popularity
@@ -26,16 +27,18 @@ history, whose scores are all 0) are broken by popularity, so a cold user gets t
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from convcg_cli.baseline_scores import keep_top_per_row, recent_popularity
+from convcg_cli.baseline_scores import recent_popularity
 from convcg_cli.errors import ConfigError
 from convcg_cli.index import popularity_topk
 from convcg_cli.metrics.prior import log_prior
@@ -298,6 +301,16 @@ class Baseline:
         """(n,) user positions -> (n, min(k, N)) ranked item positions, best first."""
         raise NotImplementedError
 
+    @classmethod
+    def fit_each(cls, options: Sequence[Mapping[str, Any]], history: TrainHistory) -> Iterator[Baseline]:
+        """A baseline of this class for each of ``options`` (e.g. a tuning grid's combinations), each
+        fitted on ``history`` exactly as ``make_baseline(cls.name, o).fit(history)`` fits it. Yielded
+        one at a time, in order, and not kept, so a caller keeping only the best holds one or two
+        fitted baselines at a time. Here each is fitted on its own; a class whose options share the
+        expensive part of a fit (:class:`ItemCF`) overrides it to compute that part once."""
+        for o in options:
+            yield make_baseline(cls.name, o).fit(history)
+
     def query_topk(self, user_pos: np.ndarray, k: int) -> np.ndarray:
         """Ranked lists of evaluation queries given each query's user: each distinct user scored once."""
         users, inverse = np.unique(np.asarray(user_pos, dtype=np.int64), return_inverse=True)
@@ -361,8 +374,12 @@ class _ItemToItem(Baseline):
 
     def fit(self, history: TrainHistory) -> _ItemToItem:
         """Build the user profiles and the item-item weights from the training window."""
-        self.profiles = history.matrix()  # (U, N) binary
-        self.weights = self._weights(self.profiles)
+        profiles = history.matrix()  # (U, N) binary
+        return self._fitted(history, profiles, self._weights(profiles))
+
+    def _fitted(self, history: TrainHistory, profiles: sp.csr_matrix, weights: Any) -> _ItemToItem:
+        """Keep ``profiles`` and ``weights`` (fitted on ``history``) and the popularity tie order."""
+        self.profiles, self.weights = profiles, weights
         # Ranking in popularity order, then mapping back, breaks score ties by popularity.
         self.by_popularity = popularity_topk(history.popularity, history.n_items)  # (N,)
         return self
@@ -393,7 +410,8 @@ class ItemCF(_ItemToItem):
     Args:
         include_self: keep sim(i, i) = 1, so the items a user already engaged with score high. True
             suits logs where conversions often repeat an engagement (about half of them in the
-            synthetic logs); False suits logs where they never do (KuaiRand: 0 of 697 held-out likes).
+            synthetic logs); False suits logs where they almost never do (KuaiRand: 0 of fold 0's 697
+            held-out likes repeat an engagement of the log, 7 an event of the history before it).
             ``"auto"`` decides from the training window alone: True when at least
             ``AUTO_REPEAT_SHARE`` of the last training day's conversions repeat an earlier engagement.
         neighbours: keep, for each scored item j, only its ``neighbours`` most similar items i
@@ -425,11 +443,31 @@ class ItemCF(_ItemToItem):
 
     def fit(self, history: TrainHistory) -> ItemCF:
         """Decide ``include_self`` (when ``auto``) from the training window, then fit."""
+        self._decide_include_self(history)
+        super().fit(history)
+        return self
+
+    @classmethod
+    def fit_each(cls, options: Sequence[Mapping[str, Any]], history: TrainHistory) -> Iterator[Baseline]:
+        """An ItemCF for each of ``options``, fitted on ``history`` with the same weights as its own
+        ``fit`` (:meth:`Baseline.fit_each`), but the profiles and the cosine product computed once for
+        all of them and each one's weights derived from it (:class:`ItemCFSimilarity`)."""
+        pending = deque(cast(ItemCF, make_baseline(cls.name, o)) for o in options)  # every option checked
+        profiles = history.matrix()  # (U, N) binary
+        similarity = ItemCFSimilarity(profiles, max((c.neighbours for c in pending), default=0))
+        while pending:
+            candidate = pending.popleft()  # once fitted, held by the caller only
+            candidate._decide_include_self(history)
+            weights = similarity.weights(
+                bool(candidate.include_self), candidate.neighbours, candidate.shrinkage
+            )
+            yield candidate._fitted(history, profiles, weights)
+
+    def _decide_include_self(self, history: TrainHistory) -> None:
+        """Resolve ``include_self="auto"`` from the training window's repeat share."""
         if self.include_self == "auto":
             share = history.repeat_share
             self.include_self = bool(np.isnan(share) or share >= self.AUTO_REPEAT_SHARE)
-        super().fit(history)
-        return self
 
     def score_topk(self, user_pos: np.ndarray, k: int) -> np.ndarray:
         """Top k of X_u W per user: the sparse scores of a chunk of users, each row's list chosen
@@ -444,21 +482,141 @@ class ItemCF(_ItemToItem):
         return out
 
     def _weights(self, x: sp.csr_matrix) -> sp.csr_matrix:
-        norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel())  # (N,)
-        inv = sp.diags(np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0))
+        return ItemCFSimilarity(x, self.neighbours).weights(
+            bool(self.include_self), self.neighbours, self.shrinkage
+        )
+
+
+class ItemCFSimilarity:
+    """Every ItemCF weight matrix of one binary profile matrix, from one cosine product.
+
+    The sparse product ``xn.T @ xn`` (the cosine) is the expensive part of an ItemCF fit, and the
+    options only edit its result: ``shrinkage`` scales each entry by n_ij / (n_ij + shrinkage),
+    ``include_self=False`` drops the diagonal, ``neighbours`` keeps each item's most similar items.
+    So the cosine is computed once here, n_ij is read off it (no second product), each shrinkage's
+    matrix is kept for the next variant, and so is each row's ranking of its largest entries, from
+    which every ``neighbours`` and ``include_self`` value is cut. Each matrix equals, entry for entry,
+    the one computed the direct way (a second product ``x.T @ x`` for n_ij, ``setdiag(0)``,
+    :func:`~convcg_cli.baseline_scores.keep_top_per_row` over the whole matrix): the same
+    floating-point operations on each entry, so the lists and their ties do not change.
+
+    The matrices handed out are shared between variants (and with this object): read them only.
+
+    Args:
+        x: (U, N) binary profile matrix (:meth:`TrainHistory.matrix`).
+        max_neighbours: the largest ``neighbours`` that will be asked for (0: none), so that one
+            ranking per shrinkage serves them all; a larger one is ranked again when asked for.
+
+    Example:
+        >>> x = sp.csr_matrix(np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]))
+        >>> sim = ItemCFSimilarity(x, max_neighbours=1)
+        >>> sim.weights(include_self=False, neighbours=1, shrinkage=0.0).toarray().round(3).tolist()
+        [[0.0, 0.707, 0.0], [0.707, 0.0, 0.707], [0.0, 0.0, 0.0]]
+    """
+
+    def __init__(self, x: sp.csr_matrix, max_neighbours: int = 0) -> None:
+        self.norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel())  # (N,) sqrt(|users engaging i|)
+        inv = sp.diags(np.divide(1.0, self.norms, out=np.zeros_like(self.norms), where=self.norms > 0))
         xn = (x @ inv).tocsc()
-        sim = (xn.T @ xn).tocsr()  # (N, N) sparse cosine
-        if self.shrinkage > 0:
-            together = (x.T @ x).tocsr()  # n_ij, the same sparsity as sim
-            together.data = together.data / (together.data + self.shrinkage)
-            sim = sim.multiply(together).tocsr()
-        if not self.include_self:
-            sim.setdiag(0.0)
-            sim.eliminate_zeros()
-        if self.neighbours:
+        self.cosine = (xn.T @ xn).tocsr()  # (N, N) sparse cosine, symmetric
+        self.max_neighbours = int(max_neighbours)
+        self._shrunk: dict[float, sp.csr_matrix] = {0.0: self.cosine}
+        self._ranked: dict[float, _RankedRows] = {}
+
+    def weights(self, include_self: bool, neighbours: int, shrinkage: float) -> sp.csr_matrix:
+        """The (N, N) ItemCF weights W with these options (:class:`ItemCF`'s arguments; ``neighbours``
+        0 keeps every co-engaged item): W[i, j] = sim(i, j), column j cut to j's ``neighbours`` most
+        similar items when ``neighbours`` > 0."""
+        if neighbours:
+            ranked = self._ranked.get(shrinkage)
+            if ranked is None or ranked.depth <= neighbours:
+                # one more than the longest list: a list without the diagonal may need the next entry
+                depth = max(neighbours, self.max_neighbours) + 1
+                ranked = _RankedRows(self._shrunk_matrix(shrinkage), self._rows, depth)
+                self._ranked[shrinkage] = ranked
             # sim is symmetric: row j's top entries are j's neighbours; W[:, j] holds them.
-            sim = keep_top_per_row(sim, self.neighbours).T.tocsr()
-        return sim
+            return ranked.keep_top(neighbours, include_self).T.tocsr()
+        sim = self._shrunk_matrix(shrinkage)
+        if include_self:
+            return sim
+        # setdiag(0) and eliminate_zeros() of the direct way: the diagonal entries left out
+        off, indices, indptr = self._off_diagonal
+        return sp.csr_matrix((sim.data[off], indices, indptr), shape=sim.shape)
+
+    def _shrunk_matrix(self, shrinkage: float) -> sp.csr_matrix:
+        """The cosine times n_ij / (n_ij + shrinkage), entry by entry (kept for the next variant)."""
+        if shrinkage not in self._shrunk:
+            together = self._together
+            factor = together / (together + shrinkage)
+            self._shrunk[shrinkage] = sp.csr_matrix(
+                (self.cosine.data * factor, self.cosine.indices, self.cosine.indptr), shape=self.cosine.shape
+            )
+        return self._shrunk[shrinkage]
+
+    @functools.cached_property
+    def _rows(self) -> np.ndarray:
+        """The row of each stored cosine entry (every matrix derived here has the cosine's entries)."""
+        n = self.cosine.shape[0]
+        return np.repeat(np.arange(n, dtype=self.cosine.indices.dtype), np.diff(self.cosine.indptr))
+
+    @functools.cached_property
+    def _together(self) -> np.ndarray:
+        """n_ij, the users engaging both i and j, of each stored cosine entry (x is binary).
+
+        The cosine entry is n_ij copies of 1 / (norm_i norm_j) summed, so times norm_i norm_j it is
+        n_ij up to a rounding error of about n_ij^2 * 1e-16: rounded, exactly the count ``x.T @ x``
+        gives while fewer than ten million users engage both items, for a fraction of its cost.
+        """
+        return np.rint(self.cosine.data * self.norms[self._rows] * self.norms[self.cosine.indices])
+
+    @functools.cached_property
+    def _off_diagonal(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(which stored entries are off the diagonal, their column indices, the rows' pointers
+        without the diagonal): the sparsity of every matrix here without its diagonal."""
+        off = self.cosine.indices != self._rows
+        on_diagonal = np.bincount(self._rows[~off], minlength=self.cosine.shape[0])  # (N,) 0 or 1
+        indptr = self.cosine.indptr - np.concatenate([[0], np.cumsum(on_diagonal)])
+        return off, self.cosine.indices[off], indptr
+
+
+class _RankedRows:
+    """Each row's ``depth`` largest entries of a sparse matrix (with the ties at the cut), sorted by
+    row, then value descending, then column, as :func:`~convcg_cli.baseline_scores.keep_top_per_row`
+    sorts the whole matrix: every ``keep_top_per_row(m, n)`` with n < ``depth`` (of ``m``, or of ``m``
+    without its diagonal) is a cut of it, without sorting the whole matrix again.
+
+    Args:
+        m: (R, C) CSR matrix.
+        rows: (nnz,) the row of each of its stored entries.
+        depth: how many entries of each row to rank.
+    """
+
+    def __init__(self, m: sp.csr_matrix, rows: np.ndarray, depth: int) -> None:
+        self.shape, self.depth = m.shape, int(depth)
+        lengths = np.diff(m.indptr)
+        kth = np.full(m.shape[0], -np.inf)  # each row's depth-th largest value (-inf: a shorter row)
+        for r in np.flatnonzero(lengths > self.depth):
+            values = m.data[m.indptr[r] : m.indptr[r + 1]]
+            kth[r] = np.partition(values, len(values) - self.depth)[len(values) - self.depth]
+        top = m.data >= kth[rows]  # (with ties) every entry ranked above depth in its row
+        rows, cols, values = rows[top], m.indices[top], m.data[top]
+        order = np.lexsort((cols, -values, rows))
+        self.rows, self.cols, self.values = rows[order], cols[order], values[order]
+
+    def keep_top(self, n: int, include_self: bool = True) -> sp.csr_matrix:
+        """``keep_top_per_row(m, n)``, or with ``include_self=False`` the same of ``m`` without its
+        diagonal; n < ``depth``."""
+        if n >= self.depth:
+            raise ValueError(f"Ranked {self.depth} entries per row; cannot keep the top {n}.")
+        rows, cols, values = self.rows, self.cols, self.values
+        if not include_self:
+            off = rows != cols
+            rows, cols, values = rows[off], cols[off], values[off]
+        per_row = np.bincount(rows, minlength=self.shape[0])
+        first = np.cumsum(per_row) - per_row  # where each row's entries start
+        keep = np.arange(len(rows)) - first[rows] < n  # place within its row, best first
+        indptr = np.concatenate([[0], np.cumsum(np.minimum(per_row, n))])
+        return sp.csr_matrix((values[keep], cols[keep], indptr), shape=self.shape)
 
 
 class EASE(_ItemToItem):
@@ -577,11 +735,17 @@ def validation_recall(baseline: Baseline, validation: tuple[np.ndarray, np.ndarr
 BASELINES: dict[str, type[Baseline]] = {cls.name: cls for cls in (MostPopular, ItemCF, EASE, EASEPopularity)}
 
 
-def make_baseline(name: str, options: Mapping[str, Any] | None = None) -> Baseline:
-    """The baseline called ``name`` built with ``options`` (from ``baseline_options.<name>``)."""
+def baseline_class(name: str) -> type[Baseline]:
+    """The class of the baseline called ``name``."""
     if name not in BASELINES:
         raise ConfigError(f"Unknown baseline '{name}'; known: {sorted(BASELINES)}.")
+    return BASELINES[name]
+
+
+def make_baseline(name: str, options: Mapping[str, Any] | None = None) -> Baseline:
+    """The baseline called ``name`` built with ``options`` (from ``baseline_options.<name>``)."""
+    cls = baseline_class(name)
     try:
-        return BASELINES[name](**dict(options or {}))
+        return cls(**dict(options or {}))
     except TypeError as exc:
         raise ConfigError(f"baseline_options.{name} was rejected: {exc}") from None

@@ -15,6 +15,7 @@ from convcg_cli.errors import ConfigError
 from convcg_cli.train import build_datamodule
 from tests.conftest import TINY_SPLIT
 from tests.test_baseline_pins import _history as pinned_history
+from tests.test_baselines import _direct_itemcf_weights, _tied_history
 
 TASKS = ["conversion", "engagement"]
 
@@ -176,3 +177,52 @@ def test_chosen_lines_under_the_eval_table():
     )
     expected = "itemcf: validation chose neighbours=50 shrinkage=0 (validation conversion recall@100 0.1250)"
     assert lines == [expected]
+
+
+# --- ItemCF's grid from one cosine product ------------------------------------------------------------
+
+
+SHIPPED_ITEMCF_GRID = {"include_self": [True, False], "neighbours": [None, 50, 200], "shrinkage": [0.0, 10.0]}
+# the shipped grid's shape with lists short enough to cut this toy corpus (and one 1-item list)
+SMALL_ITEMCF_GRID = {"include_self": [True, False], "neighbours": [None, 1, 4], "shrinkage": [0.0, 10.0]}
+
+
+def test_the_shipped_itemcf_grid_is_the_one_tested():
+    assert dict(compose("eval", []).cfg.baseline_tuning.itemcf) == SHIPPED_ITEMCF_GRID
+
+
+@pytest.mark.parametrize("grid", [SHIPPED_ITEMCF_GRID, SMALL_ITEMCF_GRID], ids=["shipped", "small"])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_tuned_itemcf_equals_the_loop_of_separate_fits(seed, grid):
+    hist = _tied_history(seed)
+    users = np.arange(hist.n_users)
+    tuned = tune_baseline("itemcf", {}, grid, hist, select_k=5)
+    # brute force: every combination fitted on its own, its weights the direct way
+    best = None
+    for s in grid["include_self"]:
+        for n in grid["neighbours"]:
+            for w in grid["shrinkage"]:
+                model = ItemCF(include_self=s, neighbours=n, shrinkage=w).fit(hist)
+                model.weights = _direct_itemcf_weights(hist.matrix(), s, n or 0, w)
+                recall = validation_recall(model, hist.validation, 5)
+                if best is None or recall > best[0]:
+                    best = (recall, {"include_self": s, "neighbours": int(n or 0), "shrinkage": w}, model)
+    assert best is not None
+    assert tuned.tried == 12 and tuned.val_recall == best[0] and tuned.chosen == best[1]
+    for k in (1, 5, hist.n_items):
+        np.testing.assert_array_equal(tuned.baseline.score_topk(users, k), best[2].score_topk(users, k))
+
+
+def test_tuning_with_auto_self_and_a_fixed_option_equals_separate_fits():
+    hist = TrainHistory(**{**_tied_history(4).__dict__, "repeat_share": 0.0})  # auto: without self
+    grid = {"include_self": ["auto", True], "shrinkage": [0.0, 2.0]}
+    tuned = tune_baseline("itemcf", {"neighbours": 2}, grid, hist, select_k=3)
+    recalls = {
+        (s, w): validation_recall(ItemCF(s, neighbours=2, shrinkage=w).fit(hist), hist.validation, 3)
+        for s in grid["include_self"]
+        for w in grid["shrinkage"]
+    }
+    first_best = next(combo for combo, r in recalls.items() if r == max(recalls.values()))
+    assert tuned.val_recall == max(recalls.values())
+    assert tuned.chosen == {"include_self": first_best[0] is True, "shrinkage": first_best[1]}
+    assert tuned.baseline.include_self is (first_best[0] is True)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from convcg_cli import baselines
+from convcg_cli.baseline_scores import keep_top_per_row
 from convcg_cli.baselines import (
     EASE,
     BaselineRefusedError,
     EASEPopularity,
     ItemCF,
+    ItemCFSimilarity,
     MostPopular,
     TrainHistory,
     make_baseline,
@@ -315,3 +318,86 @@ def test_baselines_see_the_history_only_when_the_run_does(tiny_data):
     np.testing.assert_array_equal(plain.popularity, with_history.popularity)
     assert not np.array_equal(with_history.history_popularity, with_history.popularity)
     assert len(with_history.validation[0]) > 0
+
+
+# --- ItemCF's options derived from one cosine product (what baseline_tuning fits) ------------------
+
+
+def _direct_itemcf_weights(x: sp.csr_matrix, include_self: bool, neighbours: int, shrinkage: float):
+    """ItemCF's weights the direct way, one fit on its own: the cosine product, n_ij from a second
+    product ``x.T @ x``, ``setdiag(0)`` and :func:`keep_top_per_row` over the whole matrix."""
+    norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel())
+    inv = sp.diags(np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0))
+    xn = (x @ inv).tocsc()
+    sim = (xn.T @ xn).tocsr()
+    if shrinkage > 0:
+        together = (x.T @ x).tocsr()
+        together.data = together.data / (together.data + shrinkage)
+        sim = sim.multiply(together).tocsr()
+    if not include_self:
+        sim.setdiag(0.0)
+        sim.eliminate_zeros()
+    if neighbours:
+        sim = keep_top_per_row(sim, neighbours).T.tocsr()
+    return sim
+
+
+def _assert_same_entries(got: sp.spmatrix, expected: sp.spmatrix) -> None:
+    """The same stored entries with bit-identical values (no tolerance)."""
+    got, expected = sp.csr_matrix(got, copy=True), sp.csr_matrix(expected, copy=True)
+    got.sort_indices()
+    expected.sort_indices()
+    assert got.shape == expected.shape and got.nnz == expected.nnz
+    np.testing.assert_array_equal(got.indptr, expected.indptr)
+    np.testing.assert_array_equal(got.indices, expected.indices)
+    np.testing.assert_array_equal(got.data, expected.data)  # exact: ties must stay ties
+
+
+def _tied_history(seed: int, n_users: int = 60, n_items: int = 25, n_rows: int = 300) -> TrainHistory:
+    """A random history with many tied similarities (few engagements per item) and tied popularity,
+    and validation conversions of its own."""
+    rng = np.random.default_rng(seed)
+    return TrainHistory(
+        user_pos=rng.integers(0, n_users - 2, size=n_rows),  # the last two users are cold
+        item_pos=np.minimum(rng.zipf(1.6, size=n_rows) - 1, n_items - 1),  # power-law popularity
+        n_users=n_users,
+        n_items=n_items,
+        popularity=rng.integers(0, 3, size=n_items).astype(np.float64),  # ties on purpose
+        validation=(rng.integers(0, n_users, size=80), rng.integers(0, n_items, size=80)),
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_itemcf_variant_of_one_cosine_equals_its_direct_fit(seed):
+    hist = _tied_history(seed)
+    x = hist.matrix()
+    options = [
+        {"include_self": s, "neighbours": n, "shrinkage": w}
+        for s in (True, False)
+        for n in (None, 1, 2, 3, 7, 24, 25, 200)
+        for w in (0.0, 0.5, 10.0)
+    ]
+    fitted = list(ItemCF.fit_each(options, hist))
+    assert len(fitted) == len(options)
+    for o, model in zip(options, fitted, strict=True):
+        direct = _direct_itemcf_weights(x, o["include_self"], o["neighbours"] or 0, o["shrinkage"])
+        _assert_same_entries(model.weights, direct)
+        _assert_same_entries(ItemCF(**o).fit(hist).weights, direct)  # a fit on its own: the same
+        assert model.include_self is o["include_self"] and model.profiles.shape == x.shape
+    # a list longer than the similarity was ranked for is ranked again, not cut short
+    similarity = ItemCFSimilarity(x, max_neighbours=1)
+    for n in (1, 3, 6):
+        _assert_same_entries(similarity.weights(False, n, 10.0), _direct_itemcf_weights(x, False, n, 10.0))
+
+
+def test_shrinkage_counts_read_off_the_cosine_are_exact_for_many_users():
+    # n_ij in the thousands: the counts read off the cosine must equal x.T @ x's, or shrinkage changes
+    rng = np.random.default_rng(5)
+    n_users, n_items = 20_000, 6
+    user_pos, item_pos = np.nonzero(rng.random((n_users, n_items)) < np.linspace(0.05, 0.9, n_items))
+    hist = TrainHistory(user_pos, item_pos, n_users, n_items, np.arange(n_items, dtype=float))
+    x = hist.matrix()
+    assert (x.T @ x).max() > 15_000
+    for include_self, shrinkage in ((True, 1.0), (False, 3000.0)):
+        model = ItemCF(include_self=include_self, shrinkage=shrinkage).fit(hist)
+        _assert_same_entries(model.weights, _direct_itemcf_weights(x, include_self, 0, shrinkage))
