@@ -698,6 +698,16 @@ def test_a_grid_declares_its_primary_comparison_and_is_hashed(tmp_path, monkeypa
     grid = ablate.load_grid("pre")
     assert grid.primary == ("e", "ease_popularity")
     assert grid.sha256 == hashlib.sha256(text.encode()).hexdigest()
+    assert grid.declared == ""  # no header comment
+    (tmp_path / "ablate" / "pre.yaml").write_text("# Declared: a vs e.\n#\n# Left out: b.\n" + text)
+    grid = ablate.load_grid("pre")
+    assert grid.declared == "Declared: a vs e.\n\nLeft out: b."
+    summary = ablate_summary.build_summary(grid, [], "heldout", [100], ablate_summary.Pairing(0, 0))
+    context = {"command": "c", "parent_run_id": "p", "tracking_uri": "x", "split": "heldout", "data_dirs": []}
+    quoted = ablate_report.render_report(grid, summary, {**context, "grid_sha256": grid.sha256})
+    assert "> Declared: a vs e.\n>\n> Left out: b." in quoted
+    changed = ablate_report.render_report(grid, summary, {**context, "grid_sha256": "0" * 64})
+    assert "Left out: b." not in changed and "The grid file changed since this grid ran" in changed
     (tmp_path / "ablate" / "pre.yaml").write_text(text.replace("{against: [e, ease_popularity]}", "[e]"))
     with pytest.raises(ConfigError, match="primary must be"):
         ablate.load_grid("pre")

@@ -60,7 +60,9 @@ class Grid:
     validation days (:mod:`.refit`), and the report says what and from where. ``primary`` is the
     pre-registered verdict: what the validation-chosen design is compared with (baselines by name,
     or baseline variants of the grid), pooled over the folds, by the two-level bootstrap over seeds
-    and users; ``sha256`` is the grid file's hash, printed in the report with the commit.
+    and users; ``sha256`` is the grid file's hash, printed in the report with the commit, and
+    ``declared`` its header comment (what the grid declares before it runs: the primary comparison,
+    what was left out for time), which the report quotes while the file is unchanged.
     """
 
     name: str
@@ -73,6 +75,7 @@ class Grid:
     refit_of: str | None = None
     primary: tuple[str, ...] = ()
     sha256: str | None = None
+    declared: str = ""
 
 
 @dataclass
@@ -162,6 +165,7 @@ def load_grid(name: str) -> Grid:
         refit_of=refit_of,
         primary=_primary(name, spec.get("primary")),
         sha256=grid_file_sha256(name),
+        declared=grid_file_header(name),
     )
 
 
@@ -205,6 +209,30 @@ def grid_file_sha256(name: str) -> str | None:
         if path.is_file():
             return hashlib.sha256(path.read_bytes()).hexdigest()
     return None
+
+
+def grid_file_header(name: str) -> str:
+    """The grid file's leading comment lines (:func:`header_of`; empty without a file or header)."""
+    for directory in grid_dirs():
+        path = directory / f"{name}.yaml"
+        if path.is_file():
+            return header_of(path.read_text())
+    return ""
+
+
+def header_of(text: str) -> str:
+    r"""The comment lines at the top of a YAML text, without their ``#`` and one space.
+
+    Example:
+        >>> header_of("# convcg ablate x\n# Declared: a vs b.\nseeds: [0]  # not this\n")
+        'convcg ablate x\nDeclared: a vs b.'
+    """
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[2:] if line.startswith("# ") else line[1:])
+    return "\n".join(lines).strip()
 
 
 def check_refit_of(name: str, refit_of: str | None, variants: Sequence[Variant]) -> str | None:

@@ -184,6 +184,7 @@ def render_report(grid: Grid, summary: Summary, context: dict, places: Places | 
         f"Grid file `conf/ablate/{grid.name}.yaml` sha256 `{context.get('grid_sha256', 'not recorded')}`, "
         f"convcg commit `{context.get('commit', 'not recorded')}`.",
         "",
+        *_declared_section(grid, context.get("grid_sha256")),
     ]
     lines += refit_section(grid, context.get("refit_choices"), context.get("refit_note", ""))
     lines += _primary_section(grid, summary.primary)
@@ -199,6 +200,17 @@ def render_report(grid: Grid, summary: Summary, context: dict, places: Places | 
     lines += _failures(summary.children)
     lines += _notes(grid, summary.children)
     return "\n".join(lines)
+
+
+def _declared_section(grid: Grid, recorded_sha256: str | None) -> list[str]:
+    """The grid file's header comment, quoted as declared before the grid ran, when the file is the
+    one that ran (its hash is the one the parent run recorded); otherwise a line saying it changed."""
+    if not grid.declared:
+        return []
+    if recorded_sha256 is None or grid.sha256 != recorded_sha256:
+        return ["The grid file changed since this grid ran: its header is not quoted here.", ""]
+    quoted = [f"> {line}".rstrip() for line in grid.declared.splitlines()]
+    return ["Declared in the grid file before it ran (its header comment):", "", *quoted, ""]
 
 
 def _primary_section(grid: Grid, primary: list[PrimaryComparison]) -> list[str]:
