@@ -27,7 +27,6 @@ history, whose scores are all 0) are broken by popularity, so a cold user gets t
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -38,7 +37,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from convcg_cli.baseline_scores import recent_popularity
+from convcg_cli.baseline_scores import ItemCFSimilarity, recent_popularity, sparse_topk_rows, topk_rows
 from convcg_cli.errors import ConfigError
 from convcg_cli.index import popularity_topk
 from convcg_cli.metrics.prior import log_prior
@@ -205,87 +204,6 @@ def repeat_share(user_pos: np.ndarray, item_pos: np.ndarray, day: np.ndarray, co
     n_items = int(item_pos.max()) + 1
     earlier = np.unique(user_pos[day < last] * n_items + item_pos[day < last])
     return float(np.isin(user_pos[target] * n_items + item_pos[target], earlier).mean())
-
-
-def topk_rows(scores: np.ndarray, k: int) -> np.ndarray:
-    """Column ids of each row's top k by descending score, ties by lower column id (exact, vectorised).
-
-    Args:
-        scores: (C, N) real scores, no NaN.
-        k: list length, >= 1.
-
-    Returns:
-        (C, min(k, N)) int64 column ids, best first.
-
-    Example:
-        >>> topk_rows(np.array([[0.0, 2.0, 1.0, 2.0]]), k=3).tolist()
-        [[1, 3, 2]]
-    """
-    scores = np.asarray(scores)
-    if scores.ndim != 2:
-        raise ValueError(f"scores must be 2-D (rows x items), got shape {scores.shape}.")
-    if np.isnan(scores).any():
-        raise ValueError("scores contains NaN; cannot rank the items.")
-    n_rows, n = scores.shape
-    k = min(int(k), n)
-    if k < 1 or n_rows == 0:
-        return np.zeros((n_rows, max(k, 0)), dtype=np.int64)
-    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]  # (C,) k-th largest score per row
-    above = scores > kth[:, None]
-    tied = scores == kth[:, None]
-    need = k - above.sum(axis=1)  # (C,) members of the tie group that make the cut: the lowest ids
-    take = above | (tied & (np.cumsum(tied, axis=1) <= need[:, None]))  # exactly k per row
-    cols = np.nonzero(take)[1].reshape(n_rows, k)  # (C, k), ascending ids
-    order = np.lexsort((cols, -np.take_along_axis(scores, cols, axis=1)), axis=-1)
-    return np.take_along_axis(cols, order, axis=1)
-
-
-def sparse_topk_rows(scores: sp.csr_matrix, rank: np.ndarray, k: int) -> np.ndarray:
-    """Column ids of each row's top k of non-negative sparse ``scores``: by descending score, ties
-    (the zeros among them) by ascending ``rank``. The same lists as :func:`topk_rows` of the dense
-    matrix with its columns put in ``rank`` order, chosen among each row's positive entries only
-    (then the columns it does not score, in rank order) instead of over all N columns.
-
-    Args:
-        scores: (C, N) scores >= 0, no NaN (explicit zeros count as unscored).
-        rank: (N,) a permutation of 0..N-1: column j's place in the tie order.
-        k: list length, >= 1.
-
-    Returns:
-        (C, min(k, N)) int64 column ids, best first.
-
-    Example:
-        >>> rows = sp.csr_matrix(np.array([[0.0, 0.5, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0]]))
-        >>> sparse_topk_rows(rows, np.array([3, 2, 0, 1]), k=3).tolist()
-        [[3, 1, 2], [2, 3, 1]]
-    """
-    scores = sp.csr_matrix(scores)
-    n_rows, n = scores.shape
-    k = min(int(k), n)
-    if scores.nnz and (np.isnan(scores.data).any() or scores.data.min() < 0):
-        raise ValueError("sparse_topk_rows needs scores >= 0 without NaN.")
-    rank = np.asarray(rank, dtype=np.int64)
-    fill = np.argsort(rank)[:k]  # the first k columns in tie order: enough to complete any row
-    out = np.empty((n_rows, k), dtype=np.int64)
-    scored = np.zeros(n, dtype=bool)
-    for r in range(n_rows):
-        cols = scores.indices[scores.indptr[r] : scores.indptr[r + 1]]
-        vals = scores.data[scores.indptr[r] : scores.indptr[r + 1]]
-        if len(vals) and not (vals > 0).all():
-            cols, vals = cols[vals > 0], vals[vals > 0]
-        if len(vals) > k:  # keep the k best: above the k-th score, then its ties of lowest rank
-            kth = np.partition(vals, len(vals) - k)[len(vals) - k]
-            tied = np.flatnonzero(vals == kth)
-            above = np.flatnonzero(vals > kth)
-            keep = np.concatenate([above, tied[np.argsort(rank[cols[tied]])[: k - len(above)]]])
-            cols, vals = cols[keep], vals[keep]
-        best = cols[np.lexsort((rank[cols], -vals))]
-        out[r, : len(best)] = best
-        if len(best) < k:  # the unscored columns tie at 0: in rank order
-            scored[best] = True
-            out[r, len(best) :] = fill[~scored[fill]][: k - len(best)]
-            scored[best] = False
-    return out
 
 
 class Baseline:
@@ -485,138 +403,6 @@ class ItemCF(_ItemToItem):
         return ItemCFSimilarity(x, self.neighbours).weights(
             bool(self.include_self), self.neighbours, self.shrinkage
         )
-
-
-class ItemCFSimilarity:
-    """Every ItemCF weight matrix of one binary profile matrix, from one cosine product.
-
-    The sparse product ``xn.T @ xn`` (the cosine) is the expensive part of an ItemCF fit, and the
-    options only edit its result: ``shrinkage`` scales each entry by n_ij / (n_ij + shrinkage),
-    ``include_self=False`` drops the diagonal, ``neighbours`` keeps each item's most similar items.
-    So the cosine is computed once here, n_ij is read off it (no second product), each shrinkage's
-    matrix is kept for the next variant, and so is each row's ranking of its largest entries, from
-    which every ``neighbours`` and ``include_self`` value is cut. Each matrix equals, entry for entry,
-    the one computed the direct way (a second product ``x.T @ x`` for n_ij, ``setdiag(0)``,
-    :func:`~convcg_cli.baseline_scores.keep_top_per_row` over the whole matrix): the same
-    floating-point operations on each entry, so the lists and their ties do not change.
-
-    The matrices handed out are shared between variants (and with this object): read them only.
-
-    Args:
-        x: (U, N) binary profile matrix (:meth:`TrainHistory.matrix`).
-        max_neighbours: the largest ``neighbours`` that will be asked for (0: none), so that one
-            ranking per shrinkage serves them all; a larger one is ranked again when asked for.
-
-    Example:
-        >>> x = sp.csr_matrix(np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]))
-        >>> sim = ItemCFSimilarity(x, max_neighbours=1)
-        >>> sim.weights(include_self=False, neighbours=1, shrinkage=0.0).toarray().round(3).tolist()
-        [[0.0, 0.707, 0.0], [0.707, 0.0, 0.707], [0.0, 0.0, 0.0]]
-    """
-
-    def __init__(self, x: sp.csr_matrix, max_neighbours: int = 0) -> None:
-        self.norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel())  # (N,) sqrt(|users engaging i|)
-        inv = sp.diags(np.divide(1.0, self.norms, out=np.zeros_like(self.norms), where=self.norms > 0))
-        xn = (x @ inv).tocsc()
-        self.cosine = (xn.T @ xn).tocsr()  # (N, N) sparse cosine, symmetric
-        self.max_neighbours = int(max_neighbours)
-        self._shrunk: dict[float, sp.csr_matrix] = {0.0: self.cosine}
-        self._ranked: dict[float, _RankedRows] = {}
-
-    def weights(self, include_self: bool, neighbours: int, shrinkage: float) -> sp.csr_matrix:
-        """The (N, N) ItemCF weights W with these options (:class:`ItemCF`'s arguments; ``neighbours``
-        0 keeps every co-engaged item): W[i, j] = sim(i, j), column j cut to j's ``neighbours`` most
-        similar items when ``neighbours`` > 0."""
-        if neighbours:
-            ranked = self._ranked.get(shrinkage)
-            if ranked is None or ranked.depth <= neighbours:
-                # one more than the longest list: a list without the diagonal may need the next entry
-                depth = max(neighbours, self.max_neighbours) + 1
-                ranked = _RankedRows(self._shrunk_matrix(shrinkage), self._rows, depth)
-                self._ranked[shrinkage] = ranked
-            # sim is symmetric: row j's top entries are j's neighbours; W[:, j] holds them.
-            return ranked.keep_top(neighbours, include_self).T.tocsr()
-        sim = self._shrunk_matrix(shrinkage)
-        if include_self:
-            return sim
-        # setdiag(0) and eliminate_zeros() of the direct way: the diagonal entries left out
-        off, indices, indptr = self._off_diagonal
-        return sp.csr_matrix((sim.data[off], indices, indptr), shape=sim.shape)
-
-    def _shrunk_matrix(self, shrinkage: float) -> sp.csr_matrix:
-        """The cosine times n_ij / (n_ij + shrinkage), entry by entry (kept for the next variant)."""
-        if shrinkage not in self._shrunk:
-            together = self._together
-            factor = together / (together + shrinkage)
-            self._shrunk[shrinkage] = sp.csr_matrix(
-                (self.cosine.data * factor, self.cosine.indices, self.cosine.indptr), shape=self.cosine.shape
-            )
-        return self._shrunk[shrinkage]
-
-    @functools.cached_property
-    def _rows(self) -> np.ndarray:
-        """The row of each stored cosine entry (every matrix derived here has the cosine's entries)."""
-        n = self.cosine.shape[0]
-        return np.repeat(np.arange(n, dtype=self.cosine.indices.dtype), np.diff(self.cosine.indptr))
-
-    @functools.cached_property
-    def _together(self) -> np.ndarray:
-        """n_ij, the users engaging both i and j, of each stored cosine entry (x is binary).
-
-        The cosine entry is n_ij copies of 1 / (norm_i norm_j) summed, so times norm_i norm_j it is
-        n_ij up to a rounding error of about n_ij^2 * 1e-16: rounded, exactly the count ``x.T @ x``
-        gives while fewer than ten million users engage both items, for a fraction of its cost.
-        """
-        return np.rint(self.cosine.data * self.norms[self._rows] * self.norms[self.cosine.indices])
-
-    @functools.cached_property
-    def _off_diagonal(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(which stored entries are off the diagonal, their column indices, the rows' pointers
-        without the diagonal): the sparsity of every matrix here without its diagonal."""
-        off = self.cosine.indices != self._rows
-        on_diagonal = np.bincount(self._rows[~off], minlength=self.cosine.shape[0])  # (N,) 0 or 1
-        indptr = self.cosine.indptr - np.concatenate([[0], np.cumsum(on_diagonal)])
-        return off, self.cosine.indices[off], indptr
-
-
-class _RankedRows:
-    """Each row's ``depth`` largest entries of a sparse matrix (with the ties at the cut), sorted by
-    row, then value descending, then column, as :func:`~convcg_cli.baseline_scores.keep_top_per_row`
-    sorts the whole matrix: every ``keep_top_per_row(m, n)`` with n < ``depth`` (of ``m``, or of ``m``
-    without its diagonal) is a cut of it, without sorting the whole matrix again.
-
-    Args:
-        m: (R, C) CSR matrix.
-        rows: (nnz,) the row of each of its stored entries.
-        depth: how many entries of each row to rank.
-    """
-
-    def __init__(self, m: sp.csr_matrix, rows: np.ndarray, depth: int) -> None:
-        self.shape, self.depth = m.shape, int(depth)
-        lengths = np.diff(m.indptr)
-        kth = np.full(m.shape[0], -np.inf)  # each row's depth-th largest value (-inf: a shorter row)
-        for r in np.flatnonzero(lengths > self.depth):
-            values = m.data[m.indptr[r] : m.indptr[r + 1]]
-            kth[r] = np.partition(values, len(values) - self.depth)[len(values) - self.depth]
-        top = m.data >= kth[rows]  # (with ties) every entry ranked above depth in its row
-        rows, cols, values = rows[top], m.indices[top], m.data[top]
-        order = np.lexsort((cols, -values, rows))
-        self.rows, self.cols, self.values = rows[order], cols[order], values[order]
-
-    def keep_top(self, n: int, include_self: bool = True) -> sp.csr_matrix:
-        """``keep_top_per_row(m, n)``, or with ``include_self=False`` the same of ``m`` without its
-        diagonal; n < ``depth``."""
-        if n >= self.depth:
-            raise ValueError(f"Ranked {self.depth} entries per row; cannot keep the top {n}.")
-        rows, cols, values = self.rows, self.cols, self.values
-        if not include_self:
-            off = rows != cols
-            rows, cols, values = rows[off], cols[off], values[off]
-        per_row = np.bincount(rows, minlength=self.shape[0])
-        first = np.cumsum(per_row) - per_row  # where each row's entries start
-        keep = np.arange(len(rows)) - first[rows] < n  # place within its row, best first
-        indptr = np.concatenate([[0], np.cumsum(np.minimum(per_row, n))])
-        return sp.csr_matrix((values[keep], cols[keep], indptr), shape=self.shape)
 
 
 class EASE(_ItemToItem):

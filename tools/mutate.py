@@ -88,6 +88,10 @@ TARGETS: dict[str, Target] = {
         "convcg_cli/baselines.py",
         ("tests/test_baseline_pins.py", "tests/test_baseline_history_pins.py", "tests/test_baselines.py"),
     ),
+    "baseline_scores": Target(
+        "convcg_cli/baseline_scores.py",
+        ("tests/test_baseline_pins.py", "tests/test_baselines.py", "tests/test_baseline_tuning.py"),
+    ),
     "prior": Target(
         "convcg_cli/metrics/prior.py",
         ("tests/metrics/test_prior_pins.py", "tests/metrics/test_prior.py"),
