@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +37,7 @@ from convcg_cli.ablate.report import render_report, summary_json
 from convcg_cli.ablate.summary import TASKS, Pairing, Row, Summary, build_summary, selection_metric
 from convcg_cli.config import compose
 from convcg_cli.errors import ConfigError, RunInterruptedError
-from convcg_cli.kept_checkpoint import kept_figures, validation_figure
+from convcg_cli.kept_checkpoint import kept_figures
 from convcg_cli.metrics.retrieval import VAL, metric_name
 from convcg_cli.progress import cell_line
 
@@ -361,8 +360,7 @@ def _read_children(
         metrics.update(
             tracking.read_json_artifact(store, run_id, f"eval/{split}_metrics.json", downloads) or {}
         )
-        metrics.update(kept_figures(store, train_cfg, run_id, validation_names(train_cfg)))
-        metrics[selection_metric(grid)] = validation_figure(store, train_cfg, run_id, selection_metric(grid))
+        metrics.update(cell_kept_figures(store, grid, train_cfg, run_id))
         hits_path = tracking.download_artifact(
             store, run_id, f"eval/{HITS_FILE.format(split=split)}", downloads
         )
@@ -409,9 +407,12 @@ def _launch_cells(grid: Grid, jobs: list, launcher_overrides: Sequence[str], sha
             shutil.rmtree(shared_dir, ignore_errors=True)
 
 
-def validation_names(cfg) -> list[str]:
-    """The validation recalls a training run logs every epoch (``val_ks``, every task)."""
-    return [metric_name(VAL, task, int(k)) for task in TASKS for k in cfg.val_ks]
+def cell_kept_figures(store: tracking.Store, grid: Grid, cfg, run_id: str) -> dict[str, float]:
+    """A cell's figures at the checkpoint its run kept (:func:`kept_figures`): the validation recalls
+    it logs every epoch (``val_ks``, every task), the grid's selection figure, the kept epoch; the
+    same whether the grid just ran the cell or its report is written again from the runs."""
+    names = [metric_name(VAL, task, int(k)) for task in TASKS for k in cfg.val_ks]
+    return kept_figures(store, cfg, run_id, list(dict.fromkeys([*names, selection_metric(grid)])))
 
 
 def _run_child(grid: Grid, cell: Cell, composed, eval_composed, train_fn, evaluate_fn, cache) -> ChildResult:
@@ -423,10 +424,7 @@ def _run_child(grid: Grid, cell: Cell, composed, eval_composed, train_fn, evalua
         run_id = train_fn(composed).run_id
         result = evaluate_fn(eval_composed, run_id, baseline_cache=cache)
         metrics = dict(result.metrics)
-        metrics.update(kept_figures(store, composed.cfg, run_id, validation_names(composed.cfg)))
-        selecting = validation_figure(store, composed.cfg, run_id, selection_metric(grid))
-        if not math.isnan(selecting):
-            metrics[selection_metric(grid)] = selecting
+        metrics.update(cell_kept_figures(store, grid, composed.cfg, run_id))
         hits = result.hits.get(grid.select_task)
         return ChildResult(name, seed, run_id, FINISHED, metrics, data_dir=data_dir, fold=fold, hits=hits)
     except RunInterruptedError:  # Ctrl-C / SIGTERM in a cell's training or evaluation: the grid stops
