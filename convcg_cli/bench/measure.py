@@ -77,17 +77,23 @@ def torch_topk(queries: np.ndarray, items: np.ndarray, k: int, max_cells: int = 
     return torch.cat(out).numpy()
 
 
-def blocked_gemm_seconds(queries: np.ndarray, items: np.ndarray) -> float:
-    """Seconds of the bare GEMM of exact search's shapes: every (512 x 8192) tile of ``queries @
-    items.T`` that :class:`~convcg_cli.index.ExactIndex` computes, written into one reused buffer and
-    nothing else done with it: the arithmetic's limit for exact search on this machine."""
-    import torch
-
+def exact_tile(n_queries: int, n_items: int) -> tuple[int, int]:
+    """(queries, items) of the tiles :class:`~convcg_cli.index.ExactIndex` scores a search of
+    ``n_queries`` over ``n_items`` by (the last ones may be smaller)."""
     from convcg_cli.index.exact import QUERY_BLOCK, TILE_CELLS
 
+    rows = max(1, min(QUERY_BLOCK, n_queries))
+    return rows, min(n_items, max(16, TILE_CELLS // rows // 16 * 16))
+
+
+def blocked_gemm_seconds(queries: np.ndarray, items: np.ndarray) -> float:
+    """Seconds of the bare GEMM of exact search's shapes: every tile of ``queries @ items.T`` that
+    :class:`~convcg_cli.index.ExactIndex` computes (:func:`exact_tile`), written into one reused
+    buffer and nothing else done with it: the arithmetic's limit for exact search on this machine."""
+    import torch
+
     q, x = torch.from_numpy(np.ascontiguousarray(queries)), torch.from_numpy(np.ascontiguousarray(items))
-    rows = min(QUERY_BLOCK, len(q))
-    cols = min(len(x), TILE_CELLS // max(rows, 1))
+    rows, cols = exact_tile(len(q), len(x))
     buffer = torch.empty((rows, cols), dtype=torch.float32)
     start = time.perf_counter()
     for i in range(0, len(q), rows):

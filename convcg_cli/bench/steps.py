@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from convcg_cli.bench.measure import (
     Clock,
     blocked_gemm_seconds,
+    exact_tile,
     peak_rss_mib,
     time_data_path,
     topk_overlap,
@@ -321,6 +322,7 @@ def step_retrieval(cfg: DictConfig, workdir: str) -> dict:
         "gflop": 2 * len(queries) * len(items) * items.shape[1] / 1e9,
         # The verdict: the median of the per-round ratios, which a burst of load cannot swing.
         "exact_vs_gemm": float(np.median([r["gemm_s"] / r["exact_s"] for r in rounds])),
+        "tile": list(exact_tile(len(queries), len(items))),
         "exact_recall": recall(exact),
         "ann": ann.description,
         "ann_effort_name": ann.effort_name,

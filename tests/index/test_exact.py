@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from convcg_cli.index import ExactIndex, check_k, exact_topk, popularity_topk
-from convcg_cli.index.exact import faiss_exact_topk
+from convcg_cli.index.exact import _decode, _flat_true, _Scratch, faiss_exact_topk
 
 # faiss 1.15.1 IndexFlatIP picks its kernel from the query block, not from a query count: the per-query
 # SIMD loop while n_queries * d < distance_compute_blas_threshold (128000), BLAS above it, and a
@@ -334,3 +334,28 @@ def test_popularity_topk_orders_by_score_then_lower_index():
 def test_popularity_topk_rejects_nan():
     with pytest.raises(ValueError, match="NaN"):
         popularity_topk(np.array([1.0, np.nan]), 1)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.015, 0.5, 1.0])
+@pytest.mark.parametrize("shape", [(1, 8), (3, 16), (37, 2048), (512, 64)])
+def test_flat_true_equals_flatnonzero(share, shape):
+    rng = np.random.default_rng(int(share * 1000) + shape[0])
+    mask = rng.random(shape) < share
+    mask[-1, -1] = share > 0  # the last cell of the last byte: set whenever any are
+    flat = _flat_true(mask, _Scratch())
+    assert flat.dtype == np.int64
+    np.testing.assert_array_equal(flat, np.flatnonzero(mask))
+
+
+def test_kept_keys_grow_past_their_first_capacity():
+    # Room for one key a row at first: every tile's kept items make the rows grow, and the result is
+    # the same as with room to spare.
+    rng = np.random.default_rng(3)
+    items, queries = dyadic_embeddings(rng, 5000, 16), dyadic_embeddings(rng, 32, 16)
+    index = ExactIndex(items)
+    block = queries.copy()
+    lowest = np.full(len(block), np.finfo(np.float32).min, np.float32)
+    tight = index._top(block, lowest.copy(), len(block), 50, _Scratch(), capacity=1)
+    roomy = index._top(block, lowest.copy(), len(block), 50, _Scratch(), capacity=6000)
+    np.testing.assert_array_equal(tight, roomy)
+    np.testing.assert_array_equal(_decode(tight)[1], brute_topk(queries, items, 50)[1])
