@@ -12,6 +12,10 @@ class ConvcgError(Exception):
     exit_code = 2
 
 
+class RequestError(ConvcgError):
+    """A request table the model cannot read (a missing column, a wrong type, an unknown surface)."""
+
+
 class DataValidationError(ConvcgError):
     """Input tables broke their contract in ``data_schemas/``; carries every violation found."""
 

@@ -40,12 +40,16 @@ def encode_queries(
 
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in features.items()}
     n = len(next(iter(tensors.values()))) if tensors else 0
-    with torch.no_grad():
+    # inference_mode, not no_grad: no autograd bookkeeping at all (version counters, views), which
+    # is most of a small batch's forward; the embeddings leave as numpy, never back into autograd.
+    with torch.inference_mode():
         parts = [
             embed({k: v[start : start + batch_size] for k, v in tensors.items()}).float().cpu()
             for start in range(0, n, batch_size)
         ]
-    return torch.cat(parts).numpy() if parts else np.zeros((0, 1), dtype=np.float32)
+        if not parts:
+            return np.zeros((0, 1), dtype=np.float32)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).numpy()
 
 
 def build_index(item_emb: np.ndarray, kind: str = "exact", nlist: int = 1024, nprobe: int = 16) -> ItemIndex:

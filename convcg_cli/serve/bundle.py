@@ -45,7 +45,6 @@ expected.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -60,7 +59,8 @@ from omegaconf import DictConfig, OmegaConf
 from convcg_cli import workdir
 from convcg_cli.data.features import ItemEncoding
 from convcg_cli.data.features import encodings as F
-from convcg_cli.errors import ConvcgError, first_line
+from convcg_cli.data.features.query_encoder import QueryEncoder
+from convcg_cli.errors import RequestError, first_line
 from convcg_cli.index import ItemIndex, StoredIndex, read_index, vectors_digest, write_index
 from convcg_cli.specs import FeatureSpec
 
@@ -77,8 +77,6 @@ INDEX_FILE = "item_index.faiss"
 # The request table: required columns, then optional ones (absent or null = not given).
 REQUIRED_COLUMNS = {"user_id": pl.Int64, "surface": pl.String}
 OPTIONAL_COLUMNS = {"subject_item_id": pl.Int64, "query_id": pl.Int64, "timestamp": pl.Int64}
-# Without a timestamp a request sees the user's whole history (every stored event is before it).
-LATEST = np.iinfo(np.int64).max
 # The cold-start user's id: sorts before every real id, so it is user position 0 of the served table.
 COLD_START_USER_ID = np.iinfo(np.int64).min
 # The candidate table: one row per (request, rank).
@@ -86,10 +84,6 @@ CANDIDATE_COLUMNS = ("request", "rank", "item_id", "score")
 # What one request may ask for (conf/train.yaml's serve.max_k, serve.max_rows): k candidates per
 # row, rows per call. A call's answer is at most max_rows * max_k candidate rows.
 DEFAULT_LIMITS = {"max_k": 1000, "max_rows": 10_000}
-
-
-class RequestError(ConvcgError):
-    """A request table the model cannot read (a missing column, a wrong type, an unknown surface)."""
 
 
 def spec_to_dict(spec: FeatureSpec) -> dict[str, Any]:
@@ -125,13 +119,14 @@ def request_rows(requests: Any) -> pl.DataFrame:
             f"The requests lack column(s) {missing}; expected {list(REQUIRED_COLUMNS)} and optionally "
             f"{list(OPTIONAL_COLUMNS)}, got {given}."
         )
-    frame = requests if isinstance(requests, pl.DataFrame) else _from_pandas(requests)
+    # Column by column (no per-row Python), each read once; a pandas column straight into polars.
+    from_polars = isinstance(requests, pl.DataFrame)
     columns: list[pl.Series] = []
-    for name, dtype in {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}.items():  # columns, not rows
-        if name not in frame.columns:
-            columns.append(pl.Series(name, [None] * frame.height, dtype=dtype))  # all null
+    for name, dtype in {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}.items():
+        if name not in given:
+            columns.append(pl.Series(name, [None] * len(requests), dtype=dtype))  # all null
             continue
-        column = frame[name]
+        column = requests[name] if from_polars else _from_pandas_column(requests[name], name)
         if column.dtype == dtype:
             columns.append(column)
             continue
@@ -157,20 +152,12 @@ def _column_names(requests: Any) -> list[str]:
         ) from None
 
 
-def _from_pandas(frame: Any) -> pl.DataFrame:
-    """The request columns of a pandas table as polars, column by column (numpy columns are not
-    copied; no per-row Python); a float column holding whole numbers and NaN (pandas' way of writing
-    a nullable integer) becomes Int64 with nulls (:func:`request_rows` casts it)."""
-    columns = [
-        _from_pandas_column(frame[name], name)
-        for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)
-        if name in frame.columns
-    ]
-    return pl.DataFrame(columns)
-
-
 def _from_pandas_column(column: Any, name: str) -> pl.Series:
-    """One pandas request column as a polars Series (see :func:`_from_pandas`)."""
+    """One pandas request column as a polars Series: numpy columns are not copied, pandas' string
+    columns are read through Arrow; a float column holding whole numbers and NaN (pandas' way of
+    writing a nullable integer) becomes Int64 with nulls (:func:`request_rows` casts it)."""
+    if getattr(column.dtype, "name", None) in ("str", "string"):  # pandas' StringDtype: Arrow or Python
+        return pl.Series(name, column.array.__arrow_array__())
     values = getattr(column, "values", None)
     if isinstance(values, np.ndarray) and values.dtype.kind in "iub":
         return pl.Series(name, values)
@@ -426,36 +413,7 @@ class ServingBundle:
         self, rows: pl.DataFrame, inputs: F.QueryInputs | None = None
     ) -> dict[str, np.ndarray]:
         """Encoded query-tower features of checked request rows (:func:`request_rows`), with the
-        documented fallback for unknown users and subject items; an unknown surface is a RequestError."""
-        unknown = sorted(set(rows["surface"].unique().to_list()) - set(self.surfaces))
-        if unknown:
-            raise RequestError(f"Unknown surface(s) {unknown}; the model serves {self.surfaces}.")
-        inputs = inputs or self.query_inputs()
-        # Ids are looked up by binary search in the sorted tables (no per-call set of every id), and
-        # the features are built over the requests' own users only: the same rows, O(requests) work.
-        users = inputs.users
-        user_pos = _positions(users.user_ids, rows["user_id"].to_numpy())
-        user_pos[user_pos < 0] = 0  # the cold-start user (position 0 of the served table)
-        used = np.unique(user_pos)
-        subject = rows["subject_item_id"]
-        subject_ids = subject.fill_null(0).to_numpy()
-        unknown_subject = subject.is_null().to_numpy() | (_positions(inputs.items.item_ids, subject_ids) < 0)
-        encoded = pl.DataFrame(
-            [
-                pl.Series("user_id", users.user_ids[user_pos]),
-                rows["surface"],
-                pl.Series("subject_item_id", subject_ids).set(pl.Series(unknown_subject), None),
-                rows["query_id"],
-                rows["timestamp"].fill_null(LATEST),
-            ]
-        )
-        own = F.UserTable(users.user_ids[used], {name: v[used] for name, v in users.features.items()})
-        return F.build_query_features(encoded, dataclasses.replace(inputs, users=own)).features
-
-
-def _positions(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Position of each of ``ids`` in ``sorted_ids``, -1 for an id not there."""
-    if len(sorted_ids) == 0:
-        return np.full(len(ids), -1, dtype=np.int64)
-    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-    return np.where(sorted_ids[at] == ids, at, -1).astype(np.int64)
+        documented fallback for unknown users and subject items; an unknown surface is a RequestError.
+        One call's convenience: a served model keeps its
+        :class:`~convcg_cli.data.features.query_encoder.QueryEncoder` (the lookups it makes once)."""
+        return QueryEncoder(inputs or self.query_inputs(), cold_start_user=True).encode(rows)

@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 
 from convcg_cli.builders import model_from_config
+from convcg_cli.data.features.query_encoder import QueryEncoder
 from convcg_cli.index import Retriever
 from convcg_cli.serve.bundle import (
     CANDIDATE_COLUMNS,
@@ -91,7 +92,8 @@ class CandidateModel:
             bundle.served_index(),  # the saved index when it matches the bundle's items, else built
             int(bundle.config.data.get("eval_batch_size", 8192)),
         )
-        self.inputs = bundle.query_inputs()
+        # The lookups made once, not per request.
+        self.encoder = QueryEncoder(bundle.query_inputs(), cold_start_user=True)
 
     def candidates(self, requests: Any, k: int = DEFAULT_K, first_request: int = 0) -> pl.DataFrame:
         """The candidates of :meth:`rank` as a polars table (``convcg retrieve``'s chunks)."""
@@ -121,7 +123,7 @@ class CandidateModel:
         rows = request_rows(requests)
         if rows.height == 0:
             return {name: np.empty(0, dtype) for name, dtype in CANDIDATE_DTYPES.items()}
-        scores, positions = self.retriever.topk(self.bundle.query_features(rows, self.inputs), k)
+        scores, positions = self.retriever.topk(self.encoder.encode(rows), k)
         n, width = positions.shape
         request = np.repeat(np.arange(first_request, first_request + n, dtype=np.int64), width)
         rank = np.tile(np.arange(1, width + 1, dtype=np.int64), n)

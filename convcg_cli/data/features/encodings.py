@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from convcg_cli.data.contract import VECTOR, ColumnSchema, conform_vector
-from convcg_cli.data.features.history import history_before
+from convcg_cli.data.features.query_encoder import CONTEXT_FEATURES, QueryEncoder
 from convcg_cli.data.features.time_split import (  # noqa: F401  (the split's names, as encodings.*)
     IMPRESSIONS_FILE,
     SECONDS_PER_DAY,
@@ -312,9 +312,6 @@ class QueryFeatures:
     spec: FeatureSpec
 
 
-CONTEXT_FEATURES = ("surface", "subject_item_id", "query_bucket")
-
-
 @dataclass(frozen=True)
 class QueryInputs:
     """What the query tower's features are built from, shared by the train, val and held-out rows."""
@@ -333,56 +330,19 @@ def build_query_features(rows: pl.DataFrame, inputs: QueryInputs) -> QueryFeatur
     the subject item (related items) and the query bucket (search). One model serves every surface;
     these features let it behave differently on each. With ``history_max_len > 0`` the user's last
     engaged items strictly before the request (from ``events``, see ``history.engagement_events``)
-    are added as the sequence feature ``history`` / ``history_actions``."""
-    users, items, context = inputs.users, inputs.items, inputs.context
-    surfaces, query_hash_buckets, history_max_len = (
-        inputs.surfaces,
-        inputs.query_hash_buckets,
-        inputs.history_max_len,
-    )
-    unknown = sorted(set(context) - set(CONTEXT_FEATURES))
-    if unknown:
-        raise ConvcgError(
-            f"Unknown context feature(s) {unknown} in data.context; known: {list(CONTEXT_FEATURES)}."
-        )
-    user_pos = positions(users.user_ids, rows["user_id"].to_numpy())
-    feats = {name: values[user_pos] for name, values in users.features.items()}
-    surface_codes = {s: i + 1 for i, s in enumerate(surfaces)}
-    feats["surface"] = (
-        rows["surface"].replace_strict(surface_codes, return_dtype=pl.Int64).to_numpy().astype(np.int64)
-    )
-    subject = rows["subject_item_id"]
-    subject_pos = positions(items.item_ids, subject.fill_null(items.item_ids[0]).to_numpy()) + 1
-    feats["subject_item_id"] = np.where(subject.is_null().to_numpy(), 0, subject_pos).astype(np.int64)
-    query = rows["query_id"]
-    buckets = (query.fill_null(0).to_numpy() % query_hash_buckets) + 1
-    feats["query_bucket"] = np.where(query.is_null().to_numpy(), 0, buckets).astype(np.int64)
+    are added as the sequence feature ``history`` / ``history_actions``. The rows are encoded by
+    :class:`~convcg_cli.data.features.query_encoder.QueryEncoder`, as a served model's requests are."""
+    users, items = inputs.users, inputs.items
+    feats = QueryEncoder(inputs).encode(rows)
     # Cardinalities come from the tables, not from the rows at hand, so every split shares one spec.
     categorical = {k: int(v.max(initial=0)) + 1 for k, v in users.features.items() if v.dtype == np.int64}
-    categorical.update(
-        surface=len(surfaces) + 1,
-        subject_item_id=len(items.item_ids) + 1,
-        query_bucket=query_hash_buckets + 1,
-    )
-    for name in set(CONTEXT_FEATURES) - set(context):
-        del feats[name], categorical[name]
-    if "subject_item_id" in context:
-        # Related items: the subject item's content vectors (zeros when there is no subject).
-        has_subject = ~subject.is_null().to_numpy()
-        for name in items.spec.vectors:
-            vectors = items.features[name][subject_pos - 1]  # (B, length)
-            feats[f"subject_{name}"] = np.where(has_subject[:, None], vectors, 0.0).astype(np.float32)
-    sequences = {}
-    if history_max_len > 0:
-        assert inputs.events is not None, "history needs the engagement events"
-        feats["history"], feats["history_actions"] = history_before(
-            inputs.events,
-            rows["user_id"].to_numpy(),
-            rows["timestamp"].to_numpy(),
-            items.item_ids,
-            history_max_len,
-        )
-        sequences["history"] = len(items.item_ids) + 1
+    context = {
+        "surface": len(inputs.surfaces) + 1,
+        "subject_item_id": len(items.item_ids) + 1,
+        "query_bucket": inputs.query_hash_buckets + 1,
+    }
+    categorical.update((name, context[name]) for name in CONTEXT_FEATURES if name in inputs.context)
+    sequences = {"history": len(items.item_ids) + 1} if inputs.history_max_len > 0 else {}
     spec = FeatureSpec(categorical, numeric_names(feats), sequences, vector_lengths(feats))
     return QueryFeatures(feats, spec)
 
