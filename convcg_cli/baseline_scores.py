@@ -14,6 +14,9 @@ import scipy.sparse as sp
 
 from convcg_cli.errors import ConfigError
 
+# Stored entries a pass over a large sparse matrix handles at a time (its temporaries: a few MB each).
+_BLOCK_CELLS = 1 << 20
+
 
 def recent_popularity(
     conversion_events: tuple[np.ndarray, np.ndarray] | None, window_days: int, whole: np.ndarray
@@ -64,7 +67,9 @@ class ItemCFSimilarity:
     which every ``neighbours`` and ``include_self`` value is cut. Each matrix equals, entry for entry,
     the one computed the direct way (a second product ``x.T @ x`` for n_ij, ``setdiag(0)``,
     :func:`~convcg_cli.baseline_scores.keep_top_per_row` over the whole matrix): the same
-    floating-point operations on each entry, so the lists and their ties do not change.
+    floating-point operations on each entry, so the lists and their ties do not change. The passes
+    over the cosine's entries go a block of rows at a time (:func:`row_blocks`), so their temporaries
+    stay a few MB however many entries the cosine holds.
 
     The matrices handed out are shared between variants (and with this object): read them only.
 
@@ -98,7 +103,7 @@ class ItemCFSimilarity:
             if ranked is None or ranked.depth <= neighbours:
                 # one more than the longest list: a list without the diagonal may need the next entry
                 depth = max(neighbours, self.max_neighbours) + 1
-                ranked = _RankedRows(self._shrunk_matrix(shrinkage), self._rows, depth)
+                ranked = _RankedRows(self._shrunk_matrix(shrinkage), depth)
                 self._ranked[shrinkage] = ranked
             # sim is symmetric: row j's top entries are j's neighbours; W[:, j] holds them.
             return ranked.keep_top(neighbours, include_self).T.tocsr()
@@ -112,61 +117,68 @@ class ItemCFSimilarity:
     def _shrunk_matrix(self, shrinkage: float) -> sp.csr_matrix:
         """The cosine times n_ij / (n_ij + shrinkage), entry by entry (kept for the next variant)."""
         if shrinkage not in self._shrunk:
-            together = self._together
-            factor = together / (together + shrinkage)
-            self._shrunk[shrinkage] = sp.csr_matrix(
-                (self.cosine.data * factor, self.cosine.indices, self.cosine.indptr), shape=self.cosine.shape
-            )
+            cosine = self.cosine
+            data = np.empty_like(cosine.data)
+            for first, last in row_blocks(cosine.indptr):
+                block = slice(cosine.indptr[first], cosine.indptr[last])
+                together = self._together(first, last)
+                data[block] = cosine.data[block] * (together / (together + shrinkage))
+            self._shrunk[shrinkage] = sp.csr_matrix((data, cosine.indices, cosine.indptr), shape=cosine.shape)
         return self._shrunk[shrinkage]
 
-    @functools.cached_property
-    def _rows(self) -> np.ndarray:
-        """The row of each stored cosine entry (every matrix derived here has the cosine's entries)."""
-        n = self.cosine.shape[0]
-        return np.repeat(np.arange(n, dtype=self.cosine.indices.dtype), np.diff(self.cosine.indptr))
-
-    @functools.cached_property
-    def _together(self) -> np.ndarray:
-        """n_ij, the users engaging both i and j, of each stored cosine entry (x is binary).
+    def _together(self, first: int, last: int) -> np.ndarray:
+        """n_ij, the users engaging both i and j, of the stored cosine entries of rows [first, last)
+        (x is binary).
 
         The cosine entry is n_ij copies of 1 / (norm_i norm_j) summed, so times norm_i norm_j it is
         n_ij up to a rounding error of about n_ij^2 * 1e-16: rounded, exactly the count ``x.T @ x``
         gives while fewer than ten million users engage both items, for a fraction of its cost.
         """
-        return np.rint(self.cosine.data * self.norms[self._rows] * self.norms[self.cosine.indices])
+        cosine = self.cosine
+        block = slice(cosine.indptr[first], cosine.indptr[last])
+        rows = np.repeat(np.arange(first, last), np.diff(cosine.indptr[first : last + 1]))
+        return np.rint(cosine.data[block] * self.norms[rows] * self.norms[cosine.indices[block]])
 
     @functools.cached_property
     def _off_diagonal(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(which stored entries are off the diagonal, their column indices, the rows' pointers
         without the diagonal): the sparsity of every matrix here without its diagonal."""
-        off = self.cosine.indices != self._rows
-        on_diagonal = np.bincount(self._rows[~off], minlength=self.cosine.shape[0])  # (N,) 0 or 1
-        indptr = self.cosine.indptr - np.concatenate([[0], np.cumsum(on_diagonal)])
-        return off, self.cosine.indices[off], indptr
+        cosine = self.cosine
+        off = np.empty(cosine.nnz, dtype=bool)
+        for first, last in row_blocks(cosine.indptr):
+            block = slice(cosine.indptr[first], cosine.indptr[last])
+            rows = np.repeat(np.arange(first, last), np.diff(cosine.indptr[first : last + 1]))
+            off[block] = cosine.indices[block] != rows
+        diagonal_rows = np.searchsorted(cosine.indptr, np.flatnonzero(~off), side="right") - 1
+        on_diagonal = np.bincount(diagonal_rows, minlength=cosine.shape[0])  # (N,) 0 or 1
+        indptr = cosine.indptr - np.concatenate([[0], np.cumsum(on_diagonal)])
+        return off, cosine.indices[off], indptr
 
 
 class _RankedRows:
     """Each row's ``depth`` largest entries of a sparse matrix (with the ties at the cut), sorted by
     row, then value descending, then column, as :func:`~convcg_cli.baseline_scores.keep_top_per_row`
     sorts the whole matrix: every ``keep_top_per_row(m, n)`` with n < ``depth`` (of ``m``, or of ``m``
-    without its diagonal) is a cut of it, without sorting the whole matrix again.
+    without its diagonal) is a cut of it, without sorting the whole matrix again. Only the entries
+    at or above each row's ``depth``-th largest value (:func:`row_kth_largest`) are sorted.
 
     Args:
         m: (R, C) CSR matrix.
-        rows: (nnz,) the row of each of its stored entries.
         depth: how many entries of each row to rank.
     """
 
-    def __init__(self, m: sp.csr_matrix, rows: np.ndarray, depth: int) -> None:
+    def __init__(self, m: sp.csr_matrix, depth: int) -> None:
         self.shape, self.depth = m.shape, int(depth)
-        lengths = np.diff(m.indptr)
-        kth = np.full(m.shape[0], -np.inf)  # each row's depth-th largest value (-inf: a shorter row)
-        for r in np.flatnonzero(lengths > self.depth):
-            values = m.data[m.indptr[r] : m.indptr[r + 1]]
-            kth[r] = np.partition(values, len(values) - self.depth)[len(values) - self.depth]
-        top = m.data >= kth[rows]  # (with ties) every entry ranked above depth in its row
-        rows, cols, values = rows[top], m.indices[top], m.data[top]
-        order = np.lexsort((cols, -values, rows))
+        kth = row_kth_largest(m.data, m.indptr, self.depth)  # (R,) -inf: a row of depth or fewer
+        picked = []
+        for first, last in row_blocks(m.indptr):  # every entry ranked above depth in its row
+            start = m.indptr[first]
+            threshold = np.repeat(kth[first:last], np.diff(m.indptr[first : last + 1]))
+            picked.append(start + np.flatnonzero(m.data[start : m.indptr[last]] >= threshold))
+        top = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
+        rows = np.searchsorted(m.indptr, top, side="right") - 1
+        cols, values = m.indices[top], m.data[top]
+        order = order_in_rows(rows, values, cols, m.shape[1])
         self.rows, self.cols, self.values = rows[order], cols[order], values[order]
 
     def keep_top(self, n: int, include_self: bool = True) -> sp.csr_matrix:
@@ -264,3 +276,74 @@ def sparse_topk_rows(scores: sp.csr_matrix, rank: np.ndarray, k: int) -> np.ndar
             out[r, len(best) :] = fill[~scored[fill]][: k - len(best)]
             scored[best] = False
     return out
+
+
+def row_blocks(indptr: np.ndarray, cells: int | None = None) -> list[tuple[int, int]]:
+    """(first, last) ranges of consecutive rows of a CSR matrix holding about ``cells`` stored entries
+    each (a longer row on its own), for passes over a large matrix that keep their temporaries small.
+
+    Example:
+        >>> row_blocks(np.array([0, 2, 3, 3, 9]), cells=3)
+        [(0, 2), (2, 4)]
+    """
+    cells = int(cells or _BLOCK_CELLS)
+    n_rows = len(indptr) - 1
+    cuts = np.searchsorted(indptr, np.arange(cells, indptr[-1], cells), side="left")
+    bounds = np.unique(np.concatenate([[0], np.minimum(cuts, n_rows), [n_rows]]))
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def row_kth_largest(data: np.ndarray, indptr: np.ndarray, depth: int, cells: int | None = None) -> np.ndarray:
+    """(R,) each CSR row's ``depth``-th largest stored value (repeats counted), -inf for a row with
+    ``depth`` entries or fewer. Vectorised: the longer rows are grouped by the power of two of their
+    length, padded with -inf to the longest of their group (at most twice their length) and
+    partitioned together, about ``cells`` cells at a time.
+
+    Example:
+        >>> row_kth_largest(np.array([3.0, 1.0, 2.0, 5.0, 5.0]), np.array([0, 3, 5]), 2).tolist()
+        [2.0, -inf]
+    """
+    cells = int(cells or _BLOCK_CELLS)
+    lengths = np.diff(indptr)
+    kth = np.full(len(lengths), -np.inf)
+    long = np.flatnonzero(lengths > depth)
+    if not len(long):
+        return kth
+    long = long[np.argsort(lengths[long], kind="stable")]
+    group = np.floor(np.log2(lengths[long])).astype(np.int64)
+    starts = np.flatnonzero(np.diff(group, prepend=-1))
+    for lo, hi in zip(starts, [*starts[1:], len(long)], strict=True):
+        width = int(lengths[long[hi - 1]])  # the group's longest row
+        step = max(1, cells // width)
+        for first in range(lo, hi, step):
+            rows = long[first : min(first + step, hi)]
+            span = int(lengths[rows].max())
+            cell = np.arange(span)
+            inside = cell[None, :] < lengths[rows][:, None]  # (r, span)
+            at = np.where(inside, indptr[rows][:, None] + cell[None, :], 0)
+            block = np.where(inside, data[at], -np.inf)
+            kth[rows] = np.partition(block, span - depth, axis=1)[:, span - depth]
+    return kth
+
+
+def order_in_rows(rows: np.ndarray, values: np.ndarray, ties: np.ndarray, n_ties: int) -> np.ndarray:
+    """The order of entries by row ascending, then value descending, then ``ties`` ascending (ints in
+    [0, ``n_ties``)): ``np.lexsort((ties, -values, rows))``, in one sort of a composite int64 key
+    (the values' dense rank between row and tie) when it fits, as it does for these matrices.
+
+    Example:
+        >>> rows, values = np.array([1, 0, 0, 0]), np.array([1.0, 2.0, 3.0, 2.0])
+        >>> order_in_rows(rows, values, ties=np.array([0, 5, 1, 4]), n_ties=6).tolist()
+        [2, 3, 1, 0]
+    """
+    if not len(rows):
+        return np.zeros(0, dtype=np.int64)
+    # dense rank of -value (0: the largest): the distinct values (few) found and sorted once, then
+    # looked up, instead of sorting every entry by its value
+    levels = np.unique(-values)
+    value_rank = np.searchsorted(levels, -values)
+    n_rows = int(rows.max()) + 1
+    if n_rows * len(levels) * int(n_ties) >= 2**62:  # the key would overflow: three stable sorts
+        return np.lexsort((ties, -values, rows))
+    key = (rows.astype(np.int64) * len(levels) + value_rank) * int(n_ties) + ties
+    return np.argsort(key, kind="stable")
