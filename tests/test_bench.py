@@ -485,3 +485,17 @@ def test_flops_figures_read_each_round_against_its_own_gemm_timing():
     assert out["bare_vs_gemm"] == pytest.approx(0.5) and out["lightning_vs_gemm"] == pytest.approx(0.25)
     assert out["gemm_gflops_per_s"] == pytest.approx(10_000 / 1.0 / 1e6)
     assert out["bare_gflops_per_s"] == pytest.approx(10_000 / 2.0 / 1e6)
+
+
+def test_serve_verdicts_hold_the_ann_served_latency_to_its_ceilings():
+    serve = {"items": 100_000, "k": 100, "requests": 200, "p50_ms": 3.0, "p99_ms": 4.0}
+    assert report.serve_verdicts({"serve": serve}) == []  # saved before the ANN-served model was timed
+    fast = {**serve, "ivf": {"nlist": 1265, "nprobe": 32, "p50_ms": 1.5, "p99_ms": 2.5, "http_p99_ms": 5.5}}
+    rows = report.serve_verdicts({"serve": fast})
+    assert rows == [
+        ["pyfunc `predict` p99, 1 request, k=100, ANN-served, 100,000 items, ms (g)", "2.50", "<= 3", "pass"],
+        ["`/invocations` p99 minus pyfunc p99, same model, ms (g)", "3.00", "<= 3", "pass"],
+    ]
+    slow = {**fast, "ivf": {**fast["ivf"], "p99_ms": 3.25, "http_p99_ms": 6.5}}
+    assert [row[-1] for row in report.serve_verdicts({"serve": slow})] == ["**FAIL**", "**FAIL**"]
+    assert figures.serve_metrics({"serve": fast})[figures.SERVE_HTTP_OVER_PYFUNC] == pytest.approx(3.0)

@@ -15,16 +15,20 @@ import numpy as np
 from omegaconf import DictConfig
 
 from convcg_cli.bench.figures import (
+    CEILINGS,
     DATA_VS_MODEL,
     EXACT_VS_GEMM,
     FLAT_MEMORY_EXPONENT,
     LIGHTNING_VS_BARE,
+    SERVE_HTTP_OVER_PYFUNC,
+    SERVE_PYFUNC_P99,
     SERVING_ANN_OVERLAP,
     SERVING_ANN_SPEEDUP,
     TARGETS,
     corpus_exponents,
     memory_exponents,
     scale_exponents,
+    serve_metrics,
     serving_run,
     step_figures,
 )
@@ -35,6 +39,32 @@ from convcg_cli.markdown import table
 def verdict(value: float, target: float) -> str:
     """``pass`` when ``value`` reaches ``target``, else a bold FAIL."""
     return "pass" if value >= target else "**FAIL**"
+
+
+def ceiling_verdict(value: float, ceiling: float) -> str:
+    """``pass`` when ``value`` stays at or under ``ceiling``, else a bold FAIL."""
+    return "pass" if value <= ceiling else "**FAIL**"
+
+
+def serve_verdicts(results: Mapping[str, Any]) -> list[list[str]]:
+    """The target rows of the ANN-served model's single-request latency (g), where measured."""
+    figures = serve_metrics(results)
+    srv = results.get("serve") or {}
+    labels = {
+        SERVE_PYFUNC_P99: f"pyfunc `predict` p99, 1 request, k={srv.get('k')}, ANN-served, "
+        f"{srv.get('items', 0):,} items, ms (g)",
+        SERVE_HTTP_OVER_PYFUNC: "`/invocations` p99 minus pyfunc p99, same model, ms (g)",
+    }
+    return [
+        [
+            label,
+            f"{figures[name]:.2f}",
+            f"<= {CEILINGS[name]:g}",
+            ceiling_verdict(figures[name], CEILINGS[name]),
+        ]
+        for name, label in labels.items()
+        if name in figures
+    ]
 
 
 def render_report(cfg: DictConfig, results: Mapping[str, Any]) -> str:
@@ -83,6 +113,7 @@ def _header(cfg: DictConfig, results: Mapping[str, Any]) -> list[str]:
         ],
         *memory_verdict(results),
         *search_verdicts(results),
+        *serve_verdicts(results),
     ]
     return [
         "# convcg benchmarks",

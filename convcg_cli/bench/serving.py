@@ -119,6 +119,7 @@ def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     from convcg_cli import tracking
     from convcg_cli.bench.training import setup_model, train_config
     from convcg_cli.index import exact_topk
+    from convcg_cli.index.approximate import ivf_cells
     from convcg_cli.serve.batch import retrieve_file
     from convcg_cli.serve.bundle import request_rows
     from convcg_cli.serve.export import make_bundle, save_bundle, serve_options
@@ -130,26 +131,35 @@ def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     model.eval()
     bundle = make_bundle(train_cfg, dm, model, serve_options(train_cfg, {"index": "exact"}))
     model_dir = save_bundle(bundle, Path(workdir) / "pyfunc")
+    # The same model served from the ANN index of conf/train.yaml's serve block (serve.index=ivf).
+    ivf_bundle = make_bundle(train_cfg, dm, model, serve_options(train_cfg, {"index": "ivf"}))
+    ivf_dir = save_bundle(ivf_bundle, Path(workdir) / "pyfunc-ivf")
     store = tracking.Store.from_config(train_cfg.logger)
-    served = tracking.load_served_model(store, str(model_dir))
+    served = {
+        "exact": tracking.load_served_model(store, str(model_dir)),
+        "ivf": tracking.load_served_model(store, str(ivf_dir)),
+    }
     k = min(int(s.k), len(bundle.item_ids))
     single = bench_requests(bundle.users.user_ids, bundle.surfaces, int(s.requests), cfg.seed).to_pandas()
-    served.predict(single.iloc[:1], params={"k": k})  # warm-up: first-call costs are not latency
-    seconds = []
-    for i in range(len(single)):
-        start = time.perf_counter()
-        served.predict(pd.DataFrame(single.iloc[i : i + 1]), params={"k": k})
-        seconds.append(time.perf_counter() - start)
+    seconds: dict[str, list[float]] = {name: [] for name in served}
+    for one in served.values():
+        one.predict(single.iloc[:1], params={"k": k})  # warm-up: first-call costs are not latency
+    for i in range(len(single)):  # request by request, the two models in turn: drift hits both alike
+        request = pd.DataFrame(single.iloc[i : i + 1])
+        for name, one in served.items():
+            start = time.perf_counter()
+            one.predict(request, params={"k": k})
+            seconds[name].append(time.perf_counter() - start)
     n_http = min(int(s.http_requests), len(single))
-    http = http_latency(Path(model_dir), pl.from_pandas(single.iloc[:n_http]), k) if n_http else {}
+    http_rows = pl.from_pandas(single.iloc[:n_http])
+    http = http_latency(Path(model_dir), http_rows, k) if n_http else {}
+    ivf_http = http_latency(Path(ivf_dir), http_rows, k) if n_http else {}
 
     candidates = CandidateModel(bundle)
     batch = bench_requests(bundle.users.user_ids, bundle.surfaces, int(s.batch_requests), cfg.seed + 1)
     requests_path = Path(workdir) / "serve-requests.parquet"
     batch.write_parquet(requests_path)
-    query_emb = candidates.retriever.embed_queries(
-        bundle.query_features(request_rows(batch), candidates.inputs)
-    )
+    query_emb = candidates.retriever.embed_queries(candidates.encoder.encode(request_rows(batch)))
     batch_k = min(int(cfg.retrieval.k), len(bundle.item_ids))
     retrieve_s, exact_s = [], []
     for _ in range(int(s.rounds)):  # interleaved, so drift hits both alike
@@ -165,9 +175,15 @@ def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
         "items": len(bundle.item_ids),
         "k": k,
         "requests": len(single),
-        **latency_ms(seconds),
+        **latency_ms(seconds["exact"]),
         "http_requests": n_http,
         **http,
+        "ivf": {
+            "nlist": ivf_cells(int(ivf_bundle.index["nlist"]), len(bundle.item_ids)),
+            "nprobe": int(ivf_bundle.index["nprobe"]),
+            **latency_ms(seconds["ivf"]),
+            **ivf_http,
+        },
         "batch_requests": n,
         "batch_k": batch_k,
         "retrieve_rps": n / min(retrieve_s),
