@@ -174,9 +174,11 @@ def test_a_broken_loss_does_not_reach_the_margin(learnable_data, learned, monkey
     assert not learned.learned(broken.trained), broken
 
 
+@pytest.mark.slow
 def test_shuffled_training_labels_do_not_reach_the_margin(shuffled_data, learned):
     """Trained on logs whose training-day user-item pairs are random, scored on the real held-out days
-    against the real logs' popularity list."""
+    against the real logs' popularity list. A second full training (as long as the fixture's), so it
+    runs with the slow tests; the one-epoch broken-loss and the constant-query controls stay fast."""
     shuffled = fit_and_score(shuffled_data, seed=0)
     assert not learned.learned(shuffled.trained, popularity=learned.popularity), shuffled
 
