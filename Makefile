@@ -49,7 +49,7 @@ BENCH_ARGS ?=
 bench: $(STAMP) ## Speed/scale benchmarks -> reports/bench/bench.md + MLflow (~36 min; BENCH_ARGS=--quick)
 	$(BIN)/python -m convcg_cli.bench run $(BENCH_ARGS)
 
-test: $(STAMP) ## Run the fast test suite: -m "not slow", 4 min 12 s on 2 idle cores (what CI runs)
+test: $(STAMP) ## Run the fast test suite: -m "not slow", 5 min on 2 idle cores (what CI runs)
 	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
 test-all: $(STAMP) ## Run every test: the fast suite plus the slow ones (full trainings, DDP)
