@@ -1,9 +1,10 @@
-"""(g) The served model: single-request latency of the pyfunc ``predict``, batch ``retrieve``
+"""(g) The served model: single-request latency of the pyfunc ``predict`` (the model served from the
+exact index and from the ANN index, ``serve.index=exact`` and ``ivf``), batch ``retrieve``
 throughput against the bare ``exact_topk`` path of (c) as the limit, index build times, and the
 model's load time with its saved index read back and with it rebuilt (exact and IVF).
 
 The pyfunc model is saved to and loaded from a local directory exactly as MLflow serves it (schema
-enforcement included); the same directory is then served by ``mlflow models serve`` and single JSON
+enforcement included); the same directories are then served by ``mlflow models serve`` and single JSON
 requests to ``/invocations`` are timed end to end (client, HTTP, schema, predict). The batch path and
 the bare path are timed in one process, round by round, on the same requests and k.
 """
@@ -113,7 +114,8 @@ def http_latency(model_dir: Path, requests: pl.DataFrame, k: int) -> dict[str, f
 
 def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     """Bundle convcg train's model on ``data_dir`` (its weights do not change the timings), save and
-    load it as a pyfunc model, and time single requests, batch retrieval and the bare exact path."""
+    load it as a pyfunc model served from the exact index and from the ANN one, and time single
+    requests (both), batch retrieval and the bare exact path."""
     import pandas as pd
 
     from convcg_cli import tracking

@@ -9,11 +9,10 @@ How :class:`ExactIndex` keeps up with the arithmetic: the scores are computed by
 and tiles of items (torch's GEMM, at its peak on (512 x 2048) tiles), and each tile is only
 *compared* with a per-query threshold (numpy, a fraction of a nanosecond a score): the few items at
 or above it are found through the mask packed 8 to a byte, kept as 64-bit sort keys (score, then
-id), and the top k is selected among them. The
-threshold comes from a strided sample of the corpus, set so that a few more than k items pass (1.5 k
-at k=1000); a query left with fewer than k is searched again with a threshold that cannot be too
-high. Nothing is lost: every item scoring at least the k-th score is kept, so ties at the cutoff are
-complete.
+id), and the top k is selected among them. The threshold comes from a strided sample of the corpus,
+set so that a few more than k items pass (1.5 k at k=1000); a query left with fewer than k is
+searched again with a threshold that cannot be too high. Nothing is lost: every item scoring at least
+the k-th score is kept, so ties at the cutoff are complete.
 :func:`faiss_exact_topk` (faiss ``IndexFlatIP``, re-sorted) is the previous path, kept as the
 reference the tests and the benchmark compare with.
 """
@@ -232,9 +231,9 @@ class ExactIndex:
 
 
 def _flat_true(mask: np.ndarray, scratch: _Scratch) -> np.ndarray:
-    """``np.flatnonzero(mask)`` of a (rows, w) tile with ``w`` a multiple of 8, in about half its
-    time when few cells are true (a few in a hundred): the mask is packed 8 cells to a byte, only the
-    non-zero bytes are found (one cell in eight to look at), then unpacked back to their cells."""
+    """``np.flatnonzero(mask)``, in about 0.6 of its time when few cells are true (a few in a
+    hundred, as in a tile): the mask is packed 8 cells to a byte, only the non-zero bytes are found
+    (one cell in eight to look at), then unpacked back to their cells."""
     packed = np.packbits(mask.ravel(), bitorder="little")  # byte j holds cells 8j .. 8j+7
     some = scratch.array("some", (1, packed.size), np.bool_)[0]
     np.not_equal(packed, 0, out=some)

@@ -337,7 +337,7 @@ def test_popularity_topk_rejects_nan():
 
 
 @pytest.mark.parametrize("share", [0.0, 0.015, 0.5, 1.0])
-@pytest.mark.parametrize("shape", [(1, 8), (3, 16), (37, 2048), (512, 64)])
+@pytest.mark.parametrize("shape", [(1, 8), (3, 16), (3, 13), (37, 2048), (512, 64)])
 def test_flat_true_equals_flatnonzero(share, shape):
     rng = np.random.default_rng(int(share * 1000) + shape[0])
     mask = rng.random(shape) < share
