@@ -49,7 +49,7 @@ def keep_top_per_row(m: sp.csr_matrix, n: int) -> sp.csr_matrix:
         [[0.0, 3.0, 0.0], [0.0, 5.0, 0.0]]
     """
     m = m.tocsr()
-    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+    rows = entry_rows(m.indptr, 0, m.shape[0])
     order = np.lexsort((m.indices, -m.data, rows))  # by row, then value descending, then column
     rank = np.arange(len(order)) - m.indptr[rows[order]]
     keep = order[rank < n]
@@ -136,7 +136,7 @@ class ItemCFSimilarity:
         """
         cosine = self.cosine
         block = slice(cosine.indptr[first], cosine.indptr[last])
-        rows = np.repeat(np.arange(first, last), np.diff(cosine.indptr[first : last + 1]))
+        rows = entry_rows(cosine.indptr, first, last)
         return np.rint(cosine.data[block] * self.norms[rows] * self.norms[cosine.indices[block]])
 
     @functools.cached_property
@@ -147,8 +147,7 @@ class ItemCFSimilarity:
         off = np.empty(cosine.nnz, dtype=bool)
         for first, last in row_blocks(cosine.indptr):
             block = slice(cosine.indptr[first], cosine.indptr[last])
-            rows = np.repeat(np.arange(first, last), np.diff(cosine.indptr[first : last + 1]))
-            off[block] = cosine.indices[block] != rows
+            off[block] = cosine.indices[block] != entry_rows(cosine.indptr, first, last)
         diagonal_rows = np.searchsorted(cosine.indptr, np.flatnonzero(~off), side="right") - 1
         on_diagonal = np.bincount(diagonal_rows, minlength=cosine.shape[0])  # (N,) 0 or 1
         indptr = cosine.indptr - np.concatenate([[0], np.cumsum(on_diagonal)])
@@ -173,7 +172,7 @@ class _RankedRows:
         picked = []
         for first, last in row_blocks(m.indptr):  # every entry ranked above depth in its row
             start = m.indptr[first]
-            threshold = np.repeat(kth[first:last], np.diff(m.indptr[first : last + 1]))
+            threshold = kth[entry_rows(m.indptr, first, last)]
             picked.append(start + np.flatnonzero(m.data[start : m.indptr[last]] >= threshold))
         top = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
         rows = np.searchsorted(m.indptr, top, side="right") - 1
@@ -291,6 +290,16 @@ def row_blocks(indptr: np.ndarray, cells: int | None = None) -> list[tuple[int, 
     cuts = np.searchsorted(indptr, np.arange(cells, indptr[-1], cells), side="left")
     bounds = np.unique(np.concatenate([[0], np.minimum(cuts, n_rows), [n_rows]]))
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def entry_rows(indptr: np.ndarray, first: int, last: int) -> np.ndarray:
+    """The row of each stored entry of rows [first, last) of a CSR matrix (``indptr``), in order.
+
+    Example:
+        >>> entry_rows(np.array([0, 2, 2, 5]), 0, 3).tolist()
+        [0, 0, 2, 2, 2]
+    """
+    return np.repeat(np.arange(first, last), np.diff(indptr[first : last + 1]))
 
 
 def row_kth_largest(data: np.ndarray, indptr: np.ndarray, depth: int, cells: int | None = None) -> np.ndarray:

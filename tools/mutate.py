@@ -90,7 +90,12 @@ TARGETS: dict[str, Target] = {
     ),
     "baseline_scores": Target(
         "convcg_cli/baseline_scores.py",
-        ("tests/test_baseline_pins.py", "tests/test_baselines.py", "tests/test_baseline_tuning.py"),
+        (
+            "tests/test_baseline_pins.py",
+            "tests/test_baselines.py",
+            "tests/test_baseline_tuning.py",
+            "tests/test_baseline_scores_blocks.py",
+        ),
     ),
     "prior": Target(
         "convcg_cli/metrics/prior.py",
