@@ -11,9 +11,9 @@ the bare path are timed in one process, round by round, on the same requests and
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -70,23 +70,13 @@ def load_seconds(model_dir: Path, store, rounds: int = LOAD_ROUNDS) -> dict[str,
     return {name: min(values) for name, values in seconds.items()}
 
 
-def load_times(bundle, model_dir: Path, store, nlist: int, nprobe: int, rounds: int = LOAD_ROUNDS) -> dict:
-    """Load times (:func:`load_seconds`) of the saved exact model ``model_dir`` and of the same
-    bundle saved with an IVF index (``nlist``, ``nprobe``) beside it: ``load_exact_s``,
-    ``load_exact_rebuild_s``, ``load_ivf_s``, ``load_ivf_rebuild_s``."""
-    from convcg_cli.serve.export import index_options, save_bundle
-
-    ivf = dataclasses.replace(
-        bundle, index=index_options({"index": "ivf", "nlist": nlist, "nprobe": nprobe}), stored_index=None
-    )
-    ivf_dir = save_bundle(ivf, model_dir.with_name(f"{model_dir.name}-ivf"))
-    try:
-        exact_s, ivf_s = load_seconds(model_dir, store, rounds), load_seconds(ivf_dir, store, rounds)
-    finally:
-        shutil.rmtree(ivf_dir, ignore_errors=True)
+def load_times(model_dirs: Mapping[str, Path], store, rounds: int = LOAD_ROUNDS) -> dict:
+    """Load times (:func:`load_seconds`) of each saved model, by index kind (``exact``, ``ivf``):
+    ``load_<kind>_s`` and ``load_<kind>_rebuild_s``."""
     return {
-        **{name.replace("load", "load_exact"): value for name, value in exact_s.items()},
-        **{name.replace("load", "load_ivf"): value for name, value in ivf_s.items()},
+        name.replace("load", f"load_{kind}"): value
+        for kind, model_dir in model_dirs.items()
+        for name, value in load_seconds(model_dir, store, rounds).items()
     }
 
 
@@ -173,6 +163,12 @@ def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
         exact_topk(query_emb, bundle.item_emb, batch_k)
         exact_s.append(time.perf_counter() - start)
     n = batch.height
+    # the two models timed above, each loaded with its saved index and with it rebuilt; then the
+    # IVF model is removed (the exact one stays, as the step's served model)
+    loads = load_times(
+        {"exact": Path(model_dir), "ivf": Path(ivf_dir)}, store, int(s.get("load_rounds", LOAD_ROUNDS))
+    )
+    shutil.rmtree(ivf_dir, ignore_errors=True)
     return {
         "items": len(bundle.item_ids),
         "k": k,
@@ -192,13 +188,6 @@ def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
         "exact_qps": n / min(exact_s),
         "retrieve_vs_exact": min(exact_s) / min(retrieve_s),
         **index_build_seconds(bundle.item_emb, int(cfg.retrieval.ann_options.ivf_flat.nlist)),
-        **load_times(
-            bundle,
-            Path(model_dir),
-            store,
-            int(train_cfg.serve.nlist),
-            int(train_cfg.serve.nprobe),
-            int(s.get("load_rounds", LOAD_ROUNDS)),
-        ),
+        **loads,
         "peak_rss_mib_before_batch": peak_rss_mib(),
     }
