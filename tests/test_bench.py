@@ -331,7 +331,10 @@ def test_corpus_step_measures_exact_and_every_ann(tmp_path):
     assert [a["name"] for a in point["ann"]] == ["ivf_flat", "hnsw"]
     ivf = point["ann"][0]
     assert [r["effort"] for r in ivf["runs"]] == [4, 16] and ivf["runs"][1]["overlap"] == 1.0  # all cells
-    assert not any(tmp_path.glob("corpus-*"))  # its logs are removed
+    served = point["served"]  # the model served from its saved IVF index, timed through predict
+    assert served["k"] == 50 and served["requests"] == cfg.corpus.requests and served["load_s"] > 0
+    assert 0 < served["p50_ms"] <= served["p99_ms"] and served["nprobe"] == 32
+    assert not any(tmp_path.glob("corpus-*"))  # its logs and the served model are removed
 
 
 def test_serving_section_measures_the_pyfunc_model_and_batch_retrieve(tiny_data, tmp_path):
@@ -360,8 +363,10 @@ def test_serving_section_times_the_http_server(tiny_data, tmp_path):
     cfg = bench_config(["quick.serve.http_requests=3"], quick=True)
     figures_ = step_serve(cfg, str(tmp_path), str(tiny_data))
     assert figures_["http_requests"] == 3 and 0 < figures_["http_p50_ms"] <= figures_["http_p99_ms"]
+    for served in (figures_, figures_["ivf"]):  # kept-alive connection and a connection per request
+        assert 0 < served["http_new_connection_p50_ms"] <= served["http_new_connection_p99_ms"]
     text = "\n".join(report_commands.serving_section({"serve": figures_}))
-    assert "`mlflow models serve` `/invocations`" in text
+    assert "`mlflow models serve` `/invocations`" in text and "a new connection per request" in text
 
 
 @pytest.mark.slow  # trains a few batches and runs convcg eval: ~20 s
@@ -499,3 +504,15 @@ def test_serve_verdicts_hold_the_ann_served_latency_to_its_ceilings():
     slow = {**fast, "ivf": {**fast["ivf"], "p99_ms": 3.25, "http_p99_ms": 6.5}}
     assert [row[-1] for row in report.serve_verdicts({"serve": slow})] == ["**FAIL**", "**FAIL**"]
     assert figures.serve_metrics({"serve": fast})[figures.SERVE_HTTP_OVER_PYFUNC] == pytest.approx(3.0)
+    # the model served at the largest corpus of (j), against its own ceiling
+    served = {"k": 100, "nlist": 4000, "nprobe": 32, "requests": 200, "load_s": 0.5, "p50_ms": 2.0}
+    corpus = [_corpus_point(100_000), {**_corpus_point(1_000_000), "served": {**served, "p99_ms": 4.5}}]
+    rows = report.serve_verdicts({"serve": fast, "corpus": corpus})
+    assert rows[1] == ["pyfunc `predict` p99, 1 request, k=100, ANN-served, 1,000,000 items, ms (j)"] + [
+        "4.50",
+        "<= 5",
+        "pass",
+    ]
+    corpus[-1]["served"]["p99_ms"] = 5.5
+    assert report.serve_verdicts({"serve": fast, "corpus": corpus})[1][-1] == "**FAIL**"
+    assert figures.corpus_metrics({"corpus": corpus})["bench/corpus/1000000/served/load_s"] == 0.5

@@ -9,7 +9,10 @@ Then, on those embeddings:
   ``corpus.k`` and at ``retrieval.k`` (the latter against a bare GEMM of the same shapes, timed
   round by round in the same process), single-request latency;
 * every index of ``corpus.ann`` at each of its efforts: build time, bytes, batch throughput and
-  speed-up over exact, single-request latency, and the overlap of its top ``corpus.k`` with exact's.
+  speed-up over exact, single-request latency, and the overlap of its top ``corpus.k`` with exact's;
+* the model served as conf/train.yaml's serve block builds it with ``serve.index=ivf``: saved and
+  loaded as MLflow loads a pyfunc model (its index read back: the load time), then single requests of
+  random known users at ``corpus.k`` timed end to end through ``predict`` (encode, search, response).
 
 Memory: the bytes each index holds (as faiss serialises it; the exact index: its copy of the items
 and its sample) and the step's peak RSS (which includes training). ``figures.corpus_exponents`` fits
@@ -29,10 +32,11 @@ from omegaconf import DictConfig
 from convcg_cli.bench.measure import blocked_gemm_seconds, latency_ms, topk_overlap
 
 
-def _embeddings(cfg: DictConfig, workdir: str, items: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """``(queries, items, timings)``: the preset with ``items`` items synthesised in ``workdir``, the
-    model trained briefly on it, the first ``corpus.queries`` validation queries' embeddings and every
-    item's (the data directory is removed afterwards)."""
+def _embeddings(cfg: DictConfig, workdir: str, items: int) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """``(queries, items, timings, served)``: the preset with ``items`` items synthesised in
+    ``workdir``, the model trained briefly on it, the first ``corpus.queries`` validation queries'
+    embeddings and every item's, and the served model's figures (:func:`served_figures`); the data
+    directory is removed afterwards."""
     import torch
 
     from convcg_cli.bench.training import bare_loop, setup_model, train_config
@@ -59,9 +63,51 @@ def _embeddings(cfg: DictConfig, workdir: str, items: int) -> tuple[np.ndarray, 
         queries = model.embed_queries(features).float().numpy()
     item_emb = np.ascontiguousarray(model.embed_items(dm.item_features), dtype=np.float32)
     embed_s = time.perf_counter() - start
+    served = served_figures(cfg, train_cfg, dm, model, Path(workdir) / f"corpus-pyfunc-{items}")
     shutil.rmtree(data_dir, ignore_errors=True)
     timings = {"synth_s": synth_s, "setup_s": setup_s, "train_s": train_s, "embed_s": embed_s}
-    return np.ascontiguousarray(queries, dtype=np.float32), item_emb, timings
+    return np.ascontiguousarray(queries, dtype=np.float32), item_emb, timings, served
+
+
+def served_figures(cfg: DictConfig, train_cfg, dm, model, model_dir: Path) -> dict:
+    """The model served from its ANN index (conf/train.yaml's serve block, ``serve.index=ivf``) at this
+    corpus size: saved as a pyfunc model directory, loaded as MLflow loads it (the saved index read
+    back, timed), then ``corpus.requests`` single requests of random known users at ``corpus.k``
+    through ``predict`` (schema enforcement, encoding, search, response), after one untimed call.
+    The directory is removed afterwards."""
+    import pandas as pd
+
+    from convcg_cli import tracking
+    from convcg_cli.bench.serving import bench_requests
+    from convcg_cli.index.approximate import ivf_cells
+    from convcg_cli.serve.export import make_bundle, save_bundle, serve_options
+
+    bundle = make_bundle(train_cfg, dm, model, serve_options(train_cfg, {"index": "ivf"}))
+    save_bundle(bundle, model_dir)
+    try:
+        start = time.perf_counter()
+        served = tracking.load_served_model(tracking.Store.from_config(train_cfg.logger), str(model_dir))
+        load_s = time.perf_counter() - start
+        k = min(int(cfg.corpus.k), len(bundle.item_ids))
+        requests = bench_requests(bundle.users.user_ids, bundle.surfaces, int(cfg.corpus.requests), cfg.seed)
+        rows = requests.to_pandas()
+        served.predict(rows.iloc[:1], params={"k": k})  # warm-up: first-call costs are not latency
+        seconds = []
+        for i in range(len(rows)):
+            request = pd.DataFrame(rows.iloc[i : i + 1])
+            start = time.perf_counter()
+            served.predict(request, params={"k": k})
+            seconds.append(time.perf_counter() - start)
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    return {
+        "nlist": ivf_cells(int(bundle.index["nlist"]), len(bundle.item_ids)),
+        "nprobe": int(bundle.index["nprobe"]),
+        "k": k,
+        "requests": len(seconds),
+        "load_s": load_s,
+        **latency_ms(seconds),
+    }
 
 
 def _latencies(search, queries: np.ndarray, n: int) -> dict[str, float]:
@@ -165,7 +211,7 @@ def ann_figures(
 
 def step_corpus(cfg: DictConfig, workdir: str, items: int) -> dict:
     """(j) at one corpus size: embeddings of a briefly trained model, exact search and every ANN."""
-    queries, item_emb, timings = _embeddings(cfg, workdir, int(items))
+    queries, item_emb, timings, served = _embeddings(cfg, workdir, int(items))
     exact, exact_ids = exact_figures(cfg, queries, item_emb)
     return {
         "items": len(item_emb),
@@ -174,6 +220,7 @@ def step_corpus(cfg: DictConfig, workdir: str, items: int) -> dict:
         **timings,
         "exact": exact,
         "serving": {"ann": str(cfg.corpus.serving.ann), "effort": int(cfg.corpus.serving.effort)},
+        "served": served,
         "ann": [
             ann_figures(cfg, str(name), queries, item_emb, exact_ids, exact["search_s"])
             for name in cfg.corpus.ann

@@ -22,10 +22,12 @@ from convcg_cli.bench.figures import (
     LIGHTNING_VS_BARE,
     SERVE_HTTP_OVER_PYFUNC,
     SERVE_PYFUNC_P99,
+    SERVED_LARGEST_P99,
     SERVING_ANN_OVERLAP,
     SERVING_ANN_SPEEDUP,
     TARGETS,
     corpus_exponents,
+    corpus_metrics,
     memory_exponents,
     scale_exponents,
     serve_metrics,
@@ -47,12 +49,16 @@ def ceiling_verdict(value: float, ceiling: float) -> str:
 
 
 def serve_verdicts(results: Mapping[str, Any]) -> list[list[str]]:
-    """The target rows of the ANN-served model's single-request latency (g), where measured."""
-    figures = serve_metrics(results)
+    """The target rows of the ANN-served model's single-request latency (g), and at the largest
+    corpus (j), where measured."""
+    figures = {**serve_metrics(results), **corpus_metrics(results)}
     srv = results.get("serve") or {}
+    largest = (results.get("corpus") or [{}])[-1]
     labels = {
         SERVE_PYFUNC_P99: f"pyfunc `predict` p99, 1 request, k={srv.get('k')}, ANN-served, "
         f"{srv.get('items', 0):,} items, ms (g)",
+        SERVED_LARGEST_P99: f"pyfunc `predict` p99, 1 request, k={(largest.get('served') or {}).get('k')}, "
+        f"ANN-served, {largest.get('items', 0):,} items, ms (j)",
         SERVE_HTTP_OVER_PYFUNC: "`/invocations` p99 minus pyfunc p99, same model, ms (g)",
     }
     return [
@@ -536,6 +542,18 @@ def corpus_section(results: Mapping[str, Any]) -> list[str]:
                 ]
                 for run in ann["runs"]
             ]
+        served = point.get("served")
+        served_line = (
+            [
+                f"Served (pyfunc `predict`, one request, k={served['k']}, IVF-Flat nlist={served['nlist']}, "
+                f"nprobe={served['nprobe']}, the saved index read back at load): p50 "
+                f"{served['p50_ms']:.2f} ms, p99 {served['p99_ms']:.2f} ms over {served['requests']} "
+                f"requests; model load {served['load_s']:.2f} s.",
+                "",
+            ]
+            if served
+            else []
+        )
         lines += [
             f"**{point['items']:,} items**, {point['queries']:,} queries, d={point['dim']}, k={ex['k']} "
             f"(synthesised in {point['synth_s']:.0f} s, trained {point['train_s']:.0f} s; step peak "
@@ -545,6 +563,7 @@ def corpus_section(results: Mapping[str, Any]) -> list[str]:
             "",
             table(headers, rows, align="llrrrrrrr"),
             "",
+            *served_line,
         ]
     exponents = corpus_exponents(points)
     if exponents:
