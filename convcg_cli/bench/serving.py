@@ -11,6 +11,7 @@ the bare path are timed in one process, round by round, on the same requests and
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Mapping
@@ -81,25 +82,32 @@ def load_times(model_dirs: Mapping[str, Path], store, rounds: int = LOAD_ROUNDS)
 
 
 def http_latency(model_dir: Path, requests: pl.DataFrame, k: int) -> dict[str, float]:
-    """p50/p99 of single ``/invocations`` requests to ``mlflow models serve`` of ``model_dir``
-    (JSON ``dataframe_split``, one row each), after one warm-up request."""
-    from convcg_cli.serve.http import local_server, post_json
+    """p50/p99 of single ``/invocations`` requests to ``mlflow models serve`` of ``model_dir`` (JSON
+    ``dataframe_split``, one row each, encoded beforehand; the answer read and decoded), after one
+    warm-up request: ``http_*`` on one kept-alive connection (as a service or a load balancer holds
+    it), ``http_new_connection_*`` with a connection per request; the two clients in turn."""
+    from convcg_cli.serve.http import JsonClient, local_server, post_json
 
     columns = requests.columns
     bodies = [
         {"dataframe_split": {"columns": columns, "data": [list(row)]}, "params": {"k": k}}
         for row in requests.iter_rows()
     ]
-    seconds = []
-    with local_server(str(model_dir)) as url:
+    encoded = [json.dumps(body).encode() for body in bodies]
+    seconds: dict[str, list[float]] = {"http": [], "http_new_connection": []}
+    with local_server(str(model_dir)) as url, JsonClient(url) as client:
+        client.post("/invocations", encoded[0])
         post_json(f"{url}/invocations", bodies[0])
-        for body in bodies:
+        for body, data in zip(bodies, encoded, strict=True):
             start = time.perf_counter()
-            status, answer = post_json(f"{url}/invocations", body)
-            seconds.append(time.perf_counter() - start)
+            status, answer = client.post("/invocations", data)
+            seconds["http"].append(time.perf_counter() - start)
             if status != 200:
                 raise RuntimeError(f"/invocations answered {status}: {answer}")
-    return {f"http_{name}": value for name, value in latency_ms(seconds).items()}
+            start = time.perf_counter()
+            post_json(f"{url}/invocations", body)
+            seconds["http_new_connection"].append(time.perf_counter() - start)
+    return {f"{name}_{stat}": v for name, values in seconds.items() for stat, v in latency_ms(values).items()}
 
 
 def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:

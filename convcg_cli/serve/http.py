@@ -1,4 +1,5 @@
-"""``mlflow models serve`` as a local process: start it on a free port, wait for ``/ping``, post JSON.
+"""``mlflow models serve`` as a local process: start it on a free port, wait for ``/ping``, post JSON
+(a request on a connection of its own, or many on one kept-alive connection).
 
 Used by the HTTP benchmark (``convcg_cli.bench.serving``) and the server test; a deployment runs
 ``mlflow models serve -m runs:/ID/model --env-manager local`` itself (README, "Serve").
@@ -6,6 +7,7 @@ Used by the HTTP benchmark (``convcg_cli.bench.serving``) and the server test; a
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -18,6 +20,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 
 def free_port() -> int:
@@ -37,6 +40,45 @@ def post_json(url: str, body: Mapping[str, Any], timeout: float = 30.0) -> tuple
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+class JsonClient:
+    """POSTs of JSON to one server over a single kept-alive HTTP/1.1 connection, as a service or a load
+    balancer in front of ``mlflow models serve`` holds it (no TCP handshake per request); reconnects
+    once if the server has closed it.
+
+    Example:
+        >>> with JsonClient("http://127.0.0.1:5000") as client:  # doctest: +SKIP
+        ...     status, answer = client.post("/invocations", json.dumps(body).encode())
+    """
+
+    def __init__(self, url: str, timeout: float = 30.0) -> None:
+        parts = urlsplit(url)
+        host = parts.hostname or "127.0.0.1"
+        self._connection = http.client.HTTPConnection(host, parts.port, timeout=timeout)
+
+    def post(self, path: str, body: bytes) -> tuple[int, Any]:
+        """POST ``body`` (JSON, already encoded) to ``path``; (HTTP status, decoded JSON answer)."""
+        headers = {"Content-Type": "application/json"}
+        for attempt in (0, 1):
+            try:
+                self._connection.request("POST", path, body, headers)
+                response = self._connection.getresponse()
+                return response.status, json.loads(response.read())
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self._connection.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def __enter__(self) -> JsonClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @contextmanager

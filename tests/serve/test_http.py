@@ -47,3 +47,18 @@ def test_invocations_answer_candidates_and_400_for_a_malformed_request(server):
     status, answer = post(f"{server}/invocations", rows)
     assert status == 400
     assert "10,001 requests in one call is over the limit" in answer["message"]
+
+
+def test_a_kept_alive_connection_answers_as_a_connection_per_request(server):
+    import json
+
+    from convcg_cli.serve.http import JsonClient
+
+    request = {"columns": ["user_id", "surface"], "data": [[1, "search"]]}
+    body = {"dataframe_split": request, "params": {"k": 5}}
+    bad = {"dataframe_split": {"columns": ["user_id"], "data": [[1]]}}
+    with JsonClient(server) as client:
+        answers = [client.post("/invocations", json.dumps(b).encode()) for b in (body, bad, body, body)]
+    assert answers[0] == post(f"{server}/invocations", body) and answers[0][0] == 200
+    assert answers[1][0] == 400 and "surface" in answers[1][1]["message"]
+    assert answers[2] == answers[3] == answers[0]  # the connection survives an error answer
