@@ -12,6 +12,7 @@ Metric names of the bounds are the recall metric's name plus :data:`CI_LOW` / :d
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,11 @@ CI_HIGH = "_ci_high"
 
 # Bounds the (replicates x users) weight matrix built at a time to about 4M cells (32 MB).
 _WEIGHT_CHUNK_CELLS = 1 << 22
+# The draws of the last few (users, replicates, seed), one byte a count, kept for the next ranking
+# scored on the same positives (the model, then each baseline, each cell of a grid): drawing them
+# (numpy's multinomial, ~0.06 us a user a replicate) is most of a bootstrap's cost. At most 256 MiB.
+_DRAW_CACHE_BYTES = 1 << 28
+_draw_cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
 
 
 def ci_names(metric: str) -> tuple[str, str]:
@@ -105,17 +111,37 @@ def resample_weights(n_users: int, n_boot: int, seed: int) -> Iterator[np.ndarra
     replicate b; every row sums to ``n_users``. The chunks come from one generator seeded with
     ``seed`` and bound the (chunk x users) matrix to about 4M cells, so the draws depend only on
     ``(n_users, n_boot, seed)``: every ranking scored on the same positives gets the same resamples.
+    The draws of the last few such triples are kept (one byte a count, 256 MiB at most) and given
+    again, chunk by chunk, to the next ranking that asks for them.
 
     Example:
         >>> w = np.concatenate(list(resample_weights(3, n_boot=4, seed=0)))
         >>> w.shape, w.sum(axis=1).tolist()
         ((4, 3), [3, 3, 3, 3])
     """
+    key = (int(n_users), int(n_boot), int(seed))
+    chunk = max(1, _WEIGHT_CHUNK_CELLS // n_users)
+    drawn = _draw_cache.get(key)
+    if drawn is not None:  # the same draws, in the same chunks and dtype as when they were drawn
+        _draw_cache.move_to_end(key)
+        for start in range(0, key[1], chunk):
+            yield drawn[start : start + chunk].astype(np.int64)
+        return
     rng = np.random.default_rng(seed)
     uniform = np.full(n_users, 1.0 / n_users)
-    chunk = max(1, _WEIGHT_CHUNK_CELLS // n_users)
-    for start in range(0, int(n_boot), chunk):
-        yield rng.multinomial(n_users, uniform, size=min(chunk, n_boot - start))
+    kept = np.empty((key[1], key[0]), dtype=np.uint8) if key[0] * key[1] <= _DRAW_CACHE_BYTES else None
+    for start in range(0, key[1], chunk):
+        counts = rng.multinomial(n_users, uniform, size=min(chunk, n_boot - start))
+        if kept is not None:
+            if counts.max(initial=0) > np.iinfo(np.uint8).max:
+                kept = None  # a count over 255 (a few users only): not kept
+            else:
+                kept[start : start + len(counts)] = counts
+        yield counts
+    if kept is not None:  # every chunk drawn (a consumer that stops early keeps nothing)
+        _draw_cache[key] = kept
+        while sum(a.nbytes for a in _draw_cache.values()) > _DRAW_CACHE_BYTES:
+            _draw_cache.popitem(last=False)
 
 
 @dataclass(frozen=True)

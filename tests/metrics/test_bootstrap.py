@@ -205,3 +205,42 @@ def test_resample_weights_are_the_draws_of_the_ci():
 def test_paired_inputs_must_be_the_same_positives():
     with pytest.raises(ValueError, match="not the same positives"):
         paired_bootstrap_diff(np.ones((3, 1), bool), np.ones((3, 2), bool), np.arange(3), [10])
+
+
+def _fresh_draws(n_users: int, n_boot: int, seed: int) -> list[np.ndarray]:
+    """The chunks of draws as numpy's generator gives them (the kept draws set aside)."""
+    rng = np.random.default_rng(seed)
+    chunk = max(1, bootstrap._WEIGHT_CHUNK_CELLS // n_users)
+    uniform = np.full(n_users, 1.0 / n_users)
+    return [
+        rng.multinomial(n_users, uniform, size=min(chunk, n_boot - start))
+        for start in range(0, n_boot, chunk)
+    ]
+
+
+def test_kept_draws_are_given_again_chunk_by_chunk(monkeypatch):
+    monkeypatch.setattr(bootstrap, "_WEIGHT_CHUNK_CELLS", 1000)  # 3 chunks of 333 users' draws
+    monkeypatch.setattr(bootstrap, "_draw_cache", bootstrap.OrderedDict())
+    expected = _fresh_draws(333, 7, seed=5)
+    first, again = list(resample_weights(333, 7, 5)), list(resample_weights(333, 7, 5))
+    assert (333, 7, 5) in bootstrap._draw_cache
+    for chunks in (first, again):
+        assert [c.shape for c in chunks] == [c.shape for c in expected] == [(3, 333), (3, 333), (1, 333)]
+        assert all(c.dtype == e.dtype and np.array_equal(c, e) for c, e in zip(chunks, expected, strict=True))
+    again[0][:] = 99  # what a caller does with its chunk does not reach the kept draws
+    assert np.array_equal(next(resample_weights(333, 7, 5)), expected[0])
+
+
+def test_draws_stopped_early_are_not_kept_and_the_oldest_go_first(monkeypatch):
+    monkeypatch.setattr(bootstrap, "_WEIGHT_CHUNK_CELLS", 1000)
+    monkeypatch.setattr(bootstrap, "_draw_cache", bootstrap.OrderedDict())
+    next(resample_weights(100, 50, 0))  # the first chunk only
+    assert not bootstrap._draw_cache
+    monkeypatch.setattr(bootstrap, "_DRAW_CACHE_BYTES", 2 * 100 * 50)  # room for two
+    for seed in (1, 2, 3):
+        list(resample_weights(100, 50, seed))
+    assert list(bootstrap._draw_cache) == [(100, 50, 2), (100, 50, 3)]
+    for seed in (1, 2, 3):  # the same draws, kept or drawn again
+        assert np.array_equal(
+            np.concatenate(list(resample_weights(100, 50, seed))), np.concatenate(_fresh_draws(100, 50, seed))
+        )
