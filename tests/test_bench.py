@@ -342,7 +342,7 @@ def test_serving_section_measures_the_pyfunc_model_and_batch_retrieve(tiny_data,
 
     cfg = bench_config([], quick=True)
     figures_ = step_serve(cfg, str(tmp_path), str(tiny_data))
-    assert 0 < figures_["p50_ms"] <= figures_["p99_ms"]
+    assert 0 < figures_["p50_ms"] <= figures_["p99_ms"] and figures_["warmup_requests"] == 2
     assert figures_["retrieve_rps"] > 0 and figures_["retrieve_vs_exact"] > 0
     assert figures_["exact_build_s"] >= 0 and figures_["ivf_build_s"] >= 0
     for kind in ("exact", "ivf"):  # the model's load, its index read back and rebuilt
@@ -350,6 +350,7 @@ def test_serving_section_measures_the_pyfunc_model_and_batch_retrieve(tiny_data,
     assert not list(tmp_path.glob("pyfunc-*"))  # the copies without an index and the IVF model are gone
     text = "\n".join(report_commands.serving_section({"serve": figures_}))
     assert text.startswith("## (g) Serving") and "ratio to exact_topk" in text
+    assert "after 2 others sent untimed" in text
     assert (
         "| served model | load s (saved index) | load s (rebuilt) |" in text and "| IVF-Flat index |" in text
     )

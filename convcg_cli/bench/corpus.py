@@ -73,12 +73,13 @@ def served_figures(cfg: DictConfig, train_cfg, dm, model, model_dir: Path) -> di
     """The model served from its ANN index (conf/train.yaml's serve block, ``serve.index=ivf``) at this
     corpus size: saved as a pyfunc model directory, loaded as MLflow loads it (the saved index read
     back, timed), then ``corpus.requests`` single requests of random known users at ``corpus.k``
-    through ``predict`` (schema enforcement, encoding, search, response), after one untimed call.
+    through ``predict`` (schema enforcement, encoding, search, response), after
+    ``serve.warmup_requests`` other requests, untimed.
     The directory is removed afterwards."""
     import pandas as pd
 
     from convcg_cli import tracking
-    from convcg_cli.bench.serving import bench_requests
+    from convcg_cli.bench.serving import bench_requests, warmup_requests
     from convcg_cli.index.approximate import ivf_cells
     from convcg_cli.serve.export import make_bundle, save_bundle, serve_options
 
@@ -91,7 +92,9 @@ def served_figures(cfg: DictConfig, train_cfg, dm, model, model_dir: Path) -> di
         k = min(int(cfg.corpus.k), len(bundle.item_ids))
         requests = bench_requests(bundle.users.user_ids, bundle.surfaces, int(cfg.corpus.requests), cfg.seed)
         rows = requests.to_pandas()
-        served.predict(rows.iloc[:1], params={"k": k})  # warm-up: first-call costs are not latency
+        warmup = bench_requests(bundle.users.user_ids, bundle.surfaces, warmup_requests(cfg), cfg.seed + 2)
+        for i in range(warmup.height):  # other requests: first-call costs are not latency
+            served.predict(warmup.slice(i, 1).to_pandas(), params={"k": k})
         seconds = []
         for i in range(len(rows)):
             request = pd.DataFrame(rows.iloc[i : i + 1])

@@ -112,6 +112,11 @@ def serving_section(results: Mapping[str, Any]) -> list[str]:
         f"The run's served model over {srv['items']:,} items, saved and loaded as MLflow serves it (schema "
         f"checks included); {srv['requests']:,} single requests of random known users, the surfaces in turn"
         + (
+            f", after {srv['warmup_requests']} others sent untimed (a served model is warm)"
+            if "warmup_requests" in srv
+            else ""
+        )
+        + (
             ", each sent to the model served from the exact index (`serve.index=exact`) and to the same "
             "model served from the ANN index (`serve.index=ivf`, conf/train.yaml's serve block), in turn."
             if "ivf" in srv

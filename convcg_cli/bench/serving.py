@@ -44,6 +44,11 @@ def index_build_seconds(item_emb: np.ndarray, nlist: int) -> dict[str, float]:
     return {"exact_build_s": exact_s, "ivf_build_s": time.perf_counter() - start}
 
 
+def warmup_requests(cfg: DictConfig) -> int:
+    """Untimed requests before single-request latencies are timed (``serve.warmup_requests``, >= 1)."""
+    return max(1, int(cfg.serve.get("warmup_requests", 1)))
+
+
 LOAD_ROUNDS = 3  # loads of each model (saved index, rebuilt), interleaved; the fastest counts
 
 
@@ -81,23 +86,29 @@ def load_times(model_dirs: Mapping[str, Path], store, rounds: int = LOAD_ROUNDS)
     }
 
 
-def http_latency(model_dir: Path, requests: pl.DataFrame, k: int) -> dict[str, float]:
+def http_latency(
+    model_dir: Path, requests: pl.DataFrame, k: int, warmup: pl.DataFrame | None = None
+) -> dict[str, float]:
     """p50/p99 of single ``/invocations`` requests to ``mlflow models serve`` of ``model_dir`` (JSON
-    ``dataframe_split``, one row each, encoded beforehand; the answer read and decoded), after one
-    warm-up request: ``http_*`` on one kept-alive connection (as a service or a load balancer holds
-    it), ``http_new_connection_*`` with a connection per request; the two clients in turn."""
+    ``dataframe_split``, one row each, encoded beforehand; the answer read and decoded), after the
+    ``warmup`` requests (default: the first request) sent untimed by each client: ``http_*`` on one
+    kept-alive connection (as a service or a load balancer holds it), ``http_new_connection_*`` with
+    a connection per request; the two clients in turn."""
     from convcg_cli.serve.http import JsonClient, local_server, post_json
 
-    columns = requests.columns
-    bodies = [
-        {"dataframe_split": {"columns": columns, "data": [list(row)]}, "params": {"k": k}}
-        for row in requests.iter_rows()
-    ]
+    def bodies_of(table: pl.DataFrame) -> list[dict]:
+        return [
+            {"dataframe_split": {"columns": table.columns, "data": [list(row)]}, "params": {"k": k}}
+            for row in table.iter_rows()
+        ]
+
+    bodies = bodies_of(requests)
     encoded = [json.dumps(body).encode() for body in bodies]
     seconds: dict[str, list[float]] = {"http": [], "http_new_connection": []}
     with local_server(str(model_dir)) as url, JsonClient(url) as client:
-        client.post("/invocations", encoded[0])
-        post_json(f"{url}/invocations", bodies[0])
+        for body in bodies_of(warmup) if warmup is not None and warmup.height else bodies[:1]:
+            client.post("/invocations", json.dumps(body).encode())
+            post_json(f"{url}/invocations", body)
         for body, data in zip(bodies, encoded, strict=True):
             start = time.perf_counter()
             status, answer = client.post("/invocations", data)
@@ -142,8 +153,12 @@ def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     k = min(int(s.k), len(bundle.item_ids))
     single = bench_requests(bundle.users.user_ids, bundle.surfaces, int(s.requests), cfg.seed).to_pandas()
     seconds: dict[str, list[float]] = {name: [] for name in served}
-    for one in served.values():
-        one.predict(single.iloc[:1], params={"k": k})  # warm-up: first-call costs are not latency
+    # warm-up, other requests than the timed ones: first-call costs are not latency (a served model
+    # is warm)
+    warmup = bench_requests(bundle.users.user_ids, bundle.surfaces, warmup_requests(cfg), cfg.seed + 2)
+    for i in range(warmup.height):
+        for one in served.values():
+            one.predict(warmup.slice(i, 1).to_pandas(), params={"k": k})
     for i in range(len(single)):  # request by request, the two models in turn: drift hits both alike
         request = pd.DataFrame(single.iloc[i : i + 1])
         for name, one in served.items():
@@ -152,8 +167,8 @@ def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
             seconds[name].append(time.perf_counter() - start)
     n_http = min(int(s.http_requests), len(single))
     http_rows = pl.from_pandas(single.iloc[:n_http])
-    http = http_latency(Path(model_dir), http_rows, k) if n_http else {}
-    ivf_http = http_latency(Path(ivf_dir), http_rows, k) if n_http else {}
+    http = http_latency(Path(model_dir), http_rows, k, warmup) if n_http else {}
+    ivf_http = http_latency(Path(ivf_dir), http_rows, k, warmup) if n_http else {}
 
     candidates = CandidateModel(bundle)
     batch = bench_requests(bundle.users.user_ids, bundle.surfaces, int(s.batch_requests), cfg.seed + 1)
@@ -181,6 +196,7 @@ def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
         "items": len(bundle.item_ids),
         "k": k,
         "requests": len(single),
+        "warmup_requests": warmup.height,
         **latency_ms(seconds["exact"]),
         "http_requests": n_http,
         **http,
