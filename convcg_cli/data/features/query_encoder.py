@@ -132,11 +132,9 @@ class QueryEncoder:
 
     def surface_codes(self, surface: pl.Series) -> np.ndarray:
         """(B,) int64 code of each row's surface; an unknown surface is a RequestError."""
-        values = surface.to_numpy()
-        at = np.minimum(np.searchsorted(self._sorted_surfaces, values), len(self.surfaces) - 1)
-        known = self._sorted_surfaces[at] == values
-        if not known.all():
-            unknown = sorted(set(surface.filter(pl.Series(~known)).to_list()))
+        at = positions_or_missing(self._sorted_surfaces, surface.to_numpy())
+        if (at < 0).any():
+            unknown = sorted(set(surface.filter(pl.Series(at < 0)).to_list()))
             raise RequestError(f"Unknown surface(s) {unknown}; the model serves {self.surfaces}.")
         return self._surface_codes[at]
 
