@@ -80,10 +80,10 @@ def torch_topk(queries: np.ndarray, items: np.ndarray, k: int, max_cells: int = 
 def exact_tile(n_queries: int, n_items: int) -> tuple[int, int]:
     """(queries, items) of the tiles :class:`~convcg_cli.index.ExactIndex` scores a search of
     ``n_queries`` over ``n_items`` by (the last ones may be smaller)."""
-    from convcg_cli.index.exact import QUERY_BLOCK, TILE_CELLS
+    from convcg_cli.index.exact import QUERY_BLOCK, tile_width
 
     rows = max(1, min(QUERY_BLOCK, n_queries))
-    return rows, min(n_items, max(16, TILE_CELLS // rows // 16 * 16))
+    return rows, tile_width(rows, n_items)
 
 
 def blocked_gemm_seconds(queries: np.ndarray, items: np.ndarray) -> float:

@@ -214,7 +214,7 @@ class ExactIndex:
         import torch
 
         n_rows, n = len(block), self.ntotal
-        width = min(len(self.items), max(_ROW_ALIGN, TILE_CELLS // n_rows // _ROW_ALIGN * _ROW_ALIGN))
+        width = tile_width(n_rows, len(self.items))
         queries, items = torch.from_numpy(block), torch.from_numpy(self.items)
         kept = _KeptKeys(n_rows, capacity, scratch)
         above = threshold[:, None]
@@ -228,6 +228,17 @@ class ExactIndex:
             np.greater_equal(scores, above, out=mask)
             kept.add(scores, _flat_true(mask, scratch), start)
         return kept.keys, kept.counts
+
+
+def tile_width(n_rows: int, n_items: int) -> int:
+    """Items per tile when ``n_rows`` queries are scored together over ``n_items`` (padded) items:
+    about ``TILE_CELLS`` scores a tile, a multiple of 16 items, at most the corpus.
+
+    Example:
+        >>> tile_width(512, 100_000), tile_width(1, 1_000)
+        (2048, 1000)
+    """
+    return min(n_items, max(_ROW_ALIGN, TILE_CELLS // n_rows // _ROW_ALIGN * _ROW_ALIGN))
 
 
 def _flat_true(mask: np.ndarray, scratch: _Scratch) -> np.ndarray:
