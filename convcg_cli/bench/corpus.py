@@ -76,10 +76,8 @@ def served_figures(cfg: DictConfig, train_cfg, dm, model, model_dir: Path) -> di
     through ``predict`` (schema enforcement, encoding, search, response), after
     ``serve.warmup_requests`` other requests, untimed.
     The directory is removed afterwards."""
-    import pandas as pd
-
     from convcg_cli import tracking
-    from convcg_cli.bench.serving import bench_requests, warmup_requests
+    from convcg_cli.bench.serving import bench_requests, single_request_seconds, warmup_requests
     from convcg_cli.index.approximate import ivf_cells
     from convcg_cli.serve.export import make_bundle, save_bundle, serve_options
 
@@ -90,17 +88,10 @@ def served_figures(cfg: DictConfig, train_cfg, dm, model, model_dir: Path) -> di
         served = tracking.load_served_model(tracking.Store.from_config(train_cfg.logger), str(model_dir))
         load_s = time.perf_counter() - start
         k = min(int(cfg.corpus.k), len(bundle.item_ids))
-        requests = bench_requests(bundle.users.user_ids, bundle.surfaces, int(cfg.corpus.requests), cfg.seed)
-        rows = requests.to_pandas()
-        warmup = bench_requests(bundle.users.user_ids, bundle.surfaces, warmup_requests(cfg), cfg.seed + 2)
-        for i in range(warmup.height):  # other requests: first-call costs are not latency
-            served.predict(warmup.slice(i, 1).to_pandas(), params={"k": k})
-        seconds = []
-        for i in range(len(rows)):
-            request = pd.DataFrame(rows.iloc[i : i + 1])
-            start = time.perf_counter()
-            served.predict(request, params={"k": k})
-            seconds.append(time.perf_counter() - start)
+        users, surfaces = bundle.users.user_ids, bundle.surfaces
+        requests = bench_requests(users, surfaces, int(cfg.corpus.requests), cfg.seed).to_pandas()
+        warmup = bench_requests(users, surfaces, warmup_requests(cfg), cfg.seed + 2)
+        seconds = single_request_seconds({"ivf": served}, requests, warmup, k)["ivf"]
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)
     return {

@@ -16,12 +16,16 @@ import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 from omegaconf import DictConfig
 
 from convcg_cli.bench.measure import latency_ms, peak_rss_mib
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def bench_requests(user_ids: np.ndarray, surfaces: list[str], n: int, seed: int) -> pl.DataFrame:
@@ -47,6 +51,27 @@ def index_build_seconds(item_emb: np.ndarray, nlist: int) -> dict[str, float]:
 def warmup_requests(cfg: DictConfig) -> int:
     """Untimed requests before single-request latencies are timed (``serve.warmup_requests``, >= 1)."""
     return max(1, int(cfg.serve.get("warmup_requests", 1)))
+
+
+def single_request_seconds(
+    served: Mapping[str, Any], requests: pd.DataFrame, warmup: pl.DataFrame, k: int
+) -> dict[str, list[float]]:
+    """Seconds of each pyfunc model's ``predict`` of each one-row request at ``k``, by model name:
+    the ``warmup`` requests first, untimed (first-call costs are not latency; a served model is
+    warm), then request by request, the models in turn (drift hits them alike)."""
+    import pandas as pd
+
+    for i in range(warmup.height):
+        for one in served.values():
+            one.predict(warmup.slice(i, 1).to_pandas(), params={"k": k})
+    seconds: dict[str, list[float]] = {name: [] for name in served}
+    for i in range(len(requests)):
+        request = pd.DataFrame(requests.iloc[i : i + 1])
+        for name, one in served.items():
+            start = time.perf_counter()
+            one.predict(request, params={"k": k})
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
 
 
 LOAD_ROUNDS = 3  # loads of each model (saved index, rebuilt), interleaved; the fastest counts
@@ -125,7 +150,6 @@ def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     """Bundle convcg train's model on ``data_dir`` (its weights do not change the timings), save and
     load it as a pyfunc model served from the exact index and from the ANN one, and time single
     requests (both), batch retrieval and the bare exact path."""
-    import pandas as pd
 
     from convcg_cli import tracking
     from convcg_cli.bench.training import setup_model, train_config
@@ -152,19 +176,8 @@ def step_serve(cfg: DictConfig, workdir: str, data_dir: str) -> dict:
     }
     k = min(int(s.k), len(bundle.item_ids))
     single = bench_requests(bundle.users.user_ids, bundle.surfaces, int(s.requests), cfg.seed).to_pandas()
-    seconds: dict[str, list[float]] = {name: [] for name in served}
-    # warm-up, other requests than the timed ones: first-call costs are not latency (a served model
-    # is warm)
     warmup = bench_requests(bundle.users.user_ids, bundle.surfaces, warmup_requests(cfg), cfg.seed + 2)
-    for i in range(warmup.height):
-        for one in served.values():
-            one.predict(warmup.slice(i, 1).to_pandas(), params={"k": k})
-    for i in range(len(single)):  # request by request, the two models in turn: drift hits both alike
-        request = pd.DataFrame(single.iloc[i : i + 1])
-        for name, one in served.items():
-            start = time.perf_counter()
-            one.predict(request, params={"k": k})
-            seconds[name].append(time.perf_counter() - start)
+    seconds = single_request_seconds(served, single, warmup, k)
     n_http = min(int(s.http_requests), len(single))
     http_rows = pl.from_pandas(single.iloc[:n_http])
     http = http_latency(Path(model_dir), http_rows, k, warmup) if n_http else {}
