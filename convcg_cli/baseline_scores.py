@@ -148,7 +148,7 @@ class ItemCFSimilarity:
         for first, last in row_blocks(cosine.indptr):
             block = slice(cosine.indptr[first], cosine.indptr[last])
             off[block] = cosine.indices[block] != entry_rows(cosine.indptr, first, last)
-        diagonal_rows = np.searchsorted(cosine.indptr, np.flatnonzero(~off), side="right") - 1
+        diagonal_rows = rows_of_entries(cosine.indptr, np.flatnonzero(~off))
         on_diagonal = np.bincount(diagonal_rows, minlength=cosine.shape[0])  # (N,) 0 or 1
         indptr = cosine.indptr - np.concatenate([[0], np.cumsum(on_diagonal)])
         return off, cosine.indices[off], indptr
@@ -175,7 +175,7 @@ class _RankedRows:
             threshold = kth[entry_rows(m.indptr, first, last)]
             picked.append(start + np.flatnonzero(m.data[start : m.indptr[last]] >= threshold))
         top = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
-        rows = np.searchsorted(m.indptr, top, side="right") - 1
+        rows = rows_of_entries(m.indptr, top)
         cols, values = m.indices[top], m.data[top]
         order = order_in_rows(rows, values, cols, m.shape[1])
         self.rows, self.cols, self.values = rows[order], cols[order], values[order]
@@ -300,6 +300,17 @@ def entry_rows(indptr: np.ndarray, first: int, last: int) -> np.ndarray:
         [0, 0, 2, 2, 2]
     """
     return np.repeat(np.arange(first, last), np.diff(indptr[first : last + 1]))
+
+
+def rows_of_entries(indptr: np.ndarray, entries: np.ndarray) -> np.ndarray:
+    """The row of each of the stored entries ``entries`` (positions in the data) of a CSR matrix
+    (``indptr``): :func:`entry_rows` for a chosen few entries.
+
+    Example:
+        >>> rows_of_entries(np.array([0, 2, 2, 5]), np.array([1, 2, 4])).tolist()
+        [0, 2, 2]
+    """
+    return np.searchsorted(indptr, entries, side="right") - 1
 
 
 def row_kth_largest(data: np.ndarray, indptr: np.ndarray, depth: int, cells: int | None = None) -> np.ndarray:
