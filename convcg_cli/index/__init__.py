@@ -6,7 +6,8 @@ an index from here. Metrics of the ranked ids live in :mod:`convcg_cli.metrics`.
 
 Modules: :mod:`.checks` (the checks of a cutoff and of an embedding matrix), :mod:`.exact`
 (:func:`exact_topk`, :class:`ExactIndex`: blocked GEMM with a threshold top-k; the faiss path it
-replaced, kept as the reference; :func:`popularity_topk`), :mod:`.approximate` (faiss IVF and HNSW:
+replaced, kept as the reference; :func:`popularity_topk`), :mod:`.kernels` (exact search's compiled
+threshold pass, numba), :mod:`.approximate` (faiss IVF and HNSW:
 :class:`IVFIndex` served; :class:`IVFFlat`, :class:`HNSW` and IVF over 8-bit or 4-bit PQ codes with an
 exact re-ranking benchmarked along their search knob), :mod:`.retriever` (:func:`build_index`,
 :func:`encode_queries`, :class:`Retriever`), :mod:`.stored` (an index as a faiss file, written
@@ -16,8 +17,8 @@ Ranking convention, followed by every exact search here: items are ordered by de
 equal scores by *ascending item index*. So a positive tied with the k-th item counts as retrieved
 exactly when its index is lower than the indices of the tied items it would displace.
 
-faiss and torch are imported inside the functions that need them, so that importing this package
-(e.g. for ``convcg --help``) stays cheap.
+faiss, torch and numba (:mod:`.kernels`) are imported inside the functions that need them, so that
+importing this package (e.g. for ``convcg --help``) stays cheap.
 """
 
 from convcg_cli.index.approximate import HNSW, IVFFlat, IVFIndex

@@ -6,13 +6,14 @@ Rows follow the package's ranking convention (:mod:`convcg_cli.index`): descendi
 ascending item index.
 
 How :class:`ExactIndex` keeps up with the arithmetic: the scores are computed by blocks of queries
-and tiles of items (torch's GEMM, at its peak on (512 x 2048) tiles), and each tile is only
-*compared* with a per-query threshold (numpy, a fraction of a nanosecond a score): the few items at
-or above it are found through the mask packed 8 to a byte, kept as 64-bit sort keys (score, then
-id), and the top k is selected among them. The threshold comes from a strided sample of the corpus,
-set so that a few more than k items pass (1.5 k at k=1000); a query left with fewer than k is
-searched again with a threshold that cannot be too high. Nothing is lost: every item scoring at least
-the k-th score is kept, so ties at the cutoff are complete.
+and tiles of items (torch's GEMM, on (512 x 256) tiles that stay in the core's L2 cache), and each
+tile is only *compared* with a per-query threshold, in one compiled pass over it
+(:func:`~convcg_cli.index.kernels.keep_passing`, a quarter of a nanosecond a score): the few items
+at or above the threshold are kept as 64-bit sort keys (score, then id), and the top k is selected
+among them. The threshold comes from a strided sample of the corpus, set so that a few more than k
+items pass (1.7 k at k=1000); a query left with fewer than k is searched again with a threshold that
+cannot be too high. Nothing is lost: every item scoring at least the k-th score is kept, so ties at
+the cutoff are complete.
 :func:`faiss_exact_topk` (faiss ``IndexFlatIP``, re-sorted) is the previous path, kept as the
 reference the tests and the benchmark compare with.
 """
@@ -29,29 +30,30 @@ from convcg_cli.index.checks import as_float32_matrix, check_k
 if TYPE_CHECKING:
     import faiss
 
-# Queries per block and scores per tile: (512 x 2048) float32 tiles (4 MiB) keep the GEMM at its
-# peak, and the tile close to the core for the threshold pass and the gather of the kept scores
-# (measured on the bench machine, one thread: 10% faster searches than (512 x 8192) tiles).
+# Queries per block and scores per tile: (512 x 256) float32 tiles (512 KiB) keep the GEMM at its
+# peak and stay in L2 for the threshold pass. With the sample below: 1.34 s against 1.51 s for
+# (512 x 2048) tiles and every 16th item sampled (10k queries, 100k trained items, k=1000, one
+# thread; medians of 12 interleaved rounds on the bench machine), the bare GEMM as fast either way.
 QUERY_BLOCK = 512
-TILE_CELLS = 1 << 20
+TILE_CELLS = 1 << 17
 # Blocks of queries are padded to a multiple of 16 rows: MKL then rounds an inner product the same
 # way whatever the block, so a query's scores do not depend on the queries searched with it. Fewer
 # queries are searched one at a time (a matrix-vector product: a GEMM with so few rows would first
 # copy the whole corpus), whose scores may differ from a block's in the last bit.
 _ROW_ALIGN = 16
-# The threshold sample: every 16th item (at least 4096 of them). The sample's score of rank
+# The threshold sample: every 32nd item (at least 2048 of them). The sample's score of rank
 # j = k' * S / N estimates the k'-th best score of the corpus within about 1/sqrt(j) (relative, in
 # rank), so k' = k * (1 + 4 / sqrt(k * S / N)) keeps at least k items for all but a tiny share of the
-# queries (those are searched again); and at least 1/4096 of the corpus (a floor for tiny k).
-_SAMPLE_STRIDE = 16
-_MIN_SAMPLE = 4096
+# queries (those are searched again); and at least 1/4096 of the corpus (a floor for tiny k). A
+# sparser sample costs less to score and select in than the few more items it lets pass (1.7 k
+# instead of 1.5 k at k=1000 on 100k items).
+_SAMPLE_STRIDE = 32
+_MIN_SAMPLE = 2048
 _PASS_SIGMAS = 4.0
 _PASS_SHARE = 1 / 4096
 # Below every finite score: the threshold of "keep everything" (NaN and -inf are never kept).
 _LOWEST = np.float32(np.finfo(np.float32).min)
 _NO_KEY = np.iinfo(np.uint64).max  # padding of a row's keys: after every real key
-_ID_BITS = np.uint64(32)
-_ID_MASK = np.uint64(0xFFFFFFFF)
 # Extra candidates the faiss reference fetches per query so that a tie group straddling the k-th
 # place is usually complete after one search; rows where it is not are searched again with more.
 _TIE_MARGIN_MIN = 16
@@ -124,6 +126,8 @@ class ExactIndex:
 
     def search(self, query_emb: np.ndarray, k: int, batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, ids)`` of shape (Q, min(k, N)), best first (see :func:`exact_topk`)."""
+        from convcg_cli.index.kernels import decode_keys
+
         k = check_k(k)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -146,7 +150,7 @@ class ExactIndex:
                 keys = np.concatenate(
                     [self._search_block(part[i : i + 1], k_out, 1, scratch) for i in range(len(part))]
                 )
-            scores[start : start + len(part)], ids[start : start + len(part)] = _decode(keys)
+            decode_keys(keys, scores[start : start + len(part)], ids[start : start + len(part)])
         return scores, ids
 
     def _search_block(self, queries: np.ndarray, k: int, align: int, scratch: _Scratch) -> np.ndarray:
@@ -159,12 +163,12 @@ class ExactIndex:
         if self.n_sample == self.ntotal or 4 * wanted > self.ntotal:
             threshold = np.full(len(block), _LOWEST, dtype=np.float32)  # few items next to k: all
         else:
-            threshold = self._sample_score(block, math.ceil(wanted * share))
+            threshold = self._sample_score(block, math.ceil(wanted * share), scratch)
         top = self._top(block, threshold, len(queries), k, scratch, capacity=int(2 * wanted))
         short = np.flatnonzero(top[:, k - 1] == _NO_KEY)
         if short.size and self.n_sample >= k:
             retry = _padded(queries[short], align)
-            top[short] = self._top(retry, self._sample_score(retry, k), short.size, k, scratch)
+            top[short] = self._top(retry, self._sample_score(retry, k, scratch), short.size, k, scratch)
             short = short[top[short, k - 1] == _NO_KEY]
         if short.size:
             retry = _padded(queries[short], align)
@@ -190,18 +194,21 @@ class ExactIndex:
         threshold[n_rows:] = np.inf  # the padding rows keep nothing
         return _select(*self._passing(block, threshold, capacity, scratch), k)[:n_rows]
 
-    def _sample_score(self, block: np.ndarray, rank: int) -> np.ndarray:
+    def _sample_score(self, block: np.ndarray, rank: int, scratch: _Scratch) -> np.ndarray:
         """(B,) the ``rank``-th best score of each row of ``block`` over the sample (at least the
         lowest finite float: a threshold of -inf would keep what can never be ranked)."""
         import torch
 
         s = self.n_sample
         out = np.empty(len(block), dtype=np.float32)
-        rows = max(_ROW_ALIGN, TILE_CELLS // len(self.sample) // _ROW_ALIGN * _ROW_ALIGN)
+        rows = min(len(block), max(_ROW_ALIGN, TILE_CELLS // len(self.sample) // _ROW_ALIGN * _ROW_ALIGN))
         sample = torch.from_numpy(self.sample)
         for start in range(0, len(block), rows):
-            scores = (torch.from_numpy(block[start : start + rows]) @ sample.T).numpy()[:, :s]
-            scores.partition(s - rank, axis=1)  # in place: the product is ours
+            part = block[start : start + rows]
+            scores = scratch.array("sample", (len(part), len(self.sample)), np.float32)
+            torch.mm(torch.from_numpy(part), sample.T, out=torch.from_numpy(scores))
+            scores = scores[:, :s]
+            scores.partition(s - rank, axis=1)  # in place: scratch, rewritten by the next product
             out[start : start + rows] = scores[:, s - rank]
         return np.maximum(out, _LOWEST)
 
@@ -209,25 +216,28 @@ class ExactIndex:
         self, block: np.ndarray, threshold: np.ndarray, capacity: int, scratch: _Scratch
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(keys, counts)``: each row's items scoring at least its ``threshold``, as sort keys
-        (rows padded with ``_NO_KEY``, room for ``capacity`` made at first), and how many. Rows of
-        ``block``: a multiple of 16, or one."""
+        (rows padded with ``_NO_KEY`` to the longest, room for ``capacity`` made at first), and how
+        many. Rows of ``block``: a multiple of 16, or one."""
         import torch
+
+        from convcg_cli.index.kernels import keep_passing, pad_rows
 
         n_rows, n = len(block), self.ntotal
         width = tile_width(n_rows, len(self.items))
         queries, items = torch.from_numpy(block), torch.from_numpy(self.items)
-        kept = _KeptKeys(n_rows, capacity, scratch)
-        above = threshold[:, None]
+        keys = scratch.array("keys", (n_rows, max(1, capacity)), np.uint64)
+        counts = np.zeros(n_rows, dtype=np.int64)
         for start in range(0, n, width):
             w = min(width, len(self.items) - start)  # a multiple of 16
             scores = scratch.array("tile", (n_rows, w), np.float32)
             torch.mm(queries, items[start : start + w].T, out=torch.from_numpy(scores))
-            if start + w > n:
-                scores[:, n - start :] = -np.inf  # the padding rows of the corpus: never kept
-            mask = scratch.array("mask", (n_rows, w), np.bool_)
-            np.greater_equal(scores, above, out=mask)
-            kept.add(scores, _flat_true(mask, scratch), start)
-        return kept.keys, kept.counts
+            row = 0
+            while (row := keep_passing(scores, threshold, min(w, n - start), start, keys, counts, row)) >= 0:
+                grown = np.empty((n_rows, 2 * keys.shape[1]), np.uint64)  # a row is full: double
+                grown[:, : keys.shape[1]] = keys
+                keys = grown
+        pad_rows(keys, counts, int(counts.max()), _NO_KEY)
+        return keys, counts
 
 
 def tile_width(n_rows: int, n_items: int) -> int:
@@ -236,25 +246,9 @@ def tile_width(n_rows: int, n_items: int) -> int:
 
     Example:
         >>> tile_width(512, 100_000), tile_width(1, 1_000)
-        (2048, 1000)
+        (256, 1000)
     """
     return min(n_items, max(_ROW_ALIGN, TILE_CELLS // n_rows // _ROW_ALIGN * _ROW_ALIGN))
-
-
-def _flat_true(mask: np.ndarray, scratch: _Scratch) -> np.ndarray:
-    """``np.flatnonzero(mask)``, in about 0.6 of its time when few cells are true (a few in a
-    hundred, as in a tile): the mask is packed 8 cells to a byte, only the non-zero bytes are found
-    (one cell in eight to look at), then unpacked back to their cells."""
-    packed = np.packbits(mask.ravel(), bitorder="little")  # byte j holds cells 8j .. 8j+7
-    some = scratch.array("some", (1, packed.size), np.bool_)[0]
-    np.not_equal(packed, 0, out=some)
-    byte = np.flatnonzero(some)
-    bits = np.unpackbits(packed[byte], bitorder="little").view(np.bool_)  # (8 * bytes,) cells
-    cell = np.flatnonzero(bits)
-    flat = byte[cell >> 3]
-    flat <<= 3
-    flat |= cell & 7
-    return flat
 
 
 class _Scratch:
@@ -271,36 +265,6 @@ class _Scratch:
         if key not in self._arrays:
             self._arrays[key] = np.empty(shape, dtype=dtype)
         return self._arrays[key]
-
-
-class _KeptKeys:
-    """Per row, the sort keys of the items kept so far, in a (rows, capacity) array padded with
-    ``_NO_KEY`` that grows as needed; ``counts`` says how many each row holds."""
-
-    def __init__(self, n_rows: int, capacity: int, scratch: _Scratch) -> None:
-        self.keys = scratch.array("keys", (n_rows, max(1, capacity)), np.uint64)
-        self.keys.fill(_NO_KEY)
-        self.counts = np.zeros(n_rows, dtype=np.int64)
-
-    def add(self, scores: np.ndarray, flat: np.ndarray, first_id: int) -> None:
-        """Keep the cells ``flat`` (ascending flat positions) of a (rows, w) tile of ``scores``
-        whose column 0 is item ``first_id``."""
-        n_rows, w = scores.shape
-        if flat.size == 0:
-            return
-        bounds = np.searchsorted(flat, np.arange(n_rows + 1, dtype=np.int64) * w)  # flat is row-major
-        passed = np.diff(bounds)
-        total = self.counts + passed
-        if total.max() > self.keys.shape[1]:
-            grown = np.full((n_rows, max(int(total.max()), 2 * self.keys.shape[1])), _NO_KEY, np.uint64)
-            grown[:, : self.keys.shape[1]] = self.keys
-            self.keys = grown
-        # The i-th kept cell of a row (ascending id) goes to column counts[row] + i of the row.
-        slot = np.repeat(np.arange(n_rows) * self.keys.shape[1] + self.counts - bounds[:-1], passed)
-        slot += np.arange(flat.size, dtype=np.int64)
-        ids = flat - np.repeat(np.arange(n_rows, dtype=np.int64) * w - first_id, passed)
-        self.keys.ravel()[slot] = _sort_keys(scores.ravel()[flat], ids)
-        self.counts = total
 
 
 def faiss_exact_topk(
@@ -372,30 +336,6 @@ def _padded(x: np.ndarray, align: int = _ROW_ALIGN) -> np.ndarray:
     out = np.zeros((rows, x.shape[1]), dtype=np.float32)
     out[: len(x)] = x
     return out
-
-
-def _flip_order(bits: np.ndarray) -> np.ndarray:
-    """float32 bits (as int32) <-> a uint32 code whose ascending order is the descending order of the
-    floats: non-negative floats keep their sign bit (0) and have the rest flipped, negative ones are
-    kept as they are (sign bit 1, larger magnitude first). Its own inverse; in place."""
-    bits ^= ~(bits >> 31) & np.int32(0x7FFFFFFF)
-    return bits.view(np.uint32)
-
-
-def _sort_keys(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """uint64 keys whose ascending order is descending score, then ascending id: the score's
-    :func:`_flip_order` code in the high 32 bits, the id in the low 32."""
-    codes = _flip_order((scores + np.float32(0.0)).view(np.int32))  # + 0.0: -0.0 becomes 0.0, its tie
-    keys = codes.astype(np.uint64)
-    keys <<= _ID_BITS
-    keys |= ids.view(np.uint64) if ids.dtype == np.int64 else ids.astype(np.uint64)  # ids >= 0
-    return keys
-
-
-def _decode(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(scores float32, ids int64)`` of keys made by :func:`_sort_keys`."""
-    bits = _flip_order((keys >> _ID_BITS).astype(np.uint32).view(np.int32))
-    return bits.view(np.float32), (keys & _ID_MASK).astype(np.int64)
 
 
 def _select(keys: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
