@@ -4,11 +4,15 @@ cache. The same work in numpy takes five passes (compare, pack the mask, find th
 unpack them, gather) and costs about as much as the GEMM that made the tile.
 
 Imported by :mod:`convcg_cli.index.exact` when it first searches (numba takes ~0.2 s to import); the
-compiled code is cached on disk beside this file (``cache=True``), so later processes skip the
-compilation (~1 s).
+compiled code is cached on disk beside this file or in the user's cache directory (``cache=True``),
+so later processes skip the compilation (~1 s; loading the cache takes ~0.3 s). Where neither is
+writable (a read-only install served by a user without a home), each process compiles its own.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -28,7 +32,20 @@ with np.errstate(over="ignore"):
         _BIT_OF[int((np.uint64(1) << np.uint64(_bit)) * _DE_BRUIJN >> np.uint64(58))] = _bit
 
 
-@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def compiled(**options: Any) -> Callable[[Callable], Any]:
+    """``numba.njit(nogil=True, boundscheck=False, cache=True, **options)``, without the on-disk cache
+    where numba finds no writable directory for it (it refuses with a RuntimeError then)."""
+
+    def decorate(func: Callable) -> Any:
+        try:
+            return njit(nogil=True, boundscheck=False, cache=True, **options)(func)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return njit(nogil=True, boundscheck=False, cache=False, **options)(func)
+
+    return decorate
+
+
+@compiled(inline="always")
 def _key(bits: np.int32, item: int) -> np.uint64:
     if bits == _NEGATIVE_ZERO:
         bits = np.int32(0)
@@ -36,7 +53,7 @@ def _key(bits: np.int32, item: int) -> np.uint64:
     return (np.uint64(np.uint32(bits)) << _ID_BITS) | np.uint64(item)
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@compiled()
 def keep_passing(
     scores: np.ndarray,
     thresholds: np.ndarray,
@@ -79,7 +96,7 @@ def keep_passing(
     return -1
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@compiled()
 def pad_rows(keys: np.ndarray, counts: np.ndarray, width: int, pad: int) -> None:
     """Fill ``keys[r, counts[r]:width]`` with ``pad`` for every row r."""
     for r in range(keys.shape[0]):
@@ -87,7 +104,7 @@ def pad_rows(keys: np.ndarray, counts: np.ndarray, width: int, pad: int) -> None
             keys[r, c] = pad
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@compiled()
 def decode_keys(keys: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> None:
     """Write the float32 score and the int64 id of each sort key of ``keys`` (rows, k) into
     ``scores`` and ``ids`` (same shape): the inverse of the keys :func:`keep_passing` makes."""

@@ -102,3 +102,20 @@ def test_keys_sort_as_descending_score_then_ascending_id_and_decode_back():
     decode_keys(keys[None, :], out_scores, out_ids)
     np.testing.assert_array_equal(out_scores[0], scores + np.float32(0.0))  # -0.0 comes back as 0.0
     np.testing.assert_array_equal(out_ids[0], ids)
+
+
+def test_kernels_compile_without_a_writable_cache(monkeypatch):
+    # numba refuses cache=True with a RuntimeError when no cache directory is writable (a read-only
+    # install, no home): the kernel is compiled for the process instead.
+    from numba.core import caching
+
+    from convcg_cli.index.kernels import compiled
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+
+    def twice(x):
+        return 2 * x
+
+    fn = compiled()(twice)
+    assert fn(21) == 42
+    assert type(fn._cache).__name__ == "NullCache"  # compiled, not cached
