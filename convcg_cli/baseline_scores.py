@@ -1,9 +1,11 @@
 """The baselines' ranking helpers (``topk_rows``, ``sparse_topk_rows``: each row's top k, ties by a
-fixed order) and score transforms of their tunable options (``convcg_cli.baselines``): popularity over the
-training window's last days (``MostPopular(window_days=...)``) and an item-item matrix cut to each
-item's nearest neighbours: ``keep_top_per_row``, the definition ``ItemCF(neighbours=...)`` follows
-(:class:`ItemCFSimilarity`, every ItemCF weight matrix of a tuning grid from one cosine product,
-cuts ranked rows instead of sorting the whole matrix for each value; the tests hold the two equal)."""
+fixed order; ``sparse_topk_rows`` of scipy's product is the definition ItemCF's compiled scoring,
+:mod:`convcg_cli.itemcf_kernels`, follows and is tested against) and score transforms of their
+tunable options (``convcg_cli.baselines``): popularity over the training window's last days
+(``MostPopular(window_days=...)``) and an item-item matrix cut to each item's nearest neighbours:
+``keep_top_per_row``, the definition ``ItemCF(neighbours=...)`` follows (:class:`ItemCFSimilarity`,
+every ItemCF weight matrix of a tuning grid from one cosine product, cuts ranked rows instead of
+sorting the whole matrix for each value; the tests hold the two equal)."""
 
 from __future__ import annotations
 

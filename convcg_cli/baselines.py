@@ -5,9 +5,10 @@ One class per baseline, chosen by name in ``conf/eval.yaml`` (``baselines: [popu
 * ``MostPopular``: one list for everyone, by training-window conversions (then clicks, impressions).
 * ``ItemCF``: item-to-item cosine similarity of training-window engagements (scipy.sparse);
   score(u, j) = sum over u's engaged items i of sim(i, j), kept sparse: each user's top k is chosen
-  among the items it scores above 0 (:func:`sparse_topk_rows`), never over a dense users x items
-  block. Scales to large sparse corpora. A tuning grid of its options is fitted from one cosine
-  product (:meth:`ItemCF.fit_each`, :class:`ItemCFSimilarity`).
+  among the items it scores above 0 (:func:`sparse_topk_rows`'s lists, by a compiled kernel:
+  :mod:`convcg_cli.itemcf_kernels`), never over a dense users x items block. Scales to large sparse
+  corpora. A tuning grid of its options is fitted from one cosine product (:meth:`ItemCF.fit_each`,
+  :class:`ItemCFSimilarity`).
 * ``EASE``: Steck's closed-form linear autoencoder, B = I - P diag(1/diag P), P = (X^T X + l2 I)^-1;
   score(u, .) = X_u B. Dense N x N inverse: for corpora up to ~10k items.
 * ``EASEPopularity``: EASE's per-user scores (scaled to max 1) plus ``w`` times the log popularity
@@ -37,15 +38,13 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from convcg_cli.baseline_scores import ItemCFSimilarity, recent_popularity, sparse_topk_rows, topk_rows
+from convcg_cli.baseline_scores import ItemCFSimilarity, recent_popularity, topk_rows
 from convcg_cli.errors import ConfigError
 from convcg_cli.index import popularity_topk
 from convcg_cli.metrics.prior import log_prior
 
 # Users scored at a time: bounds the dense (users x items) score block to about 4M cells.
 _SCORE_CHUNK_CELLS = 1 << 22
-# Users whose sparse ItemCF scores are computed at once (a product's rows do not depend on each other).
-_SPARSE_CHUNK_USERS = 256
 
 # EASE weights by (l2, profiles), kept inside a ``shared_ease_weights()`` block only (None outside).
 _SHARED_EASE: dict[tuple, np.ndarray] | None = None
@@ -388,16 +387,15 @@ class ItemCF(_ItemToItem):
             self.include_self = bool(np.isnan(share) or share >= self.AUTO_REPEAT_SHARE)
 
     def score_topk(self, user_pos: np.ndarray, k: int) -> np.ndarray:
-        """Top k of X_u W per user: the sparse scores of a chunk of users, each row's list chosen
-        among its positive scores (:func:`sparse_topk_rows`), ties by popularity."""
-        user_pos = np.asarray(user_pos, dtype=np.int64)
+        """Top k of X_u W per user, each list chosen among its positive scores, ties by popularity:
+        ``sparse_topk_rows(profiles[users] @ weights, ...)`` (:func:`sparse_topk_rows`) in one
+        compiled pass per user, never building the sparse product
+        (:func:`~convcg_cli.itemcf_kernels.sparse_product_topk`: the same scores bit for bit)."""
+        from convcg_cli.itemcf_kernels import sparse_product_topk  # numba: imported when first scoring
+
         rank = np.empty(len(self.by_popularity), dtype=np.int64)
         rank[self.by_popularity] = np.arange(len(self.by_popularity))  # item -> place in popularity order
-        out = np.empty((len(user_pos), min(k, len(rank))), dtype=np.int64)
-        for start in range(0, len(user_pos), _SPARSE_CHUNK_USERS):
-            rows = user_pos[start : start + _SPARSE_CHUNK_USERS]
-            out[start : start + len(rows)] = sparse_topk_rows(self.profiles[rows] @ self.weights, rank, k)
-        return out
+        return sparse_product_topk(self.profiles, np.asarray(user_pos, dtype=np.int64), self.weights, rank, k)
 
     def _weights(self, x: sp.csr_matrix) -> sp.csr_matrix:
         return ItemCFSimilarity(x, self.neighbours).weights(

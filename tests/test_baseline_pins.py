@@ -14,6 +14,7 @@ import pytest
 import scipy.sparse as sp
 
 from convcg_cli import baselines
+from convcg_cli.baseline_scores import sparse_topk_rows
 from convcg_cli.baselines import (
     EASE,
     EASEPopularity,
@@ -22,7 +23,6 @@ from convcg_cli.baselines import (
     TrainHistory,
     repeat_share,
     shared_ease_weights,
-    sparse_topk_rows,
     topk_rows,
 )
 from convcg_cli.errors import ConfigError

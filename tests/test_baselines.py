@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 from convcg_cli import baselines
-from convcg_cli.baseline_scores import keep_top_per_row
+from convcg_cli.baseline_scores import keep_top_per_row, sparse_topk_rows
 from convcg_cli.baselines import (
     EASE,
     BaselineRefusedError,
@@ -18,7 +18,6 @@ from convcg_cli.baselines import (
     TrainHistory,
     make_baseline,
     shared_ease_weights,
-    sparse_topk_rows,
     topk_rows,
     training_history,
 )

@@ -1,0 +1,240 @@
+"""ItemCF's compiled scoring (convcg_cli.itemcf_kernels): the same lists as scipy's sparse product
+ranked by ``sparse_topk_rows``, from the same scores bit for bit."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from convcg_cli.baseline_scores import sparse_topk_rows
+from convcg_cli.baselines import ItemCF, TrainHistory
+from convcg_cli.itemcf_kernels import sparse_product_topk
+
+
+def _expected(profiles: sp.csr_matrix, rows: np.ndarray, weights: sp.csr_matrix, rank, k: int) -> np.ndarray:
+    """The reference: scipy's product, each row's list chosen by ``sparse_topk_rows``."""
+    if not len(rows):
+        return np.zeros((0, min(k, weights.shape[1])), dtype=np.int64)
+    return sparse_topk_rows(profiles[rows] @ weights, rank, k)
+
+
+def _with_index_dtype(m: sp.csr_matrix, dtype) -> sp.csr_matrix:
+    """A copy of ``m`` with its index arrays cast to ``dtype`` (set after construction: scipy would
+    shrink int64 indices that fit in int32)."""
+    out = m.copy()
+    out.indices, out.indptr = m.indices.astype(dtype), m.indptr.astype(dtype)
+    assert out.indices.dtype == dtype and out.indptr.dtype == dtype
+    return out
+
+
+def _random_case(rng: np.random.Generator, dyadic: bool):
+    """Seeded random (profiles, weights, rank, rows): small-integer/dyadic values make exact score ties;
+    some weights stored as explicit zeros, some profile rows and weight rows empty."""
+    n_users, n_inner, n = (int(x) for x in rng.integers(1, 40, size=3))
+    profiles = sp.random(n_users, n_inner, density=rng.uniform(0.0, 0.4), random_state=rng, format="csr")
+    weights = sp.random(n_inner, n, density=rng.uniform(0.0, 0.4), random_state=rng, format="csr")
+    if dyadic:
+        profiles.data = rng.integers(1, 3, size=profiles.nnz).astype(np.float64)
+        weights.data = rng.integers(0, 4, size=weights.nnz) / 4.0  # explicit zeros among them
+    else:
+        profiles.data[:] = 1.0
+        weights.data[rng.random(weights.nnz) < 0.2] = 0.0
+    rows = rng.integers(0, n_users, size=int(rng.integers(0, 50)))
+    return profiles, weights, rng.permutation(n), rows
+
+
+# Each row summed the way its size picks (None), every row scanning all N sums (0), every row
+# tracking the columns it touches (2**62): the same lists.
+DENSE_WORK = [None, 0, 2**62]
+
+
+@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("index_dtypes", [(np.int32, np.int32), (np.int64, np.int64), (np.int32, np.int64)])
+def test_same_lists_as_the_sparse_product_ranked_by_sparse_topk_rows(seed, index_dtypes):
+    rng = np.random.default_rng(seed)
+    profiles, weights, rank, rows = _random_case(rng, dyadic=seed % 2 == 0)
+    p = _with_index_dtype(profiles, index_dtypes[0])
+    w = _with_index_dtype(weights, index_dtypes[1])
+    for k in (1, 2, 5, 17, weights.shape[1], weights.shape[1] + 7):  # k > N included
+        expected = _expected(profiles, rows, weights, rank, k)
+        for dense_work in DENSE_WORK:
+            got = sparse_product_topk(p, rows, w, rank, k, dense_work=dense_work)
+            assert got.dtype == np.int64
+            np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("dense_work", DENSE_WORK)
+def test_many_candidates_per_row(dense_work):
+    """Rows scoring thousands of columns (the k-th largest found among a sampled threshold's passers),
+    with many ties, including a row whose strided sample holds only its largest scores (the threshold
+    read off it lets fewer than k pass: all candidates count)."""
+    rng = np.random.default_rng(11)
+    n = 8192
+    weights = sp.random(40, n, density=0.3, random_state=rng, format="csr")
+    weights.data = rng.integers(1, 9, size=weights.nnz) / 8.0
+    spiky = np.where(np.arange(n) % 8 == 0, 2.0 + np.arange(n) / n, 1.0)  # every 8th column higher
+    weights = sp.vstack([weights, sp.csr_matrix(spiky)]).tocsr()
+    profiles = sp.csr_matrix((rng.random((30, 41)) < 0.2).astype(np.float64))
+    profiles = sp.vstack([profiles, sp.csr_matrix(np.eye(41)[[40]])]).tocsr()  # row 30: the spiky one
+    rank, rows = rng.permutation(n), np.arange(31)
+    for k in (1, 10, 100, 1500, 2000, n):
+        np.testing.assert_array_equal(
+            sparse_product_topk(profiles, rows, weights, rank, k, dense_work=dense_work),
+            _expected(profiles, rows, weights, rank, k),
+        )
+
+
+def test_ties_rows_without_scores_and_rows_scoring_fewer_than_k():
+    # user 0: every item scores 0.5 (one long run of ties, ordered by rank); user 1: two items;
+    # user 2: no engagement; user 3: engages an item whose weights are all explicit zeros.
+    n = 40
+    weights = sp.csr_matrix(
+        (
+            np.r_[np.full(n, 0.5), [0.25, 0.25], np.zeros(3)],
+            np.r_[np.arange(n), [3, 7], [1, 2, 3]],
+            [0, n, n + 2, n + 5],
+        ),
+        shape=(3, n),
+    )
+    profiles = sp.csr_matrix(np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 0], [0, 0, 1.0]]))
+    rank = np.random.default_rng(0).permutation(n)
+    by_rank = np.argsort(rank)
+    rows = np.array([0, 1, 2, 3, 1])
+    for k, dense_work in itertools.product((1, 3, 20, n, n + 5), DENSE_WORK):
+        got = sparse_product_topk(profiles, rows, weights, rank, k, dense_work=dense_work)
+        np.testing.assert_array_equal(got, _expected(profiles, rows, weights, rank, k))
+        kk = min(k, n)
+        np.testing.assert_array_equal(got[0], by_rank[:kk])  # all tied: rank order
+        np.testing.assert_array_equal(got[2], by_rank[:kk])  # nothing scored: rank order
+        np.testing.assert_array_equal(got[3], by_rank[:kk])  # only zeros: nothing scored
+        two = sorted([3, 7], key=lambda j: rank[j])[:kk]
+        assert got[1, : len(two)].tolist() == two  # the scored ones first, then the rest by rank
+        assert got[1, len(two) :].tolist() == [j for j in by_rank if j not in (3, 7)][: kk - len(two)]
+
+
+def test_scores_are_summed_in_scipys_order_bit_for_bit():
+    # (0.1 + 0.2) + 0.3 = 0.6000000000000001 but (0.3 + 0.2) + 0.1 = 0.6: columns 0 (summed 0.1, 0.2,
+    # 0.3), 1 (0.6 once) and 2 (summed 0.3, 0.2, 0.1) rank by the order of the sums alone. The rank
+    # prefers 2, then 1, then 0, so a score summed in another order shows as a different list.
+    assert (0.1 + 0.2) + 0.3 > 0.6 == (0.3 + 0.2) + 0.1
+    weights = sp.csr_matrix(np.array([[0.1, 0.6, 0.3], [0.2, 0.0, 0.2], [0.3, 0.0, 0.1]]))
+    rank = np.array([2, 1, 0])
+    profiles = sp.csr_matrix(np.array([[1.0, 1.0, 1.0]]))
+    assert (profiles @ weights).toarray().tolist() == [[(0.1 + 0.2) + 0.3, 0.6, 0.6]]
+    assert sparse_product_topk(profiles, np.array([0]), weights, rank, 3).tolist() == [[0, 2, 1]]
+    # the profile row stored in reverse order (unsorted indices): scipy sums in stored order, so do we
+    reverse = sp.csr_matrix((np.ones(3), np.array([2, 1, 0]), np.array([0, 3])), shape=(1, 3))
+    assert not reverse.has_sorted_indices
+    assert (reverse @ weights).toarray().tolist() == [[0.6, 0.6, (0.1 + 0.2) + 0.3]]
+    got = sparse_product_topk(reverse, np.array([0]), weights, rank, 3)
+    np.testing.assert_array_equal(got, _expected(reverse, np.array([0]), weights, rank, 3))
+    assert got.tolist() == [[2, 1, 0]]
+    # duplicate entries of a weights row (not canonical) are summed in stored order too
+    dup = sp.csr_matrix(
+        (np.array([0.1, 0.2, 0.3, 0.3, 0.2, 0.1, 0.6]), [0, 0, 0, 2, 2, 2, 1], [0, 7]), shape=(1, 3)
+    )
+    assert not dup.has_canonical_format
+    one = sp.csr_matrix(np.array([[1.0]]))
+    assert sparse_product_topk(one, np.array([0]), dup, rank, 3).tolist() == [[0, 2, 1]]
+    np.testing.assert_array_equal(
+        sparse_product_topk(one, np.array([0]), dup, rank, 3), _expected(one, np.array([0]), dup, rank, 3)
+    )
+
+
+def test_random_float_scores_rank_like_the_product():
+    """Non-binary profiles and weights (products v * w rounded, long sums): every list equal."""
+    rng = np.random.default_rng(7)
+    profiles = sp.random(60, 300, density=0.1, random_state=rng, format="csr")
+    weights = sp.random(300, 500, density=0.05, random_state=rng, format="csr")
+    profiles.data = rng.uniform(0.0, 3.0, size=profiles.nnz)
+    rank, rows = rng.permutation(500), np.arange(60)
+    for k, dense_work in itertools.product((1, 10, 100, 500), DENSE_WORK):
+        np.testing.assert_array_equal(
+            sparse_product_topk(profiles, rows, weights, rank, k, dense_work=dense_work),
+            _expected(profiles, rows, weights, rank, k),
+        )
+    p32, w32 = profiles.astype(np.float32), weights.astype(np.float32)  # summed in float32, as scipy does
+    np.testing.assert_array_equal(
+        sparse_product_topk(p32, rows, w32, rank, 50), _expected(p32, rows, w32, rank, 50)
+    )
+
+
+def test_negative_or_nan_scores_are_refused():
+    profiles = sp.csr_matrix(np.array([[1.0, 0.0], [0.0, 1.0]]))
+    for bad, dense_work in itertools.product((-0.5, np.nan), DENSE_WORK):
+        weights = sp.csr_matrix(np.array([[1.0, 0.5], [bad, 1.0]]))
+        got = sparse_product_topk(profiles, np.array([0]), weights, np.arange(2), 2, dense_work=dense_work)
+        assert got.tolist() == [[0, 1]]  # only the requested rows' scores are checked, as before
+        with pytest.raises(ValueError, match="scores >= 0 without NaN"):
+            sparse_product_topk(profiles, np.array([0, 1]), weights, np.arange(2), 2, dense_work=dense_work)
+
+
+def test_empty_requests_and_bad_arguments():
+    profiles = sp.csr_matrix(np.eye(3))
+    weights = sp.csr_matrix(np.ones((3, 4)))
+    assert sparse_product_topk(profiles, np.array([], dtype=np.int64), weights, np.arange(4), 2).shape == (
+        0,
+        2,
+    )
+    np.testing.assert_array_equal(
+        sparse_product_topk(profiles, np.array([-1]), weights, np.arange(4), 2),
+        sparse_product_topk(profiles, np.array([2]), weights, np.arange(4), 2),
+    )
+    with pytest.raises(IndexError):
+        sparse_product_topk(profiles, np.array([3]), weights, np.arange(4), 2)
+    with pytest.raises(ValueError, match="shapes"):
+        sparse_product_topk(profiles, np.array([0]), sp.csr_matrix(np.ones((2, 4))), np.arange(4), 2)
+    with pytest.raises(ValueError, match="rank"):
+        sparse_product_topk(profiles, np.array([0]), weights, np.arange(3), 2)
+
+
+@pytest.mark.parametrize("options", [{}, {"include_self": False}, {"neighbours": 3}, {"shrinkage": 2.0}])
+def test_itemcf_score_topk_is_the_chunked_sparse_product(options):
+    """ItemCF's lists equal the former implementation: the sparse product of chunks of users, each
+    row ranked by ``sparse_topk_rows`` with the popularity rank as tie order."""
+    rng = np.random.default_rng(3)
+    n_users, n_items, n_rows = 80, 50, 600
+    item_pos = np.minimum(rng.zipf(1.5, size=n_rows) - 1, n_items - 1)  # power-law popularity
+    history = TrainHistory(
+        user_pos=rng.integers(0, n_users - 5, size=n_rows),  # the last users are cold
+        item_pos=item_pos,
+        n_users=n_users,
+        n_items=n_items,
+        popularity=np.bincount(item_pos, minlength=n_items).astype(np.float64),
+    )
+    model = ItemCF(**options).fit(history)
+    rank = np.empty(n_items, dtype=np.int64)
+    rank[model.by_popularity] = np.arange(n_items)
+    users = rng.permutation(n_users)
+    for k in (1, 10, n_items + 1):
+        expected = np.concatenate(
+            [
+                sparse_topk_rows(model.profiles[users[s : s + 16]] @ model.weights, rank, k)
+                for s in range(0, n_users, 16)
+            ]
+        )
+        np.testing.assert_array_equal(model.score_topk(users, k), expected)
+
+
+def test_kth_smallest_is_numpys_partition():
+    from convcg_cli.itemcf_kernels import kth_smallest
+
+    rng = np.random.default_rng(5)
+    for size in (1, 2, 3, 10, 100, 1000):
+        for values in (rng.random(size), rng.integers(0, 4, size=size) / 4.0, np.sort(rng.random(size))):
+            for k in {0, size // 3, size // 2, size - 1}:
+                assert kth_smallest(values.copy(), k) == np.partition(values, k)[k]
+    assert kth_smallest(np.full(50, 0.5), 17) == 0.5
+
+
+def test_best_first_is_lexsort_by_descending_value_then_rank():
+    from convcg_cli.itemcf_kernels import best_first
+
+    rng = np.random.default_rng(6)
+    for size in (0, 1, 2, 3, 7, 16, 17, 100, 1000):
+        for values in (rng.random(size), rng.integers(0, 4, size=size) / 4.0, np.full(size, 0.5)):
+            ranks = rng.permutation(size)
+            np.testing.assert_array_equal(best_first(values, ranks), np.lexsort((ranks, -values)))
