@@ -218,6 +218,10 @@ class Baseline:
         """(n,) user positions -> (n, min(k, N)) ranked item positions, best first."""
         raise NotImplementedError
 
+    def check_corpus(self, n_items: int) -> None:
+        """Raise :class:`BaselineRefusedError` when this baseline cannot run on ``n_items`` items,
+        before anything is read for it. Here: every corpus is accepted."""
+
     @classmethod
     def fit_each(cls, options: Sequence[Mapping[str, Any]], history: TrainHistory) -> Iterator[Baseline]:
         """A baseline of this class for each of ``options`` (e.g. a tuning grid's combinations), each
@@ -424,6 +428,15 @@ class EASE(_ItemToItem):
             raise ConfigError(f"ease: l2 must be > 0, got {l2}.")
         self.l2, self.max_items = float(l2), int(max_items)
 
+    def check_corpus(self, n_items: int) -> None:
+        """Refuse a corpus of more than ``max_items`` items (the dense inverse would not fit)."""
+        if n_items > self.max_items:
+            raise BaselineRefusedError(
+                f"ease needs a dense {n_items} x {n_items} inverse ({n_items} items > "
+                f"baseline_options.ease.max_items={self.max_items}); use the itemcf baseline on this "
+                "corpus, or raise max_items."
+            )
+
     def _weights(self, x: sp.csr_matrix) -> np.ndarray:
         key = _profiles_key(x, self.l2) if _SHARED_EASE is not None else None
         if key is not None and key in (_SHARED_EASE or {}):
@@ -439,11 +452,7 @@ class EASE(_ItemToItem):
         import scipy.linalg
 
         n = x.shape[1]
-        if n > self.max_items:
-            raise BaselineRefusedError(
-                f"ease needs a dense {n} x {n} inverse ({n} items > baseline_options.ease.max_items="
-                f"{self.max_items}); use the itemcf baseline on this corpus, or raise max_items."
-            )
+        self.check_corpus(n)
         gram = (x.T @ x).toarray()  # (N, N)
         gram[np.diag_indices(n)] += self.l2
         # Cholesky: the regularised Gram matrix is symmetric positive definite.

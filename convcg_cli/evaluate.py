@@ -27,6 +27,7 @@ from convcg_cli.baselines import (
     BASELINE_DATA_OPTIONS,
     BASELINES,
     BaselineRefusedError,
+    make_baseline,
     shared_ease_weights,
     training_history,
 )
@@ -155,19 +156,22 @@ def score_ranking(topk_ids: np.ndarray, queries, split: str, tasks: Sequence[str
     return RankingScores(metrics, hits)
 
 
-def score_baseline(name: str, history, queries, tasks: Sequence[str], cfg) -> RankingScores:
-    """Fit baseline ``name`` (options ``cfg.baseline_options[name]``) on ``history`` (the training
-    window, :func:`~convcg_cli.baselines.training_history`), its ``cfg.baseline_tuning[name]`` options
-    chosen on the validation conversions (:func:`~convcg_cli.baselines.tune_baseline`), and score it
-    on ``queries``. The chosen values join its metrics as ``<split>/baseline_<name>/chosen/<option>``
-    (with ``chosen/val_recall_at_<select_k>``)."""
-    options = cfg.baseline_options.get(name)
+def score_baseline(
+    name: str, dm, history: Callable[[], Any], queries, tasks: Sequence[str], cfg
+) -> RankingScores:
+    """Fit baseline ``name`` (options ``cfg.baseline_options[name]``) on ``history()`` (the training
+    window, :func:`~convcg_cli.baselines.training_history`, read only once the baseline accepts the
+    size of ``dm``'s corpus), its ``cfg.baseline_tuning[name]`` options chosen on the validation
+    conversions (:func:`~convcg_cli.baselines.tune_baseline`), and score it on ``queries``. The chosen
+    values join its metrics as ``<split>/baseline_<name>/chosen/<option>`` (with
+    ``chosen/val_recall_at_<select_k>``)."""
+    options = _as_dict(given) if (given := cfg.baseline_options.get(name)) else {}
+    make_baseline(name, options).check_corpus(len(dm.items.item_ids))  # EASE refuses > max_items
     tuning = cfg.get("baseline_tuning") or {}
     grid = tuning.get(name)
     select_k = int(tuning.get("select_k", 100))
-    tuned = tune_baseline(
-        name, _as_dict(options) if options else {}, _as_dict(grid) if grid else {}, history, select_k
-    )
+    window = history()
+    tuned = tune_baseline(name, options, _as_dict(grid) if grid else {}, window, select_k)
     if grid and tuned.val_recall is None:
         logging.getLogger(__name__).warning(
             "Baseline %s is not tuned: the run has no validation conversions to choose %s on "
@@ -179,7 +183,7 @@ def score_baseline(name: str, history, queries, tasks: Sequence[str], cfg) -> Ra
     topk = tuned.baseline.query_topk(query_users(queries), max(cfg.ks))
     prefix = f"{cfg.split}/{BASELINE_PREFIX}{name}"
     scores = score_ranking(topk, queries, prefix, tasks, cfg)
-    scores.metrics.update(chosen_metrics(tuned, history, prefix, select_k))
+    scores.metrics.update(chosen_metrics(tuned, window, prefix, select_k))
     return scores
 
 
@@ -187,11 +191,11 @@ def score_baselines(dm, queries, tasks: Sequence[str], cfg) -> dict[str, Ranking
     """Fit every baseline of ``cfg.baselines`` on ``dm``'s training window and score it on ``queries``;
     keyed by ranking name (``baseline_<name>``). A baseline that refuses the data
     (:class:`~convcg_cli.baselines.BaselineRefusedError`) is skipped with a logged warning."""
-    history = training_history(dm)
+    history = functools.cache(functools.partial(training_history, dm))  # read once, if any is fitted
     scores: dict[str, RankingScores] = {}
     with shared_ease_weights():  # ease and ease_popularity invert the same Gram matrix once
         for name in cfg.baselines:
-            score = functools.partial(score_baseline, name, history, queries, tasks, cfg)
+            score = functools.partial(score_baseline, name, dm, history, queries, tasks, cfg)
             found = _unless_refused(name, score)
             if found is not None:
                 scores[f"{BASELINE_PREFIX}{name}"] = found
@@ -413,7 +417,7 @@ def _score_and_log_baseline(ctx: BaselineContext, name: str, key: str) -> tuple[
     cfg, ranking = ctx.cfg, f"{BASELINE_PREFIX}{name}"
     with progress.step(f"Scoring baseline {name}"):
         scores = _unless_refused(
-            name, functools.partial(score_baseline, name, ctx.history(), ctx.queries, ctx.tasks, cfg)
+            name, functools.partial(score_baseline, name, ctx.dm, ctx.history, ctx.queries, ctx.tasks, cfg)
         )
     if scores is None:
         return None

@@ -212,6 +212,21 @@ def test_a_baseline_that_refuses_the_corpus_is_skipped_with_a_warning(tiny_dm, c
         EASE(max_items=5).fit(_history())
 
 
+def test_a_refused_baseline_reads_no_training_window(tiny_dm, monkeypatch):
+    # EASE refuses from the corpus size alone: an evaluation whose other baselines are reused from
+    # their runs does not build the training history just to be told no.
+    from convcg_cli import evaluate
+
+    cfg = compose("eval", ["baselines=[ease]", "baseline_options.ease.max_items=5", "bootstrap.n_boot=0"]).cfg
+    built = []
+    monkeypatch.setattr(evaluate, "training_history", lambda dm: built.append(dm))
+    assert evaluate.score_baselines(tiny_dm, tiny_dm.queries["heldout"], TASKS, cfg) == {}
+    assert built == []
+    EASE(max_items=len(tiny_dm.items.item_ids)).check_corpus(len(tiny_dm.items.item_ids))  # exactly: allowed
+    with pytest.raises(BaselineRefusedError, match="max_items=5"):
+        EASE(max_items=5).check_corpus(6)
+
+
 def test_single_task_baseline_configs():
     engagement_only = compose("train", ["+experiment=baseline/engagement_only"]).cfg
     assert dict(engagement_only.loss.task_weights) == {"conversion": 0.0, "engagement": 1.0}
