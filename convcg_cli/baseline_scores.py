@@ -161,7 +161,8 @@ class _RankedRows:
     row, then value descending, then column, as :func:`~convcg_cli.baseline_scores.keep_top_per_row`
     sorts the whole matrix: every ``keep_top_per_row(m, n)`` with n < ``depth`` (of ``m``, or of ``m``
     without its diagonal) is a cut of it, without sorting the whole matrix again. Only the entries
-    at or above each row's ``depth``-th largest value (:func:`row_kth_largest`) are sorted.
+    at or above each row's ``depth``-th largest value are sorted, row by row, in one compiled pass
+    (:func:`~convcg_cli.itemcf_kernels.ranked_row_entries`).
 
     Args:
         m: (R, C) CSR matrix.
@@ -169,18 +170,12 @@ class _RankedRows:
     """
 
     def __init__(self, m: sp.csr_matrix, depth: int) -> None:
+        from convcg_cli.itemcf_kernels import ranked_row_entries  # numba: imported when first needed
+
         self.shape, self.depth = m.shape, int(depth)
-        kth = row_kth_largest(m.data, m.indptr, self.depth)  # (R,) -inf: a row of depth or fewer
-        picked = []
-        for first, last in row_blocks(m.indptr):  # every entry ranked above depth in its row
-            start = m.indptr[first]
-            threshold = kth[entry_rows(m.indptr, first, last)]
-            picked.append(start + np.flatnonzero(m.data[start : m.indptr[last]] >= threshold))
-        top = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
-        rows = rows_of_entries(m.indptr, top)
-        cols, values = m.indices[top], m.data[top]
-        order = order_in_rows(rows, values, cols, m.shape[1])
-        self.rows, self.cols, self.values = rows[order], cols[order], values[order]
+        if self.depth < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}.")
+        self.rows, self.cols, self.values = ranked_row_entries(m.indptr, m.indices, m.data, self.depth)
 
     def keep_top(self, n: int, include_self: bool = True) -> sp.csr_matrix:
         """``keep_top_per_row(m, n)``, or with ``include_self=False`` the same of ``m`` without its
@@ -313,59 +308,3 @@ def rows_of_entries(indptr: np.ndarray, entries: np.ndarray) -> np.ndarray:
         [0, 2, 2]
     """
     return np.searchsorted(indptr, entries, side="right") - 1
-
-
-def row_kth_largest(data: np.ndarray, indptr: np.ndarray, depth: int, cells: int | None = None) -> np.ndarray:
-    """(R,) each CSR row's ``depth``-th largest stored value (repeats counted), -inf for a row with
-    ``depth`` entries or fewer. Vectorised: the longer rows are grouped by the power of two of their
-    length, padded with -inf to the longest of their group (at most twice their length) and
-    partitioned together, about ``cells`` cells at a time.
-
-    Example:
-        >>> row_kth_largest(np.array([3.0, 1.0, 2.0, 5.0, 5.0]), np.array([0, 3, 5]), 2).tolist()
-        [2.0, -inf]
-    """
-    cells = int(cells or _BLOCK_CELLS)
-    lengths = np.diff(indptr)
-    kth = np.full(len(lengths), -np.inf)
-    long = np.flatnonzero(lengths > depth)
-    if not len(long):
-        return kth
-    long = long[np.argsort(lengths[long], kind="stable")]
-    group = np.floor(np.log2(lengths[long])).astype(np.int64)
-    starts = np.flatnonzero(np.diff(group, prepend=-1))
-    for lo, hi in zip(starts, [*starts[1:], len(long)], strict=True):
-        width = int(lengths[long[hi - 1]])  # the group's longest row
-        step = max(1, cells // width)
-        for first in range(lo, hi, step):
-            rows = long[first : min(first + step, hi)]
-            span = int(lengths[rows].max())
-            cell = np.arange(span)
-            inside = cell[None, :] < lengths[rows][:, None]  # (r, span)
-            at = np.where(inside, indptr[rows][:, None] + cell[None, :], 0)
-            block = np.where(inside, data[at], -np.inf)
-            kth[rows] = np.partition(block, span - depth, axis=1)[:, span - depth]
-    return kth
-
-
-def order_in_rows(rows: np.ndarray, values: np.ndarray, ties: np.ndarray, n_ties: int) -> np.ndarray:
-    """The order of entries by row ascending, then value descending, then ``ties`` ascending (ints in
-    [0, ``n_ties``)): ``np.lexsort((ties, -values, rows))``, in one sort of a composite int64 key
-    (the values' dense rank between row and tie) when it fits, as it does for these matrices.
-
-    Example:
-        >>> rows, values = np.array([1, 0, 0, 0]), np.array([1.0, 2.0, 3.0, 2.0])
-        >>> order_in_rows(rows, values, ties=np.array([0, 5, 1, 4]), n_ties=6).tolist()
-        [2, 3, 1, 0]
-    """
-    if not len(rows):
-        return np.zeros(0, dtype=np.int64)
-    # dense rank of -value (0: the largest): the distinct values (few) found and sorted once, then
-    # looked up, instead of sorting every entry by its value
-    levels = np.unique(-values)
-    value_rank = np.searchsorted(levels, -values)
-    n_rows = int(rows.max()) + 1
-    if n_rows * len(levels) * int(n_ties) >= 2**62:  # the key would overflow: three stable sorts
-        return np.lexsort((ties, -values, rows))
-    key = (rows.astype(np.int64) * len(levels) + value_rank) * int(n_ties) + ties
-    return np.argsort(key, kind="stable")

@@ -1,8 +1,10 @@
-"""The compiled loop of ItemCF's scoring (numba): each user's scores X_u W summed into a dense buffer
-and its top k chosen from them at once, one user at a time. It replaces scipy's sparse product (two
-passes over the same entries: one to size the result, one to fill it, then a sparse matrix built) and
-the per-row Python loop choosing the lists (:func:`~convcg_cli.baseline_scores.sparse_topk_rows`),
-with the same lists:
+"""The compiled loops of ItemCF (numba): its scoring and the ranking of its similarity rows.
+
+Scoring (:func:`sparse_product_topk`): each user's scores X_u W summed into a dense buffer and its
+top k chosen from them at once, one user at a time. It replaces scipy's sparse product (two passes
+over the same entries: one to size the result, one to fill it, then a sparse matrix built) and the
+per-row Python loop choosing the lists (:func:`~convcg_cli.baseline_scores.sparse_topk_rows`), with
+the same lists:
 
 * each score is summed in the order of scipy's ``csr_matmat``: for each stored entry (i, v) of the
   user's profile row, in stored order, for each stored entry (j, w) of W's row i, in stored order,
@@ -11,10 +13,15 @@ with the same lists:
   by descending score, ties by ascending ``rank``; a row scoring fewer than k items is completed
   with the columns it does not score, in ``rank`` order.
 
-Imported by :meth:`convcg_cli.baselines.ItemCF.score_topk` when it first scores (numba takes ~0.2 s
-to import); the compiled code is cached on disk (:func:`~convcg_cli.index.kernels.compiled`), so
-later processes skip the compilation. The kernels are generic over the index and value dtypes
-(numba compiles one version per signature), so neither matrix is copied to call them.
+Ranking (:func:`ranked_row_entries`, for :class:`~convcg_cli.baseline_scores.ItemCFSimilarity`'s
+``neighbours`` cuts): each similarity row's entries at or above its ``depth``-th largest value,
+sorted by value, then column, one row at a time, instead of numpy's passes over the whole matrix.
+
+Imported by :meth:`convcg_cli.baselines.ItemCF.score_topk` and ``_RankedRows`` when first needed
+(numba takes ~0.2 s to import); the compiled code is cached on disk
+(:func:`~convcg_cli.index.kernels.compiled`), so later processes skip the compilation. The kernels
+are generic over the index and value dtypes (numba compiles one version per signature), so neither
+matrix is copied to call them.
 """
 
 from __future__ import annotations
@@ -321,3 +328,65 @@ def sparse_product_topk(
     if bad >= 0:
         raise ValueError(f"sparse_product_topk needs scores >= 0 without NaN (row {int(rows[bad])}).")
     return out
+
+
+@compiled()
+def ranked_row_entries(
+    indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, depth: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols, values) of the stored entries of the CSR matrix (``indptr``, ``indices``,
+    ``data``; no NaN) at or above their row's ``depth``-th largest stored value (repeats counted; a
+    row of ``depth`` entries or fewer keeps them all), by row ascending, then value descending, then
+    column ascending (ties by stored order): int64 rows, the matrix's index and value dtypes.
+
+    Two passes over the rows: the first finds each longer row's ``depth``-th largest value
+    (:func:`kth_smallest` of a copy) and counts the entries at or above it, sizing the outputs; the
+    second sorts each row's kept entries (:func:`best_first`, the column as the rank) into them.
+    """
+    n_rows = indptr.shape[0] - 1
+    longest = 0
+    for r in range(n_rows):
+        longest = max(longest, indptr[r + 1] - indptr[r])
+    scratch = np.empty(longest, dtype=data.dtype)
+    kth = np.zeros(n_rows, dtype=data.dtype)  # each row longer than depth: its depth-th largest value
+    starts = np.zeros(n_rows + 1, dtype=np.int64)  # where each row's kept entries go
+    for r in range(n_rows):
+        a, n = indptr[r], indptr[r + 1] - indptr[r]
+        kept = n
+        if n > depth:
+            for t in range(n):
+                scratch[t] = data[a + t]
+            # the depth-th largest lands at n - depth, the larger ones (and some ties) after it
+            value = kth_smallest(scratch[:n], n - depth)
+            kth[r] = value
+            kept = depth
+            for t in range(n - depth):
+                kept += scratch[t] >= value
+        starts[r + 1] = starts[r] + kept
+    total = starts[n_rows]
+    rows = np.empty(total, dtype=np.int64)
+    cols = np.empty(total, dtype=indices.dtype)
+    values = np.empty(total, dtype=data.dtype)
+    row_cols = np.empty(longest, dtype=indices.dtype)
+    for r in range(n_rows):
+        a, n = indptr[r], indptr[r + 1] - indptr[r]
+        kept = 0
+        if n <= depth:
+            for t in range(n):
+                scratch[t] = data[a + t]
+                row_cols[t] = indices[a + t]
+            kept = n
+        else:  # a branch taken by few entries of a long row: well predicted, unlike a branchless copy
+            threshold = kth[r]
+            for t in range(n):
+                if data[a + t] >= threshold:
+                    scratch[kept] = data[a + t]
+                    row_cols[kept] = indices[a + t]
+                    kept += 1
+        order = best_first(scratch[:kept], row_cols[:kept])
+        out = starts[r]
+        for t in range(kept):
+            rows[out + t] = r
+            cols[out + t] = row_cols[order[t]]
+            values[out + t] = scratch[order[t]]
+    return rows, cols, values

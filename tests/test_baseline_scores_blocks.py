@@ -1,6 +1,5 @@
-"""The vectorised helpers behind ItemCF's tuning grid (row blocks, each row's k-th largest value, the
-(row, value desc, tie) order) against plain references, and ItemCFSimilarity computed in many small
-blocks equal, bit for bit, to the direct fit."""
+"""The helpers behind ItemCF's tuning grid (row blocks, the ranked rows' cuts) against plain
+references, and ItemCFSimilarity computed in many small blocks equal, bit for bit, to the direct fit."""
 
 from __future__ import annotations
 
@@ -13,9 +12,7 @@ from convcg_cli.baseline_scores import (
     ItemCFSimilarity,
     _RankedRows,
     keep_top_per_row,
-    order_in_rows,
     row_blocks,
-    row_kth_largest,
 )
 from tests.test_baselines import _assert_same_entries, _direct_itemcf_weights, _tied_history
 
@@ -48,34 +45,9 @@ def test_row_blocks_cover_every_row_once_in_blocks_of_about_cells(cells):
         assert m.indptr[b] - m.indptr[a] <= cells or b - a == 1 or m.indptr[b - 1] - m.indptr[a] < cells
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("depth", [1, 2, 7, 40, 299])
-def test_row_kth_largest_is_the_sorted_rows_depth_th_value(seed, depth):
-    m = _tied_csr(seed)
-    expected = [
-        np.sort(m.data[a:b])[::-1][depth - 1] if b - a > depth else -np.inf
-        for a, b in zip(m.indptr[:-1], m.indptr[1:], strict=True)
-    ]
-    for cells in (1, 50, 1 << 20):  # one row at a time, a few, all of a group at once
-        assert row_kth_largest(m.data, m.indptr, depth, cells).tolist() == expected
-
-
-def test_order_in_rows_is_lexsort_with_ties_and_signed_zeros():
-    rng = np.random.default_rng(3)
-    rows = np.sort(rng.integers(0, 30, size=2000))
-    values = rng.integers(-3, 4, size=2000) / 2.0
-    values[::7] = -0.0  # equal to 0.0, as lexsort has it
-    ties = rng.permutation(2000) % 500  # repeated within a row too: the sort must stay stable
-    expected = np.lexsort((ties, -values, rows))
-    np.testing.assert_array_equal(order_in_rows(rows, values, ties, 500), expected)
-    # a key too large for int64: the lexsort fallback, the same order
-    np.testing.assert_array_equal(order_in_rows(rows, values, ties, 2**60), expected)
-    assert order_in_rows(rows[:0], values[:0], ties[:0], 500).tolist() == []
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_ranked_rows_cut_equals_keep_top_per_row_of_the_whole_matrix(seed, monkeypatch):
-    monkeypatch.setattr(baseline_scores, "_BLOCK_CELLS", 16)  # many blocks and kth chunks
+    monkeypatch.setattr(baseline_scores, "_BLOCK_CELLS", 16)  # many blocks (the diagonal's passes)
     m = _tied_csr(seed, n_rows=40, n_cols=40)  # square: its diagonal is dropped too
     ranked = _RankedRows(m, depth=9)
     no_diagonal = m.copy()

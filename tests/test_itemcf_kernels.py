@@ -238,3 +238,84 @@ def test_best_first_is_lexsort_by_descending_value_then_rank():
         for values in (rng.random(size), rng.integers(0, 4, size=size) / 4.0, np.full(size, 0.5)):
             ranks = rng.permutation(size)
             np.testing.assert_array_equal(best_first(values, ranks), np.lexsort((ranks, -values)))
+
+
+def _ranked_reference(m: sp.csr_matrix, depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's entries at or above its ``depth``-th largest stored value (all of a row of ``depth``
+    or fewer), by row, then value descending, then column: row by row in numpy."""
+    rows, cols, values = [], [], []
+    for r in range(m.shape[0]):
+        c, v = m.indices[m.indptr[r] : m.indptr[r + 1]], m.data[m.indptr[r] : m.indptr[r + 1]]
+        order = np.lexsort((c, -v))
+        c, v = c[order], v[order]
+        if len(v) > depth:
+            keep = v >= v[depth - 1]  # v[depth - 1]: the depth-th largest
+            c, v = c[keep], v[keep]
+        rows.append(np.full(len(v), r, dtype=np.int64))
+        cols.append(c)
+        values.append(v)
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(values)
+
+
+def _ranked_case(rng: np.random.Generator, dyadic: bool, dtype) -> sp.csr_matrix:
+    """Rows of very different lengths (empty ones too), with exact ties (dyadic values) and explicit
+    zeros (-0.0 among them), column indices shuffled within each row."""
+    n_rows, n_cols = int(rng.integers(1, 40)), int(rng.integers(1, 400))
+    lengths = np.minimum(rng.choice([0, 1, 2, 5, 16, 17, 40, 150, 400], size=n_rows), n_cols)
+    cols = [rng.choice(n_cols, size=n, replace=False) for n in lengths]
+    if dyadic:
+        data = rng.integers(0, 6, size=lengths.sum()) / 4.0
+        data[rng.random(len(data)) < 0.05] = -0.0
+    else:
+        data = rng.random(lengths.sum())
+        data[rng.random(len(data)) < 0.1] = 0.0
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    m = sp.csr_matrix(
+        (data.astype(dtype), np.concatenate([[], *cols]).astype(np.int64), indptr), (n_rows, n_cols)
+    )
+    assert m.nnz == lengths.sum()  # the explicit zeros stay stored
+    return m
+
+
+@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_ranked_rows_are_each_rows_entries_down_to_its_depth_th_largest(seed, index_dtype):
+    from convcg_cli.baseline_scores import _RankedRows
+
+    rng = np.random.default_rng(seed)
+    dtype = np.float32 if seed % 3 == 2 else np.float64
+    m = _with_index_dtype(_ranked_case(rng, dyadic=seed % 2 == 0, dtype=dtype), index_dtype)
+    assert not m.has_sorted_indices or m.nnz < 2
+    for depth in (1, 2, 5, 16, 17, 40, 399, 401):
+        ranked = _RankedRows(m, depth)
+        expected = _ranked_reference(m, depth)
+        assert ranked.rows.dtype == np.int64
+        assert ranked.cols.dtype == index_dtype and ranked.values.dtype == dtype
+        for got, want in zip((ranked.rows, ranked.cols, ranked.values), expected, strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_ranked_rows_keep_every_tie_at_the_cut_and_long_rows():
+    from convcg_cli.baseline_scores import _RankedRows
+
+    rng = np.random.default_rng(12)
+    n = 9000  # a row of thousands of entries, most of them tied
+    long_row = np.where(rng.random(n) < 0.9, 0.5, rng.integers(0, 4, size=n) / 4.0)
+    tied = np.full(7, 0.25)  # every entry ties with the depth-th largest
+    dense = np.zeros((4, n))
+    dense[0] = long_row
+    dense[2, rng.choice(n, size=7, replace=False)] = tied
+    m = sp.csr_matrix(dense)  # row 1 and row 3 empty
+    perm = rng.permutation(m.indptr[1])  # row 0's indices stored in a random order
+    m.indices[: m.indptr[1]], m.data[: m.indptr[1]] = m.indices[perm], m.data[perm]
+    for depth in (1, 3, 7, 100, 5000):
+        ranked = _RankedRows(m, depth)
+        for got, want in zip(
+            (ranked.rows, ranked.cols, ranked.values), _ranked_reference(m, depth), strict=True
+        ):
+            np.testing.assert_array_equal(got, want)
+        assert (ranked.rows == 2).sum() == 7  # all ties kept, whatever the depth
+    empty = _RankedRows(sp.csr_matrix((3, 5)), 2)
+    assert empty.rows.dtype == np.int64 and len(empty.rows) == len(empty.cols) == len(empty.values) == 0
+    with pytest.raises(ValueError, match="depth"):
+        _RankedRows(m, 0)
