@@ -116,6 +116,15 @@ class ItemCFSimilarity:
         off, indices, indptr = self._off_diagonal
         return sp.csr_matrix((sim.data[off], indices, indptr), shape=sim.shape)
 
+    def scoring(self, include_self: bool, neighbours: int, shrinkage: float) -> tuple[sp.csr_matrix, bool]:
+        """``(matrix, skip_diagonal)`` to score ItemCF with these options: the product with
+        ``matrix``, its diagonal left out when ``skip_diagonal``, is the product with
+        :meth:`weights` term for term. Without ``neighbours`` and with ``include_self`` false that is
+        the (shrunk) similarity itself, diagonal skipped, instead of a copy of its other entries."""
+        if neighbours or include_self:
+            return self.weights(include_self, neighbours, shrinkage), False
+        return self._shrunk_matrix(shrinkage), True
+
     def _shrunk_matrix(self, shrinkage: float) -> sp.csr_matrix:
         """The cosine times n_ij / (n_ij + shrinkage), entry by entry (kept for the next variant)."""
         if shrinkage not in self._shrunk:

@@ -28,9 +28,10 @@ history, whose scores are all 0) are broken by popularity, so a cold user gets t
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -361,12 +362,15 @@ class ItemCF(_ItemToItem):
             raise ConfigError(f"itemcf: shrinkage must be >= 0, got {shrinkage!r}.")
         self.include_self = include_self
         self.neighbours, self.shrinkage = int(neighbours or 0), float(shrinkage)
+        self._built: sp.csr_matrix | None = None  # W once fitted (or built), see ``weights``
+        self._unbuilt: Callable[[], sp.csr_matrix] | None = None
+        self.scoring: tuple[sp.csr_matrix, bool] | None = None  # (matrix, skip its diagonal)
 
     def fit(self, history: TrainHistory) -> ItemCF:
         """Decide ``include_self`` (when ``auto``) from the training window, then fit."""
         self._decide_include_self(history)
-        super().fit(history)
-        return self
+        profiles = history.matrix()  # (U, N) binary
+        return self._fitted_from(history, profiles, ItemCFSimilarity(profiles, self.neighbours))
 
     @classmethod
     def fit_each(cls, options: Sequence[Mapping[str, Any]], history: TrainHistory) -> Iterator[Baseline]:
@@ -379,10 +383,35 @@ class ItemCF(_ItemToItem):
         while pending:
             candidate = pending.popleft()  # once fitted, held by the caller only
             candidate._decide_include_self(history)
-            weights = similarity.weights(
-                bool(candidate.include_self), candidate.neighbours, candidate.shrinkage
-            )
-            yield candidate._fitted(history, profiles, weights)
+            yield candidate._fitted_from(history, profiles, similarity)
+
+    def _fitted_from(
+        self, history: TrainHistory, profiles: sp.csr_matrix, similarity: ItemCFSimilarity
+    ) -> ItemCF:
+        """Fitted on ``history`` from ``similarity`` (the cosine of ``profiles``): scored with
+        :meth:`ItemCFSimilarity.scoring`'s matrix, :attr:`weights` built when first read."""
+        options = (bool(self.include_self), self.neighbours, self.shrinkage)
+        matrix, skip_diagonal = similarity.scoring(*options)
+        self._fitted(history, profiles, matrix)
+        if skip_diagonal:  # W is the matrix without its diagonal: skipped while scoring, built if read
+            self.scoring = (matrix, True)
+            self._built, self._unbuilt = None, functools.partial(similarity.weights, *options)
+        return self
+
+    @property
+    def weights(self) -> sp.csr_matrix:
+        """W, the (N, N) weights of the scores X_u W. With ``include_self`` false and no
+        ``neighbours`` it is the similarity without its diagonal, built when first read: scoring
+        skips the diagonal instead of copying the similarity's other entries."""
+        if self._built is None:
+            if self._unbuilt is None:
+                raise AttributeError("ItemCF.weights: fit the baseline first.")
+            self._built, self._unbuilt = self._unbuilt(), None
+        return self._built
+
+    @weights.setter
+    def weights(self, weights: sp.csr_matrix) -> None:
+        self._built, self._unbuilt, self.scoring = weights, None, (weights, False)
 
     def _decide_include_self(self, history: TrainHistory) -> None:
         """Resolve ``include_self="auto"`` from the training window's repeat share."""
@@ -399,12 +428,9 @@ class ItemCF(_ItemToItem):
 
         rank = np.empty(len(self.by_popularity), dtype=np.int64)
         rank[self.by_popularity] = np.arange(len(self.by_popularity))  # item -> place in popularity order
-        return sparse_product_topk(self.profiles, np.asarray(user_pos, dtype=np.int64), self.weights, rank, k)
-
-    def _weights(self, x: sp.csr_matrix) -> sp.csr_matrix:
-        return ItemCFSimilarity(x, self.neighbours).weights(
-            bool(self.include_self), self.neighbours, self.shrinkage
-        )
+        matrix, skip_diagonal = cast(tuple[sp.csr_matrix, bool], self.scoring)
+        users = np.asarray(user_pos, dtype=np.int64)
+        return sparse_product_topk(self.profiles, users, matrix, rank, k, skip_diagonal=skip_diagonal)
 
 
 class EASE(_ItemToItem):

@@ -173,6 +173,7 @@ def product_topk(
     sums: np.ndarray,
     out: np.ndarray,
     dense_work: int,
+    skip_diagonal: bool,
 ) -> int:
     """Write into ``out[r]`` the top ``out.shape[1]`` columns of the product of row ``rows[r]`` of the
     CSR matrix P (``p_indptr``, ``p_indices``, ``p_data``) with the CSR matrix W (``w_*``), for each r.
@@ -182,7 +183,8 @@ def product_topk(
     scoring above 0 are ranked by descending score, ties by ascending ``rank`` (N distinct ints); a
     row with fewer than k of them is completed from ``fill`` (the first k columns by ``rank``),
     skipping the scored ones. A row whose sums read at least ``dense_work`` stored weights scans all
-    N sums for its scores; a shorter one tracks the columns it touches and reads only those.
+    N sums for its scores; a shorter one tracks the columns it touches and reads only those. With
+    ``skip_diagonal`` (W square), W's diagonal entries are left out of the sums, as if not stored.
 
     Returns -1 when done, or the first row r holding a negative or NaN score (``out[r:]`` unwritten).
     """
@@ -204,6 +206,8 @@ def product_topk(
                 i = p_indices[jj]
                 v = p_data[jj]
                 for kk in range(w_indptr[i], w_indptr[i + 1]):
+                    if skip_diagonal and w_indices[kk] == i:
+                        continue
                     sums[w_indices[kk]] += v * w_data[kk]
             for j in range(n):  # without a branch: each column written, kept when it scores
                 s = sums[j]
@@ -219,6 +223,8 @@ def product_topk(
                 v = p_data[jj]
                 for kk in range(w_indptr[i], w_indptr[i + 1]):
                     j = w_indices[kk]
+                    if skip_diagonal and j == i:
+                        continue
                     sums[j] += v * w_data[kk]
                     if not seen[j]:
                         seen[j] = True
@@ -265,6 +271,7 @@ def sparse_product_topk(
     k: int,
     *,
     dense_work: int | None = None,
+    skip_diagonal: bool = False,
 ) -> np.ndarray:
     """Each row's top k of ``profiles[rows] @ weights``: the same lists as
     ``sparse_topk_rows(profiles[rows] @ weights, rank, k)``
@@ -279,6 +286,7 @@ def sparse_product_topk(
         k: list length.
         dense_work: from how many stored weights read a row scans all N sums instead of tracking
             the columns it touches (:func:`product_topk`; the same lists either way). None: N / 4.
+        skip_diagonal: score with ``weights`` without its diagonal (square), not copying the rest.
 
     Returns:
         (C, min(k, N)) int64 column ids, best first.
@@ -297,6 +305,8 @@ def sparse_product_topk(
     if weights.shape[0] != n_inner:
         raise ValueError(f"inconsistent shapes {profiles.shape} and {weights.shape}")
     n = weights.shape[1]
+    if skip_diagonal and weights.shape[0] != n:
+        raise ValueError(f"skip_diagonal needs square weights, got {weights.shape}.")
     rank = np.asarray(rank, dtype=np.int64)
     if rank.shape != (n,):
         raise ValueError(f"rank must have shape ({n},), got {rank.shape}.")
@@ -324,6 +334,7 @@ def sparse_product_topk(
         sums,
         out,
         -(-n // _DENSE_DIVISOR) if dense_work is None else int(dense_work),
+        bool(skip_diagonal),
     )
     if bad >= 0:
         raise ValueError(f"sparse_product_topk needs scores >= 0 without NaN (row {int(rows[bad])}).")

@@ -319,3 +319,61 @@ def test_ranked_rows_keep_every_tie_at_the_cut_and_long_rows():
     assert empty.rows.dtype == np.int64 and len(empty.rows) == len(empty.cols) == len(empty.values) == 0
     with pytest.raises(ValueError, match="depth"):
         _RankedRows(m, 0)
+
+
+def _without_diagonal(m: sp.csr_matrix) -> sp.csr_matrix:
+    """``m`` without its diagonal entries, every other stored entry (explicit zeros too) kept in order."""
+    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+    off = m.indices != rows
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[off], minlength=m.shape[0]))])
+    return sp.csr_matrix((m.data[off], m.indices[off], indptr), shape=m.shape)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("dense_work", DENSE_WORK)
+def test_skipping_the_diagonal_is_the_product_with_the_matrix_without_it(seed, dense_work):
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(2, 40))
+    profiles = sp.random(30, n, density=0.3, random_state=rng, format="csr")
+    profiles.data = rng.integers(1, 3, size=profiles.nnz).astype(np.float64)
+    weights = sp.random(n, n, density=0.4, random_state=rng, format="csr")
+    weights.data = rng.integers(0, 4, size=weights.nnz) / 4.0  # ties, explicit zeros
+    weights.setdiag(rng.integers(1, 5, size=n) / 2.0)  # a diagonal that would change the lists
+    weights = sp.csr_matrix(weights)
+    rank, rows = rng.permutation(n), rng.integers(0, 30, size=25)
+    for k in (1, 5, n + 3):
+        got = sparse_product_topk(profiles, rows, weights, rank, k, dense_work=dense_work, skip_diagonal=True)
+        np.testing.assert_array_equal(got, _expected(profiles, rows, _without_diagonal(weights), rank, k))
+    with pytest.raises(ValueError, match="square"):
+        sparse_product_topk(profiles, rows, sp.csr_matrix((n, n + 1)), rank, 3, skip_diagonal=True)
+
+
+def test_itemcf_without_self_scores_without_copying_the_similarity():
+    # include_self=False and no neighbours: scored from the similarity with its diagonal skipped;
+    # the weights without the diagonal are built only when read, equal to the direct way's.
+    rng = np.random.default_rng(8)
+    n_users, n_items = 60, 40
+    item_pos = np.minimum(rng.zipf(1.4, size=500) - 1, n_items - 1)
+    history = TrainHistory(
+        user_pos=rng.integers(0, n_users, size=500),
+        item_pos=item_pos,
+        n_users=n_users,
+        n_items=n_items,
+        popularity=np.bincount(item_pos, minlength=n_items).astype(np.float64),
+    )
+    options = [{"include_self": False}, {"include_self": False, "shrinkage": 3.0}, {"include_self": True}]
+    for fitted in [*ItemCF.fit_each(options, history), ItemCF(include_self=False).fit(history)]:
+        matrix, skip = fitted.scoring
+        assert skip == (not fitted.include_self)
+        assert (fitted._built is None) == skip  # not built yet
+        ranked = fitted.score_topk(np.arange(n_users), 10)
+        weights = fitted.weights  # built now
+        assert weights.diagonal().tolist() == [0.0] * n_items or not skip
+        if skip:
+            assert weights.nnz == matrix.nnz - np.count_nonzero(matrix.diagonal())
+            assert fitted.weights is weights  # built once
+        rank = np.empty(n_items, dtype=np.int64)
+        rank[fitted.by_popularity] = np.arange(n_items)
+        np.testing.assert_array_equal(ranked, sparse_topk_rows(fitted.profiles @ weights, rank, 10))
+    with pytest.raises(AttributeError, match="fit the baseline first"):
+        _ = ItemCF().weights
