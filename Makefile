@@ -46,7 +46,7 @@ ablation: data ## Run conf/ablate/designs.yaml on the small logs -> reports/desi
 
 .PHONY: bench
 BENCH_ARGS ?=
-bench: $(STAMP) ## Speed/scale benchmarks -> reports/bench/bench.md + MLflow (25-36 min; BENCH_ARGS=--quick)
+bench: $(STAMP) ## Speed/scale benchmarks -> reports/bench/bench.md + MLflow (20-36 min; BENCH_ARGS=--quick)
 	$(BIN)/python -m convcg_cli.bench run $(BENCH_ARGS)
 
 test: $(STAMP) ## Run the fast test suite: -m "not slow", 5 min on 2 idle cores (what CI runs)
