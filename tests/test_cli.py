@@ -61,9 +61,12 @@ def test_help_lists_commands():
 @pytest.mark.parametrize(
     "module, heavy",
     [
-        ("convcg_cli.cli", ("torch", "lightning", "mlflow", "polars")),
+        ("convcg_cli.cli", ("torch", "lightning", "mlflow", "polars", "numba")),
         # grids load and reports are written without the training stack (e.g. --report-only)
         ("convcg_cli.ablate", ("torch", "lightning", "mlflow")),
+        # the compiled loops (numba) load when a search or an ItemCF first runs, not on import
+        ("convcg_cli.index", ("numba", "torch", "faiss")),
+        ("convcg_cli.baselines", ("numba",)),
     ],
 )
 def test_importing_the_cli_does_not_import_heavy_libraries(module, heavy):
