@@ -10,6 +10,8 @@ sorting the whole matrix for each value; the tests hold the two equal)."""
 from __future__ import annotations
 
 import functools
+import hashlib
+from collections.abc import Iterable
 
 import numpy as np
 import scipy.sparse as sp
@@ -64,7 +66,9 @@ class ItemCFSimilarity:
     The sparse product ``xn.T @ xn`` (the cosine) is the expensive part of an ItemCF fit, and the
     options only edit its result: ``shrinkage`` scales each entry by n_ij / (n_ij + shrinkage),
     ``include_self=False`` drops the diagonal, ``neighbours`` keeps each item's most similar items.
-    So the cosine is computed once here, n_ij is read off it (no second product), each shrinkage's
+    So the cosine is computed once here (of a binary matrix in one compiled pass,
+    :func:`~convcg_cli.itemcf_cosine.binary_cosine`, the product bit for bit), n_ij is read off it
+    (no second product), each shrinkage's
     matrix is kept for the next variant, and so is each row's ranking of its largest entries, from
     which every ``neighbours`` and ``include_self`` value is cut. Each matrix equals, entry for entry,
     the one computed the direct way (a second product ``x.T @ x`` for n_ij, ``setdiag(0)``,
@@ -88,13 +92,21 @@ class ItemCFSimilarity:
     """
 
     def __init__(self, x: sp.csr_matrix, max_neighbours: int = 0) -> None:
-        self.norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel())  # (N,) sqrt(|users engaging i|)
-        inv = sp.diags(np.divide(1.0, self.norms, out=np.zeros_like(self.norms), where=self.norms > 0))
-        xn = (x @ inv).tocsc()
-        self.cosine = (xn.T @ xn).tocsr()  # (N, N) sparse cosine, symmetric
+        x = sp.csr_matrix(x)
+        if x.has_canonical_format and bool(np.all(x.data == 1.0)):  # binary: one compiled pass
+            from convcg_cli.itemcf_cosine import binary_cosine  # numba: imported when first needed
+
+            self.cosine, self.norms = binary_cosine(x)  # (N, N) cosine, symmetric; (N,) norms
+        else:  # the product it equals, bit for bit, on a binary matrix
+            self.norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel())  # (N,) sqrt(|users engaging i|)
+            inv = sp.diags(np.divide(1.0, self.norms, out=np.zeros_like(self.norms), where=self.norms > 0))
+            xn = (x @ inv).tocsc()
+            self.cosine = (xn.T @ xn).tocsr()
         self.max_neighbours = int(max_neighbours)
         self._shrunk: dict[float, sp.csr_matrix] = {0.0: self.cosine}
         self._ranked: dict[float, _RankedRows] = {}
+        self._paired: set[float] = set()  # shrinkages whose next full scoring serves both diagonals
+        self._held: dict[tuple, np.ndarray] = {}  # lists scored for a variant that has not asked yet
 
     def weights(self, include_self: bool, neighbours: int, shrinkage: float) -> sp.csr_matrix:
         """The (N, N) ItemCF weights W with these options (:class:`ItemCF`'s arguments; ``neighbours``
@@ -108,7 +120,7 @@ class ItemCFSimilarity:
                 ranked = _RankedRows(self._shrunk_matrix(shrinkage), depth)
                 self._ranked[shrinkage] = ranked
             # sim is symmetric: row j's top entries are j's neighbours; W[:, j] holds them.
-            return ranked.keep_top(neighbours, include_self).T.tocsr()
+            return ranked.columns(neighbours, include_self)
         sim = self._shrunk_matrix(shrinkage)
         if include_self:
             return sim
@@ -125,30 +137,70 @@ class ItemCFSimilarity:
             return self.weights(include_self, neighbours, shrinkage), False
         return self._shrunk_matrix(shrinkage), True
 
+    def expect(self, variants: Iterable[tuple[bool, int, float]]) -> None:
+        """Note the ``(include_self, neighbours, shrinkage)`` of the variants about to be scored (a
+        tuning grid): a shrinkage whose whole similarity (no ``neighbours``) is asked for both with
+        and without its diagonal is then scored for both the first time either asks
+        (:meth:`full_topk`), reading the similarity once instead of twice."""
+        full = {
+            (bool(include_self), float(shrinkage))
+            for include_self, neighbours, shrinkage in variants
+            if not neighbours
+        }
+        self._paired = {
+            shrinkage for include_self, shrinkage in full if (not include_self, shrinkage) in full
+        }
+        self._held = {}
+
+    def full_topk(
+        self,
+        include_self: bool,
+        shrinkage: float,
+        profiles: sp.csr_matrix,
+        users: np.ndarray,
+        rank: np.ndarray,
+        k: int,
+    ) -> np.ndarray | None:
+        """The ItemCF lists of ``users`` without ``neighbours`` (what ``sparse_product_topk`` of
+        :meth:`scoring`'s matrix gives), when they were scored for the other diagonal choice's
+        variant already, or when this shrinkage was :meth:`expect`-ed both ways and has not been
+        scored yet: then both are scored in one pass
+        (:func:`~convcg_cli.itemcf_kernels.product_topk_with_and_without_diagonal`) and the other's
+        lists kept until it asks for the same users, rank and k. None otherwise (score it alone)."""
+        shrinkage = float(shrinkage)
+        key = (
+            shrinkage,
+            int(k),
+            hashlib.blake2b(users.tobytes()).digest(),
+            hashlib.blake2b(rank.tobytes()).digest(),
+        )
+        held = self._held.pop((key, bool(include_self)), None)
+        if held is not None or shrinkage not in self._paired:
+            return held
+        from convcg_cli.itemcf_kernels import product_topk_with_and_without_diagonal
+
+        self._paired.discard(shrinkage)
+        both = product_topk_with_and_without_diagonal(
+            profiles, users, self._shrunk_matrix(shrinkage), rank, k
+        )
+        self._held[(key, not include_self)] = both[bool(include_self)]  # with (0) / without (1) the diagonal
+        return both[not include_self]
+
     def _shrunk_matrix(self, shrinkage: float) -> sp.csr_matrix:
-        """The cosine times n_ij / (n_ij + shrinkage), entry by entry (kept for the next variant)."""
+        """The cosine times n_ij / (n_ij + shrinkage), entry by entry (kept for the next variant), in
+        one compiled pass (:func:`~convcg_cli.itemcf_cosine.shrunk_entries`).
+
+        n_ij is read off the cosine entry: it is n_ij copies of 1 / (norm_i norm_j) summed, so times
+        norm_i norm_j it is n_ij up to a rounding error of about n_ij^2 * 1e-16: rounded, exactly the
+        count ``x.T @ x`` gives while fewer than ten million users engage both items, for a fraction
+        of its cost."""
         if shrinkage not in self._shrunk:
+            from convcg_cli.itemcf_cosine import shrunk_entries  # numba: imported when first needed
+
             cosine = self.cosine
-            data = np.empty_like(cosine.data)
-            for first, last in row_blocks(cosine.indptr):
-                block = slice(cosine.indptr[first], cosine.indptr[last])
-                together = self._together(first, last)
-                data[block] = cosine.data[block] * (together / (together + shrinkage))
+            data = shrunk_entries(cosine.indptr, cosine.indices, cosine.data, self.norms, float(shrinkage))
             self._shrunk[shrinkage] = sp.csr_matrix((data, cosine.indices, cosine.indptr), shape=cosine.shape)
         return self._shrunk[shrinkage]
-
-    def _together(self, first: int, last: int) -> np.ndarray:
-        """n_ij, the users engaging both i and j, of the stored cosine entries of rows [first, last)
-        (x is binary).
-
-        The cosine entry is n_ij copies of 1 / (norm_i norm_j) summed, so times norm_i norm_j it is
-        n_ij up to a rounding error of about n_ij^2 * 1e-16: rounded, exactly the count ``x.T @ x``
-        gives while fewer than ten million users engage both items, for a fraction of its cost.
-        """
-        cosine = self.cosine
-        block = slice(cosine.indptr[first], cosine.indptr[last])
-        rows = entry_rows(cosine.indptr, first, last)
-        return np.rint(cosine.data[block] * self.norms[rows] * self.norms[cosine.indices[block]])
 
     @functools.cached_property
     def _off_diagonal(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -189,17 +241,20 @@ class _RankedRows:
     def keep_top(self, n: int, include_self: bool = True) -> sp.csr_matrix:
         """``keep_top_per_row(m, n)``, or with ``include_self=False`` the same of ``m`` without its
         diagonal; n < ``depth``."""
+        return self._cut(n, include_self, transpose=False)
+
+    def columns(self, n: int, include_self: bool = True) -> sp.csr_matrix:
+        """The transpose of :meth:`keep_top` (column j holds row j's top ``n``), built directly."""
+        return self._cut(n, include_self, transpose=True)
+
+    def _cut(self, n: int, include_self: bool, transpose: bool) -> sp.csr_matrix:
+        from convcg_cli.itemcf_kernels import cut_ranked
+
         if n >= self.depth:
             raise ValueError(f"Ranked {self.depth} entries per row; cannot keep the top {n}.")
-        rows, cols, values = self.rows, self.cols, self.values
-        if not include_self:
-            off = rows != cols
-            rows, cols, values = rows[off], cols[off], values[off]
-        per_row = np.bincount(rows, minlength=self.shape[0])
-        first = np.cumsum(per_row) - per_row  # where each row's entries start
-        keep = np.arange(len(rows)) - first[rows] < n  # place within its row, best first
-        indptr = np.concatenate([[0], np.cumsum(np.minimum(per_row, n))])
-        return sp.csr_matrix((values[keep], cols[keep], indptr), shape=self.shape)
+        shape = self.shape[::-1] if transpose else self.shape
+        parts = cut_ranked(self.rows, self.cols, self.values, shape[0], int(n), bool(include_self), transpose)
+        return sp.csr_matrix(parts[::-1], shape=shape)
 
 
 def topk_rows(scores: np.ndarray, k: int) -> np.ndarray:

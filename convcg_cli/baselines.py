@@ -365,6 +365,7 @@ class ItemCF(_ItemToItem):
         self._built: sp.csr_matrix | None = None  # W once fitted (or built), see ``weights``
         self._unbuilt: Callable[[], sp.csr_matrix] | None = None
         self.scoring: tuple[sp.csr_matrix, bool] | None = None  # (matrix, skip its diagonal)
+        self._similarity: ItemCFSimilarity | None = None  # without neighbours: may score two at once
 
     def fit(self, history: TrainHistory) -> ItemCF:
         """Decide ``include_self`` (when ``auto``) from the training window, then fit."""
@@ -378,11 +379,14 @@ class ItemCF(_ItemToItem):
         ``fit`` (:meth:`Baseline.fit_each`), but the profiles and the cosine product computed once for
         all of them and each one's weights derived from it (:class:`ItemCFSimilarity`)."""
         pending = deque(cast(ItemCF, make_baseline(cls.name, o)) for o in options)  # every option checked
+        for candidate in pending:
+            candidate._decide_include_self(history)
         profiles = history.matrix()  # (U, N) binary
         similarity = ItemCFSimilarity(profiles, max((c.neighbours for c in pending), default=0))
+        # without neighbours, a shrinkage tried with and without the diagonal is scored for both at once
+        similarity.expect((bool(c.include_self), c.neighbours, c.shrinkage) for c in pending)
         while pending:
             candidate = pending.popleft()  # once fitted, held by the caller only
-            candidate._decide_include_self(history)
             yield candidate._fitted_from(history, profiles, similarity)
 
     def _fitted_from(
@@ -396,6 +400,7 @@ class ItemCF(_ItemToItem):
         if skip_diagonal:  # W is the matrix without its diagonal: skipped while scoring, built if read
             self.scoring = (matrix, True)
             self._built, self._unbuilt = None, functools.partial(similarity.weights, *options)
+        self._similarity = None if self.neighbours else similarity
         return self
 
     @property
@@ -412,6 +417,7 @@ class ItemCF(_ItemToItem):
     @weights.setter
     def weights(self, weights: sp.csr_matrix) -> None:
         self._built, self._unbuilt, self.scoring = weights, None, (weights, False)
+        self._similarity = None
 
     def _decide_include_self(self, history: TrainHistory) -> None:
         """Resolve ``include_self="auto"`` from the training window's repeat share."""
@@ -430,6 +436,13 @@ class ItemCF(_ItemToItem):
         rank[self.by_popularity] = np.arange(len(self.by_popularity))  # item -> place in popularity order
         matrix, skip_diagonal = cast(tuple[sp.csr_matrix, bool], self.scoring)
         users = np.asarray(user_pos, dtype=np.int64)
+        if self._similarity is not None and len(users) and users.min() >= 0:
+            # a grid's other diagonal choice scored these lists with it, or is scored with it now
+            found = self._similarity.full_topk(
+                bool(self.include_self), self.shrinkage, self.profiles, users, rank, k
+            )
+            if found is not None:
+                return found
         return sparse_product_topk(self.profiles, users, matrix, rank, k, skip_diagonal=skip_diagonal)
 
 

@@ -13,9 +13,15 @@ the same lists:
   by descending score, ties by ascending ``rank``; a row scoring fewer than k items is completed
   with the columns it does not score, in ``rank`` order.
 
+A tuning grid scores the whole similarity both with and without its diagonal
+(:func:`product_topk_with_and_without_diagonal`): one pass over it serves both, the two differing
+only in each user's own profile columns, whose sums without the diagonal are kept apart.
+
 Ranking (:func:`ranked_row_entries`, for :class:`~convcg_cli.baseline_scores.ItemCFSimilarity`'s
 ``neighbours`` cuts): each similarity row's entries at or above its ``depth``-th largest value,
-sorted by value, then column, one row at a time, instead of numpy's passes over the whole matrix.
+sorted by value, then column, one row at a time, instead of numpy's passes over the whole matrix;
+each cut is then built as the CSR matrix scoring reads (:func:`cut_ranked`, transposed directly).
+The cosine itself and its shrunk entries are computed in :mod:`convcg_cli.itemcf_cosine`.
 
 Imported by :meth:`convcg_cli.baselines.ItemCF.score_topk` and ``_RankedRows`` when first needed
 (numba takes ~0.2 s to import); the compiled code is cached on disk
@@ -37,6 +43,9 @@ _SAMPLE = 1024
 # A row whose sums touch at least N / _DENSE_DIVISOR stored weights is summed without tracking which
 # columns it touches, then all N sums are scanned: cheaper than tracking when it touches many.
 _DENSE_DIVISOR = 4
+# The flags of a column while a user is scored by product_topk_both.
+_TOUCHED = np.uint8(1)
+_OWN = np.uint8(2)
 
 
 @compiled()
@@ -189,7 +198,6 @@ def product_topk(
     Returns -1 when done, or the first row r holding a negative or NaN score (``out[r:]`` unwritten).
     """
     n = sums.shape[0]
-    k = out.shape[1]
     seen = np.zeros(n, dtype=np.bool_)  # the columns touched by this row (then: the ones it scores)
     touched = np.empty(n, dtype=np.int64)
     cols = np.empty(n, dtype=np.int64)
@@ -242,20 +250,158 @@ def product_topk(
         if bad:
             return r
         out_row = out[r]
-        n_best = _write_best(cols[:n_scored], vals[:n_scored], rank, out_row)
-        if n_best < k:  # the unscored columns tie at 0: in rank order
-            for t in range(n_best):
-                seen[out_row[t]] = True
-            t = n_best
-            for f in range(fill.shape[0]):
-                if t == k:
-                    break
-                if not seen[fill[f]]:
-                    out_row[t] = fill[f]
-                    t += 1
-            for t in range(n_best):
-                seen[out_row[t]] = False
+        _complete(out_row, _write_best(cols[:n_scored], vals[:n_scored], rank, out_row), fill, seen)
     return -1
+
+
+@compiled()
+def _complete(out_row: np.ndarray, n_best: int, fill: np.ndarray, marks: np.ndarray) -> None:
+    """Complete a list that scored ``n_best`` < k columns (``out_row[:n_best]``) with the columns of
+    ``fill`` (the first k in tie order) it does not hold: the unscored columns tie at 0, in rank
+    order. ``marks``: zeros of length N, marking the held columns meanwhile (left zero)."""
+    k = out_row.shape[0]
+    if n_best >= k:
+        return
+    for t in range(n_best):
+        marks[out_row[t]] = 1
+    t = n_best
+    for f in range(fill.shape[0]):
+        if t == k:
+            break
+        if not marks[fill[f]]:
+            out_row[t] = fill[f]
+            t += 1
+    for t in range(n_best):
+        marks[out_row[t]] = 0
+
+
+@compiled()
+def product_topk_both(
+    p_indptr: np.ndarray,
+    p_indices: np.ndarray,
+    p_data: np.ndarray,
+    rows: np.ndarray,
+    w_indptr: np.ndarray,
+    w_indices: np.ndarray,
+    w_data: np.ndarray,
+    rank: np.ndarray,
+    fill: np.ndarray,
+    out: np.ndarray,
+    dense_work: int,
+) -> int:
+    """:func:`product_topk` of a square W with its diagonal (into ``out[0]``) and without it
+    (``out[1]``) at once, reading W once.
+
+    The two differ only in the user's own profile columns: their sums without the diagonal terms
+    are kept apart, in the same order as the others. So both lists are the ones :func:`product_topk`
+    gives, from the same floats. Returns -1 when done, or the first row r holding a negative or NaN
+    score (``out[:, r:]`` unwritten).
+    """
+    n = w_indptr.shape[0] - 1
+    longest = 0
+    for r in range(rows.shape[0]):
+        longest = max(longest, p_indptr[rows[r] + 1] - p_indptr[rows[r]])
+    sums = np.zeros(n, dtype=np.float64)
+    apart = np.zeros(max(longest, 1), dtype=np.float64)  # the profile columns' sums without the diagonal
+    slot = np.zeros(n, dtype=np.int64)  # a profile column's place in the profile row
+    flags = np.zeros(n, dtype=np.uint8)  # TOUCHED: a tracked column summed into; OWN: a profile column
+    touched = np.empty(n, dtype=np.int64)
+    cols = np.empty(n, dtype=np.int64)
+    vals = np.empty(n, dtype=np.float64)
+    written = np.zeros(2, dtype=np.int64)
+    for r in range(rows.shape[0]):
+        u = rows[r]
+        first, last = p_indptr[u], p_indptr[u + 1]
+        work = 0
+        for jj in range(first, last):
+            slot[p_indices[jj]] = jj - first
+            flags[p_indices[jj]] = _OWN
+            work += w_indptr[p_indices[jj] + 1] - w_indptr[p_indices[jj]]
+        dense = work >= dense_work  # most columns touched: none tracked, all N scanned
+        usual = 0 if dense else _TOUCHED  # the flags of a column needing nothing more
+        n_touched = 0
+        for jj in range(first, last):
+            i = p_indices[jj]
+            v = p_data[jj]
+            for kk in range(w_indptr[i], w_indptr[i + 1]):
+                j = w_indices[kk]
+                term = v * w_data[kk]
+                sums[j] += term
+                f = flags[j]
+                if f != usual:  # first touched (tracked), or one of the user's own columns
+                    if f & _OWN and j != i:
+                        apart[slot[j]] += term
+                    if not dense and not f & _TOUCHED:
+                        flags[j] = f | _TOUCHED
+                        touched[n_touched] = j
+                        n_touched += 1
+        scanned = n if dense else n_touched
+        for variant in range(2):
+            n_scored = 0
+            bad = False
+            for t in range(scanned):
+                j = t if dense else touched[t]
+                value = apart[slot[j]] if variant == 1 and flags[j] & _OWN else sums[j]
+                cols[n_scored] = j
+                vals[n_scored] = value
+                n_scored += value > 0
+                bad |= not (value >= 0)
+            if bad:
+                return r
+            written[variant] = _write_best(cols[:n_scored], vals[:n_scored], rank, out[variant, r])
+        for t in range(scanned):
+            j = t if dense else touched[t]
+            sums[j] = 0
+            flags[j] = 0
+        for jj in range(first, last):
+            flags[p_indices[jj]] = 0
+            apart[jj - first] = 0
+        for variant in range(2):  # a list scoring fewer than k: the unscored columns in rank order
+            _complete(out[variant, r], written[variant], fill, flags)
+    return -1
+
+
+def product_topk_with_and_without_diagonal(
+    profiles: sp.csr_matrix,
+    rows: np.ndarray,
+    weights: sp.csr_matrix,
+    rank: np.ndarray,
+    k: int,
+    dense_work: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(with_diagonal, without_diagonal)``: what ``sparse_product_topk(profiles, rows, weights,
+    rank, k, skip_diagonal=s)`` returns for s = False and s = True (the same lists), with
+    ``weights`` read once for both (:func:`product_topk_both`; ``dense_work`` as there). ``weights``
+    square; values summed in float64 (the dtype of the cosine they serve)."""
+    profiles, weights = _csr(profiles), _csr(weights)
+    n = weights.shape[1]
+    if weights.shape[0] != n or profiles.shape[1] != n or np.shape(rank) != (n,):
+        raise ValueError(
+            f"needs square (N, N) weights, (U, N) profiles and (N,) rank, got {weights.shape}, "
+            f"{profiles.shape} and {np.shape(rank)}."
+        )
+    rows = np.asarray(rows, dtype=np.int64).ravel()
+    if len(rows) and (rows.min() < 0 or rows.max() >= profiles.shape[0]):
+        raise IndexError(f"row index out of range for {profiles.shape[0]} rows.")
+    k = min(int(k), n)
+    out = np.empty((2, len(rows), max(k, 0)), dtype=np.int64)
+    if k >= 1 and len(rows):
+        bad = product_topk_both(
+            profiles.indptr,
+            profiles.indices,
+            profiles.data.astype(np.float64, copy=False),
+            rows,
+            weights.indptr,
+            weights.indices,
+            weights.data.astype(np.float64, copy=False),
+            np.asarray(rank, dtype=np.int64),
+            np.argsort(rank)[:k].astype(np.int64),
+            out,
+            -(-n // _DENSE_DIVISOR) if dense_work is None else int(dense_work),
+        )
+        if bad >= 0:
+            raise ValueError(f"product_topk_both needs scores >= 0 without NaN (row {int(rows[bad])}).")
+    return out[0], out[1]
 
 
 def _csr(m: sp.spmatrix | sp.sparray) -> sp.csr_matrix:
@@ -348,56 +494,85 @@ def ranked_row_entries(
     """(rows, cols, values) of the stored entries of the CSR matrix (``indptr``, ``indices``,
     ``data``; no NaN) at or above their row's ``depth``-th largest stored value (repeats counted; a
     row of ``depth`` entries or fewer keeps them all), by row ascending, then value descending, then
-    column ascending (ties by stored order): int64 rows, the matrix's index and value dtypes.
+    column ascending: int64 rows, the matrix's index and value dtypes.
 
-    Two passes over the rows: the first finds each longer row's ``depth``-th largest value
-    (:func:`kth_smallest` of a copy) and counts the entries at or above it, sizing the outputs; the
-    second sorts each row's kept entries (:func:`best_first`, the column as the rank) into them.
+    One pass over the rows: each longer row's kept entries are found by :func:`_keep_top` (on a
+    long row, a threshold read off a sample first, so only the few passing it are partitioned), then
+    sorted (:func:`best_first`, the column as the rank) onto the outputs, which grow as needed.
     """
     n_rows = indptr.shape[0] - 1
     longest = 0
     for r in range(n_rows):
         longest = max(longest, indptr[r + 1] - indptr[r])
-    scratch = np.empty(longest, dtype=data.dtype)
-    kth = np.zeros(n_rows, dtype=data.dtype)  # each row longer than depth: its depth-th largest value
-    starts = np.zeros(n_rows + 1, dtype=np.int64)  # where each row's kept entries go
-    for r in range(n_rows):
-        a, n = indptr[r], indptr[r + 1] - indptr[r]
-        kept = n
-        if n > depth:
-            for t in range(n):
-                scratch[t] = data[a + t]
-            # the depth-th largest lands at n - depth, the larger ones (and some ties) after it
-            value = kth_smallest(scratch[:n], n - depth)
-            kth[r] = value
-            kept = depth
-            for t in range(n - depth):
-                kept += scratch[t] >= value
-        starts[r + 1] = starts[r] + kept
-    total = starts[n_rows]
-    rows = np.empty(total, dtype=np.int64)
-    cols = np.empty(total, dtype=indices.dtype)
-    values = np.empty(total, dtype=data.dtype)
+    vals = np.empty(longest, dtype=data.dtype)
     row_cols = np.empty(longest, dtype=indices.dtype)
+    capacity = max(16, min(indptr[n_rows], n_rows * (depth + 1)))  # grown (doubled) if ties need more
+    rows = np.empty(capacity, dtype=np.int64)
+    cols = np.empty(capacity, dtype=indices.dtype)
+    values = np.empty(capacity, dtype=data.dtype)
+    size = 0
     for r in range(n_rows):
         a, n = indptr[r], indptr[r + 1] - indptr[r]
-        kept = 0
-        if n <= depth:
-            for t in range(n):
-                scratch[t] = data[a + t]
-                row_cols[t] = indices[a + t]
-            kept = n
-        else:  # a branch taken by few entries of a long row: well predicted, unlike a branchless copy
-            threshold = kth[r]
-            for t in range(n):
-                if data[a + t] >= threshold:
-                    scratch[kept] = data[a + t]
-                    row_cols[kept] = indices[a + t]
-                    kept += 1
-        order = best_first(scratch[:kept], row_cols[:kept])
-        out = starts[r]
+        for t in range(n):
+            vals[t] = data[a + t]
+            row_cols[t] = indices[a + t]
+        kept = n if n <= depth else _keep_top(row_cols[:n], vals[:n], depth)
+        order = best_first(vals[:kept], row_cols[:kept])
+        if size + kept > capacity:
+            while size + kept > capacity:
+                capacity *= 2
+            rows, cols, values = _grown(rows, capacity), _grown(cols, capacity), _grown(values, capacity)
         for t in range(kept):
-            rows[out + t] = r
-            cols[out + t] = row_cols[order[t]]
-            values[out + t] = scratch[order[t]]
-    return rows, cols, values
+            rows[size + t] = r
+            cols[size + t] = row_cols[order[t]]
+            values[size + t] = vals[order[t]]
+        size += kept
+    return rows[:size], cols[:size], values[:size]
+
+
+@compiled()
+def _grown(a: np.ndarray, capacity: int) -> np.ndarray:
+    """``a`` copied to the front of a new array of ``capacity``."""
+    out = np.empty(capacity, dtype=a.dtype)
+    out[: a.shape[0]] = a
+    return out
+
+
+@compiled()
+def cut_ranked(
+    rows: np.ndarray,
+    cols: np.ndarray,
+    values: np.ndarray,
+    n_rows: int,
+    n: int,
+    include_self: bool,
+    transpose: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr, indices, data) of the CSR matrix of ``n_rows`` rows holding each row's first ``n``
+    entries of :func:`ranked_row_entries`' output (``rows``, ``cols``, ``values``), without the
+    diagonal ones (column = row) unless ``include_self``; with ``transpose``, of its transpose (row j
+    holds the entries (i, j) of the cut, by ascending i; ``n_rows``: the matrix's columns). int64
+    pointers, the indices' and values' dtypes."""
+    counts = np.zeros(n_rows + 1, dtype=np.int64)
+    keep = np.zeros(rows.shape[0], dtype=np.bool_)
+    place, current = 0, -1
+    for e in range(rows.shape[0]):
+        r, c = rows[e], cols[e]
+        if r != current:
+            place, current = 0, r
+        if place < n and (include_self or c != r):
+            keep[e] = True
+            place += 1
+            counts[(c if transpose else r) + 1] += 1
+    indptr = np.cumsum(counts)
+    indices = np.empty(indptr[n_rows], dtype=cols.dtype)
+    data = np.empty(indptr[n_rows], dtype=values.dtype)
+    fill = indptr[:n_rows].copy()
+    for e in range(rows.shape[0]):
+        if keep[e]:
+            r, c = rows[e], cols[e]
+            at = c if transpose else r
+            indices[fill[at]] = r if transpose else c
+            data[fill[at]] = values[e]
+            fill[at] += 1
+    return indptr, indices, data
