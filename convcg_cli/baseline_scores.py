@@ -237,6 +237,7 @@ class _RankedRows:
         if self.depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}.")
         self.rows, self.cols, self.values = ranked_row_entries(m.indptr, m.indices, m.data, self.depth)
+        self.starts = np.searchsorted(self.rows, np.arange(m.shape[0] + 1))  # where each row's begin
 
     def keep_top(self, n: int, include_self: bool = True) -> sp.csr_matrix:
         """``keep_top_per_row(m, n)``, or with ``include_self=False`` the same of ``m`` without its
@@ -253,7 +254,9 @@ class _RankedRows:
         if n >= self.depth:
             raise ValueError(f"Ranked {self.depth} entries per row; cannot keep the top {n}.")
         shape = self.shape[::-1] if transpose else self.shape
-        parts = cut_ranked(self.rows, self.cols, self.values, shape[0], int(n), bool(include_self), transpose)
+        parts = cut_ranked(
+            self.starts, self.cols, self.values, shape[0], int(n), bool(include_self), transpose
+        )
         return sp.csr_matrix(parts[::-1], shape=shape)
 
 

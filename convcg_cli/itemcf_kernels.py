@@ -540,39 +540,43 @@ def _grown(a: np.ndarray, capacity: int) -> np.ndarray:
 
 @compiled()
 def cut_ranked(
-    rows: np.ndarray,
+    starts: np.ndarray,
     cols: np.ndarray,
     values: np.ndarray,
-    n_rows: int,
+    n_out: int,
     n: int,
     include_self: bool,
     transpose: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(indptr, indices, data) of the CSR matrix of ``n_rows`` rows holding each row's first ``n``
-    entries of :func:`ranked_row_entries`' output (``rows``, ``cols``, ``values``), without the
-    diagonal ones (column = row) unless ``include_self``; with ``transpose``, of its transpose (row j
-    holds the entries (i, j) of the cut, by ascending i; ``n_rows``: the matrix's columns). int64
-    pointers, the indices' and values' dtypes."""
-    counts = np.zeros(n_rows + 1, dtype=np.int64)
-    keep = np.zeros(rows.shape[0], dtype=np.bool_)
-    place, current = 0, -1
-    for e in range(rows.shape[0]):
-        r, c = rows[e], cols[e]
-        if r != current:
-            place, current = 0, r
-        if place < n and (include_self or c != r):
-            keep[e] = True
-            place += 1
-            counts[(c if transpose else r) + 1] += 1
+    """(indptr, indices, data) of the CSR matrix holding each row's first ``n`` entries of
+    :func:`ranked_row_entries`' output (``cols``, ``values``; row r's entries at
+    ``starts[r]:starts[r + 1]``), without the diagonal ones (column = row) unless ``include_self``;
+    with ``transpose``, of its transpose (row j holds the entries (i, j) of the cut, by ascending i).
+    ``n_out``: the result's rows. int64 pointers, the indices' and values' dtypes. Only the entries
+    kept and the diagonal ones skipped are read."""
+    n_rows = starts.shape[0] - 1
+    counts = np.zeros(n_out + 1, dtype=np.int64)
+    for r in range(n_rows):
+        taken, e = 0, starts[r]
+        while taken < n and e < starts[r + 1]:
+            c = cols[e]
+            if include_self or c != r:
+                counts[(c if transpose else r) + 1] += 1
+                taken += 1
+            e += 1
     indptr = np.cumsum(counts)
-    indices = np.empty(indptr[n_rows], dtype=cols.dtype)
-    data = np.empty(indptr[n_rows], dtype=values.dtype)
-    fill = indptr[:n_rows].copy()
-    for e in range(rows.shape[0]):
-        if keep[e]:
-            r, c = rows[e], cols[e]
-            at = c if transpose else r
-            indices[fill[at]] = r if transpose else c
-            data[fill[at]] = values[e]
-            fill[at] += 1
+    indices = np.empty(indptr[n_out], dtype=cols.dtype)
+    data = np.empty(indptr[n_out], dtype=values.dtype)
+    fill = indptr[:n_out].copy()
+    for r in range(n_rows):
+        taken, e = 0, starts[r]
+        while taken < n and e < starts[r + 1]:
+            c = cols[e]
+            if include_self or c != r:
+                at = c if transpose else r
+                indices[fill[at]] = r if transpose else c
+                data[fill[at]] = values[e]
+                fill[at] += 1
+                taken += 1
+            e += 1
     return indptr, indices, data
