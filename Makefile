@@ -49,8 +49,11 @@ BENCH_ARGS ?=
 bench: $(STAMP) ## Speed/scale benchmarks -> reports/bench/bench.md + MLflow (20-36 min; BENCH_ARGS=--quick)
 	$(BIN)/python -m convcg_cli.bench run $(BENCH_ARGS)
 
-test: $(STAMP) ## Run the fast test suite: -m "not slow", 5 min on 2 idle cores (what CI runs)
-	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
+# Workers of one thread each: two torch thread pools sharing two cores wait for each other.
+TEST_WORKERS ?= 2
+TEST_THREADS = OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 POLARS_MAX_THREADS=1
+test: $(STAMP) ## Run the fast test suite: -m "not slow", TEST_WORKERS=2 one-thread workers, ~3 min on 2 idle cores (CI)
+	$(TEST_THREADS) $(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-all: $(STAMP) ## Run every test: the fast suite plus the slow ones (full trainings, DDP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
