@@ -237,7 +237,7 @@ class _RankedRows:
         if self.depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}.")
         self.rows, self.cols, self.values = ranked_row_entries(m.indptr, m.indices, m.data, self.depth)
-        self.starts = np.searchsorted(self.rows, np.arange(m.shape[0] + 1))  # where each row's begin
+        self.starts = np.searchsorted(self.rows, np.arange(m.shape[0] + 1))  # where each row's entries begin
 
     def keep_top(self, n: int, include_self: bool = True) -> sp.csr_matrix:
         """``keep_top_per_row(m, n)``, or with ``include_self=False`` the same of ``m`` without its
