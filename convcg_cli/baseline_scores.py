@@ -168,6 +168,8 @@ class ItemCFSimilarity:
         (:func:`~convcg_cli.itemcf_kernels.product_topk_with_and_without_diagonal`) and the other's
         lists kept until it asks for the same users, rank and k. None otherwise (score it alone)."""
         shrinkage = float(shrinkage)
+        if not self._held and shrinkage not in self._paired:  # nothing to share: no keys hashed
+            return None
         key = (
             shrinkage,
             int(k),
