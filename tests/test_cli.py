@@ -67,6 +67,8 @@ def test_help_lists_commands():
         # the compiled loops (numba) load when a search or an ItemCF first runs, not on import
         ("convcg_cli.index", ("numba", "torch", "faiss")),
         ("convcg_cli.baselines", ("numba",)),
+        ("convcg_cli.metrics.retrieval", ("numba",)),  # recall's scan and the bootstrap's sums too
+        ("convcg_cli.metrics.bootstrap", ("numba",)),
     ],
 )
 def test_importing_the_cli_does_not_import_heavy_libraries(module, heavy):

@@ -98,14 +98,14 @@ def bootstrap_recall_ci(
     _check_resampling(n_boot, level)
     hit_count, pos_count = _per_user_counts(hits, users)
     recalls = np.concatenate(
-        [_weighted_recall(hit_count, pos_count, w) for w in resample_weights(len(pos_count), n_boot, seed)]
+        [_weighted_recall(hit_count, pos_count, w) for w in _draws(len(pos_count), n_boot, seed)]
     )  # (n_boot, K); never NaN: every user has >= 1 positive and every replicate draws U users
     low, high = _percentile_interval(recalls, level)
     return {k: (float(lo), float(hi)) for k, lo, hi in zip(ks, low, high, strict=True)}
 
 
 def resample_weights(n_users: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
-    """The bootstrap draws of users: ``n_boot`` rows of multinomial counts, yielded in chunks.
+    """The bootstrap draws of users: ``n_boot`` rows of multinomial counts, yielded in int64 chunks.
 
     Row b says how many times each of the ``n_users`` users (``np.unique`` order) is drawn in
     replicate b; every row sums to ``n_users``. The chunks come from one generator seeded with
@@ -119,13 +119,20 @@ def resample_weights(n_users: int, n_boot: int, seed: int) -> Iterator[np.ndarra
         >>> w.shape, w.sum(axis=1).tolist()
         ((4, 3), [3, 3, 3, 3])
     """
+    for counts in _draws(n_users, n_boot, seed):
+        yield counts.astype(np.int64, copy=False)
+
+
+def _draws(n_users: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """:func:`resample_weights`' chunks as they are held: read-only uint8 views of the kept draws
+    (not widened: :func:`_weighted_recall` reads them as they are), int64 when just drawn."""
     key = (int(n_users), int(n_boot), int(seed))
     chunk = max(1, _WEIGHT_CHUNK_CELLS // n_users)
     drawn = _draw_cache.get(key)
-    if drawn is not None:  # the same draws, in the same chunks and dtype as when they were drawn
+    if drawn is not None:  # the same draws, in the same chunks as when they were drawn
         _draw_cache.move_to_end(key)
         for start in range(0, key[1], chunk):
-            yield drawn[start : start + chunk].astype(np.int64)
+            yield drawn[start : start + chunk]
         return
     rng = np.random.default_rng(seed)
     uniform = np.full(n_users, 1.0 / n_users)
@@ -139,6 +146,7 @@ def resample_weights(n_users: int, n_boot: int, seed: int) -> Iterator[np.ndarra
                 kept[start : start + len(counts)] = counts
         yield counts
     if kept is not None:  # every chunk drawn (a consumer that stops early keeps nothing)
+        kept.flags.writeable = False  # handed out as views: no consumer may change the draws
         _draw_cache[key] = kept
         while sum(a.nbytes for a in _draw_cache.values()) > _DRAW_CACHE_BYTES:
             _draw_cache.popitem(last=False)
@@ -216,7 +224,7 @@ def paired_bootstrap_diff(
     diffs = np.concatenate(
         [
             _weighted_recall(count_a, pos_count, w) - _weighted_recall(count_b, pos_count, w)
-            for w in resample_weights(len(pos_count), n_boot, seed)
+            for w in _draws(len(pos_count), n_boot, seed)
         ]
     )  # (n_boot, K)
     observed = (count_a.sum(axis=0) - count_b.sum(axis=0)) / pos_count.sum()
@@ -286,6 +294,18 @@ def _per_user_counts(hits: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, n
 
 
 def _weighted_recall(hit_count: np.ndarray, pos_count: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """(B, K) recall of (B, U) user-count resamples: one matrix product instead of a loop over positives."""
+    """(B, K) recall of (B, U) user-count resamples: one matrix product instead of a loop over positives.
+
+    Integer ``weights`` (the draws) are summed with integers in a compiled pass that reads them as
+    they are (:func:`~convcg_cli.metrics.kernels.weighted_counts`): the counts are integers, so the
+    sums are the float64 product's exactly (it is exact below 2**53), without widening the draws to
+    float64 first. Other weights: the float64 product."""
+    if np.issubdtype(weights.dtype, np.integer):
+        from convcg_cli.metrics.kernels import weighted_counts
+
+        counts = np.concatenate([hit_count.T, pos_count[None, :]]).astype(np.int64)  # integer-valued
+        sums = weighted_counts(weights, counts).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return sums[:, :-1] / sums[:, -1:]
     with np.errstate(invalid="ignore", divide="ignore"):
         return (weights @ hit_count) / (weights @ pos_count)[:, None]

@@ -32,9 +32,6 @@ COLD_ITEMS = "cold"
 # The characters MLflow accepts in metric names.
 _MLFLOW_NAME = re.compile(r"[\w.\- /:]+")
 
-# Bounds the (positives x K) comparison matrix built by recall to about 16M cells at a time.
-_RECALL_CHUNK_CELLS = 1 << 24
-
 
 def metric_name(split: str, task: str, k: int, metric: str = RECALL, subset: str | None = None) -> str:
     """Name of the recall@k metric of ``task`` on ``split``, e.g. ``val/conversion/recall_at_100``.
@@ -234,17 +231,11 @@ def recall_at_k_by_group(
 
 
 def _first_hit_rank(topk_ids: np.ndarray, query_index: np.ndarray, item: np.ndarray) -> np.ndarray:
-    """Position of ``item[p]`` in row ``query_index[p]`` of ``topk_ids``; a huge sentinel if absent."""
-    n_pos, list_len = query_index.shape[0], topk_ids.shape[1]
-    never = np.iinfo(np.int64).max  # larger than any cutoff, so a miss is never counted
-    rank = np.full(n_pos, never, dtype=np.int64)
-    chunk = max(1, _RECALL_CHUNK_CELLS // max(1, list_len))
-    for start in range(0, n_pos, chunk):  # chunks bound memory; each chunk is fully vectorised
-        stop = min(start + chunk, n_pos)
-        match = topk_ids[query_index[start:stop]] == item[start:stop, None]  # (chunk, K)
-        found = match.any(axis=1)
-        rank[start:stop][found] = match.argmax(axis=1)[found]
-    return rank
+    """Position of ``item[p]`` in row ``query_index[p]`` of ``topk_ids``; a huge sentinel if absent
+    (larger than any cutoff, so a miss is never counted). Compiled: numba is imported on first use."""
+    from convcg_cli.metrics.kernels import first_hit_rank
+
+    return first_hit_rank(topk_ids, query_index, item, np.iinfo(np.int64).max)
 
 
 def _check_recall_inputs(

@@ -244,3 +244,29 @@ def test_draws_stopped_early_are_not_kept_and_the_oldest_go_first(monkeypatch):
         assert np.array_equal(
             np.concatenate(list(resample_weights(100, 50, seed))), np.concatenate(_fresh_draws(100, 50, seed))
         )
+
+
+def test_integer_draws_are_summed_exactly_as_the_float_product(monkeypatch):
+    # The draws (uint8 when kept, int64 when just drawn) are summed with integers in a compiled pass;
+    # every figure must equal the float64 matrix product of the same counts, bit for bit.
+    monkeypatch.setattr(bootstrap, "_WEIGHT_CHUNK_CELLS", 1000)
+    monkeypatch.setattr(bootstrap, "_draw_cache", bootstrap.OrderedDict())
+    hits, users = _clustered(np.random.default_rng(8), 300, ks=(1, 5, 20))
+    hit_count, pos_count = bootstrap._per_user_counts(hits.astype(np.float64), users)
+    fresh = list(bootstrap._draws(len(pos_count), 40, 2))
+    kept = list(bootstrap._draws(len(pos_count), 40, 2))
+    assert {c.dtype for c in fresh} == {np.dtype(np.int64)}
+    assert {c.dtype for c in kept} == {np.dtype(np.uint8)}
+    assert not any(c.flags.writeable for c in kept)  # views of the kept draws: read-only
+    for chunk in (*fresh, *kept):
+        floats = chunk.astype(np.float64)
+        expected = (floats @ hit_count) / (floats @ pos_count)[:, None]
+        np.testing.assert_array_equal(bootstrap._weighted_recall(hit_count, pos_count, chunk), expected)
+    # A replicate drawing no user with a positive: NaN either way (0 / 0).
+    none = np.zeros((1, len(pos_count)), dtype=np.uint8)
+    assert np.isnan(bootstrap._weighted_recall(hit_count, pos_count, none)).all()
+    # And the intervals are the ones the float path gives.
+    ci = bootstrap_recall_ci(hits, users, [1, 5, 20], n_boot=40, seed=2)
+    replicates = np.concatenate([resampled_recall(hits, users, w) for w in resample_weights(300, 40, 2)])
+    low, high = bootstrap._percentile_interval(replicates, 0.95)
+    assert ci == {k: (float(lo), float(hi)) for k, lo, hi in zip([1, 5, 20], low, high, strict=True)}

@@ -1,7 +1,8 @@
-"""Recall's arithmetic pinned against plain loops: the chunked path, boundaries at k, validation edges.
+"""Recall's arithmetic pinned against plain loops: lists shorter and longer than the compiled scan's
+blocks, integer dtypes and broadcast lists, boundaries at k, validation edges.
 
 Written to kill mutants (``make mutate``): every expected value is computed here independently of
-:mod:`convcg_cli.metrics.retrieval`, with the chunk size lowered so the chunked path runs.
+:mod:`convcg_cli.metrics.retrieval`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from convcg_cli.metrics import retrieval
 from convcg_cli.metrics.retrieval import (
     overlap_at_k,
     positive_hits,
@@ -26,20 +26,27 @@ def _rank(topk: np.ndarray, q: int, item: int) -> float:
 
 def _random_case(seed: int, n_queries: int = 9, list_len: int = 5, n_pos: int = 47):
     rng = np.random.default_rng(seed)
-    topk = np.stack([rng.permutation(12)[:list_len] for _ in range(n_queries)])
+    n_items = max(12, list_len + 7)
+    topk = np.stack([rng.permutation(n_items)[:list_len] for _ in range(n_queries)])
     topk[rng.random(topk.shape) < 0.1] = -1  # some padding
     query = rng.integers(0, n_queries, n_pos)
-    item = rng.integers(0, 12, n_pos)
+    item = rng.integers(0, n_items, n_pos)
     return topk, np.r_[query, query[:6]], np.r_[item, item[:6]]  # duplicate pairs count once
 
 
-@pytest.mark.parametrize("cells", [1, 5, 7, 11, 10**9])  # chunks of 1, 1, 1, 2 positives and unchunked
-def test_recall_is_the_loop_whatever_the_chunk_size(monkeypatch, cells):
-    monkeypatch.setattr(retrieval, "_RECALL_CHUNK_CELLS", cells)
-    topk, query, item = _random_case(3)
+# The compiled scan compares 16 cells at a time: lists within one block, ending on a block's last
+# cell, one past it, and over several blocks; the lists as int64, int32 and one broadcast row.
+@pytest.mark.parametrize("list_len", [5, 16, 17, 40])
+@pytest.mark.parametrize("form", ["int64", "int32", "broadcast"])
+def test_recall_is_the_loop_whatever_the_list(list_len, form):
+    topk, query, item = _random_case(3 + list_len, list_len=list_len)
+    if form == "int32":
+        topk = topk.astype(np.int32)
+    elif form == "broadcast":
+        topk = np.broadcast_to(topk[:1], topk.shape)  # a popularity list: one row for every query
     value = np.random.default_rng(4).random(len(query)) * 3
     group = np.array(["a", "b", "c"])[np.arange(len(query)) % 3]
-    ks = [1, 2, 4, 5, 9]
+    ks = [1, 2, 4, 5, 9, 16, 17, 41]
     pairs = sorted(set(zip(query.tolist(), item.tolist(), strict=True)))
     ranks = np.array([_rank(topk, q, i) for q, i in pairs])
     assert recall_at_k(topk, query, item, ks) == pytest.approx({k: float(np.mean(ranks < k)) for k in ks})
