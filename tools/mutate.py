@@ -68,6 +68,18 @@ TARGETS: dict[str, Target] = {
         "convcg_cli/metrics/bootstrap.py",
         ("tests/metrics/test_bootstrap_pins.py", "tests/metrics/test_bootstrap.py"),
     ),
+    "metric_kernels": Target(  # recall's scan and the bootstrap's sums (numba: each mutant compiles)
+        "convcg_cli/metrics/kernels.py",
+        (
+            "tests/metrics/test_retrieval_pins.py",
+            "tests/metrics/test_bootstrap.py",
+            "tests/metrics/test_retrieval.py",
+        ),
+    ),
+    "search_kernels": Target(  # exact search's tile pass and key decoding (numba)
+        "convcg_cli/index/kernels.py",
+        ("tests/index/test_kernels.py", "tests/index/test_exact.py"),
+    ),
     "losses": Target(
         "convcg_cli/models/losses.py",
         (
