@@ -1,5 +1,9 @@
 """The compiled threshold pass of exact search against the same work done in numpy."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -118,3 +122,28 @@ def test_kernels_compile_without_a_writable_cache(monkeypatch):
     fn = compiled()(twice)
     assert fn(21) == 42
     assert type(fn._cache).__name__ == "NullCache"  # compiled, not cached
+
+
+def test_the_pass_stays_inside_its_arrays(tmp_path):
+    # The kernel runs without bounds checks; in a process that turns them on (and compiles into its
+    # own cache), every read and write must stay inside the tile, the mask and the keys: rows ending
+    # inside a 64-score group and on its last score, full and empty groups, rows that must grow.
+    code = """
+import numpy as np
+from convcg_cli.index.kernels import keep_passing
+rng = np.random.default_rng(0)
+for width, n_valid in ((64, 64), (100, 100), (256, 256), (256, 193), (48, 1)):
+    scores = rng.normal(size=(6, width)).astype(np.float32)
+    thresholds = np.array([np.inf, -np.inf, 0.0, 2.0, 1.0, -1.0], np.float32)
+    keys = np.zeros((6, 1), np.uint64)
+    counts = np.zeros(6, np.int64)
+    row = 0
+    while (row := keep_passing(scores, thresholds, n_valid, 0, keys, counts, row)) >= 0:
+        keys = np.concatenate([keys, np.zeros_like(keys)], axis=1)
+    part = scores[:, :n_valid]
+    assert counts.tolist() == (part >= thresholds[:, None]).sum(axis=1).tolist(), counts
+print("ok")
+"""
+    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

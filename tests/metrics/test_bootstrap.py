@@ -270,3 +270,59 @@ def test_integer_draws_are_summed_exactly_as_the_float_product(monkeypatch):
     replicates = np.concatenate([resampled_recall(hits, users, w) for w in resample_weights(300, 40, 2)])
     low, high = bootstrap._percentile_interval(replicates, 0.95)
     assert ci == {k: (float(lo), float(hi)) for k, lo, hi in zip([1, 5, 20], low, high, strict=True)}
+
+
+def test_a_reused_draw_is_kept_over_an_older_one_and_only_draws_that_fit_are_kept(monkeypatch):
+    monkeypatch.setattr(bootstrap, "_WEIGHT_CHUNK_CELLS", 1000)
+    monkeypatch.setattr(bootstrap, "_draw_cache", bootstrap.OrderedDict())
+    monkeypatch.setattr(bootstrap, "_DRAW_CACHE_BYTES", 2 * 100 * 50)  # room for two
+    for seed in (1, 2, 1, 3):  # seed 1 used again: seed 2 is now the oldest, and goes
+        list(resample_weights(100, 50, seed))
+    assert list(bootstrap._draw_cache) == [(100, 50, 1), (100, 50, 3)]
+    # Draws are kept when their bytes (users x replicates) fit the room, and not one byte over it;
+    # draws that do not fit are not even copied aside while they are drawn (a million users' would
+    # take a gigabyte).
+    empty = np.empty
+    for room, kept in ((100 * 50, True), (100 * 50 - 1, False)):
+        held = []
+        monkeypatch.setattr(bootstrap, "_draw_cache", bootstrap.OrderedDict())
+        monkeypatch.setattr(bootstrap, "_DRAW_CACHE_BYTES", room)
+
+        def recording(*shape, held=held, **kw):
+            held.append(shape)
+            return empty(*shape, **kw)
+
+        monkeypatch.setattr(bootstrap.np, "empty", recording)
+        list(resample_weights(100, 50, 0))
+        monkeypatch.setattr(bootstrap.np, "empty", empty)
+        assert ((100, 50, 0) in bootstrap._draw_cache) is kept
+        assert held == ([((50, 100),)] if kept else [])
+
+
+@pytest.mark.parametrize("largest, kept", [(255, True), (256, False)])
+def test_draws_are_kept_only_while_every_count_fits_a_byte(monkeypatch, largest, kept):
+    # A uniform draw of U users practically never counts one user 256 times: numpy's generator is
+    # replaced by one drawing a given largest count.
+    class Generator:
+        def multinomial(self, n, pvals, size):
+            counts = np.zeros((size, len(pvals)), dtype=np.int64)
+            counts[:, 0] = largest
+            return counts
+
+    monkeypatch.setattr(bootstrap, "_draw_cache", bootstrap.OrderedDict())
+    monkeypatch.setattr(bootstrap.np.random, "default_rng", lambda seed: Generator())
+    drawn = np.concatenate(list(resample_weights(300, 4, 0)))
+    assert ((300, 4, 0) in bootstrap._draw_cache) is kept
+    assert drawn[:, 0].tolist() == [largest] * 4 and np.array_equal(
+        np.concatenate(list(resample_weights(300, 4, 0))), drawn
+    )
+
+
+def test_weighted_counts_is_the_integer_matrix_product():
+    from convcg_cli.metrics.kernels import weighted_counts
+
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 50, (4, 37))
+    for dtype in (np.uint8, np.int64):
+        weights = rng.integers(0, 9, (6, 37)).astype(dtype)
+        np.testing.assert_array_equal(weighted_counts(weights, counts), weights.astype(np.int64) @ counts.T)
