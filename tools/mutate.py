@@ -137,7 +137,7 @@ HAND_MUTANTS: tuple[tuple[str, str, str], ...] = (
         "max(len(self.item_pos) // self.batch_size // world, 1)",
         "max(-(-len(self.item_pos) // self.batch_size) // world, 1)",
     ),
-    ("retrieval", "stop = min(start + chunk, n_pos)", "stop = min(start + chunk - 1, n_pos)"),
+    ("metric_kernels", "stop = min(start + _BLOCK, width)", "stop = min(start + _BLOCK - 1, width)"),
     ("bootstrap", "np.full(n_users, 1.0 / n_users)", "np.full(n_users, 1.0 / (n_users + 1))"),
     (
         "losses",
@@ -226,9 +226,9 @@ WATCHED: dict[tuple[str, str], str] = {
         "hand: return (w * ce).sum() / w.sum() class TableLogQ -> return ce.mean() class TableLogQ",
     ): "tests/models/test_loss_pins.py::test_the_advertiser_loss_is_the_weighted_mean_over_anchor_rows",
     (
-        "retrieval",
-        "hand: stop = min(start + chunk, n_pos) -> stop = min(start + chunk - 1, n_pos)",
-    ): "tests/metrics/test_retrieval_pins.py::test_recall_is_the_loop_whatever_the_chunk_size",
+        "metric_kernels",
+        "hand: stop = min(start + _BLOCK, width) -> stop = min(start + _BLOCK - 1, width)",
+    ): "tests/metrics/test_retrieval_pins.py::test_recall_is_the_loop_whatever_the_list",
     (
         "baselines",
         "MostPopular.__init__: False -> True",
