@@ -238,8 +238,15 @@ class _RankedRows:
         self.shape, self.depth = m.shape, int(depth)
         if self.depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}.")
-        self.rows, self.cols, self.values = ranked_row_entries(m.indptr, m.indices, m.data, self.depth)
-        self.starts = np.searchsorted(self.rows, np.arange(m.shape[0] + 1))  # where each row's entries begin
+        rows, self.cols, self.values = ranked_row_entries(m.indptr, m.indices, m.data, self.depth)
+        # where each row's entries begin: the cuts read these, not a row index per entry (8 bytes an
+        # entry, ~160 MB a ranking of `large`'s cosine, not kept)
+        self.starts = np.searchsorted(rows, np.arange(m.shape[0] + 1))
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The row of each ranked entry (int64), from :attr:`starts`."""
+        return np.repeat(np.arange(self.shape[0], dtype=np.int64), np.diff(self.starts))
 
     def keep_top(self, n: int, include_self: bool = True) -> sp.csr_matrix:
         """``keep_top_per_row(m, n)``, or with ``include_self=False`` the same of ``m`` without its
