@@ -23,6 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from convcg_cli.index.kernels import compiled
+from convcg_cli.index.pages import empty_ordinary
 
 _INT32_MAX = np.iinfo(np.int32).max
 # The first allocation holds at most this many entries: 3.2 GB of int32 and float64 address space,
@@ -133,8 +134,9 @@ def binary_cosine(x: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:
     index_dtype = np.int32 if max(total_bound, n_items) <= _INT32_MAX else np.int64
     capacity = min(total_bound, _FIRST_CAPACITY)
     indptr = np.zeros(n_items + 1, dtype=index_dtype)
-    indices = np.empty(capacity + 1, dtype=index_dtype)  # + 1: the kernel's spare cell
-    data = np.empty(capacity + 1, dtype=np.float64)
+    # Written once, front to back: ordinary pages (fresh huge pages can stall on compaction).
+    indices = empty_ordinary(capacity + 1, index_dtype)  # + 1: the kernel's spare cell
+    data = empty_ordinary(capacity + 1, np.float64)
     counts = np.zeros(n_items, dtype=np.int32 if x.shape[0] <= _INT32_MAX else np.int64)
     row = 0
     while True:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from convcg_cli.index.checks import as_float32_matrix, check_k
+from convcg_cli.index.pages import empty_ordinary
 
 if TYPE_CHECKING:
     import faiss
@@ -137,8 +138,9 @@ class ExactIndex:
                 f"Embedding dims differ: query_emb has d={query_emb.shape[1]}, item_emb has d={self.dim}."
             )
         n_queries, k_out = query_emb.shape[0], min(k, self.ntotal)
-        scores = np.empty((n_queries, k_out), dtype=np.float32)
-        ids = np.empty((n_queries, k_out), dtype=np.int64)
+        # Filled once, front to back: ordinary pages (fresh huge pages can stall on compaction).
+        scores = empty_ordinary((n_queries, k_out), np.float32)
+        ids = empty_ordinary((n_queries, k_out), np.int64)
         if n_queries == 0 or k_out == 0:
             return scores, ids
         block, scratch = min(batch_size, QUERY_BLOCK), _Scratch()
