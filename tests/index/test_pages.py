@@ -24,6 +24,15 @@ needs_switch = pytest.mark.skipif(
 _BIG = 64 << 20  # numpy advises huge pages from 4 MiB
 
 
+@pytest.fixture
+def switch():
+    """Sets numpy's switch for one test (``switch(True)``) and restores it after."""
+    before = pages._set_madvise_hugepage(True)
+    pages._set_madvise_hugepage(before)
+    yield pages._set_madvise_hugepage
+    pages._set_madvise_hugepage(before)
+
+
 def _switch() -> bool:
     """numpy's switch as it is now (setting it returns the previous value)."""
     before = pages._set_madvise_hugepage(True)
@@ -53,63 +62,50 @@ def test_small_shapes_and_dtypes() -> None:
 
 
 @needs_switch
-def test_big_array_is_not_advised_while_numpys_is() -> None:
-    before = _switch()
-    pages._set_madvise_hugepage(True)
-    try:
-        plain = np.empty(_BIG, dtype=np.uint8)
-        ordinary = empty_ordinary(_BIG, np.uint8)
-        assert _advised(plain)  # the reference: numpy's own allocation is advised
-        assert not _advised(ordinary)
-        assert _switch() is True  # and the switch is back on
-    finally:
-        pages._set_madvise_hugepage(before)
+def test_big_array_is_not_advised_while_numpys_is(switch) -> None:
+    switch(True)
+    plain = np.empty(_BIG, dtype=np.uint8)
+    ordinary = empty_ordinary(_BIG, np.uint8)
+    assert _advised(plain)  # the reference: numpy's own allocation is advised
+    assert not _advised(ordinary)
+    assert _switch() is True  # and the switch is back on
 
 
 @needs_switch
-def test_switch_left_off_stays_off() -> None:
-    before = pages._set_madvise_hugepage(False)
-    try:
-        empty_ordinary(_BIG, np.uint8)
-        assert _switch() is False
-    finally:
-        pages._set_madvise_hugepage(before)
+def test_switch_left_off_stays_off(switch) -> None:
+    switch(False)
+    empty_ordinary(_BIG, np.uint8)
+    assert _switch() is False
 
 
 @needs_switch
-def test_concurrent_callers_leave_the_switch_on() -> None:
-    before = pages._set_madvise_hugepage(True)
-    try:
+def test_concurrent_callers_leave_the_switch_on(switch) -> None:
+    switch(True)
 
-        def allocate() -> None:
-            for _ in range(200):
-                empty_ordinary(5 << 20, np.uint8)
+    def allocate() -> None:
+        for _ in range(200):
+            empty_ordinary(5 << 20, np.uint8)
 
-        threads = [threading.Thread(target=allocate) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert _switch() is True
-    finally:
-        pages._set_madvise_hugepage(before)
+    threads = [threading.Thread(target=allocate) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert _switch() is True
 
 
 @needs_switch
-def test_exact_search_results_and_cosine_are_in_ordinary_pages() -> None:
+def test_exact_search_results_and_cosine_are_in_ordinary_pages(switch) -> None:
     from convcg_cli.index import exact_topk
     from convcg_cli.itemcf_cosine import binary_cosine
 
-    before = pages._set_madvise_hugepage(True)
-    try:
-        rng = np.random.default_rng(0)
-        # Large enough for glibc to map each on its own (see convcg_cli.index.pages): 40 + 80 MB
-        # of results, 128 + 64 MB of cosine values and indices.
-        queries = rng.standard_normal((10_000, 8)).astype(np.float32)
-        items = rng.standard_normal((2000, 8)).astype(np.float32)
-        scores, ids = exact_topk(queries, items, 1000)
-        assert not _advised(scores) and not _advised(ids)
-        cosine, _ = binary_cosine(sp.csr_matrix(np.ones((10, 4000))))
-        assert not _advised(cosine.data) and not _advised(cosine.indices)
-    finally:
-        pages._set_madvise_hugepage(before)
+    switch(True)
+    rng = np.random.default_rng(0)
+    # Large enough for glibc to map each on its own (see convcg_cli.index.pages): 40 + 80 MB
+    # of results, 128 + 64 MB of cosine values and indices.
+    queries = rng.standard_normal((10_000, 8)).astype(np.float32)
+    items = rng.standard_normal((2000, 8)).astype(np.float32)
+    scores, ids = exact_topk(queries, items, 1000)
+    assert not _advised(scores) and not _advised(ids)
+    cosine, _ = binary_cosine(sp.csr_matrix(np.ones((10, 4000))))
+    assert not _advised(cosine.data) and not _advised(cosine.indices)
