@@ -84,13 +84,18 @@ TARGETS: dict[str, Target] = {
         "convcg_cli/models/losses.py",
         (
             "tests/models/test_loss_pins.py",
+            "tests/models/test_mixed_log_q_pins.py",
             "tests/models/test_losses.py",
             "tests/models/test_loss_levers.py",
         ),
     ),
     "batches": Target(
         "convcg_cli/data/loading/batches.py",
-        ("tests/data/test_batch_pins.py", "tests/data/test_stream.py"),
+        (
+            "tests/data/test_batch_pins.py",
+            "tests/data/test_random_negative_pins.py",
+            "tests/data/test_stream.py",
+        ),
     ),
     "negatives": Target(
         "convcg_cli/data/loading/negatives.py",
@@ -98,11 +103,17 @@ TARGETS: dict[str, Target] = {
     ),
     "baselines": Target(
         "convcg_cli/baselines.py",
-        ("tests/test_baseline_pins.py", "tests/test_baseline_history_pins.py", "tests/test_baselines.py"),
+        (
+            "tests/test_baseline_options.py",
+            "tests/test_baseline_pins.py",
+            "tests/test_baseline_history_pins.py",
+            "tests/test_baselines.py",
+        ),
     ),
     "baseline_scores": Target(
         "convcg_cli/baseline_scores.py",
         (
+            "tests/test_baseline_scores_edges.py",
             "tests/test_baseline_pins.py",
             "tests/test_baselines.py",
             "tests/test_baseline_tuning.py",
@@ -115,7 +126,7 @@ TARGETS: dict[str, Target] = {
     ),
     "blend": Target(
         "convcg_cli/blend.py",
-        ("tests/test_blend_pins.py", "tests/test_blend.py"),
+        ("tests/test_blend_choice_pins.py", "tests/test_blend_pins.py", "tests/test_blend.py"),
     ),
     "split": Target(
         "convcg_cli/data/features/time_split.py",
