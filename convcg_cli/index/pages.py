@@ -6,15 +6,18 @@ touch; ordinary 4 KiB pages are mostly recycled from memory the process or its n
 freed. On this project's reference VM (2 cores) first touches of fresh huge pages cost far more: the
 1.4 GB ItemCF cosine of ``bench-large`` took 3.9 s to build in a fresh process against 1.2 s in
 ordinary pages, and exact search's 120 MB of results (10k queries, k=1000) ~0.2 s more after the
-process had freed gigabytes. The kernel counted no compaction stall meanwhile (``/proc/vmstat``), so
-the cost is the first touch itself; a hypervisor backing new guest memory on demand behaves so.
+process had freed gigabytes. The kernel counted no compaction stall meanwhile (``/proc/vmstat``),
+so the cost is the first touch itself. The machine is a Firecracker microVM, whose host backs guest
+memory when it is first touched; huge pages likely come from blocks the guest had not touched yet.
 
 So memory filled once, front to back, by one pass is asked for in ordinary pages here. Everything
-else keeps numpy's default: with the switch off for the whole process, the first ``convcg eval`` of
-``bench-large`` measured within the noise of it on (36.3 against 35.8 s). The advice is per mapping: an array that
-glibc maps on its own (one past its mmap threshold, at most 32 MiB, that the heap's free space
-cannot hold) gets exactly what this module asks; one carved from the heap may reuse pages that an
-earlier array had advised. A leaf module: it imports only numpy.
+else keeps numpy's default. The first ``convcg eval`` of ``bench-large`` measured 34.3 and 34.4 s
+with these two arrays in ordinary pages, against 35.8 s before and 36.3 s with the switch off for
+the whole process. The advice is per mapping: an array that glibc maps on its own (one past its mmap
+threshold, at most 32 MiB, that the heap's free space cannot hold) gets exactly what this module
+asks; one carved from the heap may reuse pages that an earlier array had advised.
+
+A leaf module: it imports only numpy.
 """
 
 from __future__ import annotations
