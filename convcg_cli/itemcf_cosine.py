@@ -134,7 +134,8 @@ def binary_cosine(x: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:
     index_dtype = np.int32 if max(total_bound, n_items) <= _INT32_MAX else np.int64
     capacity = min(total_bound, _FIRST_CAPACITY)
     indptr = np.zeros(n_items + 1, dtype=index_dtype)
-    # Written once, front to back: ordinary pages (fresh huge pages can stall on compaction).
+    # Written once, front to back: ordinary pages (see convcg_cli.index.pages: fresh huge pages
+    # cost far more at first touch on a VM that backs memory on demand).
     indices = empty_ordinary(capacity + 1, index_dtype)  # + 1: the kernel's spare cell
     data = empty_ordinary(capacity + 1, np.float64)
     counts = np.zeros(n_items, dtype=np.int32 if x.shape[0] <= _INT32_MAX else np.int64)

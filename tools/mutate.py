@@ -149,6 +149,11 @@ HAND_MUTANTS: tuple[tuple[str, str, str], ...] = (
         "max(-(-len(self.item_pos) // self.batch_size) // world, 1)",
     ),
     ("metric_kernels", "stop = min(start + _BLOCK, width)", "stop = min(start + _BLOCK - 1, width)"),
+    (
+        "baselines",
+        "validation_recall(self, history.validation, self.select_k)",
+        "validation_recall(self, history.validation, 1)",
+    ),
     ("bootstrap", "np.full(n_users, 1.0 / n_users)", "np.full(n_users, 1.0 / (n_users + 1))"),
     (
         "losses",
@@ -255,7 +260,8 @@ WATCHED: dict[tuple[str, str], str] = {
     ): "tests/test_baseline_pins.py::test_the_blend_scales_ease_by_its_largest_absolute_score",
     (
         "baselines",
-        "hand: topk = self.query_topk(users, self.select_k) -> topk = self.query_topk(users, 1)",
+        "hand: validation_recall(self, history.validation, self.select_k) "
+        "-> validation_recall(self, history.validation, 1)",
     ): "tests/test_baseline_pins.py::test_the_weight_is_chosen_by_recall_at_select_k",
 }
 

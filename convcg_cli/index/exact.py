@@ -138,7 +138,8 @@ class ExactIndex:
                 f"Embedding dims differ: query_emb has d={query_emb.shape[1]}, item_emb has d={self.dim}."
             )
         n_queries, k_out = query_emb.shape[0], min(k, self.ntotal)
-        # Filled once, front to back: ordinary pages (fresh huge pages can stall on compaction).
+        # Filled once, front to back: ordinary pages (see convcg_cli.index.pages: fresh huge pages
+        # cost far more at first touch on a VM that backs memory on demand).
         scores = empty_ordinary((n_queries, k_out), np.float32)
         ids = empty_ordinary((n_queries, k_out), np.int64)
         if n_queries == 0 or k_out == 0:
