@@ -65,7 +65,7 @@ test-extras: $(STAMP) ## Install the optional extras (tune, joblib, slurm) and r
 
 .PHONY: mutate
 MUTATE_ARGS ?=
-mutate: $(STAMP) ## Mutation testing of the numerical core -> reports/mutation/report.md (~45 min; MUTATE_ARGS=--module losses)
+mutate: $(STAMP) ## Mutation testing of the numerical core -> reports/mutation/report.md (~35 min; MUTATE_ARGS=--module losses)
 	nice -n 19 $(BIN)/python tools/mutate.py $(MUTATE_ARGS)
 
 .PHONY: faults
