@@ -238,10 +238,9 @@ class _RankedRows:
         self.shape, self.depth = m.shape, int(depth)
         if self.depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}.")
-        rows, self.cols, self.values = ranked_row_entries(m.indptr, m.indices, m.data, self.depth)
         # where each row's entries begin: the cuts read these, not a row index per entry (8 bytes an
-        # entry, ~160 MB a ranking of `large`'s cosine, not kept)
-        self.starts = np.searchsorted(rows, np.arange(m.shape[0] + 1))
+        # entry, ~160 MB a ranking of `large`'s cosine, never made)
+        self.starts, self.cols, self.values = ranked_row_entries(m.indptr, m.indices, m.data, self.depth)
 
     @property
     def rows(self) -> np.ndarray:

@@ -491,10 +491,11 @@ def sparse_product_topk(
 def ranked_row_entries(
     indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, depth: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows, cols, values) of the stored entries of the CSR matrix (``indptr``, ``indices``,
+    """(starts, cols, values) of the stored entries of the CSR matrix (``indptr``, ``indices``,
     ``data``; no NaN) at or above their row's ``depth``-th largest stored value (repeats counted; a
     row of ``depth`` entries or fewer keeps them all), by row ascending, then value descending, then
-    column ascending: int64 rows, the matrix's index and value dtypes.
+    column ascending: row r's entries at ``starts[r]:starts[r + 1]`` (int64), the matrix's index and
+    value dtypes.
 
     One pass over the rows: each longer row's kept entries are found by :func:`_keep_top` (on a
     long row, a threshold read off a sample first, so only the few passing it are partitioned), then
@@ -507,7 +508,7 @@ def ranked_row_entries(
     vals = np.empty(longest, dtype=data.dtype)
     row_cols = np.empty(longest, dtype=indices.dtype)
     capacity = max(16, min(indptr[n_rows], n_rows * (depth + 1)))  # grown (doubled) if ties need more
-    rows = np.empty(capacity, dtype=np.int64)
+    starts = np.zeros(n_rows + 1, dtype=np.int64)
     cols = np.empty(capacity, dtype=indices.dtype)
     values = np.empty(capacity, dtype=data.dtype)
     size = 0
@@ -521,13 +522,13 @@ def ranked_row_entries(
         if size + kept > capacity:
             while size + kept > capacity:
                 capacity *= 2
-            rows, cols, values = _grown(rows, capacity), _grown(cols, capacity), _grown(values, capacity)
+            cols, values = _grown(cols, capacity), _grown(values, capacity)
         for t in range(kept):
-            rows[size + t] = r
             cols[size + t] = row_cols[order[t]]
             values[size + t] = vals[order[t]]
         size += kept
-    return rows[:size], cols[:size], values[:size]
+        starts[r + 1] = size
+    return starts, cols[:size], values[:size]
 
 
 @compiled()
