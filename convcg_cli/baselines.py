@@ -39,7 +39,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from convcg_cli.baseline_scores import ItemCFSimilarity, recent_popularity, topk_rows
+from convcg_cli.baseline_scores import ItemCFSimilarity, query_rows, recent_popularity, topk_rows
 from convcg_cli.errors import ConfigError
 from convcg_cli.index import popularity_topk
 from convcg_cli.metrics.prior import log_prior
@@ -136,7 +136,7 @@ BASELINE_DATA_OPTIONS = (
 
 
 def training_history(dm) -> TrainHistory:
-    """Training-window engagements of a set-up datamodule (re-read from its tables; with
+    """Training-window engagements of a set-up datamodule (re-read from its impressions; with
     ``train_through_val`` the validation days' too, and then no validation split to tune on), plus
     the user history before the cut-off that the datamodule kept (``dm.history_pairs``; empty unless the run
     reads it).
@@ -144,13 +144,13 @@ def training_history(dm) -> TrainHistory:
     The logs are cut at the datamodule's own days (``dm.split_days``), so the profile window is
     exactly the window the two-tower model trained on.
     """
-    from convcg_cli.data.contract import load_tables
+    from convcg_cli.data.contract import reload_table
     from convcg_cli.data.features import ACTION_CONVERSION
     from convcg_cli.data.features import encodings as F
     from convcg_cli.tasks import PRIMARY_TASK
 
-    tables = load_tables(dm.dir)
-    split = F.split_frame(tables["impressions"], dm.split_days)
+    # as the datamodule's set-up read it (not checked again when that read checked the same file)
+    split = F.split_frame(reload_table(dm.dir, "impressions"), dm.split_days)
     engaged = F.engaged_rows(dm.training_window(split), dm.tasks)
     user_pos = F.positions(dm.users.user_ids, engaged["user_id"].to_numpy())
     item_pos = F.positions(dm.items.item_ids, engaged["item_id"].to_numpy())
@@ -202,8 +202,14 @@ def repeat_share(user_pos: np.ndarray, item_pos: np.ndarray, day: np.ndarray, co
     if not target.any():
         return float("nan")
     n_items = int(item_pos.max()) + 1
-    earlier = np.unique(user_pos[day < last] * n_items + item_pos[day < last])
-    return float(np.isin(user_pos[target] * n_items + item_pos[target], earlier).mean())
+    pairs = user_pos[target] * n_items + item_pos[target]  # the last day's conversions: few
+    known = np.unique(pairs)
+    before = day < last
+    earlier = user_pos[before] * n_items + item_pos[before]  # each looked up among the few: no sort
+    at = np.minimum(np.searchsorted(known, earlier), len(known) - 1)
+    seen = np.zeros(len(known), dtype=bool)
+    seen[at[known[at] == earlier]] = True
+    return float(seen[np.searchsorted(known, pairs)].mean())
 
 
 class Baseline:
@@ -236,8 +242,7 @@ class Baseline:
     def query_topk(self, user_pos: np.ndarray, k: int) -> np.ndarray:
         """Ranked lists of evaluation queries given each query's user: each distinct user scored once."""
         users, inverse = np.unique(np.asarray(user_pos, dtype=np.int64), return_inverse=True)
-        # int32 halves the (queries x k) copy; the recall code accepts any integer dtype.
-        return self.score_topk(users, k).astype(np.int32)[inverse.ravel()]
+        return query_rows(self.score_topk(users, k), inverse)
 
 
 class MostPopular(Baseline):
@@ -430,6 +435,16 @@ class ItemCF(_ItemToItem):
         ``sparse_topk_rows(profiles[users] @ weights, ...)`` (:func:`sparse_topk_rows`) in one
         compiled pass per user, never building the sparse product
         (:func:`~convcg_cli.itemcf_kernels.sparse_product_topk`: the same scores bit for bit)."""
+        return self._topk(user_pos, k, np.int64)
+
+    def query_topk(self, user_pos: np.ndarray, k: int) -> np.ndarray:
+        """:meth:`Baseline.query_topk`, the users' lists written as int32 by the kernel (no copy)."""
+        users, inverse = np.unique(np.asarray(user_pos, dtype=np.int64), return_inverse=True)
+        dtype = np.int32 if len(self.by_popularity) <= np.iinfo(np.int32).max else np.int64
+        return query_rows(self._topk(users, k, dtype), inverse)
+
+    def _topk(self, user_pos: np.ndarray, k: int, dtype: type) -> np.ndarray:
+        """:meth:`score_topk`'s lists, as ``dtype`` (int64, or int32 when every item id fits)."""
         from convcg_cli.itemcf_kernels import sparse_product_topk  # numba: imported when first scoring
 
         rank = np.empty(len(self.by_popularity), dtype=np.int64)
@@ -442,8 +457,10 @@ class ItemCF(_ItemToItem):
                 bool(self.include_self), self.shrinkage, self.profiles, users, rank, k
             )
             if found is not None:
-                return found
-        return sparse_product_topk(self.profiles, users, matrix, rank, k, skip_diagonal=skip_diagonal)
+                return found.astype(dtype, copy=False)
+        return sparse_product_topk(
+            self.profiles, users, matrix, rank, k, skip_diagonal=skip_diagonal, dtype=dtype
+        )
 
 
 class EASE(_ItemToItem):

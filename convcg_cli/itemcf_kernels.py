@@ -11,7 +11,9 @@ the same lists:
   ``sums[j] += v * w`` from 0, so each is bit for bit the product's entry;
 * only the scores above 0 count as scored (scipy drops a sum of exactly 0 from the product), ranked
   by descending score, ties by ascending ``rank``; a row scoring fewer than k items is completed
-  with the columns it does not score, in ``rank`` order.
+  with the columns it does not score, in ``rank`` order. The selection and the order of the best
+  ones are :mod:`convcg_cli.itemcf_select`'s;
+* the lists are written as they are chosen, int64 or int32 (a query's lists: no copy to narrow).
 
 A tuning grid scores the whole similarity both with and without its diagonal
 (:func:`product_topk_with_and_without_diagonal`): one pass over it serves both, the two differing
@@ -36,136 +38,15 @@ import numpy as np
 import scipy.sparse as sp
 
 from convcg_cli.index.kernels import compiled
+from convcg_cli.index.pages import empty_ordinary
+from convcg_cli.itemcf_select import _row_top, _write_best, best_first
 
-# The k-th largest of many candidates is found among those at or above a threshold read off a strided
-# sample of this many of them (the threshold is checked: at least k candidates pass it, else all count).
-_SAMPLE = 1024
 # A row whose sums touch at least N / _DENSE_DIVISOR stored weights is summed without tracking which
 # columns it touches, then all N sums are scanned: cheaper than tracking when it touches many.
 _DENSE_DIVISOR = 4
 # The flags of a column while a user is scored by product_topk_both.
 _TOUCHED = np.uint8(1)
 _OWN = np.uint8(2)
-
-
-@compiled()
-def best_first(vals: np.ndarray, ranks: np.ndarray) -> np.ndarray:
-    """The positions 0..m-1 of ``vals`` by descending value, ties by ascending ``ranks`` (distinct):
-    ``np.lexsort((ranks, -vals))``, by a bottom-up merge sort (numba compiles it in a fraction of
-    the time it takes for ``np.argsort``)."""
-    m = vals.shape[0]
-    order = np.arange(m)
-    merged = np.empty(m, dtype=np.int64)
-    width = 1
-    while width < m:
-        for lo in range(0, m, 2 * width):
-            mid, hi = min(lo + width, m), min(lo + 2 * width, m)
-            i, j = lo, mid
-            for t in range(lo, hi):
-                if j == hi:
-                    take_right = False
-                elif i == mid:
-                    take_right = True
-                else:
-                    a, b = order[i], order[j]
-                    take_right = vals[b] > vals[a] or (vals[b] == vals[a] and ranks[b] < ranks[a])
-                if take_right:
-                    merged[t] = order[j]
-                    j += 1
-                else:
-                    merged[t] = order[i]
-                    i += 1
-        order, merged = merged, order
-        width *= 2
-    return order
-
-
-@compiled()
-def kth_smallest(a: np.ndarray, k: int) -> float:
-    """The k-th smallest value of ``a`` (0-based; ``np.partition(a, k)[k]``), no NaN among them;
-    ``a`` is reordered. Hoare's selection with median-of-three pivots: compiles in a fraction of the
-    time numba takes for ``np.partition``."""
-    lo, hi = 0, a.shape[0] - 1
-    while lo < hi:
-        x, y, z = a[lo], a[(lo + hi) // 2], a[hi]
-        pivot = max(min(x, y), min(max(x, y), z))
-        i, j = lo, hi
-        while i <= j:
-            while a[i] < pivot:
-                i += 1
-            while pivot < a[j]:
-                j -= 1
-            if i <= j:
-                a[i], a[j] = a[j], a[i]
-                i += 1
-                j -= 1
-        # a[lo..j] <= pivot <= a[i..hi], and what lies between equals the pivot
-        if k <= j:
-            hi = j
-        elif k >= i:
-            lo = i
-        else:
-            break
-    return a[k]
-
-
-@compiled()
-def _keep_from(cols: np.ndarray, vals: np.ndarray, m: int, threshold: float) -> int:
-    """Move the entries of ``cols[:m]``, ``vals[:m]`` whose value is at least ``threshold`` to the
-    front, in order; returns how many there are."""
-    kept = 0
-    for t in range(m):  # without a branch: each entry written, kept by advancing past it
-        value, col = vals[t], cols[t]
-        cols[kept] = col
-        vals[kept] = value
-        kept += value >= threshold
-    return kept
-
-
-@compiled()
-def _keep_top(cols: np.ndarray, vals: np.ndarray, k: int) -> int:
-    """Move the candidates at or above the k-th largest of ``vals`` (k < len(vals): the k best and
-    the rest of the k-th's ties) to the front of ``cols`` and ``vals``; returns how many there are.
-
-    With many candidates, a threshold at most the k-th largest is read off a strided sample first
-    and only the candidates passing it are partitioned: every one at or above the k-th largest passes
-    a threshold that at least k candidates pass, so the result is the same.
-    """
-    m = vals.shape[0]
-    if m >= 4 * _SAMPLE and m >= 8 * k:
-        stride = m // _SAMPLE
-        sample = np.empty(_SAMPLE, dtype=vals.dtype)
-        for t in range(_SAMPLE):
-            sample[t] = vals[t * stride]
-        # about twice the sample's share of the k best, so that k candidates pass it
-        q = min(_SAMPLE, 2 * (k * _SAMPLE // m + 1) + 8)
-        threshold = kth_smallest(sample, _SAMPLE - q)
-        passing = 0
-        for t in range(m):
-            passing += vals[t] >= threshold
-        if passing >= k:
-            m = _keep_from(cols, vals, m, threshold)
-    kth = kth_smallest(vals[:m].copy(), m - k)
-    return _keep_from(cols, vals, m, kth)
-
-
-@compiled()
-def _write_best(cols: np.ndarray, vals: np.ndarray, rank: np.ndarray, out_row: np.ndarray) -> int:
-    """Write into ``out_row`` (length k) the columns ``cols`` of the ``len(out_row)`` largest positive
-    ``vals``, by descending value, ties by ascending ``rank``; ``cols`` and ``vals`` are overwritten
-    (used as scratch). Returns how many were written: min(k, len(cols))."""
-    k = out_row.shape[0]
-    m = cols.shape[0]
-    if m > k:  # keep the entries at or above the k-th largest value: the k best and the rest of its ties
-        m = _keep_top(cols, vals, k)
-    ranks = np.empty(m, dtype=np.int64)
-    for t in range(m):
-        ranks[t] = rank[cols[t]]
-    order = best_first(vals[:m], ranks)
-    n_best = min(m, k)
-    for t in range(n_best):
-        out_row[t] = cols[order[t]]
-    return n_best
 
 
 @compiled()
@@ -418,6 +299,7 @@ def sparse_product_topk(
     *,
     dense_work: int | None = None,
     skip_diagonal: bool = False,
+    dtype: type = np.int64,
 ) -> np.ndarray:
     """Each row's top k of ``profiles[rows] @ weights``: the same lists as
     ``sparse_topk_rows(profiles[rows] @ weights, rank, k)``
@@ -433,9 +315,10 @@ def sparse_product_topk(
         dense_work: from how many stored weights read a row scans all N sums instead of tracking
             the columns it touches (:func:`product_topk`; the same lists either way). None: N / 4.
         skip_diagonal: score with ``weights`` without its diagonal (square), not copying the rest.
+        dtype: of the result, int64 or int32 (when N fits: written as they are found, no copy).
 
     Returns:
-        (C, min(k, N)) int64 column ids, best first.
+        (C, min(k, N)) column ids, best first.
 
     Raises:
         ValueError: a requested row has a negative or NaN score (the scores must be >= 0).
@@ -461,7 +344,11 @@ def sparse_product_topk(
         raise IndexError(f"row index out of range for {n_users} rows.")
     rows = np.where(rows < 0, rows + n_users, rows)
     k = min(int(k), n)
-    out = np.empty((len(rows), max(k, 0)), dtype=np.int64)
+    # written once, row by row: ordinary pages (convcg_cli.index.pages; 263 MB for bench-large's
+    # 32,928 held-out users at k=1000)
+    if np.dtype(dtype) not in (np.dtype(np.int64), np.dtype(np.int32)) or n > np.iinfo(dtype).max + 1:
+        raise ValueError(f"dtype must be int64, or int32 for at most 2**31 columns, got {dtype}.")
+    out = empty_ordinary((len(rows), max(k, 0)), dtype)
     if k < 1 or not len(rows):
         return out
     dtype = np.result_type(profiles.data, weights.data)  # the product's dtype, as scipy upcasts
@@ -497,9 +384,10 @@ def ranked_row_entries(
     column ascending: row r's entries at ``starts[r]:starts[r + 1]`` (int64), the matrix's index and
     value dtypes.
 
-    One pass over the rows: each longer row's kept entries are found by :func:`_keep_top` (on a
-    long row, a threshold read off a sample first, so only the few passing it are partitioned), then
-    sorted (:func:`best_first`, the column as the rank) onto the outputs, which grow as needed.
+    One pass over the rows: each longer row's kept entries are found by :func:`_row_top` (on a
+    long row, a threshold read off a sample first, so only the few passing it are copied and
+    partitioned), then sorted (:func:`best_first`, the column as the rank) onto the outputs, which
+    grow as needed.
     """
     n_rows = indptr.shape[0] - 1
     longest = 0
@@ -514,10 +402,7 @@ def ranked_row_entries(
     size = 0
     for r in range(n_rows):
         a, n = indptr[r], indptr[r + 1] - indptr[r]
-        for t in range(n):
-            vals[t] = data[a + t]
-            row_cols[t] = indices[a + t]
-        kept = n if n <= depth else _keep_top(row_cols[:n], vals[:n], depth)
+        kept = _row_top(indices[a : a + n], data[a : a + n], depth, row_cols, vals)
         order = best_first(vals[:kept], row_cols[:kept])
         if size + kept > capacity:
             while size + kept > capacity:

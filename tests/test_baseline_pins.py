@@ -79,7 +79,7 @@ def _repeat_share_loop(user, item, day, converted) -> float:
     return sum(t in before for t in targets) / len(targets)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(30))
 def test_repeat_share_is_the_loop_over_last_day_conversions(seed):
     rng = np.random.default_rng(seed)
     n = 60
@@ -100,6 +100,9 @@ def test_repeat_share_counts_only_earlier_days_and_never_mixes_pairs():
     assert np.isnan(repeat_share(np.zeros(0, int), np.zeros(0, int), np.zeros(0, int), []))
     assert np.isnan(repeat_share(np.array([0, 1]), np.array([0, 1]), np.array([0, 1]), [True, False]))
     assert repeat_share(np.array([0, 0]), np.array([1, 1]), np.array([0, 1]), [True, True]) == 1.0
+    assert (
+        repeat_share(np.array([0, 0]), np.array([1, 1]), np.array([3, 3]), [True, True]) == 0.0
+    )  # no earlier day
 
 
 # --- ranking -----------------------------------------------------------------------------------------

@@ -143,6 +143,11 @@ def test_query_topk_repeats_each_users_list():
     model = ItemCF().fit(hist)
     users = np.array([4, 1, 4, 0])
     np.testing.assert_array_equal(model.query_topk(users, 3), model.score_topk(users, 3))
+    # the kernel writes the queries' lists as int32; score_topk keeps int64; EASE's are cast
+    assert model.query_topk(users, 3).dtype == np.int32 and model.score_topk(users, 3).dtype == np.int64
+    ease = make_baseline("ease").fit(hist)
+    np.testing.assert_array_equal(ease.query_topk(users, 3), ease.score_topk(users, 3))
+    assert ease.query_topk(users, 3).dtype == np.int32
     popular = MostPopular().fit(hist).query_topk(users, 3)
     assert popular.shape == (4, 3) and not popular.flags.writeable  # a view, not 4 copies
 

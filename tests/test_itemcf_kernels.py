@@ -64,6 +64,16 @@ def test_same_lists_as_the_sparse_product_ranked_by_sparse_topk_rows(seed, index
             got = sparse_product_topk(p, rows, w, rank, k, dense_work=dense_work)
             assert got.dtype == np.int64
             np.testing.assert_array_equal(got, expected)
+        narrow = sparse_product_topk(p, rows, w, rank, k, dtype=np.int32)  # written as int32 directly
+        assert narrow.dtype == np.int32
+        np.testing.assert_array_equal(narrow, expected)
+
+
+def test_lists_are_int64_or_int32_only():
+    profiles, weights = sp.csr_matrix(np.ones((1, 2))), sp.csr_matrix(np.ones((2, 3)))
+    for dtype in (np.int16, np.uint32, np.float64):
+        with pytest.raises(ValueError, match="dtype"):
+            sparse_product_topk(profiles, [0], weights, np.arange(3), 2, dtype=dtype)
 
 
 @pytest.mark.parametrize("dense_work", DENSE_WORK)
@@ -220,7 +230,7 @@ def test_itemcf_score_topk_is_the_chunked_sparse_product(options):
 
 
 def test_kth_smallest_is_numpys_partition():
-    from convcg_cli.itemcf_kernels import kth_smallest
+    from convcg_cli.itemcf_select import kth_smallest
 
     rng = np.random.default_rng(5)
     for size in (1, 2, 3, 10, 100, 1000):
@@ -231,13 +241,23 @@ def test_kth_smallest_is_numpys_partition():
 
 
 def test_best_first_is_lexsort_by_descending_value_then_rank():
-    from convcg_cli.itemcf_kernels import best_first
+    from convcg_cli.itemcf_select import best_first
 
     rng = np.random.default_rng(6)
-    for size in (0, 1, 2, 3, 7, 16, 17, 100, 1000):
-        for values in (rng.random(size), rng.integers(0, 4, size=size) / 4.0, np.full(size, 0.5)):
-            ranks = rng.permutation(size)
-            np.testing.assert_array_equal(best_first(values, ranks), np.lexsort((ranks, -values)))
+    for size in (0, 1, 2, 3, 7, 16, 17, 100, 699, 700, 701, 1000, 3000):  # merged, then radix passes
+        signed_zeros = np.where(rng.random(size) < 0.5, 0.0, -0.0)  # equal: their order is the ranks'
+        for values in (
+            rng.random(size),
+            rng.integers(0, 4, size=size) / 4.0,
+            np.full(size, 0.5),
+            signed_zeros,
+            rng.standard_normal(size) * np.where(rng.random(size) < 0.5, 1e-300, 1e300),
+            np.where(rng.random(size) < 0.3, -rng.integers(0, 3, size=size) / 2.0, rng.random(size)),
+        ):
+            for ranks in (rng.permutation(size), rng.choice(2**31 - 1, size=size, replace=False)):
+                for dtype in (np.int64, np.int32):
+                    got = best_first(values, ranks.astype(dtype))
+                    np.testing.assert_array_equal(got, np.lexsort((ranks, -values)))
 
 
 def _ranked_reference(m: sp.csr_matrix, depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

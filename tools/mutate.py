@@ -166,11 +166,7 @@ HAND_MUTANTS: tuple[tuple[str, str, str], ...] = (
         "return ce.mean()\n\n\nclass TableLogQ",
     ),
     ("baselines", "topk = baseline.query_topk(users, k)", "topk = baseline.query_topk(users, 1)"),
-    (
-        "baselines",
-        "earlier = np.unique(user_pos[day < last] * n_items + item_pos[day < last])",
-        "earlier = np.unique(user_pos * n_items + item_pos)",
-    ),
+    ("baselines", "before = day < last", "before = day <= last"),
 )
 
 # The survivors of the issue 26 audit (each would be a real bug) and the test written to kill it: the
@@ -251,8 +247,7 @@ WATCHED: dict[tuple[str, str], str] = {
     ): "tests/test_baseline_pins.py::test_popularity_ignores_the_user_history_unless_asked",
     (
         "baselines",
-        "hand: earlier = np.unique(user_pos[day < last] * n_items + item_pos[day < last]) "
-        "-> earlier = np.unique(user_pos * n_items + item_pos)",
+        "hand: before = day < last -> before = day <= last",
     ): "tests/test_baseline_pins.py::test_repeat_share_counts_only_earlier_days_and_never_mixes_pairs",
     (
         "baselines",

@@ -38,6 +38,7 @@ from convcg_cli.data.contract.tables import (
     METADATA_FILE,
     load_tables,
     missing_file,
+    reload_table,
     validate_tables,
     write_tables,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "load_schemas",
     "load_tables",
     "missing_file",
+    "reload_table",
     "validate_frames",
     "validate_tables",
     "write_tables",
