@@ -384,9 +384,71 @@ def test_eval_section_times_every_step_of_convcg_eval(tiny_data, tmp_path):
     again = [s["step"] for s in figures_["steps_again"]]  # the next run reads the baselines' runs
     assert any(n.startswith("Reading baseline popularity") for n in again)
     assert not any(n.startswith("Scoring baseline") for n in again)
+    # each of those two ran in a process of its own, which took longer than its evaluation
+    assert (
+        figures_["process_s"] > figures_["total_s"]
+        and figures_["process_again_s"] > figures_["total_again_s"]
+    )
+    # then both in this process: the first scored its baselines again, the next read their runs
+    inside = figures_["in_process"]
+    assert any(s["step"] == "Scoring baseline popularity" for s in inside["first"]["steps"])
+    assert any(s["step"].startswith("Reading baseline popularity") for s in inside["next"]["steps"])
     text = "\n".join(report_commands.eval_section({"eval": [figures_]}))
-    assert text.startswith("## (h)") and "all of `convcg eval`" in text
+    assert text.startswith("## (h)") and "all of `convcg eval`" in text and "in one process" in text
     assert report_commands.eval_section({}) == []
+    ratio = figures_["total_s"] / figures_["total_again_s"]
+    assert figures.eval_metrics({"eval": [figures_]})[figures.FIRST_EVAL_OVER_NEXT] == pytest.approx(ratio)
+    rows = report_commands.eval_verdicts({"eval": [figures_]})
+    assert rows[0][1] == f"{ratio:.2f}x" and rows[0][2] == "<= 2x"
+    assert rows[0][3] == ("pass" if ratio <= 2 else "**FAIL**")
+
+
+def _eval_point(first: float, again: float, in_first: float, in_next: float) -> dict:
+    step = [{"step": "Searching the top 1000 items", "seconds": 1.0}]
+    return {
+        "data": "bench-large",
+        "items": 10,
+        "queries": 5,
+        "k": 10,
+        "exact_topk_s": 0.5,
+        "total_s": first,
+        "steps": step,
+        "total_again_s": again,
+        "steps_again": step,
+        "process_s": first + 2.0,
+        "process_again_s": again + 2.0,
+        "in_process": {
+            "first": {"total_s": in_first, "steps": step},
+            "next": {"total_s": in_next, "steps": step},
+        },
+    }
+
+
+def test_the_eval_target_is_the_bench_presets_first_over_next_as_processes():
+    small, large = _eval_point(4.0, 1.0, 4.0, 0.5), _eval_point(30.0, 15.5, 28.0, 10.0)
+    got = figures.eval_metrics({"eval": [small, large]})
+    assert got[figures.FIRST_EVAL_OVER_NEXT] == pytest.approx(30.0 / 15.5)  # the last point's: large
+    assert got[figures.FIRST_EVAL_OVER_NEXT_IN_PROCESS] == pytest.approx(2.8)
+    assert got["bench/eval/bench-large/process_again_s"] == 17.5
+    rows = report_commands.eval_verdicts({"eval": [small, large]})
+    assert rows[0][1:] == ["1.94x", "<= 2x", "pass"] and rows[1][1] == "2.80x"
+    assert report_commands.eval_verdicts({"eval": [_eval_point(31.0, 15.4, 1.0, 1.0)]})[0][-1] == "**FAIL**"
+    text = "\n".join(report_commands.eval_section({"eval": [large]}))
+    assert (
+        "**1.94x** as processes" in text
+        and "1.83x whole processes" in text
+        and "2.80x in one process" in text
+    )
+    # results saved before the processes were timed: their one-process ratio, and no target row
+    old = {k: v for k, v in large.items() if k not in ("in_process", "process_s", "process_again_s")}
+    assert figures.eval_metrics({"eval": [old]}) == {
+        "bench/eval/bench-large/first_s": 30.0,
+        "bench/eval/bench-large/next_s": 15.5,
+        figures.FIRST_EVAL_OVER_NEXT_IN_PROCESS: pytest.approx(30.0 / 15.5),
+    }
+    assert report_commands.eval_verdicts({"eval": [old]}) == []
+    assert "in one process:" not in "\n".join(report_commands.eval_section({"eval": [old]}))
+    assert "in one process: first run" in text
 
 
 def test_step_flops_count_forward_and_backward_matmuls_with_their_shapes():

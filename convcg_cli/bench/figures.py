@@ -19,6 +19,10 @@ SERVING_ANN_SPEEDUP = "bench/corpus/serving_ann/speedup"
 SERVE_PYFUNC_P99 = "bench/serve/ivf/p99_ms"
 SERVE_HTTP_OVER_PYFUNC = "bench/serve/ivf/http_over_pyfunc_p99_ms"
 SERVED_LARGEST_P99 = "bench/corpus/served/p99_ms"
+# The bench preset's first `convcg eval` over the next (baselines' runs reused), each in a fresh
+# process as the command runs (h); and both in one process, as a grid's cells run.
+FIRST_EVAL_OVER_NEXT = "bench/eval/first_over_next"
+FIRST_EVAL_OVER_NEXT_IN_PROCESS = "bench/eval/first_over_next_in_process"
 TARGETS = {
     LIGHTNING_VS_BARE: 0.9,
     DATA_VS_MODEL: 5.0,
@@ -32,6 +36,20 @@ CEILINGS = {
     SERVE_HTTP_OVER_PYFUNC: 3.0,  # what /invocations adds to it at p99
     SERVED_LARGEST_P99: 5.0,  # pyfunc predict p99, the ANN-served model at the largest corpus (j)
 }
+# Targets a ratio must stay at or under.
+RATIO_CEILINGS = {
+    FIRST_EVAL_OVER_NEXT: 2.0,  # the first convcg eval on the bench preset over the next (h)
+}
+
+
+def verdict(value: float, target: float) -> str:
+    """``pass`` when ``value`` reaches ``target``, else a bold FAIL."""
+    return "pass" if value >= target else "**FAIL**"
+
+
+def ceiling_verdict(value: float, ceiling: float) -> str:
+    """``pass`` when ``value`` stays at or under ``ceiling``, else a bold FAIL."""
+    return "pass" if value <= ceiling else "**FAIL**"
 
 
 def metrics(results: Mapping[str, Any]) -> dict[str, float]:
@@ -60,6 +78,7 @@ def metrics(results: Mapping[str, Any]) -> dict[str, float]:
         out[EXACT_VS_GEMM] = ret["exact_vs_gemm"]
     out.update(corpus_metrics(results))
     out.update(serve_metrics(results))
+    out.update(eval_metrics(results))
     for task, value in ret["exact_recall"].items():
         out[f"bench/retrieval/exact/{task}/recall"] = value
     for r in ret["ann_runs"]:
@@ -96,6 +115,31 @@ def serve_metrics(results: Mapping[str, Any]) -> dict[str, float]:
         out[SERVE_PYFUNC_P99] = ivf["p99_ms"]
         if "http_p99_ms" in ivf:
             out[SERVE_HTTP_OVER_PYFUNC] = ivf["http_p99_ms"] - ivf["p99_ms"]
+    return out
+
+
+def eval_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    """``convcg eval``'s first and next run per data set (h), in seconds, and the bench preset's
+    (the last measured) first-over-next ratios, where measured: as processes (the target) and in one
+    process (results saved before the processes were timed have the latter only, as their ratio)."""
+    points = [p for p in results.get("eval", []) if "total_again_s" in p]
+    out: dict[str, float] = {}
+    for point in points:
+        prefix = f"bench/eval/{point['data']}"
+        out[f"{prefix}/first_s"], out[f"{prefix}/next_s"] = point["total_s"], point["total_again_s"]
+        for name in ("process_s", "process_again_s"):
+            if name in point:
+                out[f"{prefix}/{name}"] = point[name]
+    if points:
+        last = points[-1]
+        in_process = last.get("in_process")
+        if in_process is None:  # older results: both runs were timed in the step's process
+            out[FIRST_EVAL_OVER_NEXT_IN_PROCESS] = last["total_s"] / last["total_again_s"]
+        else:
+            out[FIRST_EVAL_OVER_NEXT] = last["total_s"] / last["total_again_s"]
+            out[FIRST_EVAL_OVER_NEXT_IN_PROCESS] = (
+                in_process["first"]["total_s"] / in_process["next"]["total_s"]
+            )
     return out
 
 

@@ -26,6 +26,7 @@ from convcg_cli.bench.figures import (
     SERVING_ANN_OVERLAP,
     SERVING_ANN_SPEEDUP,
     TARGETS,
+    ceiling_verdict,
     corpus_exponents,
     corpus_metrics,
     memory_exponents,
@@ -33,19 +34,10 @@ from convcg_cli.bench.figures import (
     serve_metrics,
     serving_run,
     step_figures,
+    verdict,
 )
-from convcg_cli.bench.report_commands import eval_section, grid_section, serving_section
+from convcg_cli.bench.report_commands import eval_section, eval_verdicts, grid_section, serving_section
 from convcg_cli.markdown import table
-
-
-def verdict(value: float, target: float) -> str:
-    """``pass`` when ``value`` reaches ``target``, else a bold FAIL."""
-    return "pass" if value >= target else "**FAIL**"
-
-
-def ceiling_verdict(value: float, ceiling: float) -> str:
-    """``pass`` when ``value`` stays at or under ``ceiling``, else a bold FAIL."""
-    return "pass" if value <= ceiling else "**FAIL**"
 
 
 def serve_verdicts(results: Mapping[str, Any]) -> list[list[str]]:
@@ -120,6 +112,7 @@ def _header(cfg: DictConfig, results: Mapping[str, Any]) -> list[str]:
         *memory_verdict(results),
         *search_verdicts(results),
         *serve_verdicts(results),
+        *eval_verdicts(results),
     ]
     return [
         "# convcg benchmarks",

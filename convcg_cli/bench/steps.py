@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 import warnings
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from convcg_cli.bench.measure import (
     Clock,
@@ -405,13 +406,21 @@ def step_corpus(cfg: DictConfig, workdir: str, items: int) -> dict:
 
 def step_eval(cfg: DictConfig, workdir: str, data_dir: str, preset: str | None = None) -> dict:
     """(h) Where ``convcg eval``'s time goes: a run of the default design trained briefly on
-    ``data_dir`` (synthesised from ``preset`` first when given), then evaluated exactly as
-    ``convcg eval`` does (baselines, bootstrap CIs, logging), every step it shows timed; then once
-    more, as the next run on the same data is (its baselines' runs reused). The reference is the bare
-    ``exact_topk`` of as many random queries over as many items, in this process."""
+    ``data_dir`` (synthesised from ``preset`` first when given), then evaluated as ``convcg eval``
+    does (baselines, bootstrap CIs, logging), every step it shows timed:
+
+    * twice in fresh processes (:func:`step_eval_once`), as two ``convcg eval`` commands run: the
+      first on these data (its baselines scored and logged as runs), then the next (their runs
+      reused; the bootstrap draws and compiled kernels loaded again, as a new process does);
+    * then twice in this process, as the cells of a grid are: the first scoring its baselines again
+      (``reuse_baseline_runs=false``), the next reusing their runs and the first's bootstrap draws.
+
+    The reference is the bare ``exact_topk`` of as many random queries over as many items, in this
+    process."""
     import numpy as np
 
     from convcg_cli import progress
+    from convcg_cli.bench.runner import _run_step
     from convcg_cli.config import compose
     from convcg_cli.data.importing import synth
     from convcg_cli.evaluate import evaluate
@@ -428,16 +437,31 @@ def step_eval(cfg: DictConfig, workdir: str, data_dir: str, preset: str | None =
     trained = train(trained_cfg)
     store = [o for o in overrides if o.startswith("logger.")]
     eval_overrides = [*store, f"baselines={list(e.baselines)}", f"bootstrap.n_boot={int(e.n_boot)}"]
-    eval_cfg = compose("eval", eval_overrides)
-    start = time.perf_counter()
-    with progress.recorded() as steps:
-        result = evaluate(eval_cfg, trained.run_id)
-    total = time.perf_counter() - start
-    # Again, as a second run on the same data is evaluated: the baselines' runs are found and reused.
-    start = time.perf_counter()
-    with progress.recorded() as steps_again:
-        evaluate(eval_cfg, trained.run_id)
-    total_again = time.perf_counter() - start
+    env = dict(os.environ)  # the runner's thread limits
+    if not (Path(workdir) / "bench.yaml").is_file():  # the children read the config the runner saved
+        OmegaConf.save(cfg, Path(workdir) / "bench.yaml")
+    processes = {
+        which: _run_step(
+            "eval_once",
+            f"{Path(data_dir).name}-eval-{which}",
+            Path(workdir),
+            env,
+            run_id=trained.run_id,
+            overrides=eval_overrides,
+        )
+        for which in ("first", "next")
+    }
+    # In this process, as a grid's cells: the first scores its baselines again, the next reuses them.
+    in_process = {}
+    for which, extra in (("first", ["reuse_baseline_runs=false"]), ("next", [])):
+        eval_cfg = compose("eval", [*eval_overrides, *extra])
+        start = time.perf_counter()
+        with progress.recorded() as steps:
+            result = evaluate(eval_cfg, trained.run_id)
+        in_process[which] = {
+            "total_s": time.perf_counter() - start,
+            "steps": [{"step": name, "seconds": seconds} for name, seconds in steps],
+        }
     n_queries = result.n_queries
     items = _items_in(data_dir)
     rng = np.random.default_rng(cfg.seed)
@@ -448,16 +472,38 @@ def step_eval(cfg: DictConfig, workdir: str, data_dir: str, preset: str | None =
     reference = time.perf_counter()
     exact_topk(queries, corpus, k)
     exact_s = time.perf_counter() - reference
+    first, again = processes["first"], processes["next"]
     return {
         "data": Path(data_dir).name,
         "items": items,
         "queries": n_queries,
         "k": k,
-        "total_s": total,
-        "steps": [{"step": name, "seconds": seconds} for name, seconds in steps],
-        "total_again_s": total_again,
-        "steps_again": [{"step": name, "seconds": seconds} for name, seconds in steps_again],
+        "total_s": first["total_s"],
+        "steps": first["steps"],
+        "total_again_s": again["total_s"],
+        "steps_again": again["steps"],
+        "process_s": first["process_s"],
+        "process_again_s": again["process_s"],
+        "in_process": in_process,
         "exact_topk_s": exact_s,
+    }
+
+
+def step_eval_once(cfg: DictConfig, workdir: str, run_id: str, overrides: list[str]) -> dict:
+    """One ``convcg eval`` of run ``run_id`` with ``overrides`` in this (fresh) process: the eval
+    config composed, then :func:`~convcg_cli.evaluate.evaluate` timed step by step (as the in-process
+    runs of :func:`step_eval`; the runner times the whole process)."""
+    from convcg_cli import progress
+    from convcg_cli.config import compose
+    from convcg_cli.evaluate import evaluate
+
+    eval_cfg = compose("eval", list(overrides))
+    start = time.perf_counter()
+    with progress.recorded() as steps:
+        evaluate(eval_cfg, run_id)
+    return {
+        "total_s": time.perf_counter() - start,
+        "steps": [{"step": name, "seconds": seconds} for name, seconds in steps],
     }
 
 
@@ -485,5 +531,6 @@ STEPS: dict[str, Callable[..., dict]] = {
     "scale": step_scale,
     "memory": step_memory,
     "eval": step_eval,
+    "eval_once": step_eval_once,
     "grid": step_grid,
 }
