@@ -1,5 +1,6 @@
 """``reload_table``: a table read again as ``load_tables`` returns it, checked again unless this
-process checked the very same file (same inode, size and times) with the same schema."""
+process checked the same directory whole, with the same schemas, and none of its files has changed
+since (same inode, size and times)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def test_a_file_checked_by_this_process_is_read_again_without_its_checks(logs, c
 
 def test_a_file_never_checked_or_changed_since_is_checked_again(logs, checks):
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(tables, "_validated", {})  # nothing checked by this process yet
+        m.setattr(tables, "_checked", {})  # nothing checked by this process yet
         reload_table(logs, "impressions")
         assert checks == [sorted(load_schemas())]  # the whole directory, references too
         reload_table(logs, "impressions")  # that load checked it: not again
@@ -54,11 +55,26 @@ def test_a_file_never_checked_or_changed_since_is_checked_again(logs, checks):
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same bytes and times: ctime moves
         reload_table(logs, "impressions")
         assert len(checks) == 2
-        # the schema checked must be the one asked for: another contract is checked again
+        # the schemas checked must be the ones asked for: another contract is checked again
         schemas = load_schemas()
         other = {**schemas, "impressions": dataclasses.replace(schemas["impressions"], primary_key=())}
         reload_table(logs, "impressions", other)
         assert len(checks) == 3
+        reload_table(logs, "impressions")  # the last check was against the other contract
+        assert len(checks) == 4
+        # a table checked alone (no references to the others) does not count as checked whole
+        load_tables(logs, {"impressions": schemas["impressions"]})
+        reload_table(logs, "impressions")
+        assert len(checks) == 6
+
+
+def test_another_table_changed_since_the_check_means_checking_again(logs, checks):
+    load_tables(logs)
+    items, shown = logs / "items.parquet", pl.read_parquet(logs / "impressions.parquet")["item_id"][0]
+    pl.read_parquet(items).filter(pl.col("item_id") != shown).write_parquet(items)  # a shown item removed
+    with pytest.raises(DataValidationError, match="item_id"):  # the impressions now point at nothing
+        reload_table(logs, "impressions")
+    assert len(checks) == 2
 
 
 def test_a_file_rewritten_with_bad_rows_after_its_check_is_refused(logs, checks):
