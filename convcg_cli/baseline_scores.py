@@ -270,12 +270,13 @@ class _RankedRows:
 
 
 def query_rows(lists: np.ndarray, inverse: np.ndarray) -> np.ndarray:
-    """Each query's list: row ``inverse[q]`` of the users' ``lists``, as int32 (half the copy; the
-    recall code accepts any integer dtype), written once into ordinary pages
+    """Each query's list: row ``inverse[q]`` of the users' ``lists``, as int32 when every id fits
+    (half the copy; the recall code accepts any integer dtype), written once into ordinary pages
     (:mod:`convcg_cli.index.pages`: 238 MB for ``bench-large``'s 59,480 held-out queries at k=1000)."""
     inverse = inverse.ravel()
-    lists = lists.astype(np.int32, copy=False)
-    out = empty_ordinary((len(inverse), lists.shape[1]), np.int32)
+    if lists.dtype.itemsize > 4 and lists.max(initial=0) <= np.iinfo(np.int32).max:
+        lists = lists.astype(np.int32)
+    out = empty_ordinary((len(inverse), lists.shape[1]), lists.dtype)
     return np.take(lists, inverse, axis=0, out=out)
 
 

@@ -420,3 +420,15 @@ def test_shrinkage_counts_read_off_the_cosine_are_exact_for_many_users():
     for include_self, shrinkage in ((True, 1.0), (False, 3000.0)):
         model = ItemCF(include_self=include_self, shrinkage=shrinkage).fit(hist)
         _assert_same_entries(model.weights, _direct_itemcf_weights(x, include_self, 0, shrinkage))
+
+
+def test_query_rows_narrow_to_int32_only_when_every_id_fits():
+    from convcg_cli.baseline_scores import query_rows
+
+    lists = np.array([[3, 1], [0, 2]], dtype=np.int64)
+    got = query_rows(lists, np.array([1, 0, 1]))
+    assert got.dtype == np.int32 and got.tolist() == [[0, 2], [3, 1], [0, 2]]
+    wide = np.array([[2**31, 1]], dtype=np.int64)  # an id past int32: kept as it is
+    assert query_rows(wide, np.array([0, 0])).tolist() == [[2**31, 1]] * 2
+    assert query_rows(wide, np.array([0])).dtype == np.int64
+    assert query_rows(np.zeros((0, 3), dtype=np.int64), np.zeros(0, dtype=np.int64)).shape == (0, 3)
