@@ -127,7 +127,7 @@ def eval_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     for point in points:
         prefix = f"bench/eval/{point['data']}"
         out[f"{prefix}/first_s"], out[f"{prefix}/next_s"] = point["total_s"], point["total_again_s"]
-        for name in ("process_s", "process_again_s"):
+        for name in ("first_process_s", "next_process_s"):
             if name in point:
                 out[f"{prefix}/{name}"] = point[name]
     if points:

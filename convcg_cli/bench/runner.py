@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 def _run_step(name: str, label: str, workdir: Path, env: Mapping[str, str], **kwargs: Any) -> dict:
     """Run step ``name(cfg, workdir, **kwargs)`` in a fresh interpreter with environment ``env``;
-    return its figures plus ``wall_s`` (the step), ``process_s`` (the interpreter's whole life, as
-    seen from here) and ``peak_rss_mib``. Its output goes to ``<workdir>/<label>.log``."""
+    return its figures plus ``wall_s`` (the step), ``interpreter_s`` (the interpreter's whole life,
+    as seen from here) and ``peak_rss_mib``. Its output goes to ``<workdir>/<label>.log``."""
     out = workdir / f"{label}.json"
     log = workdir / f"{label}.log"
     cmd = [
@@ -39,8 +39,8 @@ def _run_step(name: str, label: str, workdir: Path, env: Mapping[str, str], **kw
             f"bench step '{label}' failed (exit {done.returncode}):\n{log.read_text()[-4000:]}"
         )
     result = json.loads(out.read_text())
-    result["process_s"] = time.perf_counter() - start  # the whole interpreter: start, imports, the step
-    print(f"{result['process_s']:.0f} s, peak {result['peak_rss_mib']:.0f} MiB", flush=True)
+    result["interpreter_s"] = time.perf_counter() - start  # the whole interpreter: start, imports, the step
+    print(f"{result['interpreter_s']:.0f} s, peak {result['peak_rss_mib']:.0f} MiB", flush=True)
     return result
 
 

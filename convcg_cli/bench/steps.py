@@ -482,8 +482,8 @@ def step_eval(cfg: DictConfig, workdir: str, data_dir: str, preset: str | None =
         "steps": first["steps"],
         "total_again_s": again["total_s"],
         "steps_again": again["steps"],
-        "process_s": first["process_s"],
-        "process_again_s": again["process_s"],
+        "first_process_s": first["interpreter_s"],
+        "next_process_s": again["interpreter_s"],
         "in_process": in_process,
         "exact_topk_s": exact_s,
     }
