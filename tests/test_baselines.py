@@ -428,6 +428,7 @@ def test_query_rows_narrow_to_int32_only_when_every_id_fits():
     lists = np.array([[3, 1], [0, 2]], dtype=np.int64)
     got = query_rows(lists, np.array([1, 0, 1]))
     assert got.dtype == np.int32 and got.tolist() == [[0, 2], [3, 1], [0, 2]]
+    assert query_rows(np.array([[2**31 - 1]], dtype=np.int64), np.array([0])).dtype == np.int32  # fits
     wide = np.array([[2**31, 1]], dtype=np.int64)  # an id past int32: kept as it is
     assert query_rows(wide, np.array([0, 0])).tolist() == [[2**31, 1]] * 2
     assert query_rows(wide, np.array([0])).dtype == np.int64
