@@ -167,6 +167,25 @@ def _keep_from(cols: np.ndarray, vals: np.ndarray, m: int, threshold: float) -> 
     return kept
 
 
+@compiled(inline="always")
+def _sampled(m: int, k: int) -> bool:
+    """Whether the k best of ``m`` candidates are looked for above a sample's threshold first."""
+    return m >= 4 * _SAMPLE and m >= 8 * k
+
+
+@compiled()
+def _sample_threshold(values: np.ndarray, k: int) -> float:
+    """A threshold read off a strided sample of ``_SAMPLE`` of ``values``: about twice the sample's
+    share of the k best pass it, so that usually k of ``values`` do (the callers check)."""
+    m = values.shape[0]
+    stride = m // _SAMPLE
+    sample = np.empty(_SAMPLE, dtype=values.dtype)
+    for t in range(_SAMPLE):
+        sample[t] = values[t * stride]
+    q = min(_SAMPLE, 2 * (k * _SAMPLE // m + 1) + 8)
+    return kth_smallest(sample, _SAMPLE - q)
+
+
 @compiled()
 def _keep_top(cols: np.ndarray, vals: np.ndarray, k: int) -> int:
     """Move the candidates at or above the k-th largest of ``vals`` (k < len(vals): the k best and
@@ -177,14 +196,8 @@ def _keep_top(cols: np.ndarray, vals: np.ndarray, k: int) -> int:
     a threshold that at least k candidates pass, so the result is the same.
     """
     m = vals.shape[0]
-    if m >= 4 * _SAMPLE and m >= 8 * k:
-        stride = m // _SAMPLE
-        sample = np.empty(_SAMPLE, dtype=vals.dtype)
-        for t in range(_SAMPLE):
-            sample[t] = vals[t * stride]
-        # about twice the sample's share of the k best, so that k candidates pass it
-        q = min(_SAMPLE, 2 * (k * _SAMPLE // m + 1) + 8)
-        threshold = kth_smallest(sample, _SAMPLE - q)
+    if _sampled(m, k):
+        threshold = _sample_threshold(vals, k)
         passing = 0
         for t in range(m):
             passing += vals[t] >= threshold
@@ -223,13 +236,8 @@ def _row_top(
     the row once: on a long row the sample's threshold is applied while copying, and only the
     entries passing it are partitioned."""
     n = row_data.shape[0]
-    if n > k and n >= 4 * _SAMPLE and n >= 8 * k:
-        stride = n // _SAMPLE
-        sample = np.empty(_SAMPLE, dtype=row_data.dtype)
-        for t in range(_SAMPLE):
-            sample[t] = row_data[t * stride]
-        q = min(_SAMPLE, 2 * (k * _SAMPLE // n + 1) + 8)  # as _keep_top: the same threshold
-        threshold = kth_smallest(sample, _SAMPLE - q)
+    if n > k and _sampled(n, k):
+        threshold = _sample_threshold(row_data, k)  # as _keep_top's
         passing = 0
         for t in range(n):  # without a branch: each entry written, kept by advancing past it
             value = row_data[t]
