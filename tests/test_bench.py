@@ -515,13 +515,26 @@ def test_report_renders_the_flops_and_grid_sections():
 def test_grid_step_times_the_grid_both_ways_with_the_same_figures(tmp_path, monkeypatch):
     from convcg_cli.bench.grid import TRAINING
     from convcg_cli.bench.steps import step_grid
+    from convcg_cli.data.loading.prepared import PreparedDataCache
 
+    served = []  # for each set-up through a grid's cache: whether the cache served it
+    setup = PreparedDataCache.setup
+
+    def counted(self, dm, stage):
+        hits = self.hits
+        setup(self, dm, stage)
+        served.append(self.hits > hits)
+
+    monkeypatch.setattr(PreparedDataCache, "setup", counted)
     monkeypatch.setenv("CONVCG_HOME", str(tmp_path / "home"))  # the step sets it per run
     figures_ = step_grid(bench_config([], quick=True), str(tmp_path), "small")
     assert figures_["same_figures"] and figures_["cells"] == 2
     before, after = figures_["runs"]
     assert (before["reuse_data"], after["reuse_data"]) == (False, True)
-    assert after["phases"]["data setup"] < before["phases"]["data setup"]
+    # Only the run that reuses the data goes through a cache, and it serves every set-up but the
+    # first (2 cells: 2 trainings and 2 evaluations). Counted, not timed: the seconds are the
+    # benchmark's figure, and on tiny data a busy machine can swap their order.
+    assert served == [False, True, True, True]
     assert before["phases"][TRAINING] > 0 and before["figures"].keys() == after["figures"].keys()
     step = figures_["step"]
     assert step["matmuls"] > 0 and step["matmul_gflop"] > 0 and 0 < step["vs_gemm"] < 5
