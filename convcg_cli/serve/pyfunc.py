@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
@@ -21,8 +22,32 @@ from convcg_cli.serve.model import DEFAULT_K, CandidateModel
 BUNDLE_ARTIFACT = "bundle"  # the name of the bundle directory among the model's artifacts
 
 
+class Candidates(pd.DataFrame):
+    """The table ``predict`` returns: a pandas DataFrame in every way (what is derived from it is a
+    plain DataFrame), whose ``to_dict(orient="records")`` reads each numeric column's array once.
+
+    That call is how ``mlflow models serve`` turns the answer into JSON, and pandas boxes it value
+    by value: ~370 µs for one request's 100 rows (pandas 3.1; ~590 µs on a subclass, whose fast
+    paths pandas skips), against ~50 µs here. The records are the same Python ints and floats, so
+    the JSON is the same text (tests/serve/test_pyfunc.py). Any other orient or argument, or a
+    column that is not a numpy number, goes to pandas.
+    """
+
+    def to_dict(self, orient: str = "dict", *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        column_array = getattr(self, "_get_column_array", None)  # pandas' own, since 1.x
+        plain = orient != "records" or args or kwargs or not self.shape[1] or not self.columns.is_unique
+        if plain or column_array is None:
+            return super().to_dict(orient, *args, **kwargs)
+        arrays = [column_array(i) for i in range(self.shape[1])]
+        if not all(isinstance(a, np.ndarray) and a.dtype.kind in "iuf" for a in arrays):
+            return super().to_dict(orient, *args, **kwargs)
+        names = list(self.columns)
+        return [dict(zip(names, row, strict=True)) for row in zip(*(a.tolist() for a in arrays), strict=True)]
+
+
 class CandidateGenerator(PythonModel):
-    """Top-K candidates per request (pandas DataFrame in, long DataFrame out); ``k`` is a param."""
+    """Top-K candidates per request (pandas DataFrame in, long DataFrame out: :class:`Candidates`);
+    ``k`` is a param."""
 
     def load_context(self, context) -> None:
         """Read the bundle and build the query tower and the item index once per process."""
@@ -36,6 +61,6 @@ class CandidateGenerator(PythonModel):
         through another table library)."""
         k = (params or {}).get("k", DEFAULT_K)
         try:
-            return pd.DataFrame(self.model.rank(model_input, k), copy=False)
+            return Candidates(self.model.rank(model_input, k), copy=False)
         except RequestError as exc:
             raise tracking.invalid_request(str(exc)) from None

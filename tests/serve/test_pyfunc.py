@@ -14,6 +14,7 @@ from convcg_cli.blend import with_bias
 from convcg_cli.builders import build_datamodule
 from convcg_cli.evaluate import embed_split, load_trained_model, served_blend
 from convcg_cli.index import ExactIndex
+from convcg_cli.serve.pyfunc import Candidates
 from tests.serve.conftest import store_of
 
 K = 20
@@ -58,7 +59,7 @@ def test_predict_returns_what_eval_ranks(served, eval_side):
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     out = model.predict(heldout_requests(dm, n), params={"k": K})
     assert list(out.columns) == ["request", "rank", "item_id", "score"]
-    assert len(out) == n * K
+    assert type(out) is Candidates and len(out) == n * K
     assert (out.groupby("request")["rank"].apply(list) == [list(range(1, K + 1))] * n).all()
     items = out["item_id"].to_numpy().reshape(n, K)
     assert np.array_equal(items, dm.items.item_ids[eval_ids[:n]])
@@ -112,3 +113,59 @@ def test_model_has_a_signature_with_the_k_param_and_an_input_example(served):
     assert info.signature.params.to_dict()[0]["name"] == "k"
     assert [c["name"] for c in info.signature.inputs.to_dict()][:2] == ["user_id", "surface"]
     assert info.saved_input_example_info is not None
+
+
+def _records_json(frame: pd.DataFrame) -> str:
+    """The answer ``mlflow models serve`` writes for ``frame`` (its own function)."""
+    from io import StringIO
+
+    from mlflow.pyfunc.scoring_server import predictions_to_json
+
+    out = StringIO()
+    predictions_to_json(frame, out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("n", [0, 1, 100])
+def test_candidates_records_are_pandas_own_and_the_same_json(n):
+    rng = np.random.default_rng(n)
+    columns = {
+        "request": np.repeat(np.arange(n // 10 + 1, dtype=np.int64), 10)[:n],
+        "rank": np.arange(1, n + 1, dtype=np.int64),
+        "item_id": rng.integers(-(2**62), 2**62, n),
+        "score": rng.standard_normal(n).astype(np.float32),
+    }
+    if n:
+        columns["score"][0] = np.nan
+        columns["item_id"][-1] = np.iinfo(np.int64).max
+    fast, plain = Candidates(columns, copy=False), pd.DataFrame(columns, copy=False)
+    assert type(fast.to_dict(orient="records")) is list
+    # str: the values and their Python types (np.int64(1) prints otherwise), NaN included
+    assert str(fast.to_dict(orient="records")) == str(plain.to_dict(orient="records"))
+    assert _records_json(fast) == _records_json(plain)
+    for orient in ("dict", "list", "split", "index", "tight"):  # pandas' own
+        assert str(fast.to_dict(orient=orient)) == str(plain.to_dict(orient=orient))
+    assert type(fast.head()) is pd.DataFrame and type(fast[["score"]]) is pd.DataFrame
+
+
+def test_candidates_records_leave_other_columns_to_pandas():
+    from collections import OrderedDict
+
+    mixed = {"item_id": np.arange(3), "surface": ["a", "b", None], "seen": np.array([True, False, True])}
+    fast, plain = Candidates(mixed), pd.DataFrame(mixed)
+    assert fast.to_dict(orient="records") == plain.to_dict(orient="records")
+    assert _records_json(fast) == _records_json(plain)
+    numbers = Candidates({"a": [1, 2], "b": [0.5, 1.5]})
+    records = numbers.to_dict(orient="records", into=OrderedDict)
+    assert all(type(r) is OrderedDict for r in records) and records[1] == {"a": 2, "b": 1.5}
+    assert Candidates({"a": [1, 2]}, index=[5, 6]).to_dict(orient="records") == [{"a": 1}, {"a": 2}]
+    same_name = Candidates(np.arange(4).reshape(2, 2), columns=["a", "a"])
+    assert same_name.to_dict(orient="records") == pd.DataFrame(
+        np.arange(4).reshape(2, 2), columns=["a", "a"]
+    ).to_dict(orient="records")
+
+
+def test_candidates_records_of_numbers_do_not_box_through_pandas(monkeypatch):
+    frame = Candidates({"request": np.zeros(2, np.int64), "score": np.array([0.5, 0.25], np.float32)})
+    monkeypatch.setattr(pd.DataFrame, "to_dict", lambda *args, **kwargs: pytest.fail("pandas' to_dict"))
+    assert frame.to_dict(orient="records") == [{"request": 0, "score": 0.5}, {"request": 0, "score": 0.25}]
