@@ -127,8 +127,8 @@ def request_rows(requests: Any) -> pl.DataFrame:
             columns.append(pl.Series(name, [None] * len(requests), dtype=dtype))  # all null
             continue
         column = requests[name] if from_polars else _from_pandas_column(requests[name], name)
-        if column.dtype == dtype:
-            columns.append(column)
+        if column.dtype == dtype or column.null_count() == column.len():  # all null: of any type
+            columns.append(column.cast(dtype) if column.dtype != dtype else column)
             continue
         if not _casts_cleanly(column, dtype):
             raise RequestError(
