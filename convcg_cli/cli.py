@@ -373,6 +373,28 @@ def retrieve(
         )
 
 
+@app.command(context_settings={"ignore_unknown_options": True})
+def serve(
+    run: str = typer.Option(
+        ..., "--run", help="A run id, 'latest', a model URI (models:/NAME@ALIAS) or a saved model directory."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(5000, "--port", help="Port to listen on."),
+    access_log: bool = typer.Option(False, "--access-log", help="Log every request (uvicorn's access log)."),
+    overrides: list[str] = typer.Argument(None, help=LOGGER_OVERRIDES_HELP),
+) -> None:
+    """Serve a run's model over HTTP: MLflow's /invocations JSON protocol, with less overhead."""
+    with user_errors():
+        from convcg_cli.serve.batch import load_candidate_model
+        from convcg_cli.serve.server import run as run_server
+
+        model = load_candidate_model(_store(overrides), run)
+        out.print(
+            f"Serving {run} at [bold]http://{host}:{port}[/bold]: POST /invocations, GET /ping; Ctrl-C stops."
+        )
+        run_server(model, host, port, access_log)
+
+
 @app.command("index", context_settings={"ignore_unknown_options": True})
 def index_(
     run: str = typer.Option(..., "--run", help="MLflow run id (or 'latest') whose model to re-index."),

@@ -5,6 +5,7 @@
     pyfunc.py    the MLflow pyfunc wrapper (``mlflow.pyfunc.load_model``, ``mlflow models serve``)
     model_code.py  the file MLflow runs to load the model ("models from code": nothing pickled)
     export.py    bundle + log a run's model (``convcg train``, ``convcg export``), register it
+    server.py    ``convcg serve``: MLflow's ``/invocations`` JSON protocol over HTTP, with less overhead
     batch.py     ``convcg retrieve``: candidates for a request file, streamed in chunks
     reindex.py   ``convcg index``: a new item table embedded by the trained item tower
 

@@ -37,9 +37,9 @@ class RetrieveResult:
 
 
 def served_model_uri(store: tracking.Store, model: str) -> str:
-    """A model URI from ``--run``: ``models:/NAME@ALIAS`` (or any ``models:/``, ``runs:/`` URI) as
-    given; a run id or ``latest`` becomes that run's ``runs:/ID/model``."""
-    if model.startswith(("models:/", "runs:/")):
+    """A model URI from ``--run``: ``models:/NAME@ALIAS`` (or any ``models:/``, ``runs:/`` URI) or a
+    saved model's directory as given; a run id or ``latest`` becomes that run's ``runs:/ID/model``."""
+    if model.startswith(("models:/", "runs:/")) or Path(model, "MLmodel").is_file():
         return model
     return f"runs:/{tracking.resolve_run(store, model)}/{tracking.SERVED_MODEL_NAME}"
 

@@ -1,8 +1,9 @@
-"""``mlflow models serve`` as a local process: start it on a free port, wait for ``/ping``, post JSON
-(a request on a connection of its own, or many on one kept-alive connection).
+"""``mlflow models serve`` or ``convcg serve`` as a local process: start it on a free port, wait for
+``/ping``, post JSON (a request on a connection of its own, or many on one kept-alive connection).
 
-Used by the HTTP benchmark (``convcg_cli.bench.serving``) and the server test; a deployment runs
-``mlflow models serve -m runs:/ID/model --env-manager local`` itself (README, "Serve").
+Used by the HTTP benchmark (``convcg_cli.bench.serving``) and the server tests; a deployment runs
+``convcg serve --run ID`` or ``mlflow models serve -m runs:/ID/model --env-manager local`` itself
+(README, "Serve").
 """
 
 from __future__ import annotations
@@ -81,22 +82,34 @@ class JsonClient:
         self.close()
 
 
+def server_command(server: str, model_uri: str, port: int) -> list[str]:
+    """The command serving ``model_uri`` on 127.0.0.1:``port``: ``mlflow models serve`` or ``convcg serve``
+    (``server="convcg"``)."""
+    if server == "convcg":
+        return [sys.executable, "-m", "convcg_cli", "serve", "--run", model_uri, "--port", str(port)]
+    serve = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    return [*serve, "--host", "127.0.0.1", "-p", str(port)]
+
+
 @contextmanager
 def local_server(
-    model_uri: str, env: Mapping[str, str] | None = None, start_timeout_s: float = 120.0
+    model_uri: str,
+    env: Mapping[str, str] | None = None,
+    start_timeout_s: float = 120.0,
+    server: str = "mlflow",
 ) -> Iterator[str]:
-    """Serve ``model_uri`` with ``mlflow models serve --env-manager local`` on a free local port and
-    yield its base URL once ``/ping`` answers; the server's process group is stopped on exit.
+    """Serve ``model_uri`` with ``mlflow models serve --env-manager local`` (``server="convcg"``:
+    ``convcg serve``) on a free local port and yield its base URL once ``/ping`` answers; the
+    server's process group is stopped on exit.
 
     ``env`` is added to this process's environment (e.g. ``MLFLOW_TRACKING_URI`` for ``runs:/``
-    URIs). The server starts ``uvicorn`` from PATH, so this interpreter's ``bin`` is put first, as an
-    activated virtual environment would have it.
+    URIs). MLflow's server starts ``uvicorn`` from PATH, so this interpreter's ``bin`` is put first,
+    as an activated virtual environment would have it.
     """
     port = free_port()
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
     process = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "-p", str(port)],
+        server_command(server, model_uri, port),
         env={**os.environ, **dict(env or {}), "PATH": path},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -107,7 +120,7 @@ def local_server(
         deadline = time.monotonic() + start_timeout_s
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"mlflow models serve exited with {process.returncode} before answering")
+                raise RuntimeError(f"{server} serve exited with {process.returncode} before answering")
             try:
                 with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
                     if response.status == 200:
@@ -115,7 +128,7 @@ def local_server(
             except OSError:
                 if time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"mlflow models serve did not answer /ping within {start_timeout_s} s"
+                        f"{server} serve did not answer /ping within {start_timeout_s} s"
                     ) from None
                 time.sleep(0.5)
         yield url

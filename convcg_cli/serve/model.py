@@ -8,6 +8,7 @@ makes its pandas answer from them, ``retrieve`` its polars chunk (:meth:`Candida
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,16 @@ def _limits_text(limits: dict[str, int]) -> str:
         f"this model serves at most k={limits['max_k']} candidates per request and "
         f"{limits['max_rows']:,} requests per call (serve.max_k, serve.max_rows when it is exported)"
     )
+
+
+def records(columns: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """The rows of ``columns`` as ``{name: value}`` dicts of Python ints and floats, what pandas'
+    ``to_dict(orient="records")`` gives for numeric columns (so the same JSON), each array read once
+    (pandas boxes value by value: ~370 µs for one request's 100 rows, against ~50 µs here)."""
+    names = list(columns)
+    return [
+        dict(zip(names, row, strict=True)) for row in zip(*(columns[n].tolist() for n in names), strict=True)
+    ]
 
 
 def check_k(k: Any, limits: dict[str, int] = DEFAULT_LIMITS) -> int:

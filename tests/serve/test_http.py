@@ -62,3 +62,35 @@ def test_a_kept_alive_connection_answers_as_a_connection_per_request(server):
     assert answers[0] == post(f"{server}/invocations", body) and answers[0][0] == 200
     assert answers[1][0] == 400 and "surface" in answers[1][1]["message"]
     assert answers[2] == answers[3] == answers[0]  # the connection survives an error answer
+
+
+def test_convcg_serve_answers_what_mlflow_models_serve_answers(served, server):
+    """The same requests to both servers over HTTP: the same statuses and answers, errors included."""
+    import json
+
+    from convcg_cli.serve.http import JsonClient
+
+    home, run_id = served
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db"}
+    requests = [
+        {"dataframe_split": {"columns": ["user_id", "surface"], "data": [[1, "search"], [5, "home_feed"]]}},
+        {
+            "dataframe_records": [{"user_id": -3, "surface": "related_items", "subject_item_id": 2}],
+            "params": {"k": 4},
+        },
+        {"inputs": {"user_id": [1], "surface": ["search"], "query_id": [None]}, "params": {"k": 3}},
+        {"dataframe_split": {"columns": ["user_id"], "data": [[1]]}},
+        {"dataframe_records": [{"user_id": 1, "surface": "moon"}]},
+    ]
+    named = [None, None, None, "surface", "moon"]  # what an error's message names in both answers
+    with local_server(f"runs:/{run_id}/model", env, server="convcg") as ours:
+        with JsonClient(ours) as client:
+            answers = [client.post("/invocations", json.dumps(r).encode()) for r in requests]
+    for request, (status, answer), name in zip(requests, answers, named, strict=True):
+        expected_status, expected = post(f"{server}/invocations", request)
+        assert status == expected_status
+        if status == 200:
+            assert answer == expected
+        else:
+            assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
+            assert name in answer["message"] and name in expected["message"]
