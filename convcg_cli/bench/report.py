@@ -20,6 +20,7 @@ from convcg_cli.bench.figures import (
     EXACT_VS_GEMM,
     FLAT_MEMORY_EXPONENT,
     LIGHTNING_VS_BARE,
+    SERVE_CONVCG_HTTP_OVER_PYFUNC,
     SERVE_HTTP_OVER_PYFUNC,
     SERVE_PYFUNC_P99,
     SERVED_LARGEST_P99,
@@ -41,8 +42,9 @@ from convcg_cli.markdown import table
 
 
 def serve_verdicts(results: Mapping[str, Any]) -> list[list[str]]:
-    """The target rows of the ANN-served model's single-request latency (g), and at the largest
-    corpus (j), where measured."""
+    """The target rows of the ANN-served model's single-request latency (g), in process and what
+    ``convcg serve`` adds over HTTP, and at the largest corpus (j), where measured; what ``mlflow
+    models serve`` adds is shown beside them, as measured (MLflow's code, not a target)."""
     figures = {**serve_metrics(results), **corpus_metrics(results)}
     srv = results.get("serve") or {}
     largest = (results.get("corpus") or [{}])[-1]
@@ -51,7 +53,10 @@ def serve_verdicts(results: Mapping[str, Any]) -> list[list[str]]:
         f"{srv.get('items', 0):,} items, ms (g)",
         SERVED_LARGEST_P99: f"pyfunc `predict` p99, 1 request, k={(largest.get('served') or {}).get('k')}, "
         f"ANN-served, {largest.get('items', 0):,} items, ms (j)",
-        SERVE_HTTP_OVER_PYFUNC: "`/invocations` p99 minus pyfunc p99, same model, ms (g)",
+        SERVE_CONVCG_HTTP_OVER_PYFUNC: "`convcg serve` `/invocations` p99 minus pyfunc p99, same model, "
+        "ms (g)",
+        SERVE_HTTP_OVER_PYFUNC: "`mlflow models serve` `/invocations` p99 minus pyfunc p99, same model, "
+        "ms (g)",
     }
     return [
         [
@@ -60,6 +65,8 @@ def serve_verdicts(results: Mapping[str, Any]) -> list[list[str]]:
             f"<= {CEILINGS[name]:g}",
             ceiling_verdict(figures[name], CEILINGS[name]),
         ]
+        if name in CEILINGS
+        else [label, f"{figures[name]:.2f}", "", "(MLflow's own server: what it adds, see (g))"]
         for name, label in labels.items()
         if name in figures
     ]

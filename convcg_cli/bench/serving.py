@@ -4,8 +4,9 @@ throughput against the bare ``exact_topk`` path of (c) as the limit, index build
 model's load time with its saved index read back and with it rebuilt (exact and IVF).
 
 The pyfunc model is saved to and loaded from a local directory exactly as MLflow serves it (schema
-enforcement included); the same directories are then served by ``mlflow models serve`` and single JSON
-requests to ``/invocations`` are timed end to end (client, HTTP, schema, predict). The batch path and
+enforcement included); the same directories are then served by ``mlflow models serve`` and by
+``convcg serve``, and single JSON requests to each one's ``/invocations`` are timed end to end (client,
+HTTP, parsing, predict, the answer). The batch path and
 the bare path are timed in one process, round by round, on the same requests and k.
 """
 
@@ -15,6 +16,7 @@ import json
 import shutil
 import time
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,14 +113,20 @@ def load_times(model_dirs: Mapping[str, Path], store, rounds: int = LOAD_ROUNDS)
     }
 
 
+# The servers timed, each with the prefix of its figures: MLflow's own, and convcg serve's.
+HTTP_SERVERS = {"mlflow": "http", "convcg": "convcg_http"}
+
+
 def http_latency(
     model_dir: Path, requests: pl.DataFrame, k: int, warmup: pl.DataFrame | None = None
 ) -> dict[str, float]:
-    """p50/p99 of single ``/invocations`` requests to ``mlflow models serve`` of ``model_dir`` (JSON
-    ``dataframe_split``, one row each, encoded beforehand; the answer read and decoded), after the
-    ``warmup`` requests (default: the first request) sent untimed by each client: ``http_*`` on one
-    kept-alive connection (as a service or a load balancer holds it), ``http_new_connection_*`` with
-    a connection per request; the two clients in turn."""
+    """p50/p99 of single ``/invocations`` requests to ``mlflow models serve`` and to ``convcg serve``
+    of ``model_dir`` (JSON ``dataframe_split``, one row each, encoded beforehand; the answer read and
+    decoded), after the ``warmup`` requests (default: the first request) sent untimed by each client.
+
+    Both servers are up at once and every request goes to each in turn, so drift hits them alike:
+    ``http_*`` (MLflow's) and ``convcg_http_*`` on one kept-alive connection (as a service or a load
+    balancer holds it), ``..._new_connection_*`` with a connection per request."""
     from convcg_cli.serve.http import JsonClient, local_server, post_json
 
     def bodies_of(table: pl.DataFrame) -> list[dict]:
@@ -129,20 +137,29 @@ def http_latency(
 
     bodies = bodies_of(requests)
     encoded = [json.dumps(body).encode() for body in bodies]
-    seconds: dict[str, list[float]] = {"http": [], "http_new_connection": []}
-    with local_server(str(model_dir)) as url, JsonClient(url) as client:
-        for body in bodies_of(warmup) if warmup is not None and warmup.height else bodies[:1]:
-            client.post("/invocations", json.dumps(body).encode())
-            post_json(f"{url}/invocations", body)
+    seconds: dict[str, list[float]] = {
+        f"{prefix}{kind}": [] for prefix in HTTP_SERVERS.values() for kind in ("", "_new_connection")
+    }
+    with ExitStack() as stack:
+        urls = {
+            prefix: stack.enter_context(local_server(str(model_dir), server=server))
+            for server, prefix in HTTP_SERVERS.items()
+        }
+        clients = {prefix: stack.enter_context(JsonClient(url)) for prefix, url in urls.items()}
+        for prefix, url in urls.items():
+            for body in bodies_of(warmup) if warmup is not None and warmup.height else bodies[:1]:
+                clients[prefix].post("/invocations", json.dumps(body).encode())
+                post_json(f"{url}/invocations", body)
         for body, data in zip(bodies, encoded, strict=True):
-            start = time.perf_counter()
-            status, answer = client.post("/invocations", data)
-            seconds["http"].append(time.perf_counter() - start)
-            if status != 200:
-                raise RuntimeError(f"/invocations answered {status}: {answer}")
-            start = time.perf_counter()
-            post_json(f"{url}/invocations", body)
-            seconds["http_new_connection"].append(time.perf_counter() - start)
+            for prefix, url in urls.items():
+                start = time.perf_counter()
+                status, answer = clients[prefix].post("/invocations", data)
+                seconds[prefix].append(time.perf_counter() - start)
+                if status != 200:
+                    raise RuntimeError(f"/invocations answered {status}: {answer}")
+                start = time.perf_counter()
+                post_json(f"{url}/invocations", body)
+                seconds[f"{prefix}_new_connection"].append(time.perf_counter() - start)
     return {f"{name}_{stat}": v for name, values in seconds.items() for stat, v in latency_ms(values).items()}
 
 
