@@ -207,12 +207,55 @@ def test_the_app_answers_mlflows_error_shape(models, method, path, content_type,
     assert message in answer["message"]
 
 
+def test_a_call_over_the_models_limits_is_400_naming_them(models):
+    app = ScoringApp(models[1], "v")
+    rows = {"dataframe_split": {"columns": ["user_id", "surface"], "data": [[1, "search"]] * 10_001}}
+    status, _, content = call(app, "POST", "/invocations", json.dumps(rows).encode())
+    assert status == 400 and "10,001 requests in one call is over the limit" in json.loads(content)["message"]
+    status, _, content = call(
+        app, "POST", "/invocations", json.dumps({**BODIES["records"], "params": {"k": 10**9}}).encode()
+    )
+    assert status == 400 and "k=1000" in json.loads(content)["message"]
+
+
 def test_a_body_over_the_limit_is_413_unread(models, monkeypatch):
     monkeypatch.setattr(server, "MAX_BODY_BYTES", 100)
     body = json.dumps(BODIES["split"]).encode()
     assert len(body) > 100
     status, _, content = call(ScoringApp(models[1], "v"), "POST", "/invocations", body, chunks=4)
     assert status == 413 and "over 100 bytes" in json.loads(content)["message"]
+
+
+def test_over_http_a_413_answers_and_the_next_request_is_served(models, monkeypatch):
+    """uvicorn with the app in a thread: a body over the limit is answered unread, and the client's
+    next request on its kept-alive connection (or a new one, if uvicorn closed it) gets candidates."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from convcg_cli.serve.http import JsonClient, free_port
+
+    monkeypatch.setattr(server, "MAX_BODY_BYTES", 1000)
+    port = free_port()
+    config = uvicorn.Config(ScoringApp(models[1], "v"), host="127.0.0.1", port=port, log_level="warning")
+    http = uvicorn.Server(config)
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not http.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with JsonClient(f"http://127.0.0.1:{port}") as client:
+            status, answer = client.post(
+                "/invocations", json.dumps({"dataframe_records": RECORDS * 50}).encode()
+            )
+            assert status == 413 and "over 1,000 bytes" in answer["message"]
+            status, answer = client.post("/invocations", json.dumps(BODIES["records"]).encode())
+            assert status == 200 and len(answer["predictions"]) == 3 * 5
+    finally:
+        http.should_exit = True
+        thread.join(30)
 
 
 def test_a_large_call_is_ranked_in_a_worker_thread_with_the_same_answer(models, monkeypatch):
