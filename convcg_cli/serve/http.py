@@ -106,7 +106,7 @@ def local_server(
     URIs). MLflow's server starts ``uvicorn`` from PATH, so this interpreter's ``bin`` is put first,
     as an activated virtual environment would have it.
     """
-    port = free_port()
+    port, name = free_port(), "convcg serve" if server == "convcg" else "mlflow models serve"
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     process = subprocess.Popen(
         server_command(server, model_uri, port),
@@ -120,16 +120,14 @@ def local_server(
         deadline = time.monotonic() + start_timeout_s
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"{server} serve exited with {process.returncode} before answering")
+                raise RuntimeError(f"{name} exited with {process.returncode} before answering")
             try:
                 with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
                     if response.status == 200:
                         break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"{server} serve did not answer /ping within {start_timeout_s} s"
-                    ) from None
+                    raise RuntimeError(f"{name} did not answer /ping within {start_timeout_s} s") from None
                 time.sleep(0.5)
         yield url
     finally:

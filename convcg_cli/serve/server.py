@@ -6,9 +6,10 @@ ignored, as MLflow ignores params its model does not declare) and answers the sa
 ``{"predictions": [{"request", "rank", "item_id", "score"}, ...]}``. ``GET /ping`` and ``/health``
 answer 200 once the model is loaded; ``GET /version`` gives convcg's version.
 
-Why a server of its own: ``mlflow models serve`` adds ~2.3 ms to a request's ~1.6 ms (bench-large,
-IVF, k=100, 2 cores), and none of it is the model's: its middleware and thread hop, its schema casts
-through pandas (~0.5 ms), and its answer written by Python's pure-Python JSON encoder (~0.6 ms).
+Why a server of its own: a request through ``mlflow models serve`` takes ~2.5 ms more than
+``predict`` in process (~2 ms; bench-large, IVF, k=100, 2 cores), and none of it is the model's: its
+HTTP stack, middleware and thread hop (~1 ms with the client's share), its schema casts through
+pandas (~0.5 ms), and its answer written by Python's pure-Python JSON encoder (~0.6 ms).
 Here the body is decoded by ``json.loads``, its columns go straight into polars and the model's own
 request checks (:func:`~convcg_cli.serve.bundle.request_rows`, the checks ``predict`` and
 ``convcg retrieve`` make), the candidates are ranked by the same :class:`CandidateModel`, and the
