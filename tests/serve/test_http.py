@@ -1,5 +1,6 @@
 """``mlflow models serve -m runs:/ID/model --env-manager local``: JSON requests to ``/invocations`` on a
-free local port get candidates; a malformed one gets HTTP 400 with the model's message."""
+free local port get candidates; a malformed one gets HTTP 400 with the model's message; ``convcg serve``
+answers the same requests as it does."""
 
 from __future__ import annotations
 
