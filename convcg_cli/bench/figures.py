@@ -20,6 +20,10 @@ SERVE_PYFUNC_P99 = "bench/serve/ivf/p99_ms"
 SERVE_HTTP_OVER_PYFUNC = "bench/serve/ivf/http_over_pyfunc_p99_ms"  # mlflow models serve's
 SERVE_CONVCG_HTTP_OVER_PYFUNC = "bench/serve/ivf/convcg_http_over_pyfunc_p99_ms"  # convcg serve's
 SERVED_LARGEST_P99 = "bench/corpus/served/p99_ms"
+# The HTTP servers (g) times (convcg_cli.serve.http's names), each with the prefix of its figures,
+# and the figure of what each adds to pyfunc's p99.
+HTTP_SERVERS = {"mlflow": "http", "convcg": "convcg_http"}
+HTTP_OVER_PYFUNC = {"http": SERVE_HTTP_OVER_PYFUNC, "convcg_http": SERVE_CONVCG_HTTP_OVER_PYFUNC}
 # The bench preset's first `convcg eval` over the next (baselines' runs reused), each in a fresh
 # process as the command runs (h); and both in one process, as a grid's cells run.
 FIRST_EVAL_OVER_NEXT = "bench/eval/first_over_next"
@@ -106,21 +110,29 @@ def serve_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     srv = results.get("serve")
     if not srv:
         return {}
-    http = ("http_p99_ms", "convcg_http_p99_ms")
-    out = {f"bench/serve/exact/{name}": srv[name] for name in ("p50_ms", "p99_ms", *http) if name in srv}
+    prefixes = HTTP_SERVERS.values()
+    out = {
+        f"bench/serve/exact/{name}": srv[name]
+        for name in ("p50_ms", "p99_ms", *(f"{p}_p99_ms" for p in prefixes))
+        if name in srv
+    }
     ivf = srv.get("ivf")
     if ivf:
         out.update(
             {
                 f"bench/serve/ivf/{name}": ivf[name]
-                for name in ("p50_ms", "http_p50_ms", "convcg_http_p50_ms", *http)
+                for name in ("p50_ms", *(f"{p}_{stat}" for p in prefixes for stat in ("p50_ms", "p99_ms")))
                 if name in ivf
             }
         )
         out[SERVE_PYFUNC_P99] = ivf["p99_ms"]
-        for name, figure in zip(http, (SERVE_HTTP_OVER_PYFUNC, SERVE_CONVCG_HTTP_OVER_PYFUNC), strict=True):
-            if name in ivf:
-                out[figure] = ivf[name] - ivf["p99_ms"]
+        out.update(
+            {
+                figure: ivf[f"{prefix}_p99_ms"] - ivf["p99_ms"]
+                for prefix, figure in HTTP_OVER_PYFUNC.items()
+                if f"{prefix}_p99_ms" in ivf
+            }
+        )
     return out
 
 

@@ -14,12 +14,14 @@ import numpy as np
 from convcg_cli.bench.figures import (
     FIRST_EVAL_OVER_NEXT,
     FIRST_EVAL_OVER_NEXT_IN_PROCESS,
+    HTTP_SERVERS,
     RATIO_CEILINGS,
     ceiling_verdict,
     eval_metrics,
 )
 from convcg_cli.markdown import table
 from convcg_cli.report_paths import Places, portable_text
+from convcg_cli.serve.http import SERVER_TITLES
 
 
 def _workdir(results: Mapping[str, Any]) -> dict[str, str]:
@@ -142,8 +144,8 @@ def serving_section(results: Mapping[str, Any]) -> list[str]:
     rows = [
         [f"pyfunc `predict`, 1 request, k={srv['k']}", f"{srv['p50_ms']:.1f}", f"{srv['p99_ms']:.1f}"],
     ]
-    for server, prefix in (("mlflow models serve", "http"), ("convcg serve", "convcg_http")):
-        rows += _http_rows(srv, f"`{server}` `/invocations`, 1 request, k={srv['k']}", prefix)
+    for server, prefix in HTTP_SERVERS.items():
+        rows += _http_rows(srv, f"`{SERVER_TITLES[server]}` `/invocations`, 1 request, k={srv['k']}", prefix)
     if "ivf" in srv:  # absent from results saved before the ANN-served model was timed
         ivf, index = srv["ivf"], f"IVF-Flat nlist={srv['ivf']['nlist']:,}, nprobe={srv['ivf']['nprobe']}"
         rows = [[f"exact index: {row[0]}", *row[1:]] for row in rows]
@@ -154,8 +156,9 @@ def serving_section(results: Mapping[str, Any]) -> list[str]:
                 f"{ivf['p99_ms']:.1f}",
             ]
         )
-        for server, prefix in (("mlflow models serve", "http"), ("convcg serve", "convcg_http")):
-            rows += _http_rows(ivf, f"{index}: `{server}` `/invocations`, 1 request, k={srv['k']}", prefix)
+        for server, prefix in HTTP_SERVERS.items():
+            label = f"{index}: `{SERVER_TITLES[server]}` `/invocations`, 1 request, k={srv['k']}"
+            rows += _http_rows(ivf, label, prefix)
     batch = [
         [
             "`convcg retrieve` (encode + search + write)",

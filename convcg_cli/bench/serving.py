@@ -24,6 +24,7 @@ import numpy as np
 import polars as pl
 from omegaconf import DictConfig
 
+from convcg_cli.bench.figures import HTTP_SERVERS
 from convcg_cli.bench.measure import latency_ms, peak_rss_mib
 
 if TYPE_CHECKING:
@@ -111,10 +112,6 @@ def load_times(model_dirs: Mapping[str, Path], store, rounds: int = LOAD_ROUNDS)
         for kind, model_dir in model_dirs.items()
         for name, value in load_seconds(model_dir, store, rounds).items()
     }
-
-
-# The servers timed, each with the prefix of its figures: MLflow's own, and convcg serve's.
-HTTP_SERVERS = {"mlflow": "http", "convcg": "convcg_http"}
 
 
 def http_latency(

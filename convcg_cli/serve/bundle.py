@@ -128,11 +128,11 @@ def request_rows(requests: Any) -> pl.DataFrame:
             continue
         column = requests[name] if from_polars else _from_pandas_column(requests[name], name)
         if column.dtype == dtype or column.null_count() == column.len():  # all null: of any type
-            columns.append(column.cast(dtype) if column.dtype != dtype else column)
+            columns.append(column.cast(dtype))
             continue
         if not _casts_cleanly(column, dtype):
             raise RequestError(
-                f"Request column '{name}' must hold {_kind(dtype)}, got {column.dtype} "
+                f"Request column '{name}' must hold {column_kind(dtype)}, got {column.dtype} "
                 f"(e.g. {column.drop_nulls().head(1).to_list()})."
             )
         columns.append(column.cast(dtype).alias(name))
@@ -184,7 +184,8 @@ def _casts_cleanly(column: pl.Series, dtype: Any) -> bool:
     return cast.null_count() == column.null_count() and bool((cast.cast(pl.Float64) == column).all())
 
 
-def _kind(dtype: Any) -> str:
+def column_kind(dtype: Any) -> str:
+    """What a request column of ``dtype`` holds, in words (for error messages)."""
     return "strings" if dtype == pl.String else "integers"
 
 

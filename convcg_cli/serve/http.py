@@ -82,9 +82,14 @@ class JsonClient:
         self.close()
 
 
+# The servers a local one can be, by name: what each is called (messages, the bench's report).
+SERVER_TITLES = {"mlflow": "mlflow models serve", "convcg": "convcg serve"}
+
+
 def server_command(server: str, model_uri: str, port: int) -> list[str]:
-    """The command serving ``model_uri`` on 127.0.0.1:``port``: ``mlflow models serve`` or ``convcg serve``
-    (``server="convcg"``)."""
+    """The command serving ``model_uri`` on 127.0.0.1:``port``, ``server`` one of ``SERVER_TITLES``."""
+    if server not in SERVER_TITLES:
+        raise ValueError(f"server must be one of {list(SERVER_TITLES)}, got {server!r}")
     if server == "convcg":
         return [sys.executable, "-m", "convcg_cli", "serve", "--run", model_uri, "--port", str(port)]
     serve = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
@@ -106,10 +111,11 @@ def local_server(
     URIs). MLflow's server starts ``uvicorn`` from PATH, so this interpreter's ``bin`` is put first,
     as an activated virtual environment would have it.
     """
-    port, name = free_port(), "convcg serve" if server == "convcg" else "mlflow models serve"
+    port = free_port()
+    command, name = server_command(server, model_uri, port), SERVER_TITLES[server]
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     process = subprocess.Popen(
-        server_command(server, model_uri, port),
+        command,
         env={**os.environ, **dict(env or {}), "PATH": path},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

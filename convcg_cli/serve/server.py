@@ -33,7 +33,7 @@ from typing import Any
 import polars as pl
 
 from convcg_cli.errors import RequestError
-from convcg_cli.serve.bundle import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
+from convcg_cli.serve.bundle import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, column_kind
 from convcg_cli.serve.model import DEFAULT_K, CandidateModel, records
 
 log = logging.getLogger(__name__)
@@ -106,17 +106,14 @@ def _columns(key: str, columns: Mapping[str, list]) -> pl.DataFrame:
         if not isinstance(name, str):
             raise RequestError(f"{key}'s column names must be strings, got {name!r}.")
         if any(v is True or v is False for v in values):
-            raise RequestError(f"Request column '{name}' holds true/false; expected {_kind(name)}.")
+            expected = column_kind({**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}.get(name))
+            raise RequestError(f"Request column '{name}' holds true/false; expected {expected}.")
         try:
             column = pl.Series(name, values)
         except (TypeError, ValueError, OverflowError):  # mixed types: read as text, refused with an example
             column = pl.Series(name, values, strict=False)
         series.append(column)
     return pl.DataFrame(series)
-
-
-def _kind(name: str) -> str:
-    return "strings" if {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}.get(name) == pl.String else "integers"
 
 
 def candidates_json(model: CandidateModel, table: pl.DataFrame, k: Any) -> bytes:
