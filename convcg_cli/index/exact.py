@@ -8,7 +8,7 @@ ascending item index.
 How :class:`ExactIndex` keeps up with the arithmetic: the scores are computed by blocks of queries
 and tiles of items (torch's GEMM, on (512 x 256) tiles that stay in the core's L2 cache), and each
 tile is only *compared* with a per-query threshold, in one compiled pass over it
-(:func:`~convcg_cli.index.kernels.keep_passing`, a quarter of a nanosecond a score): the few items
+(:func:`~convcg_cli.index.kernels.keep_passing`, under a fifth of a nanosecond a score): the few items
 at or above the threshold are kept as 64-bit sort keys (score, then id), and the top k is selected
 among them. The threshold comes from a strided sample of the corpus, set so that a few more than k
 items pass (1.7 k at k=1000); a query left with fewer than k is searched again with a threshold that

@@ -60,13 +60,43 @@ def test_keeps_exactly_the_cells_at_or_above_the_threshold(share, shape):
             np.testing.assert_array_equal(keys[r, : counts[r]], expected[r])
 
 
-def test_threshold_is_inclusive_and_special_values():
-    scores = np.array([[1.0, -0.0, 0.0, np.nan, np.inf, -np.inf, 0.5, 1.0, 2.0]], dtype=np.float32)
+@pytest.mark.parametrize("copies", [1, 15])
+def test_threshold_is_inclusive_and_special_values(copies):
+    # One copy: 9 cells, compared one at a time (a group of fewer than 64); 15 copies: 135 cells,
+    # two 64-cell groups compared as vectors and a tail, the special values on both paths.
+    cells = [1.0, -0.0, 0.0, np.nan, np.inf, -np.inf, 0.5, 1.0, 2.0]
+    scores = np.array([cells * copies], dtype=np.float32)
     keys, counts, _ = run(scores, np.array([0.0], np.float32), scores.shape[1], 0, 16)
     # -0.0 passes a threshold of 0.0 and is keyed as 0.0 (its tie); NaN and -inf never pass.
     np.testing.assert_array_equal(keys[0, : counts[0]], numpy_keys(scores, [0.0], scores.shape[1], 0)[0])
-    assert counts[0] == 7
+    assert counts[0] == 7 * copies
     assert keys[0, 1] >> np.uint64(32) == keys[0, 2] >> np.uint64(32)  # -0.0 and 0.0: one code
+
+
+def test_every_bit_of_a_group_maps_to_its_own_cell():
+    # One cell passing at each of the 64 places of the vector-compared groups (and in the tail): the
+    # mask's bit i is cell i, so the kept id names the passing cell.
+    width = 3 * 64 + 5
+    for place in range(width):
+        scores = np.zeros((2, width), np.float32)
+        scores[0, place] = 1.0
+        scores[1] = 1.0
+        scores[1, place] = 0.0
+        keys, counts, _ = run(scores, np.array([0.5, 0.5], np.float32), width, 10, width)
+        assert counts.tolist() == [1, width - 1]
+        assert int(keys[0, 0] & np.uint64(0xFFFFFFFF)) == 10 + place
+        kept = (keys[1, : counts[1]] & np.uint64(0xFFFFFFFF)).astype(np.int64) - 10
+        assert place not in kept and len(set(kept.tolist())) == width - 1
+
+
+def test_a_tile_that_is_not_c_contiguous_is_refused_not_misread():
+    # The 64-cell compare reads memory as one vector: only a C-contiguous tile compiles.
+    from numba.core.errors import TypingError
+
+    scores = np.asfortranarray(np.ones((4, 128), np.float32))
+    keys, counts = np.zeros((4, 256), np.uint64), np.zeros(4, np.int64)
+    with pytest.raises(TypingError):
+        keep_passing(scores, np.zeros(4, np.float32), 128, 0, keys, counts, 0)
 
 
 def test_full_rows_resume_where_they_stopped():
