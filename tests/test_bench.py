@@ -79,6 +79,19 @@ def test_memory_exponents_and_verdict_of_the_bounded_memory_sweep():
     assert figures.memory_exponents({"memory": []}) == {}
 
 
+def test_a_memory_cell_of_less_than_one_chunk_is_flagged():
+    # A cell whose training impressions fit in less than one chunk streams a smaller chunk: its peak
+    # is not comparable, and the report says so (the quick config's chunk is 4,000 rows).
+    results = _fake_results()
+    results["memory"][0]["streamed"] = {**results["memory"][0]["streamed"], "train_rows": 3999}
+    results["memory"][1]["streamed"] = {**results["memory"][1]["streamed"], "train_rows": 4000}
+    text = report.render_report(bench_config([], quick=True), results)
+    flagged = "**Not comparable:** the cells of 3,999 training impressions hold less than one chunk"
+    assert f"{flagged} (4,000 rows)" in text
+    results["memory"][0]["streamed"]["train_rows"] = 4000
+    assert "Not comparable" not in report.render_report(bench_config([], quick=True), results)
+
+
 def test_topk_overlap_matches_brute_force_and_ignores_padding():
     rng = np.random.default_rng(0)
     exact = np.stack([rng.permutation(50)[:10] for _ in range(30)])

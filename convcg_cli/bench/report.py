@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -489,7 +489,25 @@ def _bounded_memory(cfg: DictConfig, results: Mapping[str, Any]) -> list[str]:
         "streamed process still holds grows with the corpus (item and user tables, embeddings), the "
         "evaluation days' engaged rows, and, with the user history on, the engagement events; not with "
         "the training impressions.",
+        *_partial_chunks(points, int(m.chunk_rows)),
         "",
+    ]
+
+
+def _partial_chunks(points: Sequence[Mapping[str, Any]], chunk_rows: int) -> list[str]:
+    """A warning when a cell of (f) has fewer training impressions than one chunk: its chunk, and so its
+    peak, is smaller for that reason alone, and the streamed exponent reads the chunk filling up as
+    growth (``memory.chunk_rows`` should be below the smallest cell's)."""
+    short = [p["streamed"]["train_rows"] for p in points if p["streamed"]["train_rows"] < chunk_rows]
+    if not short:
+        return []
+    sizes = ", ".join(f"{n:,}" for n in short)
+    return [
+        "",
+        f"**Not comparable:** the cells of {sizes} training impressions hold less than one chunk "
+        f"({chunk_rows:,} rows), so their streamed peak is lower for that alone and the exponent above "
+        "reads the chunk filling up as growth; set `memory.chunk_rows` below the smallest cell's "
+        "training impressions.",
     ]
 
 
