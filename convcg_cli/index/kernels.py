@@ -164,7 +164,6 @@ def keep_passing(
     if n_valid > scores.shape[1]:
         raise ValueError("keep_passing: n_valid is more than the tile's width.")
     capacity = keys.shape[1]
-    n_rows = min(scores.shape[0], keys.shape[0], counts.shape[0])  # rows that can be prefetched
     n_full = n_valid // _GROUP  # groups compared as one vector each
     n_groups = (n_valid + _GROUP - 1) // _GROUP
     words = np.zeros(n_groups, dtype=np.uint64)  # the row's masks, one bit a cell
@@ -181,7 +180,7 @@ def keep_passing(
                 tail |= np.uint64(row[j] >= threshold) << np.uint64(j - _GROUP * n_full)
             words[n_full] = tail
         ahead = r + _PREFETCH_ROWS
-        if ahead < n_rows:
+        if ahead < scores.shape[0]:  # keys and counts have a row for each of the tile's rows
             _prefetch_write(keys, ahead, min(counts[ahead] + _PREFETCH_KEYS, capacity - 1))
         c = counts[r]
         for g in range(n_groups):

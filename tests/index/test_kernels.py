@@ -156,17 +156,18 @@ def test_kernels_compile_without_a_writable_cache(monkeypatch):
 
 def test_the_pass_stays_inside_its_arrays(tmp_path):
     # The kernel runs without bounds checks; in a process that turns them on (and compiles into its
-    # own cache), every read and write must stay inside the tile, the mask and the keys: rows ending
-    # inside a 64-score group and on its last score, full and empty groups, rows that must grow.
+    # own cache), every read and write must stay inside the tile, the masks, the keys and the counts:
+    # rows ending inside a 64-score group and on its last score, full and empty groups, rows that must
+    # grow, and more rows than the prefetch reaches ahead (12 against 8), so that it runs up to the last.
     code = """
 import numpy as np
 from convcg_cli.index.kernels import keep_passing
 rng = np.random.default_rng(0)
 for width, n_valid in ((64, 64), (100, 100), (256, 256), (256, 193), (48, 1)):
-    scores = rng.normal(size=(6, width)).astype(np.float32)
-    thresholds = np.array([np.inf, -np.inf, 0.0, 2.0, 1.0, -1.0], np.float32)
-    keys = np.zeros((6, 1), np.uint64)
-    counts = np.zeros(6, np.int64)
+    scores = rng.normal(size=(12, width)).astype(np.float32)
+    thresholds = np.tile(np.array([np.inf, -np.inf, 0.0, 2.0, 1.0, -1.0], np.float32), 2)
+    keys = np.zeros((12, 1), np.uint64)
+    counts = np.zeros(12, np.int64)
     row = 0
     while (row := keep_passing(scores, thresholds, n_valid, 0, keys, counts, row)) >= 0:
         keys = np.concatenate([keys, np.zeros_like(keys)], axis=1)
